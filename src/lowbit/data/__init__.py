@@ -1,0 +1,21 @@
+"""Evaluation and calibration data: named datasets, local text files, tokens, calibration windows."""
+
+from lowbit.data.datasets import (
+    DATASETS,
+    DatasetSpec,
+    calibration_documents,
+    calibration_samples,
+    eval_text,
+    eval_tokens,
+    resolve_data_file,
+)
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "calibration_documents",
+    "calibration_samples",
+    "eval_text",
+    "eval_tokens",
+    "resolve_data_file",
+]

@@ -1,0 +1,138 @@
+"""GPTQ: column-by-column quantization that compensates each column's error on the columns not
+yet quantized, using the inverse Hessian of the layer's reconstruction loss (Frantar et al., 2022).
+
+    H = 2/n * sum_x x x^T        (accumulated by calibration/hessian.py)
+    for each column j (in blocks, lazily updating the rest of the matrix):
+        q_j = quant(w_j);  e = (w_j - q_j) / [H^-1]_jj;  w_{k>j} -= e * [H^-1]_jk
+
+Options: dampening (escalated when the Cholesky factorization fails), act-order (columns by
+decreasing diag(H)), static groups (group params fixed from the unmodified weight, so act-order
+needs no stored permutation) and block-wise lazy updates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.algorithms.rtn import group_qparams, resolve_format
+from lowbit.formats import affine
+from lowbit.qtensor import QuantizedWeight
+from lowbit.recipes import ClipConfig, GPTQConfig
+
+log = logging.getLogger(__name__)
+
+DAMP_ESCALATION = (1, 10, 100)  # multiples of the configured damp tried in turn
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    qweight: QuantizedWeight
+    loss: float        # sum over columns of err^2 / [H^-1]_jj (GPTQ's proxy loss)
+    damp_used: float   # fraction of mean(diag H) finally added; differs from the config if escalated
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, escalating damp on failure.
+
+    Returns (U, damp_used). If every escalation fails, warns and falls back to the identity
+    (plain round-to-nearest for this layer) rather than crashing.
+    """
+    n = H.shape[0]
+    mean_diag = torch.mean(torch.diag(H)).item()
+    if not mean_diag > 0:
+        mean_diag = 1.0
+    for mult in DAMP_ESCALATION:
+        d = damp * mult
+        Hd = H.clone()
+        Hd.diagonal().add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                if mult > 1:
+                    log.warning("Hessian not positive definite at damp=%g; succeeded with damp=%g", damp, d)
+                return U, d
+    log.warning(
+        "Hessian would not factorize even with damp=%g; using the identity (round-to-nearest) for this layer",
+        damp * DAMP_ESCALATION[-1],
+    )
+    return torch.eye(n, dtype=H.dtype), float("inf")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    config: GPTQConfig = GPTQConfig(),
+    clip: ClipConfig | None = None,
+) -> GPTQResult:
+    """w [out, in], H [in, in] (float32) -> GPTQResult holding the QuantizedWeight."""
+    out_f, in_f = w.shape
+    fmt = resolve_format(in_f, bits, group_size, symmetric)
+    gs = fmt.group_size
+    W = w.detach().float().clone()
+    H = H.detach().float().clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    static: tuple[torch.Tensor, torch.Tensor] | None = None
+    if config.act_order and config.static_groups:
+        static = group_qparams(affine.group_view(W, gs), bits, symmetric, clip)  # [out, G] each
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv, damp_used = inverse_hessian_cholesky(H, config.damp)
+
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)     # in processing order
+    scales = torch.zeros(out_f, in_f // gs)
+    zeros = torch.zeros(out_f, in_f // gs)
+    loss = torch.zeros(out_f)
+    scale = zero = None
+    B = config.block_size
+    for i1 in range(0, in_f, B):
+        i2 = min(i1 + B, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                g = int(perm[col]) // gs
+                scale, zero = static[0][:, g], static[1][:, g]
+            elif col % gs == 0:
+                g = col // gs
+                # the group's current (error-updated) values: rest of this block, then later blocks
+                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                s, z = group_qparams(cur.unsqueeze(1), bits, symmetric, clip)
+                scale, zero = s[:, 0], z[:, 0]
+                scales[:, g], zeros[:, g] = scale, zero
+            wcol = W1[:, i]
+            q = affine.quantize_groups(wcol.unsqueeze(1), scale, zero, bits)[:, 0]
+            codes[:, col] = q
+            dq = (q.float() - zero) * scale
+            d = Hinv1[i, i]
+            err = (wcol - dq) / d
+            loss += (wcol - dq) ** 2 / d**2
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if static is not None:
+        # codes back to the original column order; groups were defined in that order
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        scales, zeros = static
+        perm = None
+    qw = QuantizedWeight.from_float_qparams(codes, scales, zeros, fmt, perm=perm)
+    return GPTQResult(qw, float(loss.sum()) / 2, damp_used)

@@ -1,0 +1,62 @@
+"""Perplexity over non-overlapping windows (GPTQ's convention; see lowbit.eval.windows)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.eval.windows import count_windows, targets, window_logits
+
+DEFAULT_MAX_SEQLEN = 2048
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float  # exp(nll_mean)
+    nll_mean: float  # mean negative log-likelihood per scored token, in nats
+    n_tokens_scored: int  # n_windows * (seqlen - 1)
+    n_windows: int  # n_tokens_input // seqlen
+    seqlen: int
+    n_tokens_input: int  # N, including the dropped tail
+
+
+def default_seqlen(model: torch.nn.Module) -> int:
+    """min(2048, config.max_position_embeddings), or 2048 when the model does not say."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0:
+        return min(DEFAULT_MAX_SEQLEN, limit)
+    return DEFAULT_MAX_SEQLEN
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Perplexity of `model` on `tokens` [1, N] over N // seqlen full windows of `seqlen`.
+
+    Each window scores its seqlen - 1 next-token predictions; the cross-entropy is computed from
+    float32 logits and summed in float64. ConfigError if N < seqlen.
+    """
+    n_windows = count_windows(tokens, seqlen)
+    nll_sum = 0.0
+    with torch.inference_mode():
+        for ids, logits in window_logits(model, tokens, seqlen, progress, desc):
+            # logits: [seqlen, vocab] -> predictions [seqlen - 1, vocab] vs targets [seqlen - 1]
+            target = targets(ids, logits.device)
+            nll_sum += F.cross_entropy(logits[:-1], target, reduction="sum").double().item()
+    n_scored = n_windows * (seqlen - 1)
+    nll_mean = nll_sum / n_scored
+    return PerplexityResult(
+        ppl=math.exp(nll_mean),
+        nll_mean=nll_mean,
+        n_tokens_scored=n_scored,
+        n_windows=n_windows,
+        seqlen=seqlen,
+        n_tokens_input=tokens.shape[1],
+    )

@@ -1,0 +1,75 @@
+"""The one window loop shared by perplexity, KL comparison and the reference-logits cache.
+
+Windowing follows GPTQ: a [1, N] token stream is cut into N // seqlen non-overlapping windows of
+exactly `seqlen` tokens; a trailing partial window is dropped. Each window is run on its own (no
+context carried over), and scores its seqlen - 1 next-token predictions: position t predicts
+token t + 1, so the first token of each window is context only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lowbit.errors import ConfigError
+
+
+def count_windows(tokens: torch.Tensor, seqlen: int) -> int:
+    """Number of full windows in `tokens` [1, N]; ConfigError if there is not even one."""
+    if tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise ConfigError(f"tokens must have shape [1, N], got {list(tokens.shape)}")
+    if seqlen < 2:
+        raise ConfigError(f"seqlen must be >= 2 (one token of context, one to predict), got {seqlen}")
+    n = tokens.shape[1]
+    if n < seqlen:
+        raise ConfigError(
+            f"only {n} tokens to evaluate, but one window needs seqlen={seqlen}: "
+            "pass more text or a smaller seqlen"
+        )
+    return n // seqlen
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def window_logits(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int,
+    progress: bool = True,
+    desc: str = "eval",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (ids [seqlen], logits [seqlen, vocab] float32) for each window, one at a time.
+
+    The forward runs under torch.inference_mode() with use_cache=False in the model's own dtype,
+    in eval mode (the model's training flag is restored afterwards); only the logits are cast
+    to float32. `ids` stays on the CPU, `logits` is on the model's device.
+    """
+    n_windows = count_windows(tokens, seqlen)
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for w in tqdm(range(n_windows), desc=desc, unit="window", disable=not progress):
+            ids = tokens[0, w * seqlen : (w + 1) * seqlen]  # [seqlen]
+            with torch.inference_mode():
+                out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+                logits = out.logits[0].float()  # [seqlen, vocab]
+            yield ids, logits
+    finally:
+        model.train(was_training)
+
+
+def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the scored predictions: [seqlen, vocab] -> [seqlen - 1, vocab] f32."""
+    return F.log_softmax(logits[:-1].float(), dim=-1)
+
+
+def targets(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tokens the scored predictions aim at: [seqlen] -> [seqlen - 1]."""
+    return ids[1:].to(device)

@@ -1,0 +1,164 @@
+"""Integer affine quantization by groups: pure tensor functions.
+
+A weight row of `in_features` values is cut into `in_features // group_size` contiguous groups;
+each group has one scale and (asymmetric) one integer zero point:
+
+    code = clamp(round(w / scale) + zero, 0, 2**bits - 1)        # unsigned codes
+    w'   = (code - zero) * scale
+
+Symmetric formats use the fixed zero 2**(bits-1) and scale = amax / (2**(bits-1) - 1), so the
+codes span [-(2**(bits-1)), 2**(bits-1) - 1] around it and +-amax are exactly representable.
+Asymmetric formats map [min, max] (always containing 0) onto [0, 2**bits - 1] with an integer
+zero point, as GPTQ does.
+
+Scales are rounded to float16 when chosen (the dtype the checkpoint stores), so codes computed
+here are exactly the codes a reloaded checkpoint dequantizes.
+
+Shapes: w [out, in] -> grouped view [out, n_groups, group_size]; scales, zeros [out, n_groups].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import ConfigError, ShapeError
+
+SUPPORTED_BITS = range(1, 9)
+SCALE_DTYPE = torch.float16
+# Smallest scale we store: a positive normal float16. Groups of all-zero weights get it.
+MIN_SCALE = 2.0**-14
+
+
+def check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ConfigError(f"bits={bits!r} is not supported; use an integer from 1 to 8")
+
+
+def resolve_group_size(in_features: int, group_size: int) -> int:
+    """`group_size` <= 0 means one group per row (per-channel). Must divide in_features."""
+    if group_size <= 0:
+        return in_features
+    if in_features % group_size != 0:
+        raise ShapeError(
+            f"in_features={in_features} is not divisible by group_size={group_size}; "
+            f"pick a group size that divides it (e.g. {_divisors_hint(in_features)}) "
+            "or use per-channel quantization (group_size=-1)"
+        )
+    return group_size
+
+
+def _divisors_hint(n: int) -> str:
+    ds = [d for d in (32, 64, 128, 256) if n % d == 0]
+    return ", ".join(map(str, ds)) if ds else "a divisor of the width"
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w [out, in] -> [out, in // group_size, group_size] (a view, no copy)."""
+    if w.dim() != 2:
+        raise ShapeError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    gs = resolve_group_size(w.shape[1], group_size)
+    return w.reshape(w.shape[0], w.shape[1] // gs, gs)
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Unsigned code range [0, 2**bits - 1]."""
+    check_bits(bits)
+    return 0, (1 << bits) - 1
+
+
+def choose_qparams(
+    wg: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point per group.
+
+    wg: [..., group_size] values of each group; shrink: [...] or scalar in (0, 1], the fraction
+    of the group's range kept (1.0 = min/max, smaller clips outliers).
+    Returns scale (float16-representable, in float32) and zero (float32 holding integers), both [...].
+    """
+    _, qmax = qrange(bits)
+    wg = wg.float()
+    if symmetric:
+        amax = wg.abs().amax(dim=-1) * shrink
+        half = 1 << (bits - 1)
+        # 1-bit symmetric has no positive level; use the full step so +-amax round to 0 / -1.
+        scale = amax / max(half - 1, 1)
+        zero = torch.full_like(scale, float(half))
+    else:
+        wmin = wg.amin(dim=-1).clamp(max=0) * shrink
+        wmax = wg.amax(dim=-1).clamp(min=0) * shrink
+        scale = (wmax - wmin) / qmax
+    scale = scale.clamp(min=MIN_SCALE).to(SCALE_DTYPE).float()
+    if not symmetric:
+        zero = torch.round(-wmin / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_groups(
+    wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """wg [..., gs], scale/zero [...] -> uint8 codes [..., gs]."""
+    _, qmax = qrange(bits)
+    q = torch.round(wg.float() / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    return q.clamp_(0, qmax).to(torch.uint8)
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """codes [..., gs] uint8, scale/zero [...] -> float32 [..., gs]."""
+    return (codes.float() - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+
+
+def quantize(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    shrink: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of a whole weight. w [out, in] -> codes [out, in], scale, zero [out, G]."""
+    wg = group_view(w, group_size)
+    scale, zero = choose_qparams(wg, bits, symmetric, shrink)
+    codes = quantize_groups(wg, scale, zero, bits)
+    return codes.reshape(w.shape), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """codes [out, in], scale/zero [out, G] -> float32 [out, in]."""
+    out, n_in = codes.shape
+    gs = n_in // scale.shape[1]
+    return dequantize_groups(codes.reshape(out, -1, gs), scale, zero).reshape(out, n_in)
+
+
+def search_shrink(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    grid: int = 20,
+    max_shrink: float = 0.8,
+    norm: float = 2.4,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Clipping search: per group, the range shrink in [1 - max_shrink, 1] minimizing error.
+
+    The error of a group is sum(|w - w'|**norm * weight) over its elements, where `weight`
+    ([in] or [out, in], e.g. a Hessian diagonal) defaults to 1. Ties keep the larger range.
+    Returns shrink factors [out, G].
+    """
+    if grid < 1 or not 0.0 <= max_shrink < 1.0:
+        raise ConfigError(f"clip search needs grid >= 1 and 0 <= max_shrink < 1, got {grid}, {max_shrink}")
+    wg = group_view(w.float(), group_size)
+    if weight is not None:
+        weight = weight.float().expand(w.shape).reshape(wg.shape)
+    best_err = torch.full(wg.shape[:2], float("inf"))
+    best = torch.ones(wg.shape[:2])
+    for i in range(grid + 1):
+        ratio = 1.0 - max_shrink * i / grid
+        scale, zero = choose_qparams(wg, bits, symmetric, ratio)
+        err = (dequantize_groups(quantize_groups(wg, scale, zero, bits), scale, zero) - wg).abs_().pow_(norm)
+        if weight is not None:
+            err = err * weight
+        err = err.sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best

@@ -1,0 +1,162 @@
+"""Recipes: what the user asks for, as plain validated dataclasses.
+
+A Recipe round-trips through a dict (the checkpoint manifest stores it) and loads from TOML or
+YAML files. Validation happens on construction and names the bad field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import ConfigError
+
+METHODS = ("rtn", "gptq")
+
+
+def _require(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"recipe field '{field_name}': {msg}")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Per-group clipping search: try shrinking each group's range, keep the lowest error."""
+
+    enabled: bool = True
+    grid: int = 20           # candidate ratios 1, 1 - max_shrink/grid, ..., 1 - max_shrink
+    max_shrink: float = 0.8
+    norm: float = 2.4        # error norm |w - w'|^norm (GPTQ's choice)
+
+    def __post_init__(self) -> None:
+        _require(self.grid >= 1, "clip.grid", f"must be >= 1, got {self.grid}")
+        _require(0.0 <= self.max_shrink < 1.0, "clip.max_shrink", f"must be in [0, 1), got {self.max_shrink}")
+        _require(self.norm > 0, "clip.norm", f"must be > 0, got {self.norm}")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01            # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False       # quantize columns by decreasing Hessian diagonal
+    static_groups: bool = False   # with act_order: fix group params up front, keep column order
+    block_size: int = 128         # columns per lazy-update block
+    true_sequential: bool = True  # collect each sub-layer's Hessian after quantizing the ones before
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.damp <= 1.0, "gptq.damp", f"must be in (0, 1], got {self.damp}")
+        _require(self.block_size >= 1, "gptq.block_size", f"must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    dataset: str = "c4"
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.n_samples >= 1, "calibration.n_samples", f"must be >= 1, got {self.n_samples}")
+        _require(self.seqlen >= 2, "calibration.seqlen", f"must be >= 2, got {self.seqlen}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A full weight-quantization scheme for the linear layers of the decoder blocks."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128          # <= 0: per output channel
+    symmetric: bool = False
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    skip: tuple[str, ...] = ()     # regexes on module names kept in full precision
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        _require(
+            isinstance(self.bits, int) and 2 <= self.bits <= 8, "bits", f"must be an integer from 2 to 8, got {self.bits!r}"
+        )
+        _require(isinstance(self.group_size, int), "group_size", f"must be an integer, got {self.group_size!r}")
+        for pattern in self.skip:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"recipe field 'skip': {pattern!r} is not a valid regex ({e})") from None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
+    def describe(self) -> str:
+        g = "per-channel" if self.group_size <= 0 else f"g{self.group_size}"
+        sym = "sym" if self.symmetric else "asym"
+        return f"{self.method} w{self.bits} {g} {sym}"
+
+    def is_skipped(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.skip)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        return _build(cls, d, "")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"recipe file {path}: use a .toml, .yaml or .yml file")
+        return cls.from_dict(data)
+
+
+_NESTED = {"clip": ClipConfig, "gptq": GPTQConfig, "calibration": CalibrationConfig}
+
+
+def _build(cls, d: Any, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"recipe field '{prefix or 'recipe'}': expected a table/mapping, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"recipe has unknown field(s) {', '.join(prefix + u for u in unknown)}; "
+            f"allowed: {', '.join(prefix + k for k in known)}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        if name in _NESTED and cls is Recipe:
+            kwargs[name] = _build(_NESTED[name], value, f"{name}.")
+            continue
+        default = known[name].default
+        if name == "skip":
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ConfigError("recipe field 'skip': expected a list of regexes")
+            value = tuple(value)
+        elif default is not dataclasses.MISSING and default is not None:
+            want = type(default)
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not want:
+                raise ConfigError(
+                    f"recipe field '{prefix}{name}': expected {want.__name__}, got {type(value).__name__} {value!r}"
+                )
+        kwargs[name] = value
+    return cls(**kwargs)
