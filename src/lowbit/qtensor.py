@@ -44,6 +44,30 @@ class QuantFormat:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
 
+def zero_points(zeros: torch.Tensor | None, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points as float [out, G]: the stored ones, or the fixed midpoint of symmetric formats."""
+    if zeros is None:
+        return torch.full(scales.shape, float(1 << (bits - 1)), device=scales.device)
+    return zeros.float()
+
+
+def dequantize_parts(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    perm: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """codes [out, in], scales / zero points [out, G], optional perm [in] -> weight [out, in].
+
+    The one dequantization rule, shared by QuantizedWeight and the runtime modules.
+    """
+    w = affine.dequantize(codes, scales, zero_points)
+    if perm is not None:
+        w = w[:, torch.argsort(perm)]
+    return w.to(dtype)
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     codes: torch.Tensor          # uint8 [out, in]
@@ -75,17 +99,11 @@ class QuantizedWeight:
         return tuple(self.codes.shape)
 
     def zero_points(self) -> torch.Tensor:
-        """Zero points as float [out, G] (the fixed midpoint for symmetric formats)."""
-        if self.zeros is None:
-            return torch.full(self.scales.shape, float(1 << (self.fmt.bits - 1)))
-        return self.zeros.float()
+        return zero_points(self.zeros, self.scales, self.fmt.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this record stands for, [out, in] in the original column order."""
-        w = affine.dequantize(self.codes, self.scales, self.zero_points())
-        if self.perm is not None:
-            w = w[:, torch.argsort(self.perm)]
-        return w.to(dtype)
+        return dequantize_parts(self.codes, self.scales, self.zero_points(), self.perm, dtype)
 
     def nbytes(self) -> int:
         """Bytes of the packed form: codes, scales, zeros and permutation."""

@@ -1,0 +1,95 @@
+"""The sequential calibration pipeline: one decoder block at a time.
+
+For each block: feed it the calibration inputs, collect the Hessians of one group of its linear
+layers (q/k/v, then o, then gate/up, then down, each after the ones before are quantized:
+"true sequential"), let the caller quantize that group, and finally recompute the block's outputs
+with its quantized weights as the next block's inputs. Memory holds one block's inputs and
+outputs plus the Hessians of one group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calibration.capture import capture_block_inputs
+from lowbit.calibration.hessian import HessianAccumulator
+from lowbit.models.arch import decoder_layers, sequential_linear_groups
+
+log = logging.getLogger(__name__)
+
+# quantize_group(block_index, {name_in_block: linear}, {name_in_block: H}) -> {name_in_block: new module}
+GroupQuantizer = Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], dict[str, nn.Module]]
+
+
+class _GroupDone(Exception):
+    """Raised by a hook once every layer of the group has seen its input: the rest of the block
+    need not run for this sample."""
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    try:
+        out = block(x, *args, **kwargs)
+    except _GroupDone:
+        return None
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.inference_mode()
+def run_sequential(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    quantize_group: GroupQuantizer,
+    true_sequential: bool = True,
+    progress: bool = True,
+) -> None:
+    """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen]."""
+    layers = decoder_layers(model)
+    inputs = capture_block_inputs(model, layers, input_ids)
+    x = inputs.hidden
+    bar = tqdm(total=len(layers), desc="quantizing blocks", unit="block", disable=not progress)
+    for i, block in enumerate(layers):
+        t0 = time.perf_counter()
+        args, kwargs = inputs.layer_args[i], inputs.layer_kwargs[i]
+        groups = sequential_linear_groups(block)
+        if not true_sequential:
+            groups = [[name for group in groups for name in group]]
+        for names in groups:
+            linears = {name: block.get_submodule(name) for name in names}
+            seen: list[str] = []
+            accs: dict[str, HessianAccumulator] = {}
+            handles = []
+
+            def make_hook(name: str, acc: HessianAccumulator):
+                def hook(module, hook_args, output):
+                    acc.add(hook_args[0])
+                    seen.append(name)
+                    if len(seen) == len(names):
+                        raise _GroupDone
+
+                return hook
+
+            for name, lin in linears.items():
+                accs[name] = HessianAccumulator(lin.in_features)
+                handles.append(lin.register_forward_hook(make_hook(name, accs[name])))
+            try:
+                for j in range(x.shape[0]):
+                    seen.clear()
+                    _run_block(block, x[j : j + 1], args, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            replaced = quantize_group(i, linears, {name: acc.H for name, acc in accs.items()})
+            del accs
+            for name, module in replaced.items():
+                block.set_submodule(name, module)
+        for j in range(x.shape[0]):
+            x[j : j + 1] = _run_block(block, x[j : j + 1], args, kwargs)
+        bar.set_postfix_str(f"block {i}: {time.perf_counter() - t0:.1f}s")
+        bar.update(1)
+    bar.close()

@@ -1,0 +1,224 @@
+"""Save and load quantized models: safetensors + a JSON manifest, no pickle.
+
+A checkpoint folder holds
+    manifest.json           format version, lowbit version, recipe, source model and its sha256,
+                            calibration set and seed, per-layer format, sha256 of every tensor file
+    quantized.safetensors   per quantized layer: packed codes, float16 scales, packed zeros,
+                            optional permutation and bias
+    model.safetensors       every other tensor (embeddings, norms, an untied LM head)
+    config.json, tokenizer files   so loading needs nothing but this folder
+    REPORT.md               written by the CLI
+
+Loading rebuilds the transformers model from config.json with empty weights, puts QuantLinear
+modules where the manifest says, and checks sizes and hashes first: a truncated or modified file
+is a CheckpointError, never a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lowbit
+from lowbit.errors import CheckpointError
+from lowbit.qtensor import QuantFormat, QuantizedWeight
+from lowbit.runtime.qlinear import QuantLinear
+
+FORMAT = "lowbit-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+QUANT_FILE = "quantized.safetensors"
+DENSE_FILE = "model.safetensors"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict]]:
+    """(quantized tensors, dense tensors, per-layer manifest entries), tied tensors stored once."""
+    qmods = _quantized_modules(model)
+    quant: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, m in qmods.items():
+        qw = m.quantized_weight()
+        for key, t in qw.packed().items():
+            quant[f"{name}.{key}"] = t.contiguous()
+        if m.bias is not None:
+            quant[f"{name}.bias"] = m.bias.detach().contiguous()
+        layers[name] = {**qw.fmt.to_dict(), "shape": list(qw.shape), "perm": qw.perm is not None,
+                        "bias": m.bias is not None}
+    dense: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in qmods:
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # tied weights (e.g. lm_head = embed_tokens): stored once, re-tied on load
+            continue
+        seen.add(ptr)
+        dense[key] = t.detach().contiguous()
+    return quant, dense, layers
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    info: dict[str, Any],
+    report: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the checkpoint atomically: into a temporary folder, then renamed into place.
+
+    `info` goes into the manifest (recipe, source, calibration, stats...).
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose another -o path or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        quant, dense, layers = _split_state(model)
+        save_file(quant, tmp / QUANT_FILE, metadata={"format": FORMAT})
+        save_file(dense, tmp / DENSE_FILE, metadata={"format": FORMAT})
+        cfg = model.config
+        cfg.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lowbit_version": lowbit.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            **info,
+            "layers": layers,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
+                      for f in (QUANT_FILE, DENSE_FILE)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        if report is not None:
+            (tmp / "REPORT.md").write_text(report)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: nn.Module
+    tokenizer: Any
+    manifest: dict[str, Any]
+    path: Path
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir() or not mpath.is_file():
+        raise CheckpointError(f"{path} is not a lowbit checkpoint (no {MANIFEST}); create one with `lowbit quantize`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mpath} is not valid JSON ({e}); the checkpoint is corrupt, re-run `lowbit quantize`") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath} is not a lowbit manifest (format={manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {manifest.get('format_version')} is not supported by "
+            f"lowbit {lowbit.__version__} (reads version {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    for fname, meta in manifest["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing; the checkpoint is incomplete, re-run `lowbit quantize`")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(
+                f"{f} is {size} bytes but the manifest says {meta['bytes']}: the file is truncated or "
+                "was replaced; re-run `lowbit quantize` or copy the checkpoint again"
+            )
+        if sha256_file(f) != meta["sha256"]:
+            raise CheckpointError(
+                f"{f} does not match the sha256 in {MANIFEST}: it was modified after saving; "
+                "re-run `lowbit quantize` or copy the checkpoint again"
+            )
+
+
+def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(f)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f} could not be read as safetensors ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True) -> LoadedCheckpoint:
+    """Rebuild the quantized model. `dtype` converts the dense tensors (default: as saved)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    quant = _load_tensors(path / QUANT_FILE)
+    dense = _load_tensors(path / DENSE_FILE)
+    saved_dtype = getattr(torch, manifest["dtype"])
+    dtype = dtype or saved_dtype
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, meta in manifest["layers"].items():
+        fmt = QuantFormat(meta["bits"], meta["group_size"], meta["symmetric"])
+        parts = {k: quant[f"{name}.{k}"] for k in ("codes", "scales", "zeros", "perm") if f"{name}.{k}" in quant}
+        try:
+            qw = QuantizedWeight.from_packed(parts, fmt, tuple(meta["shape"]))
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: layer {name} is inconsistent with its manifest entry ({e})") from None
+        model.set_submodule(name, QuantLinear.from_quantized(qw, quant.get(f"{name}.bias"), dtype=dtype))
+    dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()}
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{path}: tensors {result.unexpected_keys[:5]} do not belong to the model")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise CheckpointError(f"{path}: no tensors for {still_empty[:5]}; the checkpoint is incomplete")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return LoadedCheckpoint(model, tokenizer, manifest, path)
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()

@@ -1,0 +1,66 @@
+"""QuantLinear: an nn.Module that runs a QuantizedWeight.
+
+This is the reference runtime: it dequantizes the weight to the activation dtype on every call
+and runs a dense matmul. Fast packed kernels are a later layer; they must match this one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.qtensor import QuantFormat, QuantizedWeight, dequantize_parts, zero_points
+from lowbit.formats.affine import SCALE_DTYPE
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: QuantFormat,
+        bias: bool = False,
+        has_perm: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        g = in_features // fmt.group_size
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, g, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer(
+            "zeros", None if fmt.symmetric else torch.zeros(out_features, g, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int64, device=device) if has_perm else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        out_f, in_f = qw.shape
+        m = cls(in_f, out_f, qw.fmt, bias=bias is not None, has_perm=qw.perm is not None, dtype=dtype)
+        m.codes.copy_(qw.codes)
+        m.scales.copy_(qw.scales)
+        if qw.zeros is not None:
+            m.zeros.copy_(qw.zeros)
+        if qw.perm is not None:
+            m.perm.copy_(qw.perm)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().to(dtype))
+        return m
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.fmt, self.perm)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        zp = zero_points(self.zeros, self.scales, self.fmt.bits)
+        return dequantize_parts(self.codes, self.scales, zp, self.perm, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        g = self.fmt.group_size
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.fmt.bits}, group={g}, "
+                f"{'sym' if self.fmt.symmetric else 'asym'}, bias={self.bias is not None}, perm={self.perm is not None}")

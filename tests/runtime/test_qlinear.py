@@ -1,0 +1,36 @@
+import torch
+import torch.nn.functional as F
+
+from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.recipes import GPTQConfig
+from lowbit.runtime.qlinear import QuantLinear
+
+
+def test_forward_is_dense_matmul_of_the_dequantized_weight():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(24, 64, generator=g), torch.randn(24, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    for sym in (False, True):
+        qw = rtn_quantize(w, 3, 16, sym)
+        m = QuantLinear.from_quantized(qw, b)
+        assert torch.equal(m(x), F.linear(x, qw.dequantize(), b))
+        assert torch.equal(m.quantized_weight().codes, qw.codes)
+
+
+def test_permuted_weights_run_in_the_original_column_order():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(40, 64, generator=g) * torch.linspace(0.1, 3, 64)
+    qw = gptq_quantize(w, 2 * x.T @ x / 40, 4, 16, config=GPTQConfig(act_order=True)).qweight
+    assert qw.perm is not None
+    m = QuantLinear.from_quantized(qw)
+    y = m(x)
+    assert torch.equal(y, F.linear(x, qw.dequantize()))
+    assert (y - F.linear(x, w)).abs().mean() < 0.1 * F.linear(x, w).abs().mean()
+
+
+def test_bf16_activations_give_bf16_outputs():
+    qw = rtn_quantize(torch.randn(8, 32), 4, 32)
+    m = QuantLinear.from_quantized(qw)
+    assert m(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16

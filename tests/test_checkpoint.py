@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.checkpoint import DENSE_FILE, MANIFEST, QUANT_FILE, load_checkpoint, save_checkpoint
+from lowbit.errors import CheckpointError
+from lowbit.recipes import GPTQConfig
+from lowbit.runtime.qlinear import QuantLinear
+
+
+def quantize_all(model, bits=3, group_size=16, act_order_every=3):
+    """Swap every decoder linear for a QuantLinear; some with GPTQ act-order (a stored perm)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    for k, name in enumerate(names):
+        lin = model.get_submodule(name)
+        w = lin.weight.detach()
+        if k % act_order_every == 0:
+            x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(k))
+            qw = gptq_quantize(w, 2 * x.T @ x / 64, bits, group_size, config=GPTQConfig(act_order=True)).qweight
+        else:
+            qw = rtn_quantize(w, bits, group_size, symmetric=k % 2 == 1)
+        model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
+    return names
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_gives_bit_identical_logits(tmp_path, arch, tie):
+    model = build_tiny(arch, tie=tie)
+    names = quantize_all(model)
+    ids = torch.randint(0, 256, (1, 33), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = model(ids).logits
+    save_checkpoint(model, None, tmp_path / "ck", {"recipe": {"method": "test"}})
+    loaded = load_checkpoint(tmp_path / "ck")
+    with torch.inference_mode():
+        after = loaded.model(ids).logits
+    assert torch.equal(before, after)
+    assert set(loaded.manifest["layers"]) == set(names)
+    assert loaded.manifest["recipe"] == {"method": "test"}
+    assert all(isinstance(loaded.model.get_submodule(n), QuantLinear) for n in names)
+    if tie:
+        assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_codes_are_stored_packed(tmp_path):
+    model = build_tiny("llama")
+    quantize_all(model, bits=3)
+    save_checkpoint(model, None, tmp_path / "ck", {})
+    from safetensors.torch import load_file
+
+    t = load_file(tmp_path / "ck" / QUANT_FILE)
+    codes = t["model.layers.0.mlp.down_proj.codes"]
+    assert codes.dtype == torch.uint8 and codes.shape == (64, 128 * 3 // 8)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = build_tiny("llama")
+    quantize_all(model)
+    return save_checkpoint(model, None, tmp_path / "ck", {})
+
+
+def test_truncated_file_is_rejected(saved):
+    f = saved / QUANT_FILE
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(saved)
+
+
+def test_tampered_file_is_rejected(saved):
+    f = saved / DENSE_FILE
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(saved)
+
+
+def test_missing_file_and_manifest_problems(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="not a lowbit checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+    m = json.loads((saved / MANIFEST).read_text())
+    m["format_version"] = 99
+    (saved / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(saved)
+    (saved / MANIFEST).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(saved)
+
+
+def test_deleted_tensor_file_is_rejected(saved):
+    (saved / QUANT_FILE).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(saved)
+
+
+def test_existing_output_is_not_overwritten_without_asking(saved):
+    model = build_tiny("llama")
+    quantize_all(model)
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(model, None, saved, {})
+    save_checkpoint(model, None, saved, {"note": 1}, overwrite=True)
+    assert json.loads((saved / MANIFEST).read_text())["note"] == 1
+
+
+def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    import lowbit.checkpoint as ck
+
+    model = build_tiny("llama")
+    quantize_all(model)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(model, None, tmp_path / "ck", {})
+    assert list(tmp_path.iterdir()) == []
