@@ -1,31 +1,12 @@
-"""Shared fixtures: tiny random decoder models of each supported architecture, built in-process."""
+"""Shared fixtures: tiny random models of each supported architecture, the shared data folder."""
 
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from tiny_models import build_tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY_VOCAB = 256
-
-_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-
-
-def build_tiny(arch: str, seed: int = 0, tie: bool = True):
-    torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_COMMON, tie_word_embeddings=tie, initializer_range=0.1))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON, tie_word_embeddings=tie, initializer_range=0.1))
-    elif arch == "gemma3":
-        cfg = Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, tie_word_embeddings=tie,
-                               initializer_range=0.1, layer_types=["sliding_attention", "full_attention"])
-        model = Gemma3ForCausalLM(cfg)
-    else:
-        raise ValueError(arch)
-    return model.eval()
 
 
 @pytest.fixture(params=["llama", "qwen2", "gemma3"])

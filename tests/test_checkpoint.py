@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny
+from tiny_models import build_tiny
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.checkpoint import DENSE_FILE, MANIFEST, QUANT_FILE, load_checkpoint, save_checkpoint

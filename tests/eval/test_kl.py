@@ -28,7 +28,7 @@ def test_model_against_itself(model, tokens):
 
 def test_perturbed_copy(model, perturbed, tokens):
     r = compare_to_reference(perturbed, model, tokens, 32, progress=False)
-    assert r.kl_mean > 1e-4
+    assert r.kl_mean > 1e-3
     assert r.kl_p99 >= r.kl_mean
     assert r.top1_agreement < 1.0
     assert r.ref_ppl == pytest.approx(perplexity(model, tokens, 32, progress=False).ppl, rel=1e-6)
@@ -53,7 +53,8 @@ def test_cache_matches_live_reference(model, perturbed, tokens, tmp_path):
     cache = ReferenceLogits.build(model, tokens, 32, tmp_path / "ref", progress=False)
     live = compare_to_reference(perturbed, model, tokens, 32, progress=False)
     cached = compare_to_reference(perturbed, cache, tokens, 32, progress=False)
-    assert cached.kl_mean == pytest.approx(live.kl_mean, rel=1e-2)
+    # fp16 rounding of the stored log-probs averages out: measured ~1e-7 relative
+    assert cached.kl_mean == pytest.approx(live.kl_mean, rel=1e-3)
     assert cached.top1_agreement == live.top1_agreement
     assert cached.ref_ppl == pytest.approx(live.ref_ppl, rel=1e-9)
     assert cached.ppl == live.ppl
@@ -93,19 +94,9 @@ def test_too_few_tokens(model):
         compare_to_reference(model, model, short, 32, progress=False)
 
 
-def test_kl_is_finite_where_reference_gives_zero_probability():
+def test_kl_is_finite_where_reference_gives_zero_probability(constant_logits):
     """-inf reference log-probs are p = 0 terms: they add 0, not nan."""
-
-    class Fixed(torch.nn.Module):
-        def __init__(self, logits):
-            super().__init__()
-            self.logits = logits
-            self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, input_ids, use_cache=False):
-            return type("Out", (), {"logits": self.logits.expand(1, input_ids.shape[1], -1)})
-
-    ref = Fixed(torch.tensor([0.0, 0.0, -math.inf]))
-    cand = Fixed(torch.tensor([0.0, 0.0, 0.0]))
+    ref = constant_logits(torch.tensor([0.0, 0.0, -math.inf]))  # p = [1/2, 1/2, 0]
+    cand = constant_logits(torch.zeros(3))  # q = [1/3, 1/3, 1/3]
     r = compare_to_reference(cand, ref, torch.zeros(1, 4, dtype=torch.long), 4, progress=False)
-    assert r.kl_mean == pytest.approx(math.log(1.5))  # 2 * 0.5 * log(0.5 / (1/3))
+    assert r.kl_mean == pytest.approx(math.log(1.5))  # 2 * 1/2 * log((1/2) / (1/3))

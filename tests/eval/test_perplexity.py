@@ -37,10 +37,9 @@ def test_trailing_partial_window_is_dropped(model, tokens):
     assert a.ppl == b.ppl
 
 
-def test_untrained_model_is_near_uniform(model, tokens):
-    """A random init predicts roughly uniformly: ppl is near the vocab size, far from 1."""
-    ppl = perplexity(model, tokens, 32, progress=False).ppl
-    assert 64 < ppl < 256
+def test_uniform_model_has_perplexity_vocab(constant_logits, tokens):
+    result = perplexity(constant_logits(torch.zeros(128)), tokens, 32, progress=False)
+    assert result.ppl == pytest.approx(128, rel=1e-6)
 
 
 def test_too_few_tokens(model):
@@ -66,3 +65,14 @@ def test_restores_training_flag(model, tokens):
 def test_default_seqlen(model):
     assert default_seqlen(model) == 256  # the tiny config's max_position_embeddings
     assert default_seqlen(torch.nn.Linear(2, 2)) == 2048
+
+
+def test_compare_restores_training_flag_of_a_model_used_twice(model, tokens):
+    from lowbit.eval import compare_to_reference
+
+    model.train()
+    try:
+        compare_to_reference(model, model, tokens, 32, progress=False)
+        assert model.training
+    finally:
+        model.eval()

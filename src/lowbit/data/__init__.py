@@ -1,4 +1,4 @@
-"""Evaluation and calibration data: named datasets, local text files, tokens, calibration windows."""
+"""Evaluation and calibration data: named datasets, local files, tokens, calibration windows."""
 
 from lowbit.data.datasets import (
     DATASETS,

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 
 from lowbit.errors import ConfigError, DataNotFoundError
-from lowbit.eval.windows import count_windows, next_token_logprobs, targets, window_logits
+from lowbit.eval.windows import (
+    count_windows,
+    evaluating,
+    next_token_logprobs,
+    targets,
+    window_logits,
+)
 
 CACHE_VERSION = 1
 
@@ -104,7 +110,7 @@ class ReferenceLogits:
         top1 = np.empty((n_windows, seqlen - 1), dtype=np.int64)
         nlls = []
         windows = window_logits(reference, tokens, seqlen, progress, desc="reference logits")
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(reference):
             for w, (ids, logits) in enumerate(windows):
                 scored = _score(ids, logits)
                 if logprobs is None:  # the vocabulary size is known from the first window
@@ -114,7 +120,8 @@ class ReferenceLogits:
                 nlls.append(scored.nll)
         logprobs.flush()
         np.save(path / "top1.npy", top1)
-        cache = cls(path, seqlen, n_windows, logprobs.shape[-1], _tokens_sha256(tokens), tuple(nlls))
+        vocab = logprobs.shape[-1]
+        cache = cls(path, seqlen, n_windows, vocab, _tokens_sha256(tokens), tuple(nlls))
         cache._write_meta()
         return cache
 
@@ -196,12 +203,12 @@ Reference = Union[torch.nn.Module, ReferenceLogits]
 def _reference_windows(
     reference: Reference, tokens: torch.Tensor, seqlen: int
 ) -> Iterator[_Scored]:
+    """The reference's windows, lazily; a cache is checked against tokens and seqlen right away."""
     if isinstance(reference, ReferenceLogits):
-        reference.check_matches(tokens, seqlen)
-        yield from reference.windows()
-        return
-    for ids, logits in window_logits(reference, tokens, seqlen, progress=False):
-        yield _score(ids, logits)
+        reference.check_matches(tokens, seqlen)  # before any forward pass is spent
+        return reference.windows()
+    windows = window_logits(reference, tokens, seqlen, progress=False)
+    return (_score(ids, logits) for ids, logits in windows)
 
 
 def compare_to_reference(
@@ -221,9 +228,11 @@ def compare_to_reference(
     kl_per_token = []  # n_windows x [seqlen - 1] float64, on the CPU
     nll = ref_nll = 0.0
     agree = 0
-    with torch.inference_mode():
+    live = () if isinstance(reference, ReferenceLogits) else (reference,)
+    with torch.inference_mode(), evaluating(model, *live):
+        references = _reference_windows(reference, tokens, seqlen)
         candidates = window_logits(model, tokens, seqlen, progress, desc)
-        for (ids, logits), ref in zip(candidates, _reference_windows(reference, tokens, seqlen)):
+        for (ids, logits), ref in zip(candidates, references):
             cand = _score(ids, logits)
             ref_logp = ref.logp.to(cand.logp.device)  # [seqlen - 1, vocab]
             p = ref_logp.exp()

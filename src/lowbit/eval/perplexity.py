@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.eval.windows import count_windows, targets, window_logits
+from lowbit.eval.windows import count_windows, evaluating, targets, window_logits
 
 DEFAULT_MAX_SEQLEN = 2048
 
@@ -45,7 +45,7 @@ def perplexity(
     """
     n_windows = count_windows(tokens, seqlen)
     nll_sum = 0.0
-    with torch.inference_mode():
+    with torch.inference_mode(), evaluating(model):
         for ids, logits in window_logits(model, tokens, seqlen, progress, desc):
             # logits: [seqlen, vocab] -> predictions [seqlen - 1, vocab] vs targets [seqlen - 1]
             target = targets(ids, logits.device)

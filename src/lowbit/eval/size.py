@@ -62,3 +62,43 @@ class ModelSize:
             n_linear_params=count_linear_params(model, include),
             tensor_bytes=tensor_bytes(model),
         )
+
+
+@dataclass(frozen=True)
+class QuantizedSize:
+    """Size of a (partly) quantized model, as deployed.
+
+    bits_per_weight: over the quantized linear layers, codes + scales (16 bit) + zeros (bits)
+    per group + any permutation; None when nothing is quantized. model_bytes: quantized layers
+    packed, every other unique tensor counted at 16 bits (how a float model ships).
+    reference_bytes: every parameter at 16 bits (the unquantized model).
+    """
+
+    bits_per_weight: float | None
+    n_quantized_params: int
+    quantized_bytes: int
+    model_bytes: int
+    reference_bytes: int
+
+    def to_dict(self) -> dict:
+        return {"bits_per_weight": self.bits_per_weight, "n_quantized_params": self.n_quantized_params,
+                "quantized_bytes": self.quantized_bytes, "model_bytes": self.model_bytes,
+                "reference_bytes": self.reference_bytes}
+
+
+def quantized_size(model: torch.nn.Module) -> QuantizedSize:
+    from lowbit.runtime.qlinear import QuantLinear
+
+    qmods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    n_q = sum(m.in_features * m.out_features for m in qmods)
+    q_bytes = sum(m.quantized_weight().nbytes() for m in qmods)
+    qbuffers = {id(t) for m in qmods for t in (m.codes, m.scales, m.zeros, m.perm) if t is not None}
+    dense = [t for t in _unique([*model.parameters(), *model.buffers()]) if id(t) not in qbuffers and t.is_floating_point()]
+    dense_elems = sum(t.numel() for t in _unique(model.parameters()))
+    return QuantizedSize(
+        bits_per_weight=8 * q_bytes / n_q if n_q else None,
+        n_quantized_params=n_q,
+        quantized_bytes=q_bytes,
+        model_bytes=q_bytes + 2 * sum(t.numel() for t in dense if isinstance(t, torch.nn.Parameter)),
+        reference_bytes=2 * (dense_elems + n_q),
+    )

@@ -8,6 +8,7 @@ token t + 1, so the first token of each window is context only.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -22,7 +23,7 @@ def count_windows(tokens: torch.Tensor, seqlen: int) -> int:
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ConfigError(f"tokens must have shape [1, N], got {list(tokens.shape)}")
     if seqlen < 2:
-        raise ConfigError(f"seqlen must be >= 2 (one token of context, one to predict), got {seqlen}")
+        raise ConfigError(f"seqlen must be >= 2 (a context token and a target), got {seqlen}")
     n = tokens.shape[1]
     if n < seqlen:
         raise ConfigError(
@@ -46,23 +47,31 @@ def window_logits(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (ids [seqlen], logits [seqlen, vocab] float32) for each window, one at a time.
 
-    The forward runs under torch.inference_mode() with use_cache=False in the model's own dtype,
-    in eval mode (the model's training flag is restored afterwards); only the logits are cast
-    to float32. `ids` stays on the CPU, `logits` is on the model's device.
+    The forward runs under torch.inference_mode() with use_cache=False in the model's own dtype;
+    only the logits are cast to float32. `ids` stays on the CPU, `logits` is on the model's
+    device. Callers put the model in eval mode for the whole loop (see `evaluating`).
     """
     n_windows = count_windows(tokens, seqlen)
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
+    for w in tqdm(range(n_windows), desc=desc, unit="window", disable=not progress):
+        ids = tokens[0, w * seqlen : (w + 1) * seqlen]  # [seqlen]
+        with torch.inference_mode():
+            out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+            logits = out.logits[0].float()  # [seqlen, vocab]
+        yield ids, logits
+
+
+@contextmanager
+def evaluating(*models: torch.nn.Module) -> Iterator[None]:
+    """Put `models` in eval mode (no dropout) and restore each one's training flag on exit."""
+    flags = [(m, m.training) for m in models]
+    for m, _ in flags:
+        m.eval()
     try:
-        for w in tqdm(range(n_windows), desc=desc, unit="window", disable=not progress):
-            ids = tokens[0, w * seqlen : (w + 1) * seqlen]  # [seqlen]
-            with torch.inference_mode():
-                out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
-                logits = out.logits[0].float()  # [seqlen, vocab]
-            yield ids, logits
+        yield
     finally:
-        model.train(was_training)
+        for m, was_training in reversed(flags):  # reversed: a model passed twice ends as it began
+            m.train(was_training)
 
 
 def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:

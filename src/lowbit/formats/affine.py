@@ -87,10 +87,22 @@ def choose_qparams(
         wmin = wg.amin(dim=-1).clamp(max=0) * shrink
         wmax = wg.amax(dim=-1).clamp(min=0) * shrink
         scale = (wmax - wmin) / qmax
-    scale = scale.clamp(min=MIN_SCALE).to(SCALE_DTYPE).float()
+    scale = round_scale_up(scale.clamp(min=MIN_SCALE))
     if not symmetric:
         zero = torch.round(-wmin / scale).clamp(0, qmax)
     return scale, zero
+
+
+def round_scale_up(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 value >= scale, returned as float32.
+
+    Rounding the scale up (not to nearest) keeps the group's whole range representable, so no
+    value is clipped by more than half a step because of the storage dtype.
+    """
+    s16 = scale.to(SCALE_DTYPE)
+    below = s16.float() < scale
+    s16 = torch.where(below, torch.nextafter(s16, torch.tensor(float("inf"), dtype=SCALE_DTYPE)), s16)
+    return s16.float()
 
 
 def quantize_groups(

@@ -1,0 +1,305 @@
+"""The `lowbit` command: argument parsing and printing only; the work happens in the library.
+
+    lowbit models [--fetch NAME]
+    lowbit quantize MODEL --method gptq --bits 4 --group-size 64 -o OUT [--eval wikitext2]
+    lowbit eval MODEL_OR_CHECKPOINT --data wikitext2 --max-tokens 32768 [--json]
+    lowbit info CHECKPOINT [--json]
+    lowbit bench accuracy [MODEL ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import LowbitError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul (AVX512_BF16 or AMX); else bf16 is emulated and
+    several times slower than fp32 (measured 8x on an AVX2-only EPYC)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' is bf16 where the CPU computes it natively, fp32 otherwise."""
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return DTYPES[name]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+# ---------------------------------------------------------------- models
+def cmd_models(args) -> int:
+    from lowbit.models import KNOWN_MODELS, fetch_known_model, is_present
+    from lowbit.models.fetch import known_model_path
+
+    if args.fetch:
+        for name in args.fetch:
+            path = fetch_known_model(name, cache=args.cache)
+            print(f"{name}: {path}")
+        return 0
+    rows = []
+    for name, m in KNOWN_MODELS.items():
+        present = is_present(name, cache=args.cache)
+        rows.append({"name": name, "architecture": m.architecture, "params": m.params, "file": m.filename,
+                     "bytes": m.size_bytes, "present": present,
+                     "path": str(known_model_path(name, cache=args.cache)) if present else None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<22} {'arch':<8} {'params':<26} {'size':>9}  present")
+    for r in rows:
+        print(f"{r['name']:<22} {r['architecture']:<8} {r['params']:<26} {_mb(r['bytes']):>9}  "
+              f"{r['path'] if r['present'] else 'no (fetched on first use, or: lowbit models --fetch NAME)'}")
+    return 0
+
+
+# ---------------------------------------------------------------- quantize
+def _recipe_from_args(args):
+    from lowbit.recipes import Recipe
+
+    base = Recipe.from_file(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
+    flat = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "symmetric": args.sym}
+    base.update({k: v for k, v in flat.items() if v is not None})
+    for key, value in (("act_order", args.act_order), ("static_groups", args.static_groups), ("damp", args.damp),
+                       ("true_sequential", args.true_sequential)):
+        if value is not None:
+            base["gptq"][key] = value
+    for key, value in (("dataset", args.calib_data), ("n_samples", args.calib_samples),
+                       ("seqlen", args.calib_seqlen), ("seed", args.seed)):
+        if value is not None:
+            base["calibration"][key] = value
+    if args.no_clip:
+        base["clip"]["enabled"] = False
+    if args.skip:
+        base["skip"] = list(base["skip"]) + args.skip
+    return Recipe.from_dict(base)
+
+
+def _source_info(loaded) -> dict:
+    s = loaded.source
+    return {"spec": s.spec, "name": s.name, "kind": s.kind, "path": str(s.path) if s.path else None,
+            "sha256": s.sha256}
+
+
+def cmd_quantize(args) -> int:
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table
+    from lowbit.eval.size import quantized_size
+    from lowbit.models import load_model
+    from lowbit.pipeline import check_shapes, estimate, quantize, target_layers
+    from lowbit.report import quantize_report
+
+    recipe = _recipe_from_args(args)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise LowbitError(f"{out} already exists; choose another -o path or pass --force to replace it")
+    dtype = resolve_dtype(args.dtype)
+    _say(f"loading {args.model} ({dtype}) ...")
+    loaded = load_model(args.model, dtype=dtype, cache=args.cache)
+    names, _ = target_layers(loaded.model, recipe)
+    check_shapes(loaded.model, names, recipe)
+    est = estimate(loaded.model, recipe)
+    _say(f"recipe: {recipe.describe()}; {len(names)} linear layers")
+    _say(f"estimate: model {_mb(est['model_bytes'])}, calibration activations {_mb(est['calib_bytes'])}, "
+         f"Hessians {_mb(est['hessian_bytes'])}; roughly {est['seconds'] / 60:.1f} min on a 2-core CPU")
+    result = quantize(loaded, recipe, data_dir=args.data_dir, progress=not args.quiet)
+    size = quantized_size(loaded.model)
+    _say(f"quantized in {result.seconds:.1f}s; {size.bits_per_weight:.3f} bits/weight, model {_mb(size.model_bytes)}")
+
+    evals = []
+    if args.eval:
+        from lowbit.evaluate import evaluate
+
+        ref = load_model(args.model, dtype=dtype, cache=args.cache)
+        datasets = args.eval
+        evals.append(evaluate(ref, datasets, "reference", args.max_tokens, args.seqlen, None, args.data_dir,
+                              not args.quiet))
+        evals.append(evaluate(loaded, datasets, recipe.describe(), args.max_tokens, args.seqlen, ref, args.data_dir,
+                              not args.quiet))
+    info = {"source": _source_info(loaded), "recipe": recipe.to_dict(), "calibration": result.calibration,
+            "stats": {"seconds": result.seconds, "peak_rss_bytes": result.peak_rss_bytes,
+                      "bits_per_weight": size.bits_per_weight, "model_bytes": size.model_bytes},
+            "skipped": result.skipped,
+            "layer_stats": {n: {"loss": r.loss, "damp": r.damp} for n, r in result.layers.items()},
+            "evaluation": [e.to_dict() for e in evals]}
+    report = quantize_report(info, evals)
+    path = save_checkpoint(loaded.model, loaded.tokenizer, out, info, report=report, overwrite=args.force)
+    _say(f"saved {path} (report: {path / 'REPORT.md'})")
+    if evals:
+        print(format_table(evals))
+        if loaded.source.kind in ("known", "gguf"):
+            print(f"\nNote: {REFERENCE_NOTE}")
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from lowbit.checkpoint import is_checkpoint, load_checkpoint
+    from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table, load_reference_for
+    from lowbit.models import load_model
+
+    dtype = resolve_dtype(args.dtype)
+    reference = None
+    if is_checkpoint(args.model):
+        target = load_checkpoint(args.model, dtype=dtype)
+        recipe = target.manifest.get("recipe", {})
+        if args.reference == "auto":
+            reference = load_reference_for(target.manifest, dtype, args.cache)
+        calib = (target.manifest.get("calibration") or {}).get("dataset")
+        for ds in args.data:
+            if calib is not None and calib == ds and ds not in ("c4", "ptb"):
+                raise LowbitError(
+                    f"{ds} was the calibration set of this checkpoint; evaluating on it would overlap. "
+                    "Use another --data set.")
+    else:
+        target = load_model(args.model, dtype=dtype, cache=args.cache)
+        recipe = None
+    if args.reference not in ("auto", "none"):
+        reference = load_model(args.reference, dtype=dtype, cache=args.cache)
+    res = evaluate(target, args.data, args.model, args.max_tokens, args.seqlen, reference, args.data_dir,
+                   not args.quiet)
+    if recipe:
+        res.recipe = f"{recipe.get('method')} w{recipe.get('bits')} g{recipe.get('group_size')}"
+    src_kind = target.manifest["source"]["kind"] if hasattr(target, "manifest") else target.source.kind
+    if src_kind in ("known", "gguf"):
+        res.notes.append(REFERENCE_NOTE)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(format_table([res]))
+        for n in res.notes:
+            print(f"\nNote: {n}")
+    return 0
+
+
+# ---------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from lowbit.checkpoint import read_manifest
+    from lowbit.report import info_text
+
+    manifest = read_manifest(args.checkpoint)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        print(info_text(manifest))
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from lowbit.bench.accuracy import run_accuracy_bench
+
+    run_accuracy_bench(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Compress LLMs after training; evaluate honestly.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, data=True):
+        sp.add_argument("--cache", help="cache directory for fetched models (default $LOWBIT_CACHE or ~/.cache/lowbit)")
+        if data:
+            sp.add_argument("--data-dir", help="directory with the datasets (default $LOWBIT_DATA, then <cache>/data, ./data)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    m = sub.add_parser("models", help="list known models and whether they are present locally")
+    m.add_argument("--fetch", nargs="+", metavar="NAME", help="fetch these known models into the cache")
+    m.add_argument("--json", action="store_true")
+    common(m, data=False)
+    m.set_defaults(func=cmd_models)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
+    q.add_argument("model", help="known name (see `lowbit models`), HF folder, .gguf file or hub id")
+    q.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    q.add_argument("--recipe", help="recipe file (.toml/.yaml); flags given here override it")
+    q.add_argument("--method", choices=["rtn", "gptq"])
+    q.add_argument("--bits", type=int, help="code width, 2-8 (default 4)")
+    q.add_argument("--group-size", type=int, help="columns per group; -1 = per channel (default 128)")
+    q.add_argument("--sym", action="store_true", default=None, help="symmetric (default asymmetric with zero points)")
+    q.add_argument("--no-clip", action="store_true", help="disable the per-group clipping search")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None)
+    q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)
+    q.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    q.add_argument("--calib-data", help="calibration dataset (default c4)")
+    q.add_argument("--calib-samples", type=int, help="calibration samples (default 128)")
+    q.add_argument("--calib-seqlen", type=int, help="tokens per calibration sample (default 512)")
+    q.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
+    q.add_argument("--skip", action="append", help="regex of module names to keep in full precision (repeatable)")
+    q.add_argument("--dtype", default="fp32", choices=["auto", *sorted(DTYPES)],
+                   help="compute dtype for calibration and evaluation (default fp32; auto = bf16 where the CPU has it natively)")
+    q.add_argument("--eval", nargs="+", metavar="DATASET", help="after quantizing, evaluate against the reference")
+    q.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens")
+    q.add_argument("--seqlen", type=int, default=None, help="evaluation window (default min(2048, context))")
+    q.add_argument("--force", action="store_true", help="replace an existing output folder")
+    common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL divergence to the reference, size")
+    e.add_argument("model", help="checkpoint folder, known name, HF folder, .gguf file or hub id")
+    e.add_argument("--data", nargs="+", default=["wikitext2"], help="datasets: wikitext2, ptb, c4 or .txt/.jsonl paths")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens (default all)")
+    e.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, context))")
+    e.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="compute dtype for model and reference (default auto: bf16 where the CPU has native bf16, else fp32)")
+    e.add_argument("--reference", default="auto",
+                   help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="recipe, per-layer formats, size and provenance of a checkpoint")
+    i.add_argument("checkpoint")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks that write BENCHMARKS.md")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    ba = bsub.add_parser("accuracy", help="reference vs RTN / GPTQ / peers at several bit widths")
+    from lowbit.bench.accuracy import add_arguments
+
+    add_arguments(ba)
+    common(ba)
+    ba.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Evaluate a model or a checkpoint: perplexity per dataset, and against a reference model the
+KL divergence and top-1 agreement on the same windows, plus size accounting.
+
+    result = evaluate(target, ["wikitext2"], max_tokens=32768, reference=ref)
+
+`target` and `reference` are anything with `.model` and `.tokenizer` (a LoadedModel or a
+LoadedCheckpoint). Both run in the same dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from lowbit.data import eval_tokens
+from lowbit.errors import ConfigError
+from lowbit.eval import compare_to_reference, default_seqlen, perplexity
+from lowbit.eval.size import quantized_size
+
+REFERENCE_NOTE = (
+    "The reference is the GGUF model dequantized to float. Its weights were already quantized "
+    "upstream (e.g. SmolLM2 Q4_1: asymmetric 4-bit, groups of 32), so 4-bit g32 asymmetric "
+    "re-quantization of it is lossless by construction; compare at other group sizes and bit widths."
+)
+
+
+@dataclass
+class DatasetResult:
+    dataset: str
+    seqlen: int
+    n_tokens: int            # tokens evaluated (before windowing)
+    n_tokens_scored: int
+    ppl: float
+    ref_ppl: float | None = None
+    kl_mean: float | None = None
+    kl_p99: float | None = None
+    top1_agreement: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    model: str
+    dtype: str
+    size: dict[str, Any]
+    datasets: dict[str, DatasetResult] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None
+    recipe: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(
+    target: Any,
+    datasets: list[str],
+    name: str,
+    max_tokens: int | None = None,
+    seqlen: int | None = None,
+    reference: Any | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    model = target.model
+    seqlen = seqlen or default_seqlen(model)
+    if seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2, got {seqlen}")
+    dtype = next(model.parameters()).dtype
+    if reference is not None:
+        ref_dtype = next(reference.model.parameters()).dtype
+        if ref_dtype != dtype:
+            raise ConfigError(f"reference runs in {ref_dtype} but the model in {dtype}; use one --dtype for both")
+        if reference.model.config.vocab_size != model.config.vocab_size:
+            raise ConfigError("the reference model has a different vocabulary; it is not this model's source")
+    result = EvalResult(model=name, dtype=str(dtype).removeprefix("torch."), size=quantized_size(model).to_dict())
+    for ds in datasets:
+        tokens = eval_tokens(target.tokenizer, ds, max_tokens, data_dir)  # [1, N]
+        t0 = time.perf_counter()
+        if reference is None:
+            r = perplexity(model, tokens, seqlen, progress, desc=f"{ds} ppl")
+            dr = DatasetResult(ds, seqlen, tokens.shape[1], r.n_tokens_scored, r.ppl)
+        else:
+            c = compare_to_reference(model, reference.model, tokens, seqlen, progress, desc=f"{ds} vs reference")
+            dr = DatasetResult(ds, seqlen, tokens.shape[1], c.n_tokens_scored, c.ppl, c.ref_ppl, c.kl_mean,
+                               c.kl_p99, c.top1_agreement)
+        dr.seconds = time.perf_counter() - t0
+        result.datasets[ds] = dr
+    return result
+
+
+def format_table(results: list[EvalResult]) -> str:
+    """A markdown table: one row per (model, dataset)."""
+    head = "| model | bits/weight | size MB | dataset | tokens | ppl | ref ppl | KL (nats) | top-1 agree |"
+    rows = [head, "|" + "---|" * 9]
+    for r in results:
+        bpw = r.size.get("bits_per_weight")
+        mb = r.size["model_bytes"] / 1e6
+        bpw_s = f"{bpw:.3f}" if bpw is not None else "16"
+        for d in r.datasets.values():
+            ref = (f"{d.ref_ppl:.3f} | {d.kl_mean:.4f} | {d.top1_agreement:.3f}"
+                   if d.kl_mean is not None else "- | - | -")
+            rows.append(f"| {r.model} | {bpw_s} | {mb:.1f} | {d.dataset} | {d.n_tokens_scored} | {d.ppl:.3f} | {ref} |")
+    return "\n".join(rows)
+
+
+def load_reference_for(manifest: dict[str, Any], dtype: torch.dtype, cache: str | None = None):
+    """Load the model a checkpoint was made from, as recorded in its manifest."""
+    from lowbit.models import load_model
+
+    spec = manifest.get("source", {}).get("spec")
+    if not spec:
+        raise ConfigError("the checkpoint does not record its source model; pass --reference MODEL or --reference none")
+    return load_model(spec, dtype=dtype, cache=cache)

@@ -1,0 +1,83 @@
+"""Human-readable reports: REPORT.md next to each checkpoint and `lowbit info`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from lowbit.evaluate import REFERENCE_NOTE, EvalResult, format_table
+
+
+def _formats_summary(layers: dict[str, dict]) -> list[str]:
+    counts = Counter(
+        (m["bits"], m["group_size"], "sym" if m["symmetric"] else "asym", "perm" if m.get("perm") else "")
+        for m in layers.values()
+    )
+    return [f"- {n} layers: {b}-bit, group {g}, {s}{', act-order permutation' if p else ''}"
+            for (b, g, s, p), n in counts.most_common()]
+
+
+def _provenance(info: dict[str, Any]) -> list[str]:
+    src = info.get("source", {})
+    cal = info.get("calibration")
+    lines = [
+        f"- source: `{src.get('spec')}` ({src.get('kind')}), sha256 `{src.get('sha256')}`",
+        f"- calibration: {cal['dataset']}, {cal['n_samples']} x {cal['seqlen']} tokens, seed {cal['seed']}"
+        if cal else "- calibration: none (data-free)",
+    ]
+    if info.get("lowbit_version"):
+        lines.append(f"- lowbit {info['lowbit_version']}, checkpoint format {info.get('format_version')}, "
+                     f"created {info.get('created')}, dtype {info.get('dtype')}")
+    return lines
+
+
+def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
+    r = info["recipe"]
+    st = info["stats"]
+    out = [
+        f"# lowbit checkpoint: {r['method']} {r['bits']}-bit, group {r['group_size']}",
+        "",
+        "## Result",
+        f"- effective bits per weight (quantized layers, scales and zeros counted): {st['bits_per_weight']:.3f}",
+        f"- model size (quantized layers packed, other tensors at 16 bits): {st['model_bytes'] / 1e6:.1f} MB",
+        f"- quantization wall time: {st['seconds']:.1f} s, peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB",
+        "",
+    ]
+    if evals:
+        out += ["## Accuracy against the reference", "", format_table(evals), "",
+                f"Windows of {next(iter(evals[0].datasets.values())).seqlen} tokens, dtype {evals[0].dtype}. "
+                f"{REFERENCE_NOTE}", ""]
+    else:
+        out += ["No evaluation was run; use `lowbit eval CHECKPOINT --data wikitext2`.", ""]
+    out += ["## Provenance", *_provenance(info), "", "## Recipe", "```", _recipe_lines(r), "```", ""]
+    if info.get("skipped"):
+        out += ["Kept in full precision: " + ", ".join(info["skipped"]), ""]
+    return "\n".join(out)
+
+
+def _recipe_lines(d: dict[str, Any], prefix: str = "") -> str:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(_recipe_lines(v, f"{prefix}{k}."))
+        else:
+            lines.append(f"{prefix}{k} = {v!r}")
+    return "\n".join(lines)
+
+
+def info_text(manifest: dict[str, Any]) -> str:
+    st = manifest.get("stats", {})
+    lines = [f"recipe: {_recipe_lines(manifest.get('recipe', {})).replace(chr(10), ', ')}", "formats:"]
+    lines += ["  " + s for s in _formats_summary(manifest["layers"])]
+    if st:
+        lines.append(f"bits per weight: {st['bits_per_weight']:.3f}; model {st['model_bytes'] / 1e6:.1f} MB; "
+                     f"quantized in {st['seconds']:.1f} s")
+    files = manifest.get("files", {})
+    lines.append("files: " + ", ".join(f"{f} {m['bytes'] / 1e6:.1f} MB" for f, m in files.items()))
+    lines.append("provenance:")
+    lines += ["  " + s for s in _provenance(manifest)]
+    lines.append("layers:")
+    for name, m in manifest["layers"].items():
+        lines.append(f"  {name}: {m['shape'][0]}x{m['shape'][1]} {m['bits']}-bit g{m['group_size']} "
+                     f"{'sym' if m['symmetric'] else 'asym'}{' perm' if m.get('perm') else ''}")
+    return "\n".join(lines)
