@@ -14,3 +14,24 @@ Layers (imports only go downward in this list):
 """
 
 __version__ = "0.1.0"
+
+# The Python API mirrors the CLI. Imported lazily so `import lowbit` stays light.
+_API = {
+    "load_model": "lowbit.models",
+    "Recipe": "lowbit.recipes",
+    "quantize": "lowbit.pipeline",
+    "evaluate": "lowbit.evaluate",
+    "save_checkpoint": "lowbit.checkpoint",
+    "load_checkpoint": "lowbit.checkpoint",
+    "QuantizedWeight": "lowbit.qtensor",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -96,19 +96,11 @@ def _recipe_from_args(args):
     return Recipe.from_dict(base)
 
 
-def _source_info(loaded) -> dict:
-    s = loaded.source
-    return {"spec": s.spec, "name": s.name, "kind": s.kind, "path": str(s.path) if s.path else None,
-            "sha256": s.sha256}
-
-
 def cmd_quantize(args) -> int:
-    from lowbit.checkpoint import save_checkpoint
-    from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table
     from lowbit.eval.size import quantized_size
+    from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table, reference_result
     from lowbit.models import load_model
-    from lowbit.pipeline import check_shapes, estimate, quantize, target_layers
-    from lowbit.report import quantize_report
+    from lowbit.pipeline import check_shapes, estimate, quantize, save, target_layers
 
     recipe = _recipe_from_args(args)
     out = Path(args.output)
@@ -129,22 +121,11 @@ def cmd_quantize(args) -> int:
 
     evals = []
     if args.eval:
-        from lowbit.evaluate import evaluate
-
         ref = load_model(args.model, dtype=dtype, cache=args.cache)
-        datasets = args.eval
-        evals.append(evaluate(ref, datasets, "reference", args.max_tokens, args.seqlen, None, args.data_dir,
-                              not args.quiet))
-        evals.append(evaluate(loaded, datasets, recipe.describe(), args.max_tokens, args.seqlen, ref, args.data_dir,
-                              not args.quiet))
-    info = {"source": _source_info(loaded), "recipe": recipe.to_dict(), "calibration": result.calibration,
-            "stats": {"seconds": result.seconds, "peak_rss_bytes": result.peak_rss_bytes,
-                      "bits_per_weight": size.bits_per_weight, "model_bytes": size.model_bytes},
-            "skipped": result.skipped,
-            "layer_stats": {n: {"loss": r.loss, "damp": r.damp} for n, r in result.layers.items()},
-            "evaluation": [e.to_dict() for e in evals]}
-    report = quantize_report(info, evals)
-    path = save_checkpoint(loaded.model, loaded.tokenizer, out, info, report=report, overwrite=args.force)
+        cand = evaluate(loaded, args.eval, recipe.describe(), args.max_tokens, args.seqlen, ref, args.data_dir,
+                        not args.quiet)
+        evals = [reference_result(cand, ref.model), cand]
+    path = save(result, out, evals, overwrite=args.force)
     _say(f"saved {path} (report: {path / 'REPORT.md'})")
     if evals:
         print(format_table(evals))

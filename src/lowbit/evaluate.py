@@ -92,6 +92,13 @@ def evaluate(
     return result
 
 
+def reference_result(candidate: EvalResult, reference_model: torch.nn.Module) -> EvalResult:
+    """The reference's own row, from the perplexities a comparison already measured."""
+    rows = {k: DatasetResult(d.dataset, d.seqlen, d.n_tokens, d.n_tokens_scored, d.ref_ppl)
+            for k, d in candidate.datasets.items()}
+    return EvalResult("reference", candidate.dtype, quantized_size(reference_model).to_dict(), rows)
+
+
 def format_table(results: list[EvalResult]) -> str:
     """A markdown table: one row per (model, dataset)."""
     head = "| model | bits/weight | size MB | dataset | tokens | ppl | ref ppl | KL (nats) | top-1 agree |"

@@ -2,7 +2,7 @@
 
     loaded = load_model("smollm2-135m")
     result = quantize(loaded, Recipe(method="gptq", bits=4, group_size=64))
-    save_checkpoint(result, "out/smol-w4g64")
+    save(result, "out/smol-w4g64")
 
 RTN needs no data; GPTQ draws seeded calibration samples and runs the sequential pipeline
 (calibration/sequential.py), which swaps every decoder-block linear layer for a QuantLinear.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +24,16 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.calibration.sequential import run_sequential
+from lowbit.checkpoint import save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
+from lowbit.eval.size import quantized_size
+from lowbit.evaluate import EvalResult
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
+from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import Recipe
+from lowbit.report import quantize_report
 from lowbit.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,30 @@ class QuantizeResult:
     @property
     def model(self) -> nn.Module:
         return self.loaded.model
+
+    def manifest_info(self, evaluations: list[EvalResult] = ()) -> dict[str, Any]:
+        """What the checkpoint manifest records about this job."""
+        s = self.loaded.source
+        size = quantized_size(self.model)
+        return {
+            "source": {"spec": s.spec, "name": s.name, "kind": s.kind, "path": str(s.path) if s.path else None,
+                       "sha256": s.sha256},
+            "recipe": self.recipe.to_dict(),
+            "calibration": self.calibration,
+            "stats": {"seconds": self.seconds, "peak_rss_bytes": self.peak_rss_bytes,
+                      "bits_per_weight": size.bits_per_weight, "model_bytes": size.model_bytes,
+                      "reference_bytes": size.reference_bytes},
+            "skipped": self.skipped,
+            "layer_stats": {n: {"loss": r.loss, "damp": r.damp} for n, r in self.layers.items()},
+            "evaluation": [e.to_dict() for e in evaluations],
+        }
+
+
+def save(result: QuantizeResult, out_dir: str | Path, evaluations: list[EvalResult] = (), overwrite: bool = False) -> Path:
+    """Write result as a checkpoint folder with its manifest and REPORT.md."""
+    info = result.manifest_info(evaluations)
+    report = quantize_report(info, list(evaluations))
+    return save_checkpoint(result.model, result.loaded.tokenizer, out_dir, info, report=report, overwrite=overwrite)
 
 
 def target_layers(model: nn.Module, recipe: Recipe) -> tuple[list[str], list[str]]:
@@ -111,6 +141,15 @@ def estimate(model: nn.Module, recipe: Recipe) -> dict[str, float]:
     return est
 
 
+def _dense_twin(lin: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear computing exactly what QuantLinear.from_quantized(qw, lin.bias) computes."""
+    twin = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+    twin.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+    if lin.bias is not None:
+        twin.bias = nn.Parameter(lin.bias.detach().to(dtype), requires_grad=False)
+    return twin
+
+
 def quantize(
     loaded: LoadedModel,
     recipe: Recipe,
@@ -144,7 +183,12 @@ def quantize(
         calibration = {"dataset": c.dataset, "n_samples": c.n_samples, "seqlen": c.seqlen, "seed": c.seed,
                        "n_tokens": int(ids.numel())}
 
+        qweights: dict[str, tuple[nn.Linear, QuantizedWeight]] = {}
+
         def quantize_group(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
+            # While calibrating, a quantized layer runs as a dense Linear holding exactly the
+            # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
+            # the QuantLinear modules are swapped in once every block is done.
             prefix = _block_prefix(model, i)
             out = {}
             for name, lin in linears.items():
@@ -153,11 +197,14 @@ def quantize(
                     continue
                 res = gptq_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
                                     recipe.symmetric, recipe.gptq, clip)
-                out[name] = make_qlinear(lin, res.qweight)
+                qweights[full] = (lin, res.qweight)
+                out[name] = _dense_twin(lin, res.qweight, dtype)
                 layers[full] = LayerReport(res.qweight.fmt.to_dict(), res.qweight.shape, res.loss, res.damp_used)
             return out
 
         run_sequential(model, ids, quantize_group, recipe.gptq.true_sequential, progress)
+        for full, (lin, qw) in qweights.items():
+            model.set_submodule(full, make_qlinear(lin, qw))
     else:  # Recipe validation makes this unreachable
         raise ConfigError(f"unknown method {recipe.method!r}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

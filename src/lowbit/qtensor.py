@@ -2,7 +2,8 @@
 
 Algorithms produce it, the runtime runs it, the checkpoint stores it. It holds unpacked codes
 (one uint8 per weight, for easy math); `packed()` / `from_packed()` convert to the byte layout
-the checkpoint stores (formats/pack.py).
+the checkpoint stores (formats/pack.py): codes packed row by row, zero points packed as one
+flat stream (no per-row padding).
 
     w[:, perm][r, g*gs + j]  ~=  (codes[r, g*gs + j] - zero[r, g]) * scale[r, g]
 
@@ -111,7 +112,7 @@ class QuantizedWeight:
         g = self.scales.shape[1]
         total = out * pack.packed_length(n_in, self.fmt.bits) + self.scales.numel() * 2
         if self.zeros is not None:
-            total += out * pack.packed_length(g, self.fmt.bits)
+            total += pack.packed_length(out * g, self.fmt.bits)
         if self.perm is not None:
             total += n_in * 4
         return total
@@ -120,7 +121,7 @@ class QuantizedWeight:
     def packed(self) -> dict[str, torch.Tensor]:
         t = {"codes": pack.pack(self.codes, self.fmt.bits), "scales": self.scales.contiguous()}
         if self.zeros is not None:
-            t["zeros"] = pack.pack(self.zeros, self.fmt.bits)
+            t["zeros"] = pack.pack(self.zeros.reshape(-1), self.fmt.bits)  # flat: no per-row padding
         if self.perm is not None:
             t["perm"] = self.perm.to(torch.int32)
         return t
@@ -134,7 +135,7 @@ class QuantizedWeight:
         return cls(
             codes=pack.unpack(tensors["codes"], fmt.bits, n_in),
             scales=tensors["scales"],
-            zeros=None if zeros is None else pack.unpack(zeros, fmt.bits, g),
+            zeros=None if zeros is None else pack.unpack(zeros, fmt.bits, out * g).reshape(out, g),
             fmt=fmt,
             perm=None if perm is None else perm.to(torch.int64),
         )

@@ -47,8 +47,13 @@ def run_sequential(
     quantize_group: GroupQuantizer,
     true_sequential: bool = True,
     progress: bool = True,
+    batch_size: int = 8,
 ) -> None:
-    """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen]."""
+    """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
+
+    Samples go through each block `batch_size` at a time (the per-block arguments broadcast over
+    the batch), which keeps the matmuls large enough to run efficiently on a CPU.
+    """
     layers = decoder_layers(model)
     inputs = capture_block_inputs(model, layers, input_ids)
     x = inputs.hidden
@@ -78,9 +83,9 @@ def run_sequential(
                 accs[name] = HessianAccumulator(lin.in_features)
                 handles.append(lin.register_forward_hook(make_hook(name, accs[name])))
             try:
-                for j in range(x.shape[0]):
+                for j in range(0, x.shape[0], batch_size):
                     seen.clear()
-                    _run_block(block, x[j : j + 1], args, kwargs)
+                    _run_block(block, x[j : j + batch_size], args, kwargs)
             finally:
                 for h in handles:
                     h.remove()
@@ -88,8 +93,8 @@ def run_sequential(
             del accs
             for name, module in replaced.items():
                 block.set_submodule(name, module)
-        for j in range(x.shape[0]):
-            x[j : j + 1] = _run_block(block, x[j : j + 1], args, kwargs)
+        for j in range(0, x.shape[0], batch_size):
+            x[j : j + batch_size] = _run_block(block, x[j : j + batch_size], args, kwargs)
         bar.set_postfix_str(f"block {i}: {time.perf_counter() - t0:.1f}s")
         bar.update(1)
     bar.close()

@@ -1,0 +1,115 @@
+"""The quantize pipeline on tiny models: every decoder linear becomes a QuantLinear, GPTQ beats
+RTN, skips are honoured, bad recipes fail before any work."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit.data import eval_tokens
+from lowbit.errors import ConfigError, ShapeError
+from lowbit.eval.size import quantized_size
+from lowbit.models.load import LoadedModel, ModelSource
+from lowbit.pipeline import _dense_twin, quantize, save, target_layers
+from lowbit.recipes import CalibrationConfig, Recipe
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.algorithms.rtn import rtn_quantize
+from tiny_models import TINY_VOCAB, build_tiny
+
+
+class ByteTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text):
+        return {"input_ids": [1 + b % (TINY_VOCAB - 1) for b in text.encode()]}
+
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    words = ["alpha", "beta", "gamma", "delta", "quant", "model", "token", "lowbit"]
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, 8, (300,), generator=g)) for _ in range(2000)]
+    (tmp_path / "c4-validation-2k.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return tmp_path
+
+
+def loaded_tiny(arch="llama", seed=0):
+    src = ModelSource(spec="tiny", kind="hf_folder", path=None, gguf_file=None, name="tiny", sha256=None)
+    return LoadedModel(build_tiny(arch, seed), ByteTokenizer(), src)
+
+
+def _logit_err(model, ref, ids):
+    with torch.inference_mode():
+        return float((model(ids).logits - ref(ids).logits).pow(2).mean())
+
+
+CALIB = CalibrationConfig(n_samples=16, seqlen=64)
+
+
+def test_gptq_pipeline_quantizes_every_block_linear_and_beats_rtn(data_dir, arch):
+    # held-out text of the calibration distribution (C4 eval documents never overlap calibration)
+    ids = eval_tokens(ByteTokenizer(), "c4", 256, data_dir).reshape(4, 64)
+    ref = build_tiny(arch)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        lm = loaded_tiny(arch)
+        res = quantize(lm, Recipe(method=method, bits=3, group_size=32, calibration=CALIB), data_dir=data_dir,
+                       progress=False)
+        names, _ = target_layers(ref, Recipe())
+        assert set(res.layers) == set(names) and len(names) == 14
+        assert all(isinstance(lm.model.get_submodule(n), QuantLinear) for n in names)
+        assert not any(type(m) is torch.nn.Linear and ".layers." in n for n, m in lm.model.named_modules())
+        errs[method] = _logit_err(lm.model, ref, ids)
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_dense_twin_computes_exactly_what_quantlinear_computes():
+    lin = torch.nn.Linear(64, 24, bias=True)
+    qw = rtn_quantize(lin.weight.detach(), 3, 16)
+    x = torch.randn(7, 64)
+    assert torch.equal(_dense_twin(lin, qw, torch.float32)(x), QuantLinear.from_quantized(qw, lin.bias)(x))
+
+
+def test_skip_patterns_keep_layers_dense(data_dir):
+    lm = loaded_tiny()
+    res = quantize(lm, Recipe(method="rtn", bits=4, group_size=32, skip=(r"mlp\.down_proj",)), progress=False)
+    assert res.skipped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert type(lm.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert quantized_size(lm.model).n_quantized_params == sum(
+        m.in_features * m.out_features for m in lm.model.modules() if isinstance(m, QuantLinear))
+
+
+def test_bits_per_weight_counts_scales_and_zeros():
+    lm = loaded_tiny()
+    quantize(lm, Recipe(method="rtn", bits=4, group_size=32), progress=False)
+    # 4-bit codes + (16-bit scale + 4-bit zero) / 32 per weight; every width here divides by 8
+    assert quantized_size(lm.model).bits_per_weight == pytest.approx(4 + 20 / 32)
+
+
+def test_bad_group_size_fails_before_any_work():
+    lm = loaded_tiny()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with pytest.raises(ShapeError, match="group_size=48"):
+        quantize(lm, Recipe(method="rtn", bits=4, group_size=48), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_skipping_everything_is_an_error():
+    with pytest.raises(ConfigError, match="nothing to quantize"):
+        quantize(loaded_tiny(), Recipe(method="rtn", skip=(".*",)), progress=False)
+
+
+def test_save_writes_manifest_and_report(tmp_path, data_dir):
+    lm = loaded_tiny()
+    res = quantize(lm, Recipe(method="gptq", bits=4, group_size=32, calibration=CALIB), data_dir=data_dir,
+                   progress=False)
+    out = save(res, tmp_path / "ck")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["method"] == "gptq"
+    assert manifest["calibration"] == {"dataset": "c4", "n_samples": 16, "seqlen": 64, "seed": 0, "n_tokens": 1024}
+    assert len(manifest["layers"]) == 14
+    report = (out / "REPORT.md").read_text()
+    assert "bits per weight" in report and "calibration: c4, 16 x 64 tokens, seed 0" in report
