@@ -102,10 +102,17 @@ def cmd_quantize(args) -> int:
     from lowbit.models import load_model
     from lowbit.pipeline import check_shapes, estimate, quantize, save, target_layers
 
+    from lowbit.data import calibration_documents, eval_text
+
     recipe = _recipe_from_args(args)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise LowbitError(f"{out} already exists; choose another -o path or pass --force to replace it")
+    # fail on missing data now, not after minutes of work
+    if recipe.needs_calibration:
+        calibration_documents(recipe.calibration.dataset, args.data_dir)
+    for ds in args.eval or ():
+        eval_text(ds, args.data_dir)
     dtype = resolve_dtype(args.dtype)
     _say(f"loading {args.model} ({dtype}) ...")
     loaded = load_model(args.model, dtype=dtype, cache=args.cache)
@@ -140,8 +147,12 @@ def cmd_eval(args) -> int:
     from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table, load_reference_for
     from lowbit.models import load_model
 
+    from lowbit.data import eval_text
+
     dtype = resolve_dtype(args.dtype)
     reference = None
+    for ds in args.data:
+        eval_text(ds, args.data_dir)  # fail on missing data before loading models
     if is_checkpoint(args.model):
         target = load_checkpoint(args.model, dtype=dtype)
         recipe = target.manifest.get("recipe", {})

@@ -163,12 +163,15 @@ def search_shrink(
         weight = weight.float().expand(w.shape).reshape(wg.shape)
     best_err = torch.full(wg.shape[:2], float("inf"))
     best = torch.ones(wg.shape[:2])
+    _, qmax = qrange(bits)
     for i in range(grid + 1):
         ratio = 1.0 - max_shrink * i / grid
         scale, zero = choose_qparams(wg, bits, symmetric, ratio)
-        err = (dequantize_groups(quantize_groups(wg, scale, zero, bits), scale, zero) - wg).abs_().pow_(norm)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        # |dequantize(quantize(wg)) - wg| ** norm, in place on one temporary
+        err = torch.div(wg, s).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(wg).abs_().pow_(norm)
         if weight is not None:
-            err = err * weight
+            err.mul_(weight)
         err = err.sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

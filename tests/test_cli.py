@@ -1,0 +1,57 @@
+"""CLI error paths: every bad input is a clear one-line error and exit code 2, before any work."""
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_model_lists_known_names(capsys, tmp_path):
+    code, err = run(capsys, "quantize", "no-such-model", "-o", str(tmp_path / "o"), "--method", "rtn",
+                    "--cache", str(tmp_path))
+    assert code == 2 and "smollm2-135m" in err and "error" in err
+
+
+def test_bad_bits_is_rejected_before_loading(capsys, tmp_path):
+    code, err = run(capsys, "quantize", "no-such-model", "-o", str(tmp_path / "o"), "--bits", "9")
+    assert code == 2 and "'bits'" in err and "2 to 8" in err
+
+
+def test_missing_calibration_data_names_the_file_and_the_fix(capsys, tmp_path):
+    code, err = run(capsys, "quantize", "smollm2-135m", "-o", str(tmp_path / "o"), "--method", "gptq",
+                    "--data-dir", str(tmp_path))
+    assert code == 2 and "c4-validation-2k.jsonl" in err and "--data-dir" in err
+
+
+def test_missing_eval_data(capsys, tmp_path):
+    code, err = run(capsys, "eval", "smollm2-135m", "--data", "ptb", "--data-dir", str(tmp_path))
+    assert code == 2 and "ptb-test.txt" in err
+
+
+def test_existing_output_needs_force(capsys, tmp_path):
+    (tmp_path / "o").mkdir()
+    code, err = run(capsys, "quantize", "smollm2-135m", "-o", str(tmp_path / "o"), "--method", "rtn")
+    assert code == 2 and "--force" in err
+
+
+def test_info_on_a_non_checkpoint(capsys, tmp_path):
+    code, err = run(capsys, "info", str(tmp_path))
+    assert code == 2 and "not a lowbit checkpoint" in err
+
+
+def test_recipe_file_errors_name_the_field(capsys, tmp_path):
+    bad = tmp_path / "r.toml"
+    bad.write_text('method = "gptq"\n[gptq]\ndamp = "lots"\n')
+    code, err = run(capsys, "quantize", "smollm2-135m", "-o", str(tmp_path / "o"), "--recipe", str(bad))
+    assert code == 2 and "gptq.damp" in err
+
+
+def test_models_lists_every_known_model(capsys, tmp_path):
+    assert main(["models", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"):
+        assert name in out

