@@ -9,6 +9,7 @@ outputs plus the Hessians of one group.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -65,23 +66,19 @@ def run_sequential(
         if not true_sequential:
             groups = [[name for group in groups for name in group]]
         for names in groups:
+            # the layers of a group read the same input (models/arch.py): one Hessian serves all
             linears = {name: block.get_submodule(name) for name in names}
+            acc = HessianAccumulator(linears[names[0]].in_features)
             seen: list[str] = []
-            accs: dict[str, HessianAccumulator] = {}
-            handles = []
 
-            def make_hook(name: str, acc: HessianAccumulator):
-                def hook(module, hook_args, output):
+            def hook(module, hook_args, output, name=None):
+                if name == names[0]:
                     acc.add(hook_args[0])
-                    seen.append(name)
-                    if len(seen) == len(names):
-                        raise _GroupDone
+                seen.append(name)
+                if len(seen) == len(names):
+                    raise _GroupDone
 
-                return hook
-
-            for name, lin in linears.items():
-                accs[name] = HessianAccumulator(lin.in_features)
-                handles.append(lin.register_forward_hook(make_hook(name, accs[name])))
+            handles = [lin.register_forward_hook(functools.partial(hook, name=name)) for name, lin in linears.items()]
             try:
                 for j in range(0, x.shape[0], batch_size):
                     seen.clear()
@@ -89,8 +86,8 @@ def run_sequential(
             finally:
                 for h in handles:
                     h.remove()
-            replaced = quantize_group(i, linears, {name: acc.H for name, acc in accs.items()})
-            del accs
+            replaced = quantize_group(i, linears, {name: acc.H for name in names})
+            del acc
             for name, module in replaced.items():
                 block.set_submodule(name, module)
         for j in range(0, x.shape[0], batch_size):
