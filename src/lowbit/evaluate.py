@@ -115,10 +115,22 @@ def format_table(results: list[EvalResult]) -> str:
 
 
 def load_reference_for(manifest: dict[str, Any], dtype: torch.dtype, cache: str | None = None):
-    """Load the model a checkpoint was made from, as recorded in its manifest."""
+    """Load the model a checkpoint was made from, as recorded in its manifest.
+
+    Known names and hub ids resolve as given; files and folders by their recorded absolute path.
+    A source whose sha256 differs from the recorded one is refused: KL against another model
+    would be meaningless.
+    """
     from lowbit.models import load_model
 
-    spec = manifest.get("source", {}).get("spec")
+    src = manifest.get("source") or {}
+    spec = src.get("path") if src.get("kind") in ("gguf", "hf_folder") else src.get("spec")
     if not spec:
         raise ConfigError("the checkpoint does not record its source model; pass --reference MODEL or --reference none")
-    return load_model(spec, dtype=dtype, cache=cache)
+    ref = load_model(spec, dtype=dtype, cache=cache)
+    if src.get("sha256") and ref.source.sha256 and ref.source.sha256 != src["sha256"]:
+        raise ConfigError(
+            f"the source model at {spec} has sha256 {ref.source.sha256[:16]}..., but the checkpoint was made "
+            f"from {src['sha256'][:16]}...; pass the original with --reference MODEL or use --reference none"
+        )
+    return ref

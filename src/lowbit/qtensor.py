@@ -37,7 +37,8 @@ class QuantFormat:
             raise ShapeError(f"group_size must be >= 1 once resolved, got {self.group_size}")
 
     def bits_per_weight(self) -> float:
-        """Code bits plus the amortized scale (fp16) and zero (bits) per group."""
+        """Code bits plus the amortized scale (fp16) and zero (bits) per group (whole groups;
+        QuantizedWeight.nbytes() is exact for a short last group)."""
         extra = SCALE_BITS + (0 if self.symmetric else self.bits)
         return self.bits + extra / self.group_size
 
@@ -56,6 +57,7 @@ def dequantize_parts(
     codes: torch.Tensor,
     scales: torch.Tensor,
     zero_points: torch.Tensor,
+    group_size: int,
     perm: torch.Tensor | None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -63,7 +65,7 @@ def dequantize_parts(
 
     The one dequantization rule, shared by QuantizedWeight and the runtime modules.
     """
-    w = affine.dequantize(codes, scales, zero_points)
+    w = affine.dequantize(codes, scales, zero_points, group_size)
     if perm is not None:
         w = w[:, torch.argsort(perm)]
     return w.to(dtype)
@@ -79,11 +81,11 @@ class QuantizedWeight:
 
     def __post_init__(self) -> None:
         out, n_in = self.codes.shape
-        g = n_in // self.fmt.group_size
+        g = affine.n_groups(n_in, self.fmt.group_size)
         if self.codes.dtype != torch.uint8:
             raise ShapeError(f"codes must be uint8, got {self.codes.dtype}")
-        if n_in % self.fmt.group_size:
-            raise ShapeError(f"in_features {n_in} not divisible by group_size {self.fmt.group_size}")
+        if self.fmt.group_size > n_in:
+            raise ShapeError(f"group_size {self.fmt.group_size} exceeds in_features {n_in}")
         if tuple(self.scales.shape) != (out, g) or self.scales.dtype != affine.SCALE_DTYPE:
             raise ShapeError(f"scales must be float16 [{out}, {g}], got {self.scales.dtype} {tuple(self.scales.shape)}")
         if self.fmt.symmetric != (self.zeros is None):
@@ -104,7 +106,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this record stands for, [out, in] in the original column order."""
-        return dequantize_parts(self.codes, self.scales, self.zero_points(), self.perm, dtype)
+        return dequantize_parts(self.codes, self.scales, self.zero_points(), self.fmt.group_size, self.perm, dtype)
 
     def nbytes(self) -> int:
         """Bytes of the packed form: codes, scales, zeros and permutation."""
@@ -129,7 +131,7 @@ class QuantizedWeight:
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int]) -> "QuantizedWeight":
         out, n_in = shape
-        g = n_in // fmt.group_size
+        g = affine.n_groups(n_in, fmt.group_size)
         zeros = tensors.get("zeros")
         perm = tensors.get("perm")
         return cls(

@@ -95,8 +95,8 @@ def gptq_quantize(
     Hinv, damp_used = inverse_hessian_cholesky(H, config.damp)
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)     # in processing order
-    scales = torch.zeros(out_f, in_f // gs)
-    zeros = torch.zeros(out_f, in_f // gs)
+    scales = torch.zeros(out_f, affine.n_groups(in_f, gs))
+    zeros = torch.zeros(out_f, affine.n_groups(in_f, gs))
     loss = torch.zeros(out_f)
     scale = zero = None
     B = config.block_size

@@ -22,7 +22,7 @@ def group_qparams(
     """Scale and zero [out, G] for grouped values wg [out, G, gs], clipped if `clip` is enabled."""
     shrink = 1.0
     if clip is not None and clip.enabled:
-        out, g, gs = wg.shape
+        out, g, gs = wg.shape  # (zero padding of a short last group adds no error: 0 is exact)
         shrink = affine.search_shrink(
             wg.reshape(out, g * gs), bits, gs, symmetric, clip.grid, clip.max_shrink, clip.norm
         )
@@ -36,5 +36,5 @@ def rtn_quantize(
     fmt = resolve_format(w.shape[1], bits, group_size, symmetric)
     wg = affine.group_view(w.float(), fmt.group_size)
     scale, zero = group_qparams(wg, bits, symmetric, clip)
-    codes = affine.quantize_groups(wg, scale, zero, bits).reshape(w.shape)
+    codes = affine.ungroup(affine.quantize_groups(wg, scale, zero, bits), w.shape[1])
     return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt)

@@ -158,6 +158,8 @@ def run_accuracy_bench(args) -> None:
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
             done[(r["model"], r["method"], r["bits"], r["group_size"])] = r
+    with open(work / "commands.txt", "a") as f:
+        f.write(command_line(args) + "\n")
     for model in args.models:
         refs = build_references(model, datasets, args, work)
         (work / f"reference-{model}.json").write_text(json.dumps(refs, indent=2))
@@ -196,18 +198,26 @@ def machine() -> str:
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
 
+def command_line(args) -> str:
+    return (f"lowbit bench accuracy {' '.join(args.models)} --settings {args.settings} --methods {args.methods} "
+            f"--data {args.data} --max-tokens {args.max_tokens} --seqlen {args.seqlen} "
+            f"--calib-samples {args.calib_samples} --calib-seqlen {args.calib_seqlen} --work-dir {args.work_dir}")
+
+
 def render(args, datasets: list[str], results: dict, work: Path) -> str:
+    commands = list(dict.fromkeys((work / "commands.txt").read_text().splitlines()))
+    models = list(dict.fromkeys([k[0] for k in results] + list(args.models)))
     lines = [
         "## Accuracy: reference vs RTN, GPTQ and HQQ",
         "",
-        f"Command: `lowbit bench accuracy {' '.join(args.models)} --settings {args.settings} --methods {args.methods} "
-        f"--data {args.data} --max-tokens {args.max_tokens} --seqlen {args.seqlen} "
-        f"--calib-samples {args.calib_samples} --calib-seqlen {args.calib_seqlen}`",
+        "Commands (results accumulate in the work folder; a job already done is not rerun):",
+        "",
+        *[f"    {c}" for c in commands],
         "",
         f"Machine: {machine()}. Compute dtype float32. Evaluation: the first {args.max_tokens} tokens of each "
         f"dataset in non-overlapping windows of {args.seqlen} (C4: documents 1000-1999 of "
         f"c4-validation-2k.jsonl); KL(reference || model) in nats per token and top-1 agreement on the "
-        f"same token ids. Calibration (GPTQ): {args.calib_samples} x {args.calib_seqlen} tokens from C4 "
+        f"same token ids. Calibration (GPTQ): the `calib` column, samples x tokens drawn from C4 "
         "documents 0-999, seed 0. RTN and GPTQ: asymmetric, integer zero points, float16 scales, clipping "
         "search; GPTQ damp 0.01, true-sequential, no act-order. HQQ 0.2.8 (data-free, its default "
         "optimizer, float zero and scale per group). Bits per weight count scales and zeros. Quantization "
@@ -218,13 +228,13 @@ def render(args, datasets: list[str], results: dict, work: Path) -> str:
         "the cost of re-quantizing it, not of quantizing an original bf16 checkpoint.",
         "",
     ]
-    for model in args.models:
+    for model in models:
         ref = json.loads((work / f"reference-{model}.json").read_text())
         head = "| method | setting | bits/weight | " + " | ".join(
-            f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) |"
-        lines += [f"### {model}", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 2)]
+            f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) | calib |"
+        lines += [f"### {model}", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 3)]
         lines.append("| reference | fp32 | 32 | " + " | ".join(f"{ref['ppl'][d]:.3f} | 0 | 1" for d in datasets)
-                     + " | - | - |")
+                     + " | - | - | - |")
         rows = sorted((r for k, r in results.items() if k[0] == model),
                       key=lambda r: (-r["bits"], -r["group_size"], METHODS.index(r["method"])))
         for r in rows:
@@ -235,8 +245,9 @@ def render(args, datasets: list[str], results: dict, work: Path) -> str:
             cells = " | ".join(
                 f"{r['datasets'][d]['ppl']:.3f} | {r['datasets'][d]['kl']:.4f} | {r['datasets'][d]['top1']:.3f}"
                 for d in datasets)
+            calib = f"{r['calib_samples']}x{r['calib_seqlen']}" if r["method"] == "gptq" else "none"
             lines.append(f"| {r['method']} | {setting} | {r['bits_per_weight']:.3f} | {cells} | "
-                         f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+                         f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -14,7 +14,12 @@ zero point, as GPTQ does.
 Scales are rounded to float16 when chosen (the dtype the checkpoint stores), so codes computed
 here are exactly the codes a reloaded checkpoint dequantizes.
 
-Shapes: w [out, in] -> grouped view [out, n_groups, group_size]; scales, zeros [out, n_groups].
+Shapes: w [out, in] -> grouped [out, n_groups, group_size]; scales, zeros [out, n_groups].
+
+Widths not divisible by the group size: n_groups = ceil(in / group_size) and the last group of
+each row is shorter (in % group_size columns). Internally the row is padded with zeros to a
+whole number of groups; a zero never changes a group's range (asymmetric ranges always contain
+0, symmetric ones are set by |w|) and is represented exactly, so padding equals a short group.
 """
 
 from __future__ import annotations
@@ -35,29 +40,30 @@ def check_bits(bits: int) -> None:
 
 
 def resolve_group_size(in_features: int, group_size: int) -> int:
-    """`group_size` <= 0 means one group per row (per-channel). Must divide in_features."""
-    if group_size <= 0:
+    """`group_size` <= 0 (or >= in_features) means one group per row (per-channel)."""
+    if group_size <= 0 or group_size >= in_features:
         return in_features
-    if in_features % group_size != 0:
-        raise ShapeError(
-            f"in_features={in_features} is not divisible by group_size={group_size}; "
-            f"pick a group size that divides it (e.g. {_divisors_hint(in_features)}) "
-            "or use per-channel quantization (group_size=-1)"
-        )
     return group_size
 
 
-def _divisors_hint(n: int) -> str:
-    ds = [d for d in (32, 64, 128, 256) if n % d == 0]
-    return ", ".join(map(str, ds)) if ds else "a divisor of the width"
+def n_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // resolve_group_size(in_features, group_size))
 
 
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """w [out, in] -> [out, in // group_size, group_size] (a view, no copy)."""
+    """w [out, in] -> [out, ceil(in / gs), gs]: a view, or a zero-padded copy for a short last group."""
     if w.dim() != 2:
         raise ShapeError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
     gs = resolve_group_size(w.shape[1], group_size)
-    return w.reshape(w.shape[0], w.shape[1] // gs, gs)
+    pad = -w.shape[1] % gs
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(w.shape[0], -1, gs)
+
+
+def ungroup(wg: torch.Tensor, in_features: int) -> torch.Tensor:
+    """[out, G, gs] -> [out, in_features], dropping the padding of a short last group."""
+    return wg.reshape(wg.shape[0], -1)[:, :in_features]
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -130,14 +136,13 @@ def quantize(
     wg = group_view(w, group_size)
     scale, zero = choose_qparams(wg, bits, symmetric, shrink)
     codes = quantize_groups(wg, scale, zero, bits)
-    return codes.reshape(w.shape), scale, zero
+    return ungroup(codes, w.shape[1]), scale, zero
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """codes [out, in], scale/zero [out, G] -> float32 [out, in]."""
-    out, n_in = codes.shape
-    gs = n_in // scale.shape[1]
-    return dequantize_groups(codes.reshape(out, -1, gs), scale, zero).reshape(out, n_in)
+    n_in = codes.shape[1]
+    return ungroup(dequantize_groups(group_view(codes, group_size), scale, zero), n_in)
 
 
 def search_shrink(
@@ -160,7 +165,7 @@ def search_shrink(
         raise ConfigError(f"clip search needs grid >= 1 and 0 <= max_shrink < 1, got {grid}, {max_shrink}")
     wg = group_view(w.float(), group_size)
     if weight is not None:
-        weight = weight.float().expand(w.shape).reshape(wg.shape)
+        weight = group_view(weight.float().expand(w.shape), group_size)
     best_err = torch.full(wg.shape[:2], float("inf"))
     best = torch.ones(wg.shape[:2])
     _, qmax = qrange(bits)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowbit.errors import ConfigError, ShapeError
+from lowbit.errors import ConfigError
 
 HQQ_BITS = (8, 4, 3, 2, 1)  # what HQQ bit-packs; it also lists 6, 5 and 1.58 without packing
 
@@ -97,16 +97,23 @@ def _linear(modules: dict[str, nn.Module], name: str, group_size: int) -> nn.Lin
     if not isinstance(module, nn.Linear):
         found = "not found" if module is None else f"a {type(module).__name__}"
         raise ConfigError(f"layer {name!r} is {found}; the HQQ peer quantizes nn.Linear modules")
-    if module.in_features % group_size:
-        raise ShapeError(
-            f"layer {name!r}: in_features={module.in_features} is not divisible by "
-            f"group_size={group_size}; pick a group size that divides it"
-        )
     return module
 
 
 def _hqq_roundtrip(quantizer: type, params: dict, w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """w [out, in] -> (HQQ-dequantized w [out, in] in w's dtype, bytes of stored scale + zero)."""
+    """w [out, in] -> (HQQ-dequantized w [out, in] in w's dtype, bytes of stored scale + zero).
+
+    HQQ groups the flattened weight, so a width not divisible by the group size would run groups
+    across rows. As lowbit's own formats do (formats/affine.py), the row is zero-padded to whole
+    groups and the padding dropped afterwards: the last group of each row is short. (HQQ's float
+    zero point need not represent the padded zeros exactly, which can only cost HQQ accuracy in
+    that short group.)
+    """
+    n_in = w.shape[1]
+    pad = -n_in % params["group_size"]
+    if pad:
+        w_hat, meta_bytes = _hqq_roundtrip(quantizer, params, torch.nn.functional.pad(w, (0, pad)))
+        return w_hat[:, :n_in].contiguous(), meta_bytes
     meta_dtype = w.dtype if w.element_size() == 2 else torch.float16
     codes, meta = quantizer.quantize(w, **params)  # codes: [out * in // gs, gs], w's dtype
     meta["scale"] = meta["scale"].to(meta_dtype)  # [out * in // gs, 1]

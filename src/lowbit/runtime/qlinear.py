@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.qtensor import QuantFormat, QuantizedWeight, dequantize_parts, zero_points
-from lowbit.formats.affine import SCALE_DTYPE
+from lowbit.formats.affine import SCALE_DTYPE, n_groups
 
 
 class QuantLinear(nn.Module):
@@ -27,7 +27,7 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
-        g = in_features // fmt.group_size
+        g = n_groups(in_features, fmt.group_size)
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(out_features, g, dtype=SCALE_DTYPE, device=device))
         self.register_buffer(
@@ -55,7 +55,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         zp = zero_points(self.zeros, self.scales, self.fmt.bits)
-        return dequantize_parts(self.codes, self.scales, zp, self.perm, dtype)
+        return dequantize_parts(self.codes, self.scales, zp, self.fmt.group_size, self.perm, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
