@@ -55,3 +55,15 @@ def test_models_lists_every_known_model(capsys, tmp_path):
     out = capsys.readouterr().out
     for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"):
         assert name in out
+
+
+def test_evaluating_on_the_calibration_file_is_refused(tmp_path):
+    from lowbit.errors import ConfigError
+    from lowbit.evaluate import check_no_overlap
+
+    f = tmp_path / "mine.txt"
+    f.write_text("x")
+    check_no_overlap("c4", ["c4", "wikitext2"])  # named sets are split by construction
+    check_no_overlap(str(f), ["wikitext2"])
+    with pytest.raises(ConfigError, match="calibration set"):
+        check_no_overlap(str(f), [str(f)])

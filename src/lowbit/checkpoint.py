@@ -17,7 +17,6 @@ is a CheckpointError, never a half-loaded model.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import CheckpointError
+from lowbit.models.hashing import sha256_file
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -41,14 +41,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUANT_FILE = "quantized.safetensors"
 DENSE_FILE = "model.safetensors"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

@@ -144,7 +144,7 @@ def cmd_quantize(args) -> int:
 # ---------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from lowbit.checkpoint import is_checkpoint, load_checkpoint
-    from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table, load_reference_for
+    from lowbit.evaluate import REFERENCE_NOTE, check_no_overlap, evaluate, format_table, load_reference_for
     from lowbit.models import load_model
 
     from lowbit.data import eval_text
@@ -158,12 +158,7 @@ def cmd_eval(args) -> int:
         recipe = target.manifest.get("recipe", {})
         if args.reference == "auto":
             reference = load_reference_for(target.manifest, dtype, args.cache)
-        calib = (target.manifest.get("calibration") or {}).get("dataset")
-        for ds in args.data:
-            if calib is not None and calib == ds and ds not in ("c4", "ptb"):
-                raise LowbitError(
-                    f"{ds} was the calibration set of this checkpoint; evaluating on it would overlap. "
-                    "Use another --data set.")
+        check_no_overlap((target.manifest.get("calibration") or {}).get("dataset"), args.data)
     else:
         target = load_model(args.model, dtype=dtype, cache=args.cache)
         recipe = None

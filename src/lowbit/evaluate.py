@@ -114,6 +114,21 @@ def format_table(results: list[EvalResult]) -> str:
     return "\n".join(rows)
 
 
+def check_no_overlap(calibration: str | None, datasets: list[str]) -> None:
+    """Named datasets keep calibration and evaluation text apart by construction (data/); a local
+    file used for both is refused."""
+    from pathlib import Path
+
+    from lowbit.data import DATASETS
+
+    if calibration is None or calibration in DATASETS:
+        return
+    for ds in datasets:
+        if ds not in DATASETS and Path(ds).resolve() == Path(calibration).resolve():
+            raise ConfigError(f"{ds} was this checkpoint's calibration set; evaluating on it would overlap. "
+                              "Evaluate on another --data set.")
+
+
 def load_reference_for(manifest: dict[str, Any], dtype: torch.dtype, cache: str | None = None):
     """Load the model a checkpoint was made from, as recorded in its manifest.
 
