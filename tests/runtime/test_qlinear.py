@@ -34,3 +34,18 @@ def test_bf16_activations_give_bf16_outputs():
     qw = rtn_quantize(torch.randn(8, 32), 4, 32)
     m = QuantLinear.from_quantized(qw)
     assert m(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_dense_weights_gives_identical_outputs_and_releases_memory():
+    from lowbit.runtime.qlinear import dense_weights
+
+    qw = rtn_quantize(torch.randn(16, 48), 3, 16)
+    m = QuantLinear.from_quantized(qw, torch.randn(16))
+    x = torch.randn(4, 48)
+    plain = m(x)
+    with dense_weights(m):
+        assert m._dense is not None
+        assert torch.equal(m(x), plain)
+        # a call in another dtype falls back to dequantizing for that dtype
+        assert torch.equal(m(x.double()), F.linear(x.double(), qw.dequantize(torch.float64), m.bias.double()))
+    assert m._dense is None

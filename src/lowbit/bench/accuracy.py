@@ -126,8 +126,8 @@ def build_references(model: str, datasets: list[str], args, work: Path) -> dict[
     from lowbit.models import load_model
 
     ref = load_model(model, dtype=torch.float32, cache=args.cache)
-    out = {"paths": {}, "ppl": {}, "sha256": ref.source.sha256,
-           "reference_bytes": quantized_size(ref.model).reference_bytes}
+    out = {"paths": {}, "ppl": {}, "sha256": ref.source.sha256, "max_tokens": args.max_tokens,
+           "seqlen": args.seqlen, "reference_bytes": quantized_size(ref.model).reference_bytes}
     for ds in datasets:
         tokens = eval_tokens(ref.tokenizer, ds, args.max_tokens, args.data_dir)
         path = work / f"ref-{model}-{ds}-{args.max_tokens}-{args.seqlen}"
@@ -214,10 +214,10 @@ def render(args, datasets: list[str], results: dict, work: Path) -> str:
         "",
         *[f"    {c}" for c in commands],
         "",
-        f"Machine: {machine()}. Compute dtype float32. Evaluation: the first {args.max_tokens} tokens of each "
-        f"dataset in non-overlapping windows of {args.seqlen} (C4: documents 1000-1999 of "
-        f"c4-validation-2k.jsonl); KL(reference || model) in nats per token and top-1 agreement on the "
-        f"same token ids. Calibration (GPTQ): the `calib` column, samples x tokens drawn from C4 "
+        f"Machine: {machine()}. Compute dtype float32. Evaluation: the first N tokens of each dataset "
+        "(N and the window length are given per model) in non-overlapping windows (C4: documents "
+        "1000-1999 of c4-validation-2k.jsonl); KL(reference || model) in nats per token and top-1 "
+        "agreement on the same token ids. Calibration (GPTQ): the `calib` column, samples x tokens drawn from C4 "
         "documents 0-999, seed 0. RTN and GPTQ: asymmetric, integer zero points, float16 scales, clipping "
         "search; GPTQ damp 0.01, true-sequential, no act-order. HQQ 0.2.8 (data-free, its default "
         "optimizer, float zero and scale per group). Bits per weight count scales and zeros. Quantization "
@@ -232,7 +232,9 @@ def render(args, datasets: list[str], results: dict, work: Path) -> str:
         ref = json.loads((work / f"reference-{model}.json").read_text())
         head = "| method | setting | bits/weight | " + " | ".join(
             f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) | calib |"
-        lines += [f"### {model}", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 3)]
+        lines += [f"### {model}", "",
+                  f"Evaluation: first {ref['max_tokens']} tokens per dataset, windows of {ref['seqlen']}; "
+                  f"reference sha256 {ref['sha256'][:16]}...", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 3)]
         lines.append("| reference | fp32 | 32 | " + " | ".join(f"{ref['ppl'][d]:.3f} | 0 | 1" for d in datasets)
                      + " | - | - | - |")
         rows = sorted((r for k, r in results.items() if k[0] == model),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lowbit.errors import ConfigError
+from lowbit.runtime.qlinear import dense_weights
 
 
 def count_windows(tokens: torch.Tensor, seqlen: int) -> int:
@@ -53,12 +54,13 @@ def window_logits(
     """
     n_windows = count_windows(tokens, seqlen)
     device = _model_device(model)
-    for w in tqdm(range(n_windows), desc=desc, unit="window", disable=not progress):
-        ids = tokens[0, w * seqlen : (w + 1) * seqlen]  # [seqlen]
-        with torch.inference_mode():
-            out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
-            logits = out.logits[0].float()  # [seqlen, vocab]
-        yield ids, logits
+    with dense_weights(model):  # quantized layers dequantize once, not once per window
+        for w in tqdm(range(n_windows), desc=desc, unit="window", disable=not progress):
+            ids = tokens[0, w * seqlen : (w + 1) * seqlen]  # [seqlen]
+            with torch.inference_mode():
+                out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+                logits = out.logits[0].float()  # [seqlen, vocab]
+            yield ids, logits
 
 
 @contextmanager

@@ -6,6 +6,9 @@ and runs a dense matmul. Fast packed kernels are a later layer; they must match 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +38,7 @@ class QuantLinear(nn.Module):
         )
         self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int64, device=device) if has_perm else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._dense: torch.Tensor | None = None  # set only inside dense_weights()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
@@ -58,9 +62,26 @@ class QuantLinear(nn.Module):
         return dequantize_parts(self.codes, self.scales, zp, self.fmt.group_size, self.perm, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        w = self._dense if self._dense is not None and self._dense.dtype == x.dtype else self.dequantized_weight(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         g = self.fmt.group_size
         return (f"in={self.in_features}, out={self.out_features}, bits={self.fmt.bits}, group={g}, "
                 f"{'sym' if self.fmt.symmetric else 'asym'}, bias={self.bias is not None}, perm={self.perm is not None}")
+
+
+@contextmanager
+def dense_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Hold every QuantLinear's dequantized weight while inside, instead of dequantizing on each
+    call: the same numbers (one dequantize function), faster evaluation, more memory."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        for m in mods:
+            m._dense = m.dequantized_weight(dtype)
+        yield
+    finally:
+        for m in mods:
+            m._dense = None
