@@ -35,12 +35,8 @@ def tokens(reference, shared_data_module):
 
 
 @pytest.fixture(scope="module")
-def shared_data_module():
-    from conftest import SHARED_DATA
-
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data not present")
-    return str(SHARED_DATA)
+def shared_data_module(shared_data):
+    return str(shared_data)
 
 
 @pytest.fixture(scope="module")
