@@ -20,7 +20,6 @@ import torch
 from lowbit.errors import ShapeError
 from lowbit.formats import affine, pack
 
-SCALE_BITS = 16  # scales are stored as float16
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,6 @@ class QuantFormat:
         affine.check_bits(self.bits)
         if self.group_size < 1:
             raise ShapeError(f"group_size must be >= 1 once resolved, got {self.group_size}")
-
-    def bits_per_weight(self) -> float:
-        """Code bits plus the amortized scale (fp16) and zero (bits) per group (whole groups;
-        QuantizedWeight.nbytes() is exact for a short last group)."""
-        extra = SCALE_BITS + (0 if self.symmetric else self.bits)
-        return self.bits + extra / self.group_size
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
