@@ -22,8 +22,9 @@ from lowbit.eval.size import quantized_size
 
 REFERENCE_NOTE = (
     "The reference is the GGUF model dequantized to float. Its weights were already quantized "
-    "upstream (e.g. SmolLM2 Q4_1: asymmetric 4-bit, groups of 32), so 4-bit g32 asymmetric "
-    "re-quantization of it is lossless by construction; compare at other group sizes and bit widths."
+    "upstream (e.g. SmolLM2 Q4_1: 4-bit, groups of 32 with a float offset each), so a format that "
+    "can follow that grid re-quantizes it losslessly at g32; compare at other group sizes and bit "
+    "widths, and see BENCHMARKS.md for how integer zero points fare against it."
 )
 
 
