@@ -144,10 +144,9 @@ def cmd_quantize(args) -> int:
 # ---------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from lowbit.checkpoint import is_checkpoint, load_checkpoint
+    from lowbit.data import eval_text
     from lowbit.evaluate import REFERENCE_NOTE, check_no_overlap, evaluate, format_table, load_reference_for
     from lowbit.models import load_model
-
-    from lowbit.data import eval_text
 
     dtype = resolve_dtype(args.dtype)
     reference = None
@@ -156,9 +155,9 @@ def cmd_eval(args) -> int:
     if is_checkpoint(args.model):
         target = load_checkpoint(args.model, dtype=dtype)
         recipe = target.manifest.get("recipe", {})
+        check_no_overlap((target.manifest.get("calibration") or {}).get("dataset"), args.data)
         if args.reference == "auto":
             reference = load_reference_for(target.manifest, dtype, args.cache)
-        check_no_overlap((target.manifest.get("calibration") or {}).get("dataset"), args.data)
     else:
         target = load_model(args.model, dtype=dtype, cache=args.cache)
         recipe = None
