@@ -117,3 +117,67 @@ def test_save_writes_manifest_and_report(tmp_path, data_dir):
     assert len(manifest["layers"]) == 14
     report = (out / "REPORT.md").read_text()
     assert "bits per weight" in report and "calibration: c4, 16 x 64 tokens, seed 0" in report
+
+
+def with_outlier_channels(model, boost=25.0):
+    """Make a few hidden channels carry large activations into q/k/v and gate/up, as trained LLMs do."""
+    from lowbit.models.arch import decoder_layers, smoothing_groups
+
+    hot = torch.tensor([3, 17, 40])
+    with torch.no_grad():
+        for block in decoder_layers(model):
+            for sg in smoothing_groups(block):
+                prev = block.get_submodule(sg.prev)
+                if not isinstance(prev, torch.nn.Linear):
+                    prev.weight[hot] = boost
+    return model
+
+
+def test_awq_beats_rtn_and_awq_gptq_beats_gptq_with_outlier_channels(data_dir, arch):
+    ids = eval_tokens(ByteTokenizer(), "c4", 256, data_dir).reshape(4, 64)
+    ref = with_outlier_channels(build_tiny(arch))
+    errs, results = {}, {}
+    for method in ("rtn", "awq", "gptq", "awq-gptq"):
+        lm = loaded_tiny(arch)
+        with_outlier_channels(lm.model)
+        results[method] = quantize(lm, Recipe(method=method, bits=3, group_size=32, calibration=CALIB),
+                                   data_dir=data_dir, progress=False)
+        assert all(isinstance(lm.model.get_submodule(n), QuantLinear) for n in results[method].layers)
+        errs[method] = _logit_err(lm.model, ref, ids)
+    assert errs["awq"] < errs["rtn"] and errs["awq-gptq"] < errs["gptq"], errs
+    stats = results["awq"].manifest_info()["layer_stats"]
+    qkv = stats["model.layers.0.self_attn.q_proj"]
+    assert qkv["awq_alpha"] is not None and qkv["awq_loss"] < qkv["awq_loss_unsmoothed"]
+
+
+def test_awq_checkpoint_keeps_the_smoothed_norms(data_dir, tmp_path):
+    # smoothing edits layers that stay dense (norms); the checkpoint must carry them
+    lm = loaded_tiny("gemma3")
+    with_outlier_channels(lm.model)
+    before = lm.model.model.layers[0].input_layernorm.weight.clone()
+    res = quantize(lm, Recipe(method="awq", bits=4, group_size=32, calibration=CALIB), data_dir=data_dir,
+                   progress=False)
+    assert not torch.equal(lm.model.model.layers[0].input_layernorm.weight, before)
+    ids = torch.randint(1, TINY_VOCAB, (1, 16))
+    loaded = load_checkpoint(save(res, tmp_path / "ck"))
+    assert json.loads((tmp_path / "ck" / "manifest.json").read_text())["recipe"]["method"] == "awq"
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, lm.model(ids).logits)
+
+
+def test_slim_pipeline_meets_the_average_and_round_trips(data_dir, tmp_path):
+    lm = loaded_tiny("qwen2")
+    res = quantize(lm, Recipe(method="slim", bits=2.5, group_size=16, calibration=CALIB), data_dir=data_dir,
+                   progress=False)
+    qmods = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    assert len(qmods) == 14 and all(m.group_bits is not None for m in qmods)
+    for m in qmods:
+        assert m.quantized_weight().average_bits() == pytest.approx(2.5)
+    out = save(res, tmp_path / "ck")
+    manifest = json.loads((out / "manifest.json").read_text())
+    layer = manifest["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer["average_bits"] == pytest.approx(2.5) and len(layer["group_bits"]) == 128 // 16
+    loaded = load_checkpoint(out)
+    ids = torch.randint(1, TINY_VOCAB, (1, 16))
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, lm.model(ids).logits)

@@ -9,6 +9,11 @@ def test_dict_round_trip():
     assert Recipe.from_dict(r.to_dict()) == r
 
 
+def test_slim_takes_a_fractional_average():
+    assert Recipe(method="slim", bits=2.5).bits == 2.5
+    assert Recipe.from_dict({"method": "awq-gptq", "bits": 3, "awq": {"grid": 10}}).awq.grid == 10
+
+
 def test_toml_and_yaml_files(tmp_path):
     (tmp_path / "r.toml").write_text('method = "gptq"\nbits = 3\n[gptq]\nact_order = true\n[calibration]\nn_samples = 32\n')
     (tmp_path / "r.yaml").write_text("method: gptq\nbits: 3\ngptq: {act_order: true}\ncalibration: {n_samples: 32}\n")
@@ -17,7 +22,13 @@ def test_toml_and_yaml_files(tmp_path):
 
 
 @pytest.mark.parametrize("data,field", [
-    ({"method": "awq"}, "method"),
+    ({"method": "smoothquant"}, "method"),
+    ({"bits": 2.5}, "bits"),
+    ({"method": "slim", "bits": 9}, "bits"),
+    ({"awq": {"grid": 0}}, "awq.grid"),
+    ({"slim": {"spread": 3}}, "slim.spread"),
+    ({"slim": {"salience_clip": 1}}, "slim.salience_clip"),
+    ({"method": "slim", "bits": 3, "gptq": {"act_order": True}}, "gptq.static_groups"),
     ({"bits": 1}, "bits"),
     ({"bits": "4"}, "bits"),
     ({"colour": 1}, "colour"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,13 +32,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowbit
-from lowbit.errors import CheckpointError
+from lowbit.errors import CheckpointError, ShapeError
 from lowbit.models.hashing import sha256_file
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
 
 FORMAT = "lowbit-checkpoint"
 FORMAT_VERSION = 1
+# tensors of one quantized layer in quantized.safetensors (bias aside); codes.b<w> / zeros.b<w>
+# hold the groups of width w of a mixed-precision layer
+_PART = re.compile(r"codes|scales|zeros|perm|group_bits|(codes|zeros)\.b[1-8]")
 MANIFEST = "manifest.json"
 QUANT_FILE = "quantized.safetensors"
 DENSE_FILE = "model.safetensors"
@@ -60,6 +64,9 @@ def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, t
             quant[f"{name}.bias"] = m.bias.detach().contiguous()
         layers[name] = {**qw.fmt.to_dict(), "shape": list(qw.shape), "perm": qw.perm is not None,
                         "bias": m.bias is not None}
+        if qw.mixed:
+            layers[name]["group_bits"] = qw.group_bits.tolist()
+            layers[name]["average_bits"] = qw.average_bits()
     dense: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, t in model.state_dict().items():
@@ -193,10 +200,11 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, meta in manifest["layers"].items():
         fmt = QuantFormat(meta["bits"], meta["group_size"], meta["symmetric"])
-        parts = {k: quant[f"{name}.{k}"] for k in ("codes", "scales", "zeros", "perm") if f"{name}.{k}" in quant}
+        parts = {k[len(name) + 1:]: t for k, t in quant.items()
+                 if k.startswith(name + ".") and _PART.fullmatch(k[len(name) + 1:])}
         try:
             qw = QuantizedWeight.from_packed(parts, fmt, tuple(meta["shape"]))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, ShapeError) as e:
             raise CheckpointError(f"{path}: layer {name} is inconsistent with its manifest entry ({e})") from None
         model.set_submodule(name, QuantLinear.from_quantized(qw, quant.get(f"{name}.bias"), dtype=dtype))
     dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()}

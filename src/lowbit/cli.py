@@ -200,7 +200,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _number(text: str) -> int | float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return int(v) if v.is_integer() else v
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit.recipes import METHODS
+
     p = argparse.ArgumentParser(prog="lowbit", description="Compress LLMs after training; evaluate honestly.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="known name (see `lowbit models`), HF folder, .gguf file or hub id")
     q.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     q.add_argument("--recipe", help="recipe file (.toml/.yaml); flags given here override it")
-    q.add_argument("--method", choices=["rtn", "gptq"])
-    q.add_argument("--bits", type=int, help="code width, 2-8 (default 4)")
+    q.add_argument("--method", choices=list(METHODS),
+                   help="rtn, gptq (default), awq (smoothing + RTN), awq-gptq, slim (mixed widths per group + GPTQ)")
+    q.add_argument("--bits", type=_number, help="code width, 2-8 (default 4); with slim the average width, e.g. 2.5")
     q.add_argument("--group-size", type=int, help="columns per group; -1 = per channel (default 128)")
     q.add_argument("--sym", action="store_true", default=None, help="symmetric (default asymmetric with zero points)")
     q.add_argument("--no-clip", action="store_true", help="disable the per-group clipping search")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
+from lowbit.algorithms.slim import slim_quantize, width_range
 from lowbit.calibration.sequential import run_sequential
 from lowbit.checkpoint import save_checkpoint
 from lowbit.data import calibration_samples
@@ -32,7 +33,8 @@ from lowbit.evaluate import EvalResult
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import QuantizedWeight
-from lowbit.recipes import Recipe
+from lowbit.recipes import GPTQ_METHODS, SMOOTHING_METHODS, Recipe
+from lowbit.smoothing import awq_rtn_quantize, smooth_block
 from lowbit.report import quantize_report
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -45,6 +47,7 @@ class LayerReport:
     shape: tuple[int, int]
     loss: float | None = None       # GPTQ proxy loss
     damp: float | None = None       # damping finally used (GPTQ)
+    extra: dict[str, Any] = field(default_factory=dict)  # method details (AWQ alpha, ...)
 
 
 @dataclass
@@ -75,7 +78,7 @@ class QuantizeResult:
                       "bits_per_weight": size.bits_per_weight, "model_bytes": size.model_bytes,
                       "reference_bytes": size.reference_bytes},
             "skipped": self.skipped,
-            "layer_stats": {n: {"loss": r.loss, "damp": r.damp} for n, r in self.layers.items()},
+            "layer_stats": {n: {"loss": r.loss, "damp": r.damp, **r.extra} for n, r in self.layers.items()},
             "evaluation": [e.to_dict() for e in evaluations],
         }
 
@@ -109,9 +112,10 @@ def _block_prefix(model: nn.Module, i: int) -> str:
 
 def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
     """Fail before any work if a layer's width does not fit the group size."""
+    bits = width_range(recipe.bits)[1] if recipe.method == "slim" else recipe.bits
     for name in names:
         lin = model.get_submodule(name)
-        resolve_format(lin.in_features, recipe.bits, recipe.group_size, recipe.symmetric)
+        resolve_format(lin.in_features, bits, recipe.group_size, recipe.symmetric)
 
 
 def estimate(model: nn.Module, recipe: Recipe) -> dict[str, float]:
@@ -169,44 +173,69 @@ def quantize(
     clip = recipe.clip if recipe.clip.enabled else None
     dtype = next(model.parameters()).dtype
 
-    def make_qlinear(lin: nn.Linear, qw) -> QuantLinear:
-        return QuantLinear.from_quantized(qw, lin.bias, dtype=dtype)
+    def keep(full: str, lin: nn.Linear, qw: QuantizedWeight, loss=None, damp=None, **extra) -> nn.Linear:
+        # While calibrating, a quantized layer runs as a dense Linear holding exactly the
+        # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
+        # the QuantLinear modules are swapped in once every block is done.
+        qweights[full] = (lin.bias, qw)
+        layers[full] = LayerReport(qw.fmt.to_dict(), qw.shape, loss, damp, extra)
+        return _dense_twin(lin, qw, dtype)
 
+    qweights: dict[str, tuple[torch.Tensor | None, QuantizedWeight]] = {}
     if recipe.method == "rtn":
         for name in tqdm(names, desc="RTN", unit="layer", disable=not progress):
             lin = model.get_submodule(name)
             qw = rtn_quantize(lin.weight.detach(), recipe.bits, recipe.group_size, recipe.symmetric, clip)
-            model.set_submodule(name, make_qlinear(lin, qw))
-            layers[name] = LayerReport(qw.fmt.to_dict(), qw.shape)
-    elif recipe.method == "gptq":
+            model.set_submodule(name, keep(name, lin, qw))
+    else:
         c = recipe.calibration
         ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
         calibration = {"dataset": c.dataset, "n_samples": c.n_samples, "seqlen": c.seqlen, "seed": c.seed,
                        "n_tokens": int(ids.numel())}
+        quantize_group = prepare_block = None
+        if recipe.method in GPTQ_METHODS:
 
-        qweights: dict[str, tuple[nn.Linear, QuantizedWeight]] = {}
+            def quantize_group(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
+                prefix = _block_prefix(model, i)
+                out = {}
+                for name, lin in linears.items():
+                    full = f"{prefix}.{name}"
+                    if full not in names:
+                        continue
+                    info = extras.pop(full, {})
+                    if recipe.method == "slim":
+                        sr = slim_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
+                                           recipe.symmetric, recipe.gptq, clip, recipe.slim)
+                        res = sr.gptq
+                        info.update(slim_k=sr.allocation.k, slim_error=sr.allocation.error,
+                                    slim_base_error=sr.allocation.base_error,
+                                    average_bits=res.qweight.average_bits())
+                    else:
+                        res = gptq_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
+                                            recipe.symmetric, recipe.gptq, clip)
+                    out[name] = keep(full, lin, res.qweight, res.loss, res.damp_used, **info)
+                return out
 
-        def quantize_group(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
-            # While calibrating, a quantized layer runs as a dense Linear holding exactly the
-            # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
-            # the QuantLinear modules are swapped in once every block is done.
-            prefix = _block_prefix(model, i)
-            out = {}
-            for name, lin in linears.items():
-                full = f"{prefix}.{name}"
-                if full not in names:
-                    continue
-                res = gptq_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
-                                    recipe.symmetric, recipe.gptq, clip)
-                qweights[full] = (lin, res.qweight)
-                out[name] = _dense_twin(lin, res.qweight, dtype)
-                layers[full] = LayerReport(res.qweight.fmt.to_dict(), res.qweight.shape, res.loss, res.damp_used)
-            return out
+        extras: dict[str, dict[str, Any]] = {}
+        if recipe.method in SMOOTHING_METHODS:
+            rtn_after = recipe.method == "awq"
 
-        run_sequential(model, ids, quantize_group, recipe.gptq.true_sequential, progress)
-        for full, (lin, qw) in qweights.items():
-            model.set_submodule(full, make_qlinear(lin, qw))
-    else:  # Recipe validation makes this unreachable
-        raise ConfigError(f"unknown method {recipe.method!r}")
+            def prepare_block(i: int, block: nn.Module, run) -> dict[str, nn.Module]:
+                prefix = _block_prefix(model, i)
+                smoothed = smooth_block(block, run, int(ids.numel()), recipe, prefix, names)
+                out = {}
+                for name, info in smoothed.items():
+                    full = f"{prefix}.{name}"
+                    extras[full] = info.report
+                    if rtn_after:
+                        lin = block.get_submodule(name)
+                        qw = awq_rtn_quantize(lin.weight.detach(), info.inputs, recipe)
+                        out[name] = keep(full, lin, qw, **extras.pop(full))
+                return out
+
+        run_sequential(model, ids, quantize_group, recipe.gptq.true_sequential, progress,
+                       prepare_block=prepare_block)
+    for full, (bias, qw) in qweights.items():
+        model.set_submodule(full, QuantLinear.from_quantized(qw, bias, dtype=dtype))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return QuantizeResult(loaded, recipe, layers, skipped, calibration, time.perf_counter() - t0, peak)

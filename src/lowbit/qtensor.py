@@ -9,6 +9,11 @@ flat stream (no per-row padding).
 
 `perm` (optional, from GPTQ act-order without static groups) says the codes are stored in a
 permuted column order: column k of `codes` is column perm[k] of the original weight.
+
+`group_bits` (optional, mixed precision per group as in SliM-LLM) gives each column group its own
+code width, shared by all rows: uint8 [G], each in 1..fmt.bits (fmt.bits is then the widest).
+A group's codes and zero points use its width; the symmetric midpoint is 2**(width-1). Packed,
+the columns of all groups of one width are stored together (`codes.b<width>`, `zeros.b<width>`).
 """
 
 from __future__ import annotations
@@ -39,11 +44,23 @@ class QuantFormat:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
 
-def zero_points(zeros: torch.Tensor | None, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """Zero points as float [out, G]: the stored ones, or the fixed midpoint of symmetric formats."""
-    if zeros is None:
-        return torch.full(scales.shape, float(1 << (bits - 1)), device=scales.device)
-    return zeros.float()
+def zero_points(
+    zeros: torch.Tensor | None, scales: torch.Tensor, bits: int, group_bits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Zero points as float [out, G]: the stored ones, or the fixed midpoint of symmetric formats
+    (per group when the widths are mixed)."""
+    if zeros is not None:
+        return zeros.float()
+    if group_bits is not None:
+        mid = torch.pow(2.0, group_bits.float() - 1).to(scales.device)
+        return mid.unsqueeze(0).expand(scales.shape).clone()
+    return torch.full(scales.shape, float(1 << (bits - 1)), device=scales.device)
+
+
+def group_columns(n_in: int, group_size: int, groups: torch.Tensor) -> torch.Tensor:
+    """Column indices (ascending) of the given group indices, short last group included."""
+    cols = torch.arange(n_in)
+    return cols[torch.isin(cols // group_size, groups)]
 
 
 def dequantize_parts(
@@ -71,6 +88,7 @@ class QuantizedWeight:
     zeros: torch.Tensor | None   # uint8 [out, in // group_size]; None when symmetric
     fmt: QuantFormat
     perm: torch.Tensor | None = None  # int64 [in] or None
+    group_bits: torch.Tensor | None = None  # uint8 [G] or None (every group fmt.bits wide)
 
     def __post_init__(self) -> None:
         out, n_in = self.codes.shape
@@ -89,34 +107,80 @@ class QuantizedWeight:
             tuple(self.perm.shape) != (n_in,) or not torch.equal(self.perm.sort().values, torch.arange(n_in))
         ):
             raise ShapeError("perm must be a permutation of range(in_features)")
+        if self.group_bits is not None:
+            gb = self.group_bits
+            if gb.dtype != torch.uint8 or tuple(gb.shape) != (g,):
+                raise ShapeError(f"group_bits must be uint8 [{g}], got {gb.dtype} {tuple(gb.shape)}")
+            if int(gb.min()) < 1 or int(gb.max()) > self.fmt.bits:
+                raise ShapeError(f"group_bits must lie in 1..{self.fmt.bits} (the format's widest), "
+                                 f"got {int(gb.min())}..{int(gb.max())}")
+
+    @property
+    def mixed(self) -> bool:
+        return self.group_bits is not None
+
+    def widths(self) -> list[int]:
+        """The code widths present, ascending."""
+        if self.group_bits is None:
+            return [self.fmt.bits]
+        return sorted(int(b) for b in self.group_bits.unique())
+
+    def _groups_of_width(self, b: int) -> torch.Tensor:
+        return torch.nonzero(self.group_bits == b).flatten()
+
+    def average_bits(self) -> float:
+        """Code bits per weight (codes only; nbytes() counts scales and zeros too)."""
+        if self.group_bits is None:
+            return float(self.fmt.bits)
+        n_in = self.shape[1]
+        per_col = self.group_bits.float()[torch.arange(n_in) // self.fmt.group_size]
+        return float(per_col.mean())
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
     def zero_points(self) -> torch.Tensor:
-        return zero_points(self.zeros, self.scales, self.fmt.bits)
+        return zero_points(self.zeros, self.scales, self.fmt.bits, self.group_bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this record stands for, [out, in] in the original column order."""
         return dequantize_parts(self.codes, self.scales, self.zero_points(), self.fmt.group_size, self.perm, dtype)
 
     def nbytes(self) -> int:
-        """Bytes of the packed form: codes, scales, zeros and permutation."""
+        """Bytes of the packed form: codes, scales, zeros, permutation and group widths (what
+        packed() holds, computed without packing)."""
         out, n_in = self.shape
-        g = self.scales.shape[1]
-        total = out * pack.packed_length(n_in, self.fmt.bits) + self.scales.numel() * 2
-        if self.zeros is not None:
-            total += pack.packed_length(out * g, self.fmt.bits)
-        if self.perm is not None:
-            total += n_in * 4
+        total = self.scales.numel() * 2 + (n_in * 4 if self.perm is not None else 0)
+        if self.group_bits is None:
+            parts = [(n_in, self.scales.shape[1], self.fmt.bits)]
+        else:
+            total += self.group_bits.numel()
+            col_group = torch.arange(n_in) // self.fmt.group_size
+            parts = [(int(torch.isin(col_group, gr).sum()), len(gr), b)
+                     for b in self.widths() for gr in [self._groups_of_width(b)]]
+        for n_cols, n_groups_b, b in parts:
+            total += out * pack.packed_length(n_cols, b)
+            if self.zeros is not None:
+                total += pack.packed_length(out * n_groups_b, b)
         return total
 
     # ---- packed form (what the checkpoint stores) ----
     def packed(self) -> dict[str, torch.Tensor]:
-        t = {"codes": pack.pack(self.codes, self.fmt.bits), "scales": self.scales.contiguous()}
-        if self.zeros is not None:
-            t["zeros"] = pack.pack(self.zeros.reshape(-1), self.fmt.bits)  # flat: no per-row padding
+        t: dict[str, torch.Tensor] = {}
+        if self.group_bits is None:
+            t["codes"] = pack.pack(self.codes, self.fmt.bits)
+            if self.zeros is not None:
+                t["zeros"] = pack.pack(self.zeros.reshape(-1), self.fmt.bits)  # flat: no per-row padding
+        else:
+            n_in, gs = self.shape[1], self.fmt.group_size
+            for b in self.widths():
+                groups = self._groups_of_width(b)
+                t[f"codes.b{b}"] = pack.pack(self.codes[:, group_columns(n_in, gs, groups)], b)
+                if self.zeros is not None:
+                    t[f"zeros.b{b}"] = pack.pack(self.zeros[:, groups].reshape(-1), b)
+            t["group_bits"] = self.group_bits
+        t["scales"] = self.scales.contiguous()
         if self.perm is not None:
             t["perm"] = self.perm.to(torch.int32)
         return t
@@ -125,15 +189,29 @@ class QuantizedWeight:
     def from_packed(cls, tensors: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int]) -> "QuantizedWeight":
         out, n_in = shape
         g = affine.n_groups(n_in, fmt.group_size)
-        zeros = tensors.get("zeros")
         perm = tensors.get("perm")
-        return cls(
-            codes=pack.unpack(tensors["codes"], fmt.bits, n_in),
-            scales=tensors["scales"],
-            zeros=None if zeros is None else pack.unpack(zeros, fmt.bits, out * g).reshape(out, g),
-            fmt=fmt,
-            perm=None if perm is None else perm.to(torch.int64),
-        )
+        perm = None if perm is None else perm.to(torch.int64)
+        group_bits = tensors.get("group_bits")
+        if group_bits is None:
+            zeros = tensors.get("zeros")
+            return cls(
+                codes=pack.unpack(tensors["codes"], fmt.bits, n_in),
+                scales=tensors["scales"],
+                zeros=None if zeros is None else pack.unpack(zeros, fmt.bits, out * g).reshape(out, g),
+                fmt=fmt,
+                perm=perm,
+            )
+        if tuple(group_bits.shape) != (g,):
+            raise ShapeError(f"group_bits has shape {tuple(group_bits.shape)}, expected ({g},)")
+        codes = torch.zeros(out, n_in, dtype=torch.uint8)
+        zeros = None if fmt.symmetric else torch.zeros(out, g, dtype=torch.uint8)
+        for b in sorted(int(b) for b in group_bits.unique()):
+            groups = torch.nonzero(group_bits == b).flatten()
+            cols = group_columns(n_in, fmt.group_size, groups)
+            codes[:, cols] = pack.unpack(tensors[f"codes.b{b}"], b, len(cols))
+            if zeros is not None:
+                zeros[:, groups] = pack.unpack(tensors[f"zeros.b{b}"], b, out * len(groups)).reshape(out, len(groups))
+        return cls(codes=codes, scales=tensors["scales"], zeros=zeros, fmt=fmt, perm=perm, group_bits=group_bits)
 
     @classmethod
     def from_float_qparams(
@@ -143,6 +221,7 @@ class QuantizedWeight:
         zero: torch.Tensor,
         fmt: QuantFormat,
         perm: torch.Tensor | None = None,
+        group_bits: torch.Tensor | None = None,
     ) -> "QuantizedWeight":
         """Build from the float32 scale / zero that formats.affine returns."""
         return cls(
@@ -151,4 +230,5 @@ class QuantizedWeight:
             zeros=None if fmt.symmetric else zero.round().to(torch.uint8),
             fmt=fmt,
             perm=perm,
+            group_bits=group_bits,
         )

@@ -14,7 +14,10 @@ from typing import Any
 
 from lowbit.errors import ConfigError
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim")
+# what each method runs: activation-aware smoothing first, then GPTQ or round-to-nearest
+SMOOTHING_METHODS = ("awq", "awq-gptq")
+GPTQ_METHODS = ("gptq", "awq-gptq", "slim")
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:
@@ -51,6 +54,29 @@ class GPTQConfig:
 
 
 @dataclass(frozen=True)
+class AWQConfig:
+    """Activation-aware smoothing: s = a^alpha / w^(1 - alpha) per input channel, alpha searched
+    per group of layers on their output error; clipping searched on output error (RTN only)."""
+
+    grid: int = 20               # alpha in {0, 1/grid, ..., (grid-1)/grid}, plus s = 1
+    duo_scaling: bool = True     # divide by the weight statistic w^(1 - alpha) (else s = a^alpha)
+    search_tokens: int = 2048    # calibration tokens (evenly spaced) used for the search losses
+    clip: bool = True            # output-error clipping search when AWQ is followed by RTN
+
+    def __post_init__(self) -> None:
+        _require(self.grid >= 1, "awq.grid", f"must be >= 1, got {self.grid}")
+        _require(self.search_tokens >= 16, "awq.search_tokens", f"must be >= 16, got {self.search_tokens}")
+
+
+@dataclass(frozen=True)
+class SlimConfig:
+    """Salience-driven mixed precision per group (SliM-LLM): each column group gets a width one
+    below, at or above the average's integer part (2/3/4 around 3; 1/2/3/4 around 2.5)."""
+
+    salience_clip: bool = True   # salience-weighted clipping search for each group's scale/zero
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     dataset: str = "c4"
     n_samples: int = 128
@@ -67,19 +93,28 @@ class Recipe:
     """A full weight-quantization scheme for the linear layers of the decoder blocks."""
 
     method: str = "gptq"
-    bits: int = 4
+    bits: int | float = 4          # slim: average code width over groups (e.g. 2.5)
     group_size: int = 128          # <= 0: per output channel
     symmetric: bool = False
     clip: ClipConfig = field(default_factory=ClipConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
+    slim: SlimConfig = field(default_factory=SlimConfig)
     skip: tuple[str, ...] = ()     # regexes on module names kept in full precision
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
-        _require(
-            isinstance(self.bits, int) and 2 <= self.bits <= 8, "bits", f"must be an integer from 2 to 8, got {self.bits!r}"
-        )
+        if self.method == "slim":
+            _require(isinstance(self.bits, (int, float)) and not isinstance(self.bits, bool)
+                     and 1.5 <= self.bits <= 7, "bits", f"slim takes an average width from 1.5 to 7, got {self.bits!r}")
+        else:
+            _require(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8,
+                     "bits", f"must be an integer from 2 to 8 for method {self.method!r}, got {self.bits!r}"
+                     + (" (fractional averages need method 'slim')" if isinstance(self.bits, float) else ""))
+        _require(self.method != "slim" or not self.gptq.act_order or self.gptq.static_groups, "gptq.static_groups",
+                 "method slim with act_order needs static_groups (per-group widths follow the original "
+                 "column order): pass --static-groups or drop --act-order")
         _require(isinstance(self.group_size, int), "group_size", f"must be an integer, got {self.group_size!r}")
         for pattern in self.skip:
             try:
@@ -89,7 +124,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method != "rtn"
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size <= 0 else f"g{self.group_size}"
@@ -127,7 +162,8 @@ class Recipe:
         return cls.from_dict(data)
 
 
-_NESTED = {"clip": ClipConfig, "gptq": GPTQConfig, "calibration": CalibrationConfig}
+_NESTED = {"clip": ClipConfig, "gptq": GPTQConfig, "calibration": CalibrationConfig, "awq": AWQConfig,
+           "slim": SlimConfig}
 
 
 def _build(cls, d: Any, prefix: str):
@@ -146,7 +182,10 @@ def _build(cls, d: Any, prefix: str):
             kwargs[name] = _build(_NESTED[name], value, f"{name}.")
             continue
         default = known[name].default
-        if name == "skip":
+        if name == "bits" and cls is Recipe:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"recipe field 'bits': expected a number, got {type(value).__name__} {value!r}")
+        elif name == "skip":
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ConfigError("recipe field 'skip': expected a list of regexes")
             value = tuple(value)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lowbit.algorithms.rtn import group_qparams, resolve_format
 from lowbit.formats import affine
+from lowbit.errors import ConfigError
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import ClipConfig, GPTQConfig
 
@@ -71,11 +73,27 @@ def gptq_quantize(
     symmetric: bool = False,
     config: GPTQConfig = GPTQConfig(),
     clip: ClipConfig | None = None,
+    group_bits: torch.Tensor | None = None,
+    clip_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> GPTQResult:
-    """w [out, in], H [in, in] (float32) -> GPTQResult holding the QuantizedWeight."""
+    """w [out, in], H [in, in] (float32) -> GPTQResult holding the QuantizedWeight.
+
+    group_bits (uint8 [G], optional): each column group's own width (mixed precision); `bits`
+    is then ignored. clip_weight(values [out, gs], d [gs]) -> [out, gs] (optional): weights of the
+    clipping search's error for one group, given its current values and the diagonal d of the
+    Cholesky factor for its columns (SliM-LLM's salience-weighted quantizer calibration).
+    """
     out_f, in_f = w.shape
+    if group_bits is not None:
+        if config.act_order and not config.static_groups:
+            raise ConfigError("per-group widths need the original column order: with act_order, "
+                              "also set static_groups (gptq.static_groups = true)")
+        bits = int(group_bits.max())
     fmt = resolve_format(in_f, bits, group_size, symmetric)
     gs = fmt.group_size
+
+    def width(g: int) -> int:
+        return bits if group_bits is None else int(group_bits[g])
     W = w.detach().float().clone()
     H = H.detach().float().clone()
 
@@ -85,7 +103,11 @@ def gptq_quantize(
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None
     if config.act_order and config.static_groups:
-        static = group_qparams(affine.group_view(W, gs), bits, symmetric, clip)  # [out, G] each
+        wg = affine.group_view(W, gs)
+        static = (torch.zeros(wg.shape[:2]), torch.zeros(wg.shape[:2]))  # [out, G] each
+        for g in range(wg.shape[1]):
+            s_, z_ = group_qparams(wg[:, g : g + 1], width(g), symmetric, clip)
+            static[0][:, g], static[1][:, g] = s_[:, 0], z_[:, 0]
 
     perm = None
     if config.act_order:
@@ -114,11 +136,14 @@ def gptq_quantize(
                 g = col // gs
                 # the group's current (error-updated) values: rest of this block, then later blocks
                 cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                s, z = group_qparams(cur.unsqueeze(1), bits, symmetric, clip)
+                weight = None
+                if clip_weight is not None:
+                    weight = clip_weight(cur, torch.diag(Hinv)[col : col + cur.shape[1]]).unsqueeze(1)
+                s, z = group_qparams(cur.unsqueeze(1), width(g), symmetric, clip, weight)
                 scale, zero = s[:, 0], z[:, 0]
                 scales[:, g], zeros[:, g] = scale, zero
             wcol = W1[:, i]
-            q = affine.quantize_groups(wcol.unsqueeze(1), scale, zero, bits)[:, 0]
+            q = affine.quantize_groups(wcol.unsqueeze(1), scale, zero, width(g))[:, 0]
             codes[:, col] = q
             dq = (q.float() - zero) * scale
             d = Hinv1[i, i]
@@ -134,5 +159,5 @@ def gptq_quantize(
         codes = codes[:, inv]
         scales, zeros = static
         perm = None
-    qw = QuantizedWeight.from_float_qparams(codes, scales, zeros, fmt, perm=perm)
+    qw = QuantizedWeight.from_float_qparams(codes, scales, zeros, fmt, perm=perm, group_bits=group_bits)
     return GPTQResult(qw, float(loss.sum()) / 2, damp_used)

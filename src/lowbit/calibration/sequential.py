@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 # quantize_group(block_index, {name_in_block: linear}, {name_in_block: H}) -> {name_in_block: new module}
 GroupQuantizer = Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], dict[str, nn.Module]]
+# prepare_block(block_index, block, run) -> {name_in_block: new module}: called before the groups,
+# with `run()` feeding every calibration input through the block (outputs discarded), so it can
+# record activations, change the block (smoothing) or quantize layers itself.
+BlockPreparer = Callable[[int, nn.Module, Callable[[], None]], dict[str, nn.Module]]
 
 
 class _GroupDone(Exception):
@@ -45,13 +49,16 @@ def _run_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> 
 def run_sequential(
     model: nn.Module,
     input_ids: torch.Tensor,
-    quantize_group: GroupQuantizer,
+    quantize_group: GroupQuantizer | None,
     true_sequential: bool = True,
     progress: bool = True,
     batch_size: int = 8,
+    prepare_block: BlockPreparer | None = None,
 ) -> None:
     """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
 
+    `prepare_block`, if given, runs first on each block (AWQ smoothing); `quantize_group` may be
+    None when the preparer quantizes the block itself.
     Samples go through each block `batch_size` at a time (the per-block arguments broadcast over
     the batch), which keeps the matmuls large enough to run efficiently on a CPU.
     """
@@ -62,8 +69,16 @@ def run_sequential(
     for i, block in enumerate(layers):
         t0 = time.perf_counter()
         args, kwargs = inputs.layer_args[i], inputs.layer_kwargs[i]
-        groups = sequential_linear_groups(block)
-        if not true_sequential:
+        groups = sequential_linear_groups(block) if quantize_group is not None else []
+        if prepare_block is not None:
+
+            def run_all(block=block, args=args, kwargs=kwargs) -> None:
+                for j in range(0, x.shape[0], batch_size):
+                    _run_block(block, x[j : j + batch_size], args, kwargs)
+
+            for name, module in prepare_block(i, block, run_all).items():
+                block.set_submodule(name, module)
+        if groups and not true_sequential:
             groups = [[name for group in groups for name in group]]
         for names in groups:
             # the layers of a group read the same input (models/arch.py): one Hessian serves all

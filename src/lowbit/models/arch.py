@@ -7,6 +7,9 @@ one more entry, not a new branch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
@@ -22,6 +25,46 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("mlp.down_proj",),
     ),
 }
+
+# Activation-aware smoothing (AWQ): the op whose output feeds each group of linear layers, so a
+# per-input-channel scale can be folded into it. The first name present in the block wins
+# (Gemma3 feeds its MLP from pre_feedforward_layernorm; its post_attention_layernorm normalizes
+# the attention output before the residual add). v_proj -> o_proj only folds when v's output
+# channels are o's input channels (no grouped-query attention).
+SMOOTH_PAIRS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("input_layernorm",), ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    (("self_attn.v_proj",), ("self_attn.o_proj",)),
+    (("pre_feedforward_layernorm", "post_attention_layernorm"), ("mlp.gate_proj", "mlp.up_proj")),
+    (("mlp.up_proj",), ("mlp.down_proj",)),
+)
+
+# Norms that multiply by (offset + weight) instead of weight.
+NORM_WEIGHT_OFFSET: dict[str, float] = {"Gemma3RMSNorm": 1.0, "GemmaRMSNorm": 1.0, "Gemma2RMSNorm": 1.0}
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    prev: str                   # module (a norm or a linear) whose output channels are the inputs
+    linears: tuple[str, ...]    # the linear layers reading that output
+
+
+def smoothing_groups(block: nn.Module) -> list[SmoothGroup]:
+    """Where per-input-channel scales can be folded in this block (see SMOOTH_PAIRS)."""
+    groups = []
+    for prevs, linears in SMOOTH_PAIRS:
+        prev = next((p for p in prevs if _get(block, p) is not None), None)
+        if prev is None or any(_get(block, n) is None for n in linears):
+            continue
+        src = _get(block, prev)
+        width = src.out_features if isinstance(src, nn.Linear) else getattr(src, "weight", torch.empty(0)).numel()
+        if all(_get(block, n).in_features == width for n in linears):
+            groups.append(SmoothGroup(prev, linears))
+    return groups
+
+
+def norm_weight_offset(norm: nn.Module) -> float:
+    return NORM_WEIGHT_OFFSET.get(type(norm).__name__, 0.0)
+
 
 # Where the decoder blocks of a causal LM live, relative to the model (first match wins).
 _LAYER_PATHS = ("model.layers", "layers")

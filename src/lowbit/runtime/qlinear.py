@@ -25,6 +25,7 @@ class QuantLinear(nn.Module):
         fmt: QuantFormat,
         bias: bool = False,
         has_perm: bool = False,
+        mixed: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
@@ -37,28 +38,31 @@ class QuantLinear(nn.Module):
             "zeros", None if fmt.symmetric else torch.zeros(out_features, g, dtype=torch.uint8, device=device)
         )
         self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int64, device=device) if has_perm else None)
+        self.register_buffer("group_bits", torch.zeros(g, dtype=torch.uint8, device=device) if mixed else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._dense: torch.Tensor | None = None  # set only inside dense_weights()
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         out_f, in_f = qw.shape
-        m = cls(in_f, out_f, qw.fmt, bias=bias is not None, has_perm=qw.perm is not None, dtype=dtype)
+        m = cls(in_f, out_f, qw.fmt, bias=bias is not None, has_perm=qw.perm is not None, mixed=qw.mixed, dtype=dtype)
         m.codes.copy_(qw.codes)
         m.scales.copy_(qw.scales)
         if qw.zeros is not None:
             m.zeros.copy_(qw.zeros)
         if qw.perm is not None:
             m.perm.copy_(qw.perm)
+        if qw.group_bits is not None:
+            m.group_bits.copy_(qw.group_bits)
         if bias is not None:
             m.bias.data.copy_(bias.detach().to(dtype))
         return m
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scales, self.zeros, self.fmt, self.perm)
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.fmt, self.perm, self.group_bits)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        zp = zero_points(self.zeros, self.scales, self.fmt.bits)
+        zp = zero_points(self.zeros, self.scales, self.fmt.bits, self.group_bits)
         return dequantize_parts(self.codes, self.scales, zp, self.fmt.group_size, self.perm, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.fmt.group_size
-        return (f"in={self.in_features}, out={self.out_features}, bits={self.fmt.bits}, group={g}, "
+        bits = self.fmt.bits if self.group_bits is None else f"mixed<={self.fmt.bits}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={bits}, group={g}, "
                 f"{'sym' if self.fmt.symmetric else 'asym'}, bias={self.bias is not None}, perm={self.perm is not None}")
 
 

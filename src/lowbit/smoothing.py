@@ -1,0 +1,81 @@
+"""AWQ on one decoder block: record its inputs, search and fold the smoothing scales, and (for
+`--method awq`) quantize its layers with AWQ's output-error clipping.
+
+Called by the sequential pipeline before a block's layers are quantized (pipeline.py); the
+numerics live in algorithms/awq.py, the module layout in models/arch.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lowbit.algorithms import awq
+from lowbit.algorithms.rtn import resolve_format, rtn_quantize
+from lowbit.calibration.activations import record_inputs
+from lowbit.models.arch import norm_weight_offset, sequential_linear_groups, smoothing_groups
+from lowbit.qtensor import QuantizedWeight
+from lowbit.recipes import Recipe
+
+
+@dataclass
+class SmoothedLayer:
+    inputs: torch.Tensor                 # sampled calibration inputs [n, in], as the layer now sees them
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def smooth_block(
+    block: nn.Module,
+    run: Callable[[], None],
+    total_tokens: int,
+    recipe: Recipe,
+    prefix: str,
+    quantized: list[str],
+) -> dict[str, SmoothedLayer]:
+    """Smooth `block` in place; returns, per linear layer to quantize (name in block), its
+    sampled inputs after smoothing and what was chosen (alpha, loss with and without)."""
+    cfg = recipe.awq
+    groups = sequential_linear_groups(block)
+    first_of = {name: g[0] for g in groups for name in g}
+    firsts = {g[0]: block.get_submodule(g[0]) for g in groups}
+    recs = record_inputs(firsts, run, total_tokens, cfg.search_tokens)
+    scales = {g[0]: None for g in groups}
+    reports: dict[str, dict[str, Any]] = {}
+    for sg in smoothing_groups(block):
+        targets = [n for n in sg.linears if f"{prefix}.{n}" in quantized]
+        if not targets:
+            continue
+        rec = recs[first_of[sg.linears[0]]]
+        z = awq.compress_inputs(rec.sample)
+        linears = [block.get_submodule(n) for n in sg.linears]
+        found = awq.search_scales(z, rec.mean_abs, [block.get_submodule(n).weight.detach() for n in targets],
+                                  recipe.bits, recipe.group_size, recipe.symmetric, cfg.grid, cfg.duo_scaling)
+        if found.alpha is not None:
+            prev = block.get_submodule(sg.prev)
+            awq.fold_scales(prev, linears, found.scales, norm_weight_offset(prev))
+            scales[first_of[sg.linears[0]]] = found.scales
+        for n in targets:
+            reports[n] = {"awq_alpha": found.alpha, "awq_loss": found.loss, "awq_loss_unsmoothed": found.identity_loss}
+    out = {}
+    for name, first in first_of.items():
+        if f"{prefix}.{name}" not in quantized:
+            continue
+        x = recs[first].sample
+        if scales[first] is not None:
+            x = x / scales[first]
+        out[name] = SmoothedLayer(x, reports.get(name, {}))
+    return out
+
+
+def awq_rtn_quantize(w: torch.Tensor, inputs: torch.Tensor, recipe: Recipe) -> QuantizedWeight:
+    """Round-to-nearest with AWQ's output-error clipping search (or the weight-error search when
+    recipe.awq.clip is off)."""
+    if not recipe.awq.clip:
+        clip = recipe.clip if recipe.clip.enabled else None
+        return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, clip)
+    fmt = resolve_format(w.shape[1], recipe.bits, recipe.group_size, recipe.symmetric)
+    shrink = awq.search_clip_output(w, awq.compress_inputs(inputs), recipe.bits, fmt.group_size, recipe.symmetric)
+    return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, shrink=shrink)
