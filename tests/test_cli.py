@@ -67,3 +67,20 @@ def test_evaluating_on_the_calibration_file_is_refused(tmp_path):
     check_no_overlap(str(f), ["wikitext2"])
     with pytest.raises(ConfigError, match="calibration set"):
         check_no_overlap(str(f), [str(f)])
+
+
+def test_fractional_bits_need_slim(capsys, tmp_path):
+    code, err = run(capsys, "quantize", "no-such-model", "-o", str(tmp_path / "o"), "--method", "gptq", "--bits", "2.5")
+    assert code == 2 and "'bits'" in err and "slim" in err
+
+
+def test_recipe_flags_map_to_the_recipe():
+    from lowbit.cli import _recipe_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "m", "-o", "x", "--method", "slim", "--bits", "2.5",
+                                      "--integer-scale", "--group-size", "64"])
+    r = _recipe_from_args(args)
+    assert (r.method, r.bits, r.group_size, r.integer_scale.enabled, r.integer_scale.bits) == ("slim", 2.5, 64, True, 8)
+    args = build_parser().parse_args(["quantize", "m", "-o", "x", "--method", "awq-gptq", "--integer-scale", "6"])
+    r = _recipe_from_args(args)
+    assert r.method == "awq-gptq" and r.integer_scale.bits == 6 and r.bits == 4

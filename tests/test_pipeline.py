@@ -181,3 +181,19 @@ def test_slim_pipeline_meets_the_average_and_round_trips(data_dir, tmp_path):
     ids = torch.randint(1, TINY_VOCAB, (1, 16))
     with torch.inference_mode():
         assert torch.equal(loaded.model(ids).logits, lm.model(ids).logits)
+
+
+def test_integer_scale_checkpoint_round_trips(data_dir, tmp_path):
+    from lowbit.recipes import IntegerScaleConfig
+
+    lm = loaded_tiny("llama")
+    recipe = Recipe(method="gptq", bits=4, group_size=16, calibration=CALIB, integer_scale=IntegerScaleConfig(True))
+    res = quantize(lm, recipe, data_dir=data_dir, progress=False)
+    q = lm.model.model.layers[1].mlp.down_proj
+    assert q.scales.dtype == torch.uint8 and q.scale_mult.shape == (64,)
+    out = save(res, tmp_path / "ck")
+    assert json.loads((out / "manifest.json").read_text())["layers"]["model.layers.1.mlp.down_proj"]["scale_bits"] == 8
+    loaded = load_checkpoint(out)
+    ids = torch.randint(1, TINY_VOCAB, (1, 16))
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(ids).logits, lm.model(ids).logits)

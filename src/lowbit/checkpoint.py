@@ -41,7 +41,7 @@ FORMAT = "lowbit-checkpoint"
 FORMAT_VERSION = 1
 # tensors of one quantized layer in quantized.safetensors (bias aside); codes.b<w> / zeros.b<w>
 # hold the groups of width w of a mixed-precision layer
-_PART = re.compile(r"codes|scales|zeros|perm|group_bits|(codes|zeros)\.b[1-8]")
+_PART = re.compile(r"codes|scales|scale_mult|zeros|perm|group_bits|(codes|zeros)\.b[1-8]")
 MANIFEST = "manifest.json"
 QUANT_FILE = "quantized.safetensors"
 DENSE_FILE = "model.safetensors"
@@ -199,7 +199,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, meta in manifest["layers"].items():
-        fmt = QuantFormat(meta["bits"], meta["group_size"], meta["symmetric"])
+        fmt = QuantFormat.from_dict(meta)
         parts = {k[len(name) + 1:]: t for k, t in quant.items()
                  if k.startswith(name + ".") and _PART.fullmatch(k[len(name) + 1:])}
         try:

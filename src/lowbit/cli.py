@@ -91,6 +91,9 @@ def _recipe_from_args(args):
             base["calibration"][key] = value
     if args.no_clip:
         base["clip"]["enabled"] = False
+    if args.integer_scale is not None:
+        base["integer_scale"]["enabled"] = True
+        base["integer_scale"]["bits"] = args.integer_scale
     if args.skip:
         base["skip"] = list(base["skip"]) + args.skip
     return Recipe.from_dict(base)
@@ -237,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, help="columns per group; -1 = per channel (default 128)")
     q.add_argument("--sym", action="store_true", default=None, help="symmetric (default asymmetric with zero points)")
     q.add_argument("--no-clip", action="store_true", help="disable the per-group clipping search")
+    q.add_argument("--integer-scale", type=int, nargs="?", const=8, metavar="BITS",
+                   help="store group scales as BITS-bit integers (default 8) times one float per row (Integer Scale)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)

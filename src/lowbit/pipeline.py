@@ -185,7 +185,8 @@ def quantize(
     if recipe.method == "rtn":
         for name in tqdm(names, desc="RTN", unit="layer", disable=not progress):
             lin = model.get_submodule(name)
-            qw = rtn_quantize(lin.weight.detach(), recipe.bits, recipe.group_size, recipe.symmetric, clip)
+            qw = rtn_quantize(lin.weight.detach(), recipe.bits, recipe.group_size, recipe.symmetric, clip,
+                              iscale=recipe.integer_scale)
             model.set_submodule(name, keep(name, lin, qw))
     else:
         c = recipe.calibration
@@ -205,14 +206,14 @@ def quantize(
                     info = extras.pop(full, {})
                     if recipe.method == "slim":
                         sr = slim_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
-                                           recipe.symmetric, recipe.gptq, clip, recipe.slim)
+                                           recipe.symmetric, recipe.gptq, clip, recipe.slim, recipe.integer_scale)
                         res = sr.gptq
                         info.update(slim_k=sr.allocation.k, slim_error=sr.allocation.error,
                                     slim_base_error=sr.allocation.base_error,
                                     average_bits=res.qweight.average_bits())
                     else:
                         res = gptq_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
-                                            recipe.symmetric, recipe.gptq, clip)
+                                            recipe.symmetric, recipe.gptq, clip, iscale=recipe.integer_scale)
                     out[name] = keep(full, lin, res.qweight, res.loss, res.damp_used, **info)
                 return out
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import ShapeError
-from lowbit.formats import affine, pack
+from lowbit.formats import affine, integer_scale, pack
 
 
 
@@ -34,14 +34,28 @@ class QuantFormat:
     bits: int
     group_size: int  # columns per group; equals in_features for per-channel
     symmetric: bool
+    scale_bits: int = 0  # 0: float16 scales; k: k-bit integer scales times a float per row
 
     def __post_init__(self) -> None:
         affine.check_bits(self.bits)
         if self.group_size < 1:
             raise ShapeError(f"group_size must be >= 1 once resolved, got {self.group_size}")
+        if self.scale_bits:
+            integer_scale.check_scale_bits(self.scale_bits)
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.scale_bits else affine.SCALE_DTYPE
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        d = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        if self.scale_bits:
+            d["scale_bits"] = self.scale_bits
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantFormat":
+        return cls(d["bits"], d["group_size"], d["symmetric"], d.get("scale_bits", 0))
 
 
 def zero_points(
@@ -55,6 +69,13 @@ def zero_points(
         mid = torch.pow(2.0, group_bits.float() - 1).to(scales.device)
         return mid.unsqueeze(0).expand(scales.shape).clone()
     return torch.full(scales.shape, float(1 << (bits - 1)), device=scales.device)
+
+
+def float_scales(scales: torch.Tensor, scale_mult: torch.Tensor | None) -> torch.Tensor:
+    """Scales as float32 [out, G]: float16 ones as they are, integer ones times their row multiplier."""
+    if scale_mult is None:
+        return scales.float()
+    return scales.float() * scale_mult.unsqueeze(1)
 
 
 def group_columns(n_in: int, group_size: int, groups: torch.Tensor) -> torch.Tensor:
@@ -84,11 +105,12 @@ def dequantize_parts(
 @dataclass(frozen=True)
 class QuantizedWeight:
     codes: torch.Tensor          # uint8 [out, in]
-    scales: torch.Tensor         # float16 [out, in // group_size]
+    scales: torch.Tensor         # float16 [out, G]; uint8 integer scales when fmt.scale_bits
     zeros: torch.Tensor | None   # uint8 [out, in // group_size]; None when symmetric
     fmt: QuantFormat
     perm: torch.Tensor | None = None  # int64 [in] or None
     group_bits: torch.Tensor | None = None  # uint8 [G] or None (every group fmt.bits wide)
+    scale_mult: torch.Tensor | None = None  # float32 [out]: the row multiplier of integer scales
 
     def __post_init__(self) -> None:
         out, n_in = self.codes.shape
@@ -97,8 +119,15 @@ class QuantizedWeight:
             raise ShapeError(f"codes must be uint8, got {self.codes.dtype}")
         if self.fmt.group_size > n_in:
             raise ShapeError(f"group_size {self.fmt.group_size} exceeds in_features {n_in}")
-        if tuple(self.scales.shape) != (out, g) or self.scales.dtype != affine.SCALE_DTYPE:
-            raise ShapeError(f"scales must be float16 [{out}, {g}], got {self.scales.dtype} {tuple(self.scales.shape)}")
+        if tuple(self.scales.shape) != (out, g) or self.scales.dtype != self.fmt.scale_dtype:
+            raise ShapeError(f"scales must be {self.fmt.scale_dtype} [{out}, {g}], got {self.scales.dtype} "
+                             f"{tuple(self.scales.shape)}")
+        if bool(self.fmt.scale_bits) != (self.scale_mult is not None):
+            raise ShapeError("integer scales (fmt.scale_bits) need scale_mult, and only they have it")
+        if self.scale_mult is not None and (tuple(self.scale_mult.shape) != (out,)
+                                            or self.scale_mult.dtype != torch.float32):
+            raise ShapeError(f"scale_mult must be float32 [{out}], got {self.scale_mult.dtype} "
+                             f"{tuple(self.scale_mult.shape)}")
         if self.fmt.symmetric != (self.zeros is None):
             raise ShapeError("symmetric formats have no zeros; asymmetric formats need them")
         if self.zeros is not None and (tuple(self.zeros.shape) != (out, g) or self.zeros.dtype != torch.uint8):
@@ -143,15 +172,21 @@ class QuantizedWeight:
     def zero_points(self) -> torch.Tensor:
         return zero_points(self.zeros, self.scales, self.fmt.bits, self.group_bits)
 
+    def float_scales(self) -> torch.Tensor:
+        return float_scales(self.scales, self.scale_mult)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this record stands for, [out, in] in the original column order."""
-        return dequantize_parts(self.codes, self.scales, self.zero_points(), self.fmt.group_size, self.perm, dtype)
+        return dequantize_parts(self.codes, self.float_scales(), self.zero_points(), self.fmt.group_size, self.perm,
+                                dtype)
 
     def nbytes(self) -> int:
         """Bytes of the packed form: codes, scales, zeros, permutation and group widths (what
         packed() holds, computed without packing)."""
         out, n_in = self.shape
-        total = self.scales.numel() * 2 + (n_in * 4 if self.perm is not None else 0)
+        total = self.scales.numel() * self.scales.element_size() + (n_in * 4 if self.perm is not None else 0)
+        if self.scale_mult is not None:
+            total += out * 4
         if self.group_bits is None:
             parts = [(n_in, self.scales.shape[1], self.fmt.bits)]
         else:
@@ -181,6 +216,8 @@ class QuantizedWeight:
                     t[f"zeros.b{b}"] = pack.pack(self.zeros[:, groups].reshape(-1), b)
             t["group_bits"] = self.group_bits
         t["scales"] = self.scales.contiguous()
+        if self.scale_mult is not None:
+            t["scale_mult"] = self.scale_mult.contiguous()
         if self.perm is not None:
             t["perm"] = self.perm.to(torch.int32)
         return t
@@ -192,6 +229,7 @@ class QuantizedWeight:
         perm = tensors.get("perm")
         perm = None if perm is None else perm.to(torch.int64)
         group_bits = tensors.get("group_bits")
+        scale_mult = tensors.get("scale_mult")
         if group_bits is None:
             zeros = tensors.get("zeros")
             return cls(
@@ -200,6 +238,7 @@ class QuantizedWeight:
                 zeros=None if zeros is None else pack.unpack(zeros, fmt.bits, out * g).reshape(out, g),
                 fmt=fmt,
                 perm=perm,
+                scale_mult=scale_mult,
             )
         if tuple(group_bits.shape) != (g,):
             raise ShapeError(f"group_bits has shape {tuple(group_bits.shape)}, expected ({g},)")
@@ -211,7 +250,8 @@ class QuantizedWeight:
             codes[:, cols] = pack.unpack(tensors[f"codes.b{b}"], b, len(cols))
             if zeros is not None:
                 zeros[:, groups] = pack.unpack(tensors[f"zeros.b{b}"], b, out * len(groups)).reshape(out, len(groups))
-        return cls(codes=codes, scales=tensors["scales"], zeros=zeros, fmt=fmt, perm=perm, group_bits=group_bits)
+        return cls(codes=codes, scales=tensors["scales"], zeros=zeros, fmt=fmt, perm=perm, group_bits=group_bits,
+                   scale_mult=scale_mult)
 
     @classmethod
     def from_float_qparams(
@@ -222,13 +262,21 @@ class QuantizedWeight:
         fmt: QuantFormat,
         perm: torch.Tensor | None = None,
         group_bits: torch.Tensor | None = None,
+        scale_mult: torch.Tensor | None = None,
     ) -> "QuantizedWeight":
-        """Build from the float32 scale / zero that formats.affine returns."""
+        """Build from the float32 scale / zero that formats.affine returns (with integer scales:
+        scales already on the grid of scale_mult, see formats/integer_scale.py)."""
+        if scale_mult is not None:
+            stored = integer_scale.integer_codes(scale, scale_mult.unsqueeze(1))
+            scale_mult = scale_mult.float()
+        else:
+            stored = scale.to(affine.SCALE_DTYPE)
         return cls(
             codes=codes,
-            scales=scale.to(affine.SCALE_DTYPE),
+            scales=stored,
             zeros=None if fmt.symmetric else zero.round().to(torch.uint8),
             fmt=fmt,
             perm=perm,
             group_bits=group_bits,
+            scale_mult=scale_mult,
         )

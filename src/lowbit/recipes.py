@@ -77,6 +77,20 @@ class SlimConfig:
 
 
 @dataclass(frozen=True)
+class IntegerScaleConfig:
+    """Group scales stored as `bits`-bit integers times one float per row (Integer Scale)."""
+
+    enabled: bool = False
+    bits: int = 8
+    multiplier: str = "max"      # "max": row max scale / (2**bits - 1); "pow2": that rounded up to 2^k
+
+    def __post_init__(self) -> None:
+        _require(2 <= self.bits <= 8, "integer_scale.bits", f"must be 2..8, got {self.bits}")
+        _require(self.multiplier in ("max", "pow2"), "integer_scale.multiplier",
+                 f"{self.multiplier!r} is not one of max, pow2")
+
+
+@dataclass(frozen=True)
 class CalibrationConfig:
     dataset: str = "c4"
     n_samples: int = 128
@@ -101,6 +115,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
     slim: SlimConfig = field(default_factory=SlimConfig)
+    integer_scale: IntegerScaleConfig = field(default_factory=IntegerScaleConfig)
     skip: tuple[str, ...] = ()     # regexes on module names kept in full precision
 
     def __post_init__(self) -> None:
@@ -129,7 +144,8 @@ class Recipe:
     def describe(self) -> str:
         g = "per-channel" if self.group_size <= 0 else f"g{self.group_size}"
         sym = "sym" if self.symmetric else "asym"
-        return f"{self.method} w{self.bits} {g} {sym}"
+        iscale = f" int{self.integer_scale.bits}-scale" if self.integer_scale.enabled else ""
+        return f"{self.method} w{self.bits} {g} {sym}{iscale}"
 
     def is_skipped(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.skip)
@@ -163,7 +179,7 @@ class Recipe:
 
 
 _NESTED = {"clip": ClipConfig, "gptq": GPTQConfig, "calibration": CalibrationConfig, "awq": AWQConfig,
-           "slim": SlimConfig}
+           "slim": SlimConfig, "integer_scale": IntegerScaleConfig}
 
 
 def _build(cls, d: Any, prefix: str):

@@ -75,7 +75,7 @@ def awq_rtn_quantize(w: torch.Tensor, inputs: torch.Tensor, recipe: Recipe) -> Q
     recipe.awq.clip is off)."""
     if not recipe.awq.clip:
         clip = recipe.clip if recipe.clip.enabled else None
-        return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, clip)
+        return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, clip, iscale=recipe.integer_scale)
     fmt = resolve_format(w.shape[1], recipe.bits, recipe.group_size, recipe.symmetric)
     shrink = awq.search_clip_output(w, awq.compress_inputs(inputs), recipe.bits, fmt.group_size, recipe.symmetric)
-    return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, shrink=shrink)
+    return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, shrink=shrink, iscale=recipe.integer_scale)

@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 
-from lowbit.algorithms.rtn import group_qparams, resolve_format
+from lowbit.algorithms.rtn import group_qparams, integer_scale_grid, resolve_format
 from lowbit.formats import affine
 from lowbit.errors import ConfigError
 from lowbit.qtensor import QuantizedWeight
-from lowbit.recipes import ClipConfig, GPTQConfig
+from lowbit.recipes import ClipConfig, GPTQConfig, IntegerScaleConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def gptq_quantize(
     clip: ClipConfig | None = None,
     group_bits: torch.Tensor | None = None,
     clip_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    iscale: IntegerScaleConfig | None = None,
 ) -> GPTQResult:
     """w [out, in], H [in, in] (float32) -> GPTQResult holding the QuantizedWeight.
 
@@ -82,6 +83,9 @@ def gptq_quantize(
     is then ignored. clip_weight(values [out, gs], d [gs]) -> [out, gs] (optional): weights of the
     clipping search's error for one group, given its current values and the diagonal d of the
     Cholesky factor for its columns (SliM-LLM's salience-weighted quantizer calibration).
+    iscale: integer group scales; each row's multiplier is fixed up front from the
+    round-to-nearest scales of the unmodified weight, and every group scale GPTQ picks is
+    rounded up onto that row's integer grid.
     """
     out_f, in_f = w.shape
     if group_bits is not None:
@@ -89,8 +93,11 @@ def gptq_quantize(
             raise ConfigError("per-group widths need the original column order: with act_order, "
                               "also set static_groups (gptq.static_groups = true)")
         bits = int(group_bits.max())
-    fmt = resolve_format(in_f, bits, group_size, symmetric)
+    fmt = resolve_format(in_f, bits, group_size, symmetric, iscale)
     gs = fmt.group_size
+    mult = scale_round = None
+    if fmt.scale_bits:
+        mult, scale_round = integer_scale_grid(w, bits, gs, symmetric, clip, iscale, group_bits)
 
     def width(g: int) -> int:
         return bits if group_bits is None else int(group_bits[g])
@@ -106,7 +113,7 @@ def gptq_quantize(
         wg = affine.group_view(W, gs)
         static = (torch.zeros(wg.shape[:2]), torch.zeros(wg.shape[:2]))  # [out, G] each
         for g in range(wg.shape[1]):
-            s_, z_ = group_qparams(wg[:, g : g + 1], width(g), symmetric, clip)
+            s_, z_ = group_qparams(wg[:, g : g + 1], width(g), symmetric, clip, scale_round=scale_round)
             static[0][:, g], static[1][:, g] = s_[:, 0], z_[:, 0]
 
     perm = None
@@ -139,7 +146,7 @@ def gptq_quantize(
                 weight = None
                 if clip_weight is not None:
                     weight = clip_weight(cur, torch.diag(Hinv)[col : col + cur.shape[1]]).unsqueeze(1)
-                s, z = group_qparams(cur.unsqueeze(1), width(g), symmetric, clip, weight)
+                s, z = group_qparams(cur.unsqueeze(1), width(g), symmetric, clip, weight, scale_round)
                 scale, zero = s[:, 0], z[:, 0]
                 scales[:, g], zeros[:, g] = scale, zero
             wcol = W1[:, i]
@@ -159,5 +166,6 @@ def gptq_quantize(
         codes = codes[:, inv]
         scales, zeros = static
         perm = None
-    qw = QuantizedWeight.from_float_qparams(codes, scales, zeros, fmt, perm=perm, group_bits=group_bits)
+    qw = QuantizedWeight.from_float_qparams(codes, scales, zeros, fmt, perm=perm, group_bits=group_bits,
+                                            scale_mult=mult)
     return GPTQResult(qw, float(loss.sum()) / 2, damp_used)

@@ -4,13 +4,47 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.formats import affine
+from functools import partial
+from typing import Callable
+
+from lowbit.formats import affine, integer_scale
 from lowbit.qtensor import QuantFormat, QuantizedWeight
-from lowbit.recipes import ClipConfig
+from lowbit.recipes import ClipConfig, IntegerScaleConfig
+
+ScaleRound = Callable[[torch.Tensor], torch.Tensor]
 
 
-def resolve_format(in_features: int, bits: int, group_size: int, symmetric: bool) -> QuantFormat:
-    return QuantFormat(bits, affine.resolve_group_size(in_features, group_size), symmetric)
+def resolve_format(
+    in_features: int, bits: int, group_size: int, symmetric: bool, iscale: IntegerScaleConfig | None = None
+) -> QuantFormat:
+    scale_bits = iscale.bits if iscale is not None and iscale.enabled else 0
+    return QuantFormat(bits, affine.resolve_group_size(in_features, group_size), symmetric, scale_bits)
+
+
+def integer_scale_grid(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    clip: ClipConfig | None,
+    iscale: IntegerScaleConfig,
+    group_bits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ScaleRound]:
+    """The row multipliers [out] of an integer-scale format, set from the round-to-nearest float
+    scales of w (each group at its own width when group_bits is given), and the rounding of any
+    scale of those rows onto their integer grid.
+
+    Works for scales of shape [out, G] and [out, 1] (one group at a time, as GPTQ chooses them)."""
+    wg = affine.group_view(w.float(), group_size)
+    if group_bits is None:
+        scale, _ = group_qparams(wg, bits, symmetric, clip)
+    else:
+        scale = torch.zeros(wg.shape[:2])
+        for b in group_bits.unique().tolist():
+            sel = torch.nonzero(group_bits == b).flatten()
+            scale[:, sel] = group_qparams(wg[:, sel], int(b), symmetric, clip)[0]
+    mult = integer_scale.row_multiplier(scale, iscale.bits, iscale.multiplier)
+    return mult, partial(integer_scale.round_scale, mult=mult.unsqueeze(1), bits=iscale.bits)
 
 
 def group_qparams(
@@ -19,6 +53,7 @@ def group_qparams(
     symmetric: bool,
     clip: ClipConfig | None,
     weight: torch.Tensor | None = None,
+    scale_round: ScaleRound | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero [out, G] for grouped values wg [out, G, gs], clipped if `clip` is enabled.
 
@@ -29,9 +64,9 @@ def group_qparams(
         out, g, gs = wg.shape  # (zero padding of a short last group adds no error: 0 is exact)
         shrink = affine.search_shrink(
             wg.reshape(out, g * gs), bits, gs, symmetric, clip.grid, clip.max_shrink, clip.norm,
-            None if weight is None else weight.reshape(out, g * gs),
+            None if weight is None else weight.reshape(out, g * gs), scale_round,
         )
-    return affine.choose_qparams(wg, bits, symmetric, shrink)
+    return affine.choose_qparams(wg, bits, symmetric, shrink, scale_round)
 
 
 def rtn_quantize(
@@ -41,17 +76,21 @@ def rtn_quantize(
     symmetric: bool = False,
     clip: ClipConfig | None = None,
     shrink: torch.Tensor | None = None,
+    iscale: IntegerScaleConfig | None = None,
 ) -> QuantizedWeight:
     """w [out, in] -> QuantizedWeight by round-to-nearest.
 
     Ranges are clipped by the weight-error search when `clip` is enabled, or by given per-group
     `shrink` factors [out, G] (e.g. from AWQ's output-error search).
     """
-    fmt = resolve_format(w.shape[1], bits, group_size, symmetric)
+    fmt = resolve_format(w.shape[1], bits, group_size, symmetric, iscale)
     wg = affine.group_view(w.float(), fmt.group_size)
+    mult = scale_round = None
+    if fmt.scale_bits:
+        mult, scale_round = integer_scale_grid(w, bits, fmt.group_size, symmetric, clip, iscale)
     if shrink is not None:
-        scale, zero = affine.choose_qparams(wg, bits, symmetric, shrink)
+        scale, zero = affine.choose_qparams(wg, bits, symmetric, shrink, scale_round)
     else:
-        scale, zero = group_qparams(wg, bits, symmetric, clip)
+        scale, zero = group_qparams(wg, bits, symmetric, clip, scale_round=scale_round)
     codes = affine.ungroup(affine.quantize_groups(wg, scale, zero, bits), w.shape[1])
-    return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt)
+    return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt, scale_mult=mult)

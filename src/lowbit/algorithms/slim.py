@@ -27,7 +27,7 @@ import torch
 from lowbit.algorithms.gptq import GPTQResult, gptq_quantize
 from lowbit.errors import ConfigError
 from lowbit.formats import affine
-from lowbit.recipes import ClipConfig, GPTQConfig, SlimConfig
+from lowbit.recipes import ClipConfig, GPTQConfig, IntegerScaleConfig, SlimConfig
 
 
 def hessian_inverse_diagonal(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -146,6 +146,7 @@ def slim_quantize(
     config: GPTQConfig = GPTQConfig(),
     clip: ClipConfig | None = None,
     slim: SlimConfig = SlimConfig(),
+    iscale: IntegerScaleConfig | None = None,
 ) -> SlimResult:
     """w [out, in], H [in, in] -> GPTQ with salience-allocated widths per column group."""
     gs = affine.resolve_group_size(w.shape[1], group_size)
@@ -154,5 +155,6 @@ def slim_quantize(
     table = group_error_table(w, H, gs, list(range(lo, hi + 1)), symmetric)
     alloc = allocate_bits(salience, table, avg_bits)
     weight_fn = salience_clip_weight if slim.salience_clip and clip is not None else None
-    res = gptq_quantize(w, H, hi, gs, symmetric, config, clip, group_bits=alloc.group_bits, clip_weight=weight_fn)
+    res = gptq_quantize(w, H, hi, gs, symmetric, config, clip, group_bits=alloc.group_bits, clip_weight=weight_fn,
+                        iscale=iscale)
     return SlimResult(res, alloc)

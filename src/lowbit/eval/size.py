@@ -92,7 +92,7 @@ def quantized_size(model: torch.nn.Module) -> QuantizedSize:
     qmods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     n_q = sum(m.in_features * m.out_features for m in qmods)
     q_bytes = sum(m.quantized_weight().nbytes() for m in qmods)
-    qbuffers = {id(t) for m in qmods for t in (m.codes, m.scales, m.zeros, m.perm) if t is not None}
+    qbuffers = {id(t) for m in qmods for t in m.buffers(recurse=False)}
     dense = [t for t in _unique([*model.parameters(), *model.buffers()]) if id(t) not in qbuffers and t.is_floating_point()]
     dense_elems = sum(t.numel() for t in _unique(model.parameters()))
     return QuantizedSize(

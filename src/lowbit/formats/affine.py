@@ -24,6 +24,8 @@ whole number of groups; a zero never changes a group's range (asymmetric ranges 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from lowbit.errors import ConfigError, ShapeError
@@ -73,13 +75,19 @@ def qrange(bits: int) -> tuple[int, int]:
 
 
 def choose_qparams(
-    wg: torch.Tensor, bits: int, symmetric: bool, shrink: torch.Tensor | float = 1.0
+    wg: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    shrink: torch.Tensor | float = 1.0,
+    scale_round: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point per group.
 
     wg: [..., group_size] values of each group; shrink: [...] or scalar in (0, 1], the fraction
-    of the group's range kept (1.0 = min/max, smaller clips outliers).
-    Returns scale (float16-representable, in float32) and zero (float32 holding integers), both [...].
+    of the group's range kept (1.0 = min/max, smaller clips outliers); scale_round: how a scale
+    is rounded up to what is stored (default: float16, round_scale_up; integer scales:
+    formats/integer_scale.round_scale).
+    Returns scale (representable, in float32) and zero (float32 holding integers), both [...].
     """
     _, qmax = qrange(bits)
     wg = wg.float()
@@ -93,7 +101,7 @@ def choose_qparams(
         wmin = wg.amin(dim=-1).clamp(max=0) * shrink
         wmax = wg.amax(dim=-1).clamp(min=0) * shrink
         scale = (wmax - wmin) / qmax
-    scale = round_scale_up(scale.clamp(min=MIN_SCALE))
+    scale = (scale_round or round_scale_up)(scale.clamp(min=MIN_SCALE))
     if not symmetric:
         zero = torch.round(-wmin / scale).clamp(0, qmax)
     return scale, zero
@@ -154,6 +162,7 @@ def search_shrink(
     max_shrink: float = 0.8,
     norm: float = 2.4,
     weight: torch.Tensor | None = None,
+    scale_round: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Clipping search: per group, the range shrink in [1 - max_shrink, 1] minimizing error.
 
@@ -171,7 +180,7 @@ def search_shrink(
     _, qmax = qrange(bits)
     for i in range(grid + 1):
         ratio = 1.0 - max_shrink * i / grid
-        scale, zero = choose_qparams(wg, bits, symmetric, ratio)
+        scale, zero = choose_qparams(wg, bits, symmetric, ratio, scale_round)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
         # |dequantize(quantize(wg)) - wg| ** norm, in place on one temporary
         err = torch.div(wg, s).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(wg).abs_().pow_(norm)

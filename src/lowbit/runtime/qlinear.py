@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.qtensor import QuantFormat, QuantizedWeight, dequantize_parts, zero_points
-from lowbit.formats.affine import SCALE_DTYPE, n_groups
+from lowbit.formats.affine import n_groups
+from lowbit.qtensor import QuantFormat, QuantizedWeight, dequantize_parts, float_scales, zero_points
 
 
 class QuantLinear(nn.Module):
@@ -33,7 +33,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         g = n_groups(in_features, fmt.group_size)
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, g, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, g, dtype=fmt.scale_dtype, device=device))
+        self.register_buffer(
+            "scale_mult", torch.zeros(out_features, dtype=torch.float32, device=device) if fmt.scale_bits else None
+        )
         self.register_buffer(
             "zeros", None if fmt.symmetric else torch.zeros(out_features, g, dtype=torch.uint8, device=device)
         )
@@ -54,16 +57,20 @@ class QuantLinear(nn.Module):
             m.perm.copy_(qw.perm)
         if qw.group_bits is not None:
             m.group_bits.copy_(qw.group_bits)
+        if qw.scale_mult is not None:
+            m.scale_mult.copy_(qw.scale_mult)
         if bias is not None:
             m.bias.data.copy_(bias.detach().to(dtype))
         return m
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scales, self.zeros, self.fmt, self.perm, self.group_bits)
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.fmt, self.perm, self.group_bits,
+                               self.scale_mult)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         zp = zero_points(self.zeros, self.scales, self.fmt.bits, self.group_bits)
-        return dequantize_parts(self.codes, self.scales, zp, self.fmt.group_size, self.perm, dtype)
+        return dequantize_parts(self.codes, float_scales(self.scales, self.scale_mult), zp, self.fmt.group_size,
+                                self.perm, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._dense if self._dense is not None and self._dense.dtype == x.dtype else self.dequantized_weight(x.dtype)
