@@ -51,3 +51,16 @@ def test_group_bits_are_validated():
         QuantizedWeight(codes, scales, None, QuantFormat(3, 4, True), group_bits=torch.tensor([2, 4], dtype=torch.uint8))
     with pytest.raises(ShapeError, match=r"uint8 \[2\]"):
         QuantizedWeight(codes, scales, None, QuantFormat(3, 4, True), group_bits=torch.tensor([2, 3, 3], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bits,gs,sym,scale_bits", [(4, 32, False, 0), (3, 48, True, 0), (2, 128, False, 8),
+                                                   (8, 100, True, 6)])
+def test_format_nbytes_matches_the_packed_tensors(bits, gs, sym, scale_bits):
+    from lowbit.algorithms.rtn import rtn_quantize
+    from lowbit.qtensor import format_nbytes
+    from lowbit.recipes import IntegerScaleConfig
+
+    w = torch.randn(13, 200)
+    qw = rtn_quantize(w, bits, gs, sym, iscale=IntegerScaleConfig(True, scale_bits) if scale_bits else None)
+    assert format_nbytes(13, 200, qw.fmt) == qw.nbytes() == sum(
+        t.numel() * t.element_size() for t in qw.packed().values())

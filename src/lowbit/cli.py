@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import logging
 import sys
@@ -96,6 +97,19 @@ def _recipe_from_args(args):
         base["integer_scale"]["bits"] = args.integer_scale
     if args.skip:
         base["skip"] = list(base["skip"]) + args.skip
+    if args.target_bpw is not None or args.target_size is not None:
+        budget = dict(base.get("budget") or {})
+        budget.pop("target_bpw", None)
+        budget.pop("target_bytes", None)
+        if args.target_bpw is not None:
+            budget["target_bpw"] = args.target_bpw
+        if args.target_size is not None:
+            budget["target_bytes"] = args.target_size
+        if args.levels:
+            budget["levels"] = args.levels.split(",")
+        if args.search_generations is not None:
+            budget["generations"] = args.search_generations
+        base["budget"] = budget
     return Recipe.from_dict(base)
 
 
@@ -128,6 +142,10 @@ def cmd_quantize(args) -> int:
     result = quantize(loaded, recipe, data_dir=args.data_dir, progress=not args.quiet)
     size = quantized_size(loaded.model)
     _say(f"quantized in {result.seconds:.1f}s; {size.bits_per_weight:.3f} bits/weight, model {_mb(size.model_bytes)}")
+    if "budget" in result.extra:
+        from lowbit.allocate import BudgetReport
+
+        _say(BudgetReport(**result.extra["budget"]).summary())
 
     evals = []
     if args.eval:
@@ -203,6 +221,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """'300MB', '1.2GB', '500000000' -> bytes (decimal units, as file sizes are usually quoted)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(i?)[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 300MB or 1.2GB, got {text!r}")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmg".index(m.group(2).lower() or " "))
+
+
 def _number(text: str) -> int | float:
     try:
         v = float(text)
@@ -242,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-clip", action="store_true", help="disable the per-group clipping search")
     q.add_argument("--integer-scale", type=int, nargs="?", const=8, metavar="BITS",
                    help="store group scales as BITS-bit integers (default 8) times one float per row (Integer Scale)")
+    q.add_argument("--target-bpw", type=float, help="size budget: average bits per weight (scales and zeros "
+                   "counted); bit width and group size are then chosen per layer")
+    q.add_argument("--target-size", type=_size, help="size budget for the whole model, e.g. 300MB (16-bit "
+                   "embeddings and norms included)")
+    q.add_argument("--levels", help="with a budget: comma list of w<bits>g<group> per-layer choices")
+    q.add_argument("--search-generations", type=int, help="with a budget: evolutionary search steps (default 30)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)

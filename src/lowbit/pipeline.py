@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.allocate import plan_budget
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
 from lowbit.calibration.sequential import run_sequential
@@ -80,6 +81,7 @@ class QuantizeResult:
             "skipped": self.skipped,
             "layer_stats": {n: {"loss": r.loss, "damp": r.damp, **r.extra} for n, r in self.layers.items()},
             "evaluation": [e.to_dict() for e in evaluations],
+            **self.extra,
         }
 
 
@@ -112,10 +114,11 @@ def _block_prefix(model: nn.Module, i: int) -> str:
 
 def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
     """Fail before any work if a layer's width does not fit the group size."""
-    bits = width_range(recipe.bits)[1] if recipe.method == "slim" else recipe.bits
     for name in names:
+        r = recipe.for_layer(name)
+        bits = width_range(r.bits)[1] if r.method == "slim" else r.bits
         lin = model.get_submodule(name)
-        resolve_format(lin.in_features, bits, recipe.group_size, recipe.symmetric)
+        resolve_format(lin.in_features, bits, r.group_size, r.symmetric)
 
 
 def estimate(model: nn.Module, recipe: Recipe) -> dict[str, float]:
@@ -166,27 +169,33 @@ def quantize(
     names, skipped = target_layers(model, recipe)
     if not names:
         raise ConfigError("the recipe's skip list excludes every linear layer; nothing to quantize")
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if recipe.budget is not None:
+        check_shapes(model, names, recipe)
+        recipe, budget_report = plan_budget(loaded, recipe, names, data_dir, progress)
+        extra["budget"] = budget_report.to_dict()
+        log.info(budget_report.summary())
     check_shapes(model, names, recipe)
     layers: dict[str, LayerReport] = {}
-    t0 = time.perf_counter()
     calibration = None
     clip = recipe.clip if recipe.clip.enabled else None
     dtype = next(model.parameters()).dtype
 
-    def keep(full: str, lin: nn.Linear, qw: QuantizedWeight, loss=None, damp=None, **extra) -> nn.Linear:
+    def keep(full: str, lin: nn.Linear, qw: QuantizedWeight, loss=None, damp=None, **details) -> nn.Linear:
         # While calibrating, a quantized layer runs as a dense Linear holding exactly the
         # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
         # the QuantLinear modules are swapped in once every block is done.
         qweights[full] = (lin.bias, qw)
-        layers[full] = LayerReport(qw.fmt.to_dict(), qw.shape, loss, damp, extra)
+        layers[full] = LayerReport(qw.fmt.to_dict(), qw.shape, loss, damp, details)
         return _dense_twin(lin, qw, dtype)
 
     qweights: dict[str, tuple[torch.Tensor | None, QuantizedWeight]] = {}
     if recipe.method == "rtn":
         for name in tqdm(names, desc="RTN", unit="layer", disable=not progress):
             lin = model.get_submodule(name)
-            qw = rtn_quantize(lin.weight.detach(), recipe.bits, recipe.group_size, recipe.symmetric, clip,
-                              iscale=recipe.integer_scale)
+            r = recipe.for_layer(name)
+            qw = rtn_quantize(lin.weight.detach(), r.bits, r.group_size, r.symmetric, clip, iscale=recipe.integer_scale)
             model.set_submodule(name, keep(name, lin, qw))
     else:
         c = recipe.calibration
@@ -201,19 +210,25 @@ def quantize(
                 out = {}
                 for name, lin in linears.items():
                     full = f"{prefix}.{name}"
-                    if full not in names:
+                    if full not in names or full in qweights:  # skipped, or quantized by prepare_block
                         continue
                     info = extras.pop(full, {})
-                    if recipe.method == "slim":
-                        sr = slim_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
-                                           recipe.symmetric, recipe.gptq, clip, recipe.slim, recipe.integer_scale)
+                    r = recipe.for_layer(full)
+                    if r.method == "rtn":
+                        qw = rtn_quantize(lin.weight.detach(), r.bits, r.group_size, r.symmetric, clip,
+                                          iscale=recipe.integer_scale)
+                        out[name] = keep(full, lin, qw, **info)
+                        continue
+                    if r.method == "slim":
+                        sr = slim_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,
+                                           r.symmetric, recipe.gptq, clip, recipe.slim, recipe.integer_scale)
                         res = sr.gptq
                         info.update(slim_k=sr.allocation.k, slim_error=sr.allocation.error,
                                     slim_base_error=sr.allocation.base_error,
                                     average_bits=res.qweight.average_bits())
                     else:
-                        res = gptq_quantize(lin.weight.detach(), hessians[name], recipe.bits, recipe.group_size,
-                                            recipe.symmetric, recipe.gptq, clip, iscale=recipe.integer_scale)
+                        res = gptq_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,
+                                            r.symmetric, recipe.gptq, clip, iscale=recipe.integer_scale)
                     out[name] = keep(full, lin, res.qweight, res.loss, res.damp_used, **info)
                 return out
 
@@ -228,9 +243,9 @@ def quantize(
                 for name, info in smoothed.items():
                     full = f"{prefix}.{name}"
                     extras[full] = info.report
-                    if rtn_after:
+                    if rtn_after or recipe.for_layer(full).method == "rtn":
                         lin = block.get_submodule(name)
-                        qw = awq_rtn_quantize(lin.weight.detach(), info.inputs, recipe)
+                        qw = awq_rtn_quantize(lin.weight.detach(), info.inputs, recipe.for_layer(full))
                         out[name] = keep(full, lin, qw, **extras.pop(full))
                 return out
 
@@ -239,4 +254,4 @@ def quantize(
     for full, (bias, qw) in qweights.items():
         model.set_submodule(full, QuantLinear.from_quantized(qw, bias, dtype=dtype))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return QuantizeResult(loaded, recipe, layers, skipped, calibration, time.perf_counter() - t0, peak)
+    return QuantizeResult(loaded, recipe, layers, skipped, calibration, time.perf_counter() - t0, peak, extra)

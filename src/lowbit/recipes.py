@@ -103,6 +103,57 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class Rule:
+    """Per-module override: layers whose full name matches `pattern` (re.search) take these
+    settings instead of the recipe's. The first matching rule wins; None keeps the recipe's."""
+
+    pattern: str
+    bits: int | float | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    method: str | None = None      # "rtn", or the recipe's own method
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ConfigError(f"recipe field 'rules.pattern': {self.pattern!r} is not a valid regex ({e})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A size budget: per-layer bit width and group size chosen to meet it (lowbit/allocate.py)."""
+
+    target_bpw: float | None = None        # average bits per quantized weight, scales and zeros counted
+    target_bytes: int | None = None        # whole model: quantized layers + dense tensors at 16 bits
+    levels: tuple[str, ...] = ("w2g64", "w2g128", "w3g64", "w3g128", "w4g64", "w4g128", "w5g128", "w6g128", "w8g128")
+    generations: int = 30                  # evolutionary search steps (0: the sensitivity greedy alone)
+    offspring: int = 4                     # candidates per generation
+    search_tokens: int = 2048              # held-out calibration tokens that score candidates (KL)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require((self.target_bpw is None) != (self.target_bytes is None), "budget",
+                 "give exactly one of target_bpw and target_bytes")
+        _require(self.target_bpw is None or 1.0 < self.target_bpw <= 16.0, "budget.target_bpw",
+                 f"must be in (1, 16], got {self.target_bpw}")
+        _require(self.target_bytes is None or self.target_bytes > 0, "budget.target_bytes", "must be > 0")
+        _require(len(self.levels) >= 2, "budget.levels", "needs at least two levels to choose from")
+        for lv in self.levels:
+            _require(re.fullmatch(r"w[2-8]g-?\d+", lv) is not None, "budget.levels",
+                     f"{lv!r} is not of the form w<bits>g<group> (e.g. w3g64)")
+        _require(self.generations >= 0 and self.offspring >= 1, "budget.generations",
+                 "generations must be >= 0 and offspring >= 1")
+        _require(self.search_tokens >= 64, "budget.search_tokens", f"must be >= 64, got {self.search_tokens}")
+
+    def parsed_levels(self) -> list[tuple[int, int]]:
+        return [tuple(int(x) for x in re.fullmatch(r"w(\d)g(-?\d+)", lv).groups()) for lv in self.levels]
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A full weight-quantization scheme for the linear layers of the decoder blocks."""
 
@@ -116,6 +167,8 @@ class Recipe:
     awq: AWQConfig = field(default_factory=AWQConfig)
     slim: SlimConfig = field(default_factory=SlimConfig)
     integer_scale: IntegerScaleConfig = field(default_factory=IntegerScaleConfig)
+    rules: tuple[Rule, ...] = ()   # per-module overrides, first match wins
+    budget: BudgetConfig | None = None
     skip: tuple[str, ...] = ()     # regexes on module names kept in full precision
 
     def __post_init__(self) -> None:
@@ -131,6 +184,12 @@ class Recipe:
                  "method slim with act_order needs static_groups (per-group widths follow the original "
                  "column order): pass --static-groups or drop --act-order")
         _require(isinstance(self.group_size, int), "group_size", f"must be an integer, got {self.group_size!r}")
+        for rule in self.rules:
+            _require(rule.method in (None, "rtn", self.method), "rules.method",
+                     f"{rule.method!r}: a rule may choose 'rtn' or the recipe's method {self.method!r}")
+            self.for_layer_rule(rule)  # validates the combined settings
+        _require(self.budget is None or self.method in ("rtn", "gptq", "awq", "awq-gptq"), "budget",
+                 "a size budget chooses integer widths per layer; use it with rtn, gptq, awq or awq-gptq")
         for pattern in self.skip:
             try:
                 re.compile(pattern)
@@ -139,13 +198,30 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method != "rtn" or self.budget is not None
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size <= 0 else f"g{self.group_size}"
         sym = "sym" if self.symmetric else "asym"
         iscale = f" int{self.integer_scale.bits}-scale" if self.integer_scale.enabled else ""
+        if self.budget is not None:
+            b = self.budget
+            target = f"{b.target_bpw} bpw" if b.target_bpw is not None else f"{b.target_bytes / 1e6:.0f} MB"
+            return f"{self.method} budget {target} {sym}{iscale}"
+        if self.rules:
+            return f"{self.method} mixed per layer ({len(self.rules)} rules) {sym}{iscale}"
         return f"{self.method} w{self.bits} {g} {sym}{iscale}"
+
+    def for_layer_rule(self, rule: Rule | None) -> "Recipe":
+        if rule is None:
+            return self
+        changes = {k: v for k, v in (("bits", rule.bits), ("group_size", rule.group_size),
+                                     ("symmetric", rule.symmetric), ("method", rule.method)) if v is not None}
+        return dataclasses.replace(self, rules=(), budget=None, **changes)
+
+    def for_layer(self, module_name: str) -> "Recipe":
+        """The settings for one layer: the first rule whose pattern matches, else the recipe's."""
+        return self.for_layer_rule(next((r for r in self.rules if re.search(r.pattern, module_name)), None))
 
     def is_skipped(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.skip)
@@ -153,6 +229,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
+        d["rules"] = [r.to_dict() for r in self.rules]
+        if self.budget is None:
+            del d["budget"]
+        else:
+            d["budget"] = {k: v for k, v in d["budget"].items() if v is not None}
+            d["budget"]["levels"] = list(self.budget.levels)
         return d
 
     @classmethod
@@ -179,7 +261,7 @@ class Recipe:
 
 
 _NESTED = {"clip": ClipConfig, "gptq": GPTQConfig, "calibration": CalibrationConfig, "awq": AWQConfig,
-           "slim": SlimConfig, "integer_scale": IntegerScaleConfig}
+           "slim": SlimConfig, "integer_scale": IntegerScaleConfig, "budget": BudgetConfig}
 
 
 def _build(cls, d: Any, prefix: str):
@@ -198,9 +280,20 @@ def _build(cls, d: Any, prefix: str):
             kwargs[name] = _build(_NESTED[name], value, f"{name}.")
             continue
         default = known[name].default
-        if name == "bits" and cls is Recipe:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"recipe field 'bits': expected a number, got {type(value).__name__} {value!r}")
+        if name == "rules" and cls is Recipe:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError("recipe field 'rules': expected a list of tables/mappings")
+            kwargs[name] = tuple(_build(Rule, v, "rules.") for v in value)
+            continue
+        if name == "bits" and cls in (Recipe, Rule):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"recipe field '{prefix}bits': expected a number, got {type(value).__name__} {value!r}")
+        elif name == "levels" and cls is BudgetConfig:
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ConfigError("recipe field 'budget.levels': expected a list like ['w2g64', 'w3g128']")
+            value = tuple(value)
+        elif name == "target_bpw" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
         elif name == "skip":
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ConfigError("recipe field 'skip': expected a list of regexes")

@@ -51,8 +51,10 @@ def smooth_block(
         rec = recs[first_of[sg.linears[0]]]
         z = awq.compress_inputs(rec.sample)
         linears = [block.get_submodule(n) for n in sg.linears]
+        # layers sharing an input may differ in width under a rule; the first one's settings rule the search
+        r = recipe.for_layer(f"{prefix}.{targets[0]}")
         found = awq.search_scales(z, rec.mean_abs, [block.get_submodule(n).weight.detach() for n in targets],
-                                  recipe.bits, recipe.group_size, recipe.symmetric, cfg.grid, cfg.duo_scaling)
+                                  r.bits, r.group_size, r.symmetric, cfg.grid, cfg.duo_scaling)
         if found.alpha is not None:
             prev = block.get_submodule(sg.prev)
             awq.fold_scales(prev, linears, found.scales, norm_weight_offset(prev))

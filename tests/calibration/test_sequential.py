@@ -1,4 +1,7 @@
+import pytest
 import torch
+
+from tiny_models import build_tiny
 
 from lowbit.calibration.capture import base_model, capture_block_inputs
 from lowbit.calibration.hessian import HessianAccumulator
@@ -26,8 +29,10 @@ def test_captured_inputs_replay_the_model(tiny):
 
 
 @torch.inference_mode()
-def test_hessians_match_a_plain_forward_when_nothing_changes(tiny):
-    """With a quantizer that changes nothing, every block's Hessians equal those of a full forward."""
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_hessians_match_a_plain_forward_when_nothing_changes(tiny, true_sequential):
+    """With a quantizer that changes nothing, every block's Hessians equal those of a full forward,
+    each layer getting the Hessian of its own input."""
     ids = _ids()
     expected: dict[str, HessianAccumulator] = {}
     handles = []
@@ -47,7 +52,7 @@ def test_hessians_match_a_plain_forward_when_nothing_changes(tiny):
             got[f"model.layers.{i}.{name}"] = H
         return {}
 
-    run_sequential(tiny, ids, keep, progress=False)
+    run_sequential(tiny, ids, keep, true_sequential=true_sequential, progress=False)
     assert set(got) == set(expected)
     for name, acc in expected.items():
         torch.testing.assert_close(got[name], acc.H, rtol=1e-4, atol=1e-5)
@@ -74,6 +79,10 @@ def test_true_sequential_sees_already_quantized_layers(tiny):
     run_sequential(tiny, ids, zero_qkv, progress=False)
     assert torch.count_nonzero(seen[(0, "self_attn.o_proj")]) == 0  # o_proj's input is attention over v = 0
     assert torch.count_nonzero(seen[(0, "mlp.down_proj")]) > 0
+    # without true-sequential, every Hessian of a block comes from its unquantized forward
+    seen.clear()
+    run_sequential(build_tiny("llama"), ids, zero_qkv, true_sequential=False, progress=False)
+    assert torch.count_nonzero(seen[(0, "self_attn.o_proj")]) > 0
 
 
 def test_hessian_accumulator_is_a_running_mean():

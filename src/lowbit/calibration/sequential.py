@@ -78,22 +78,24 @@ def run_sequential(
 
             for name, module in prepare_block(i, block, run_all).items():
                 block.set_submodule(name, module)
-        if groups and not true_sequential:
-            groups = [[name for group in groups for name in group]]
-        for names in groups:
+        # true sequential: one pass per group, after the groups before it are quantized;
+        # otherwise one pass collects every group's Hessian from the unquantized block
+        passes = [[g] for g in groups] if true_sequential else ([groups] if groups else [])
+        for pass_groups in passes:
             # the layers of a group read the same input (models/arch.py): one Hessian serves all
-            linears = {name: block.get_submodule(name) for name in names}
-            acc = HessianAccumulator(linears[names[0]].in_features)
-            seen: list[str] = []
+            accs = {g[0]: HessianAccumulator(block.get_submodule(g[0]).in_features) for g in pass_groups}
+            watched = [name for g in pass_groups for name in g]
+            seen: set[str] = set()
 
-            def hook(module, hook_args, output, name=None):
-                if name == names[0]:
-                    acc.add(hook_args[0])
-                seen.append(name)
-                if len(seen) == len(names):
+            def hook(module, hook_args, output, name=None, accs=accs, watched=watched, seen=seen):
+                if name in accs:
+                    accs[name].add(hook_args[0])
+                seen.add(name)
+                if len(seen) == len(watched):
                     raise _GroupDone
 
-            handles = [lin.register_forward_hook(functools.partial(hook, name=name)) for name, lin in linears.items()]
+            handles = [block.get_submodule(name).register_forward_hook(functools.partial(hook, name=name))
+                       for name in watched]
             try:
                 for j in range(0, x.shape[0], batch_size):
                     seen.clear()
@@ -101,10 +103,12 @@ def run_sequential(
             finally:
                 for h in handles:
                     h.remove()
-            replaced = quantize_group(i, linears, {name: acc.H for name in names})
-            del acc
-            for name, module in replaced.items():
-                block.set_submodule(name, module)
+            for g in pass_groups:
+                linears = {name: block.get_submodule(name) for name in g}
+                replaced = quantize_group(i, linears, {name: accs[g[0]].H for name in g})
+                del accs[g[0]]
+                for name, module in replaced.items():
+                    block.set_submodule(name, module)
         for j in range(0, x.shape[0], batch_size):
             x[j : j + batch_size] = _run_block(block, x[j : j + batch_size], args, kwargs)
         bar.set_postfix_str(f"block {i}: {time.perf_counter() - t0:.1f}s")

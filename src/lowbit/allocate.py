@@ -1,0 +1,331 @@
+"""Budgeted allocation across layers: which bit width and group size each linear layer gets so
+that the model meets a size budget (average bits per weight, or total bytes) with the least loss.
+
+1. Cost of every (layer, level): exact packed bytes (qtensor.format_nbytes).
+2. Sensitivity of every (layer, level), Q-BERT style but measured: the layer's output error
+   tr(D H D^T) for the round-to-nearest error D at that level, H from one calibration pass.
+3. Greedy start: from the smallest level everywhere, repeatedly take the upgrade with the best
+   error reduction per byte (lower convex hull per layer) while it fits the budget.
+4. Evolutionary search (EvoPress style): offspring of the current allocation switch levels in a
+   few layers (one up, one down, keeping the budget), and are scored by the KL divergence of the
+   whole model's next-token distribution (layers fake-quantized at their levels) to the
+   unquantized model on held-out calibration windows; the best offspring replaces the parent when
+   it is better.
+
+The result is a list of per-layer rules (recipes.Rule) the normal pipeline then quantizes with
+(GPTQ, AWQ...), and a report of what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.algorithms.rtn import resolve_format, rtn_quantize
+from lowbit.calibration.sequential import run_sequential
+from lowbit.data import calibration_samples
+from lowbit.errors import ConfigError
+from lowbit.models.load import LoadedModel
+from lowbit.qtensor import format_nbytes
+from lowbit.recipes import BudgetConfig, Recipe, Rule
+
+log = logging.getLogger(__name__)
+
+WITHIN = 0.01  # the budget must be met from below within this fraction
+
+
+class BudgetError(ConfigError):
+    """The budget cannot be met with the given levels."""
+
+
+def level_name(level: tuple[int, int]) -> str:
+    return f"w{level[0]}g{level[1]}"
+
+
+def layer_bytes(model: nn.Module, names: list[str], levels: list[tuple[int, int]], recipe: Recipe) -> torch.Tensor:
+    """[L, K] packed bytes of each layer at each level."""
+    rows = []
+    for name in names:
+        lin = model.get_submodule(name)
+        rows.append([format_nbytes(lin.out_features, lin.in_features,
+                                   resolve_format(lin.in_features, b, g, recipe.symmetric, recipe.integer_scale))
+                     for b, g in levels])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def dense_bytes(model: nn.Module, names: list[str]) -> int:
+    """Bytes of every parameter outside the quantized layers, at 16 bits (tied tensors once)."""
+    quantized = {id(model.get_submodule(n).weight) for n in names}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in quantized or p.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(p.untyped_storage().data_ptr())
+        total += 2 * p.numel()
+    return total
+
+
+def budget_bytes(model: nn.Module, names: list[str], budget: BudgetConfig) -> int:
+    """Bytes the quantized layers may take."""
+    n_q = sum(model.get_submodule(n).weight.numel() for n in names)
+    if budget.target_bpw is not None:
+        return math.floor(budget.target_bpw * n_q / 8)
+    dense = dense_bytes(model, names)
+    if budget.target_bytes <= dense:
+        raise BudgetError(f"target size {budget.target_bytes / 1e6:.1f} MB is below the {dense / 1e6:.1f} MB of "
+                          "tensors that stay at 16 bits (embeddings, norms, head); raise --target-size")
+    return budget.target_bytes - dense
+
+
+def sensitivity(
+    loaded: LoadedModel, names: list[str], levels: list[tuple[int, int]], recipe: Recipe, ids: torch.Tensor,
+    progress: bool = True,
+) -> torch.Tensor:
+    """[L, K] output error tr(D H D^T) of each layer's round-to-nearest error D at each level."""
+    model = loaded.model
+    index = {n: i for i, n in enumerate(names)}
+    errors = torch.full((len(names), len(levels)), float("nan"))
+    clip = recipe.clip if recipe.clip.enabled else None
+    prefixes = _block_prefixes(model, names)
+
+    def measure(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]) -> dict:
+        for name, lin in linears.items():
+            full = f"{prefixes[i]}.{name}"
+            if full not in index:
+                continue
+            w = lin.weight.detach().float()
+            H = hessians[name]
+            for k, (b, g) in enumerate(levels):
+                d = rtn_quantize(w, b, g, recipe.symmetric, clip, iscale=recipe.integer_scale).dequantize() - w
+                errors[index[full], k] = float(((d @ H) * d).sum())
+        return {}
+
+    run_sequential(model, ids, measure, true_sequential=False, progress=progress)
+    return errors
+
+
+def _block_prefixes(model: nn.Module, names: list[str]) -> dict[int, str]:
+    out = {}
+    for n in names:
+        m = re.match(r"(.*\.(\d+))\.", n)
+        out[int(m.group(2))] = m.group(1)
+    return out
+
+
+def greedy(costs: torch.Tensor, errors: torch.Tensor, budget: int) -> list[int]:
+    """Level index per layer: cheapest everywhere, then the best error-per-byte upgrades that fit."""
+    L, K = costs.shape
+    hulls = []
+    for i in range(L):
+        order = sorted(range(K), key=lambda k: (int(costs[i, k]), float(errors[i, k])))
+        hull: list[int] = []
+        for k in order:  # lower convex hull of (bytes, error), error strictly decreasing
+            if hull and float(errors[i, k]) >= float(errors[i, hull[-1]]):
+                continue
+            while len(hull) >= 2:
+                a, b = hull[-2], hull[-1]
+                # drop b if it lies above the segment a -> k
+                if (float(errors[i, b]) - float(errors[i, a])) * (int(costs[i, k]) - int(costs[i, a])) >= \
+                        (float(errors[i, k]) - float(errors[i, a])) * (int(costs[i, b]) - int(costs[i, a])):
+                    hull.pop()
+                else:
+                    break
+            hull.append(k)
+        hulls.append(hull)
+    pos = [0] * L
+    used = sum(int(costs[i, hulls[i][0]]) for i in range(L))
+    if used > budget:
+        raise BudgetError(f"the smallest allocation takes {used} bytes for the quantized layers, more than the "
+                          f"budget of {budget}; raise the budget or add smaller levels")
+    heap = []
+
+    def push(i: int) -> None:
+        if pos[i] + 1 < len(hulls[i]):
+            a, b = hulls[i][pos[i]], hulls[i][pos[i] + 1]
+            gain = float(errors[i, a] - errors[i, b]) / max(int(costs[i, b] - costs[i, a]), 1)
+            heapq.heappush(heap, (-gain, i))
+
+    for i in range(L):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        a, b = hulls[i][pos[i]], hulls[i][pos[i] + 1]
+        extra = int(costs[i, b] - costs[i, a])
+        if used + extra <= budget:
+            used += extra
+            pos[i] += 1
+            push(i)
+    return [hulls[i][pos[i]] for i in range(L)]
+
+
+@dataclass
+class BudgetReport:
+    target: str
+    budget_bytes: int
+    used_bytes: int
+    bits_per_weight: float
+    choice: dict[str, str]                      # layer -> level name
+    counts: dict[str, int]                      # level name -> layers
+    greedy_kl: float | None = None
+    final_kl: float | None = None
+    accepted: int = 0
+    history: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+        kl = ""
+        if self.greedy_kl is not None:
+            kl = f"; search KL {self.greedy_kl:.4f} (greedy) -> {self.final_kl:.4f} ({self.accepted} improvements)"
+        return (f"budget {self.target}: {self.used_bytes / 1e6:.2f} of {self.budget_bytes / 1e6:.2f} MB for the "
+                f"quantized layers, {self.bits_per_weight:.3f} bits/weight; levels {counts}{kl}")
+
+
+class _FakeQuantModel:
+    """The model with each layer's weight replaced by its round-to-nearest weight at a level."""
+
+    def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe, cache_bytes: int = 2 << 30):
+        self.model, self.names, self.levels, self.recipe = model, names, levels, recipe
+        self.orig = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+        self.current: dict[str, int | None] = {n: None for n in names}
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.cache_bytes, self.cached = cache_bytes, 0
+
+    def weight(self, name: str, k: int) -> torch.Tensor:
+        key = (name, k)
+        if key not in self.cache:
+            b, g = self.levels[k]
+            clip = self.recipe.clip if self.recipe.clip.enabled else None
+            w = rtn_quantize(self.orig[name], b, g, self.recipe.symmetric, clip,
+                             iscale=self.recipe.integer_scale).dequantize(self.orig[name].dtype)
+            size = w.numel() * w.element_size()
+            if self.cached + size <= self.cache_bytes:
+                self.cache[key] = w
+                self.cached += size
+            return w
+        return self.cache[key]
+
+    def set(self, choice: list[int]) -> None:
+        for name, k in zip(self.names, choice):
+            if self.current[name] != k:
+                self.model.get_submodule(name).weight.data = self.weight(name, k)
+                self.current[name] = k
+
+    def restore(self) -> None:
+        for name in self.names:
+            self.model.get_submodule(name).weight.data = self.orig[name]
+
+
+@torch.inference_mode()
+def _mean_kl(model: nn.Module, ids: torch.Tensor, ref_logp: list[torch.Tensor]) -> float:
+    total, n = 0.0, 0
+    for row, ref in zip(ids, ref_logp):
+        logp = F.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1)
+        total += float((ref.exp() * (ref - logp)).sum())
+        n += row.numel()
+    return total / n
+
+
+def evolve(
+    model: nn.Module, names: list[str], levels, recipe: Recipe, costs: torch.Tensor, start: list[int],
+    budget: int, ids: torch.Tensor, cfg: BudgetConfig, progress: bool = True,
+) -> tuple[list[int], float, float, int, list[float]]:
+    """(1 + offspring) evolutionary search over per-layer levels, scored by KL to the model."""
+    with torch.inference_mode():
+        ref_logp = [F.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1) for row in ids]
+    fq = _FakeQuantModel(model, names, levels, recipe)
+    rng = random.Random(cfg.seed)
+    L = len(names)
+    by_cost = [sorted(range(len(levels)), key=lambda k: int(costs[i, k])) for i in range(L)]
+    rank = [{k: r for r, k in enumerate(by_cost[i])} for i in range(L)]
+    lower = math.ceil(budget * (1 - WITHIN))
+
+    def used(choice: list[int]) -> int:
+        return sum(int(costs[i, k]) for i, k in enumerate(choice))
+
+    def mutate(choice: list[int]) -> list[int] | None:
+        child = list(choice)
+        for _ in range(rng.randint(1, 3)):
+            for _try in range(20):
+                up, down = rng.randrange(L), rng.randrange(L)
+                ru, rd = rank[up][child[up]], rank[down][child[down]]
+                if up == down or ru + 1 >= len(levels) or rd == 0:
+                    continue
+                trial = list(child)
+                trial[up], trial[down] = by_cost[up][ru + 1], by_cost[down][rd - 1]
+                if lower <= used(trial) <= budget:
+                    child = trial
+                    break
+        return child if child != choice else None
+
+    try:
+        fq.set(start)
+        parent, parent_kl = list(start), _mean_kl(model, ids, ref_logp)
+        greedy_kl, accepted, history = parent_kl, 0, [parent_kl]
+        for _ in tqdm(range(cfg.generations), desc="budget search", unit="gen", disable=not progress):
+            best, best_kl = None, parent_kl
+            for _ in range(cfg.offspring):
+                child = mutate(parent)
+                if child is None:
+                    continue
+                fq.set(child)
+                kl = _mean_kl(model, ids, ref_logp)
+                if kl < best_kl:
+                    best, best_kl = child, kl
+            if best is not None:
+                parent, parent_kl, accepted = best, best_kl, accepted + 1
+            history.append(parent_kl)
+    finally:
+        fq.restore()
+    return parent, greedy_kl, parent_kl, accepted, history
+
+
+def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir: str | None = None,
+                progress: bool = True) -> tuple[Recipe, BudgetReport]:
+    """Choose a level per layer for recipe.budget; returns the recipe with one exact rule per layer."""
+    cfg = recipe.budget
+    model = loaded.model
+    levels = cfg.parsed_levels()
+    costs = layer_bytes(model, names, levels, recipe)
+    budget = budget_bytes(model, names, cfg)
+    n_q = sum(model.get_submodule(n).weight.numel() for n in names)
+    top = int(costs.max(dim=1).values.sum())
+    if top < budget * (1 - WITHIN):
+        raise BudgetError(f"the budget allows {budget} bytes for the quantized layers but the largest level everywhere "
+                          f"takes only {top} ({8 * top / n_q:.2f} bits/weight); lower the target or add wider levels")
+    c = recipe.calibration
+    ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
+    errors = sensitivity(loaded, names, levels, recipe, ids, progress)
+    choice = greedy(costs, errors, budget)
+    greedy_kl = final_kl = None
+    accepted, history = 0, []
+    if cfg.generations > 0:
+        n_eval = max(1, cfg.search_tokens // c.seqlen)
+        held_out = calibration_samples(loaded.tokenizer, c.dataset, n_eval, c.seqlen, c.seed + 1, data_dir=data_dir)
+        choice, greedy_kl, final_kl, accepted, history = evolve(
+            model, names, levels, recipe, costs, choice, budget, held_out, cfg, progress)
+    used = sum(int(costs[i, k]) for i, k in enumerate(choice))
+    if used < budget * (1 - WITHIN):
+        raise BudgetError(f"could not get within {WITHIN:.0%} of the budget with levels {', '.join(cfg.levels)}: "
+                          f"{used} of {budget} bytes; add finer levels (e.g. more group sizes)")
+    chosen = {n: level_name(levels[k]) for n, k in zip(names, choice)}
+    counts: dict[str, int] = {}
+    for lv in chosen.values():
+        counts[lv] = counts.get(lv, 0) + 1
+    target = f"{cfg.target_bpw} bits/weight" if cfg.target_bpw is not None else f"{cfg.target_bytes / 1e6:.1f} MB"
+    report = BudgetReport(target, budget, used, 8 * used / n_q, chosen, counts, greedy_kl, final_kl, accepted, history)
+    rules = tuple(Rule(pattern=f"^{re.escape(n)}$", bits=levels[k][0], group_size=levels[k][1])
+                  for n, k in zip(names, choice))
+    return replace(recipe, rules=rules + recipe.rules), report
