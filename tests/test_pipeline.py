@@ -197,3 +197,20 @@ def test_integer_scale_checkpoint_round_trips(data_dir, tmp_path):
     ids = torch.randint(1, TINY_VOCAB, (1, 16))
     with torch.inference_mode():
         assert torch.equal(loaded.model(ids).logits, lm.model(ids).logits)
+
+
+def test_rules_give_layers_their_own_format(data_dir, tmp_path):
+    from lowbit.recipes import Rule
+
+    lm = loaded_tiny("qwen2")
+    recipe = Recipe(method="gptq", bits=3, group_size=32, calibration=CALIB,
+                    rules=(Rule(r"mlp\.down_proj", bits=5, group_size=16), Rule(r"self_attn\.o_proj", method="rtn")))
+    res = quantize(lm, recipe, data_dir=data_dir, progress=False)
+    down, o, q = (lm.model.model.layers[0].mlp.down_proj, lm.model.model.layers[0].self_attn.o_proj,
+                  lm.model.model.layers[0].self_attn.q_proj)
+    assert (down.fmt.bits, down.fmt.group_size) == (5, 16) and (q.fmt.bits, q.fmt.group_size) == (3, 32)
+    assert res.layers["model.layers.0.self_attn.o_proj"].loss is None        # round-to-nearest: no GPTQ loss
+    assert res.layers["model.layers.0.self_attn.q_proj"].loss is not None
+    assert o.fmt.bits == 3
+    report = (save(res, tmp_path / "ck") / "REPORT.md").read_text()
+    assert "w5g16" in report and "w3g32" in report

@@ -51,3 +51,35 @@ def test_missing_or_unknown_recipe_file(tmp_path):
     (tmp_path / "r.json").write_text("{}")
     with pytest.raises(ConfigError, match=".toml"):
         Recipe.from_file(tmp_path / "r.json")
+
+
+def test_every_preset_loads_and_unknown_names_list_them():
+    from lowbit.recipes import presets
+
+    names = presets()
+    assert {"w4g128-gptq", "w3g64-awq-gptq", "w2.5-slim", "budget-3bpw"} <= set(names)
+    for name in names:
+        r = Recipe.load(name)
+        assert Recipe.from_dict(r.to_dict()) == r
+    assert Recipe.load("w2.5-slim").bits == 2.5 and Recipe.load("budget-3bpw").budget.target_bpw == 3.0
+    with pytest.raises(ConfigError, match="w4g128-gptq"):
+        Recipe.load("w9-nonsense")
+
+
+def test_rules_route_modules_to_their_settings(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "method: gptq\nbits: 3\nrules:\n  - {pattern: 'mlp\\.down_proj', bits: 4, group_size: 64}\n"
+        "  - {pattern: 'self_attn\\.[qk]_proj', method: rtn}\n")
+    r = Recipe.from_file(tmp_path / "r.yaml")
+    down = r.for_layer("model.layers.3.mlp.down_proj")
+    assert (down.bits, down.group_size, down.method) == (4, 64, "gptq")
+    assert r.for_layer("model.layers.0.self_attn.k_proj").method == "rtn"
+    assert r.for_layer("model.layers.0.self_attn.v_proj") == r
+    with pytest.raises(ConfigError, match="rules.method"):
+        Recipe.from_dict({"method": "gptq", "rules": [{"pattern": "x", "method": "awq"}]})
+    with pytest.raises(ConfigError, match="rules.pattern"):
+        Recipe.from_dict({"rules": [{"pattern": "(", "bits": 4}]})
+    with pytest.raises(ConfigError, match="budget"):
+        Recipe.from_dict({"budget": {"target_bpw": 3, "target_bytes": 10}})
+    with pytest.raises(ConfigError, match="budget.levels"):
+        Recipe.from_dict({"budget": {"target_bpw": 3, "levels": ["w3x64", "w4g64"]}})

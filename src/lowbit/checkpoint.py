@@ -51,6 +51,20 @@ def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def layer_entry(m: QuantLinear) -> dict[str, Any]:
+    """The manifest's description of one quantized layer."""
+    qw = m.quantized_weight()
+    entry = {**qw.fmt.to_dict(), "shape": list(qw.shape), "perm": qw.perm is not None, "bias": m.bias is not None}
+    if qw.mixed:
+        entry["group_bits"] = qw.group_bits.tolist()
+        entry["average_bits"] = qw.average_bits()
+    return entry
+
+
+def layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: layer_entry(m) for name, m in _quantized_modules(model).items()}
+
+
 def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict]]:
     """(quantized tensors, dense tensors, per-layer manifest entries), tied tensors stored once."""
     qmods = _quantized_modules(model)
@@ -62,11 +76,7 @@ def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, t
             quant[f"{name}.{key}"] = t.contiguous()
         if m.bias is not None:
             quant[f"{name}.bias"] = m.bias.detach().contiguous()
-        layers[name] = {**qw.fmt.to_dict(), "shape": list(qw.shape), "perm": qw.perm is not None,
-                        "bias": m.bias is not None}
-        if qw.mixed:
-            layers[name]["group_bits"] = qw.group_bits.tolist()
-            layers[name]["average_bits"] = qw.average_bits()
+        layers[name] = layer_entry(m)
     dense: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, t in model.state_dict().items():

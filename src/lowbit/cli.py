@@ -75,11 +75,24 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_recipes(args) -> int:
+    from lowbit.recipes import PRESET_DIR, Recipe, presets
+
+    for name in presets():
+        path = PRESET_DIR / f"{name}.toml"
+        about = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#"))
+        if args.verbose_recipes:
+            print(f"{name}: {about}\n  {Recipe.from_file(path).describe()}; file {path}")
+        else:
+            print(f"{name:<18} {about}")
+    return 0
+
+
 # ---------------------------------------------------------------- quantize
 def _recipe_from_args(args):
     from lowbit.recipes import Recipe
 
-    base = Recipe.from_file(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
+    base = Recipe.load(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
     flat = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "symmetric": args.sym}
     base.update({k: v for k, v in flat.items() if v is not None})
     for key, value in (("act_order", args.act_order), ("static_groups", args.static_groups), ("damp", args.damp),
@@ -203,11 +216,11 @@ def cmd_eval(args) -> int:
 # ---------------------------------------------------------------- info
 def cmd_info(args) -> int:
     from lowbit.checkpoint import read_manifest
-    from lowbit.report import info_text
+    from lowbit.report import info_text, per_layer_summary
 
     manifest = read_manifest(args.checkpoint)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps({**per_layer_summary(manifest), **manifest}, indent=2))
     else:
         print(info_text(manifest))
     return 0
@@ -257,10 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(m, data=False)
     m.set_defaults(func=cmd_models)
 
+    rp = sub.add_parser("recipes", help="list the built-in recipe presets (use with quantize --recipe NAME)")
+    rp.add_argument("--long", dest="verbose_recipes", action="store_true", help="also show each resolved recipe")
+    rp.set_defaults(func=cmd_recipes)
+
     q = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
     q.add_argument("model", help="known name (see `lowbit models`), HF folder, .gguf file or hub id")
     q.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
-    q.add_argument("--recipe", help="recipe file (.toml/.yaml); flags given here override it")
+    q.add_argument("--recipe", help="recipe file (.toml/.yaml) or preset name (`lowbit recipes` lists them)"
+                   "; flags given here override it")
     q.add_argument("--method", choices=list(METHODS),
                    help="rtn, gptq (default), awq (smoothing + RTN), awq-gptq, slim (mixed widths per group + GPTQ)")
     q.add_argument("--bits", type=_number, help="code width, 2-8 (default 4); with slim the average width, e.g. 2.5")

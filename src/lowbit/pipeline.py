@@ -26,7 +26,7 @@ from lowbit.allocate import plan_budget
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
 from lowbit.calibration.sequential import run_sequential
-from lowbit.checkpoint import save_checkpoint
+from lowbit.checkpoint import layer_entries, save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
 from lowbit.eval.size import quantized_size
@@ -88,7 +88,7 @@ class QuantizeResult:
 def save(result: QuantizeResult, out_dir: str | Path, evaluations: list[EvalResult] = (), overwrite: bool = False) -> Path:
     """Write result as a checkpoint folder with its manifest and REPORT.md."""
     info = result.manifest_info(evaluations)
-    report = quantize_report(info, list(evaluations))
+    report = quantize_report({**info, "layers": layer_entries(result.model)}, list(evaluations))
     return save_checkpoint(result.model, result.loaded.tokenizer, out_dir, info, report=report, overwrite=overwrite)
 
 

@@ -242,6 +242,18 @@ class Recipe:
         return _build(cls, d, "")
 
     @classmethod
+    def load(cls, file_or_preset: str | Path) -> "Recipe":
+        """A recipe file (.toml / .yaml), or the name of a built-in preset (see presets())."""
+        path = Path(file_or_preset)
+        if path.suffix in (".toml", ".yaml", ".yml") or path.exists():
+            return cls.from_file(path)
+        preset = PRESET_DIR / f"{file_or_preset}.toml"
+        if not preset.is_file():
+            raise ConfigError(f"{str(file_or_preset)!r} is neither a recipe file nor a preset; presets: "
+                              f"{', '.join(presets())}")
+        return cls.from_file(preset)
+
+    @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
         path = Path(path)
         if not path.is_file():
@@ -258,6 +270,14 @@ class Recipe:
         else:
             raise ConfigError(f"recipe file {path}: use a .toml, .yaml or .yml file")
         return cls.from_dict(data)
+
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the built-in recipe presets (src/lowbit/presets/*.toml)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
 _NESTED = {"clip": ClipConfig, "gptq": GPTQConfig, "calibration": CalibrationConfig, "awq": AWQConfig,

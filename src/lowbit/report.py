@@ -8,13 +8,31 @@ from typing import Any
 from lowbit.evaluate import REFERENCE_NOTE, EvalResult, format_table
 
 
+def layer_choice(m: dict[str, Any]) -> str:
+    """One layer's format in a few characters: w3g64, w2.50g64-mixed, w4g128-int8scale."""
+    if m.get("group_bits") is not None:
+        s = f"w{m['average_bits']:.2f}g{m['group_size']}-mixed{min(m['group_bits'])}-{max(m['group_bits'])}"
+    else:
+        s = f"w{m['bits']}g{m['group_size']}"
+    if m.get("scale_bits"):
+        s += f"-int{m['scale_bits']}scale"
+    return s
+
+
+def per_layer_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What `lowbit info --json` adds to the manifest: effective bits per weight and each layer's choice."""
+    return {"bits_per_weight": manifest.get("stats", {}).get("bits_per_weight"),
+            "model_bytes": manifest.get("stats", {}).get("model_bytes"),
+            "per_layer": {name: layer_choice(m) for name, m in manifest["layers"].items()}}
+
+
 def _formats_summary(layers: dict[str, dict]) -> list[str]:
     counts = Counter(
-        (m["bits"], m["group_size"], "sym" if m["symmetric"] else "asym", "perm" if m.get("perm") else "")
+        (layer_choice(m), "sym" if m["symmetric"] else "asym", "perm" if m.get("perm") else "")
         for m in layers.values()
     )
-    return [f"- {n} layers: {b}-bit, group {g}, {s}{', act-order permutation' if p else ''}"
-            for (b, g, s, p), n in counts.most_common()]
+    return [f"- {n} layers: {c}, {s}{', act-order permutation' if p else ''}"
+            for (c, s, p), n in counts.most_common()]
 
 
 def _provenance(info: dict[str, Any]) -> list[str]:
@@ -34,8 +52,11 @@ def _provenance(info: dict[str, Any]) -> list[str]:
 def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
     r = info["recipe"]
     st = info["stats"]
+    title = f"{r['method']} {r['bits']}-bit, group {r['group_size']}"
+    if r.get("rules"):
+        title = f"{r['method']}, bit width and group size chosen per layer"
     out = [
-        f"# lowbit checkpoint: {r['method']} {r['bits']}-bit, group {r['group_size']}",
+        f"# lowbit checkpoint: {title}",
         "",
         "## Result",
         f"- effective bits per weight (quantized layers, scales and zeros counted): {st['bits_per_weight']:.3f}",
@@ -49,6 +70,15 @@ def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
                 f"{REFERENCE_NOTE}", ""]
     else:
         out += ["No evaluation was run; use `lowbit eval CHECKPOINT --data wikitext2`.", ""]
+    out += ["## Layer formats", *_formats_summary(info.get("layers", {})), ""] if info.get("layers") else []
+    if info.get("budget"):
+        b = info["budget"]
+        out += ["## Budget", f"- target {b['target']}: {b['used_bytes']} of {b['budget_bytes']} bytes for the "
+                f"quantized layers ({b['bits_per_weight']:.3f} bits/weight)"]
+        if b.get("greedy_kl") is not None:
+            out.append(f"- search: KL on held-out calibration windows {b['greedy_kl']:.4f} after the sensitivity "
+                       f"greedy, {b['final_kl']:.4f} after the evolutionary search ({b['accepted']} improvements)")
+        out.append("")
     out += ["## Provenance", *_provenance(info), "", "## Recipe", "```", _recipe_lines(r), "```", ""]
     if info.get("skipped"):
         out += ["Kept in full precision: " + ", ".join(info["skipped"]), ""]
@@ -58,7 +88,9 @@ def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
 def _recipe_lines(d: dict[str, Any], prefix: str = "") -> str:
     lines = []
     for k, v in d.items():
-        if isinstance(v, dict):
+        if k == "rules" and len(v) > 8:
+            lines.append(f"{prefix}{k} = [{len(v)} per-layer rules; see the manifest]")
+        elif isinstance(v, dict):
             lines.append(_recipe_lines(v, f"{prefix}{k}."))
         else:
             lines.append(f"{prefix}{k} = {v!r}")
@@ -78,6 +110,6 @@ def info_text(manifest: dict[str, Any]) -> str:
     lines += ["  " + s for s in _provenance(manifest)]
     lines.append("layers:")
     for name, m in manifest["layers"].items():
-        lines.append(f"  {name}: {m['shape'][0]}x{m['shape'][1]} {m['bits']}-bit g{m['group_size']} "
+        lines.append(f"  {name}: {m['shape'][0]}x{m['shape'][1]} {layer_choice(m)} "
                      f"{'sym' if m['symmetric'] else 'asym'}{' perm' if m.get('perm') else ''}")
     return "\n".join(lines)
