@@ -1,6 +1,10 @@
 import pytest
 
-from lowbit.bench.accuracy import MARK_BEGIN, MARK_END, Setting, _write_section
+import json
+from types import SimpleNamespace
+
+from lowbit.bench.accuracy import (MARK_BEGIN, MARK_END, Job, Setting, _key, _write_section, jobs_from_args,
+                                   pareto_front, render)
 from lowbit.errors import ConfigError
 
 
@@ -23,3 +27,48 @@ def test_section_is_replaced_in_place_and_the_rest_kept(tmp_path):
     f.write_text(text + "\n## other section\n")
     _write_section(f, "third")
     assert f.read_text().endswith("## other section\n") and "third" in f.read_text()
+
+
+def test_jobs_parse_and_refuse_what_cannot_run():
+    assert Job.parse("slim:w2.5g128") == Job("slim", "w2.5g128")
+    assert Setting.parse("w2.5g128").bits == 2.5
+    for bad, match in (("gptq:w2.5g128", "need method slim"), ("llamacpp:Q9_Z", "llama.cpp type"),
+                       ("sparsegpt:w4g128", "METHOD:SETTING"), ("gptq", "METHOD:SETTING")):
+        with pytest.raises(ConfigError, match=match):
+            Job.parse(bad)
+    args = SimpleNamespace(suite=None, jobs=None, methods="rtn,gptq", settings="w4g128,w3g64")
+    assert [str(j) for j in jobs_from_args(args)] == ["rtn:w4g128", "gptq:w4g128", "rtn:w3g64", "gptq:w3g64"]
+    suite = [str(j) for j in jobs_from_args(SimpleNamespace(suite="methods", jobs=None))]
+    assert {"awq-gptq:w3g128", "slim:w2.5g128", "budget:w2g32", "llamacpp:Q2_K", "hqq:w2g128"} <= set(suite)
+
+
+def test_old_records_keep_their_identity():
+    assert _key({"model": "m", "method": "gptq", "bits": 3, "group_size": 64}) == ("m", "gptq", "w3g64")
+    assert _key({"model": "m", "method": "slim", "setting": "w2.5g128"}) == ("m", "slim", "w2.5g128")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(4.2, 30.0), (3.2, 70.0), (3.3, 90.0), (2.3, 400.0), (4.5, 29.0), (4.3, 31.0)]
+    assert pareto_front(pts) == [(2.3, 400.0), (3.2, 70.0), (4.2, 30.0), (4.5, 29.0)]
+
+
+def test_render_writes_table_and_plot(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "commands.txt").write_text("lowbit bench accuracy m --suite methods\n")
+    (work / "reference-m.json").write_text(json.dumps({"max_tokens": 64, "seqlen": 32, "sha256": "ab" * 32,
+                                                       "ppl": {"wikitext2": 20.0}}))
+    def row(method, setting, bpw, ppl):
+        return {"model": "m", "method": method, "setting": setting, "bits_per_weight": bpw, "quant_seconds": 1.0,
+                "peak_rss_bytes": 2**30, "calib_samples": 8, "calib_seqlen": 64,
+                "datasets": {"wikitext2": {"ppl": ppl, "kl": 0.1, "top1": 0.9}}}
+    rows = [row("gptq", "w3g128", 3.16, 70.0), row("slim", "w3g128", 3.17, 50.0),
+            {**row("budget", "w3g128", 3.15, 60.0), "budget": {"target": "3.15 bits/weight", "counts": {"w3g64": 2},
+                                                               "greedy_kl": 1.0, "final_kl": 0.8, "accepted": 3}},
+            {"model": "m", "method": "llamacpp", "setting": "Q2_K", "error": "RuntimeError: no cmake"}]
+    results = {_key(r): r for r in rows}
+    text = render(SimpleNamespace(models=["m"]), ["wikitext2"], results, work, plot_dir=tmp_path)
+    assert "| slim | w3g128 | 3.170 | 50.000 |" in text and "failed: RuntimeError: no cmake" in text
+    assert "size of w3g128: w3g64x2; search KL 1.000->0.800" in text
+    assert "| 8x64 |" in text and (tmp_path / "BENCHMARKS-pareto-m.png").stat().st_size > 1000
+    assert "![wikitext2 perplexity against bits per weight, m](BENCHMARKS-pareto-m.png)" in text

@@ -1,11 +1,20 @@
 """`lowbit bench accuracy`: the reference and every (method, setting) side by side in one run.
 
 For each model: the reference's log-probabilities on the evaluation windows are computed once
-and cached on disk (eval.kl.ReferenceLogits); then each job (RTN, GPTQ, HQQ at each bit width and
-group size) runs in a fresh child process that loads the model, quantizes it (wall time and the
-child's peak RSS measured), and compares it to the cached reference on the same token ids. The
-results are appended as JSON lines (so an interrupted run keeps what it finished) and rendered
-into a markdown section of BENCHMARKS.md.
+and cached on disk (eval.kl.ReferenceLogits); then each job runs in a fresh child process that
+loads the model, quantizes it (wall time and the child's peak RSS measured), and compares it to
+the cached reference on the same token ids. The results are appended as JSON lines (so an
+interrupted run keeps what it finished) and rendered into a markdown section of BENCHMARKS.md,
+with a plot of perplexity against bits per weight per model.
+
+A job is METHOD:SETTING:
+- rtn, gptq, awq, awq-gptq, hqq : w<bits>g<group>            e.g. gptq:w3g128
+- slim                          : w<avg bits>g<group>        e.g. slim:w2.5g128
+- budget                        : w<bits>g<group>, meaning "the size of that uniform format":
+                                  per-layer levels chosen for exactly its bits per weight (GPTQ)
+- llamacpp                      : a llama.cpp type           e.g. llamacpp:Q4_K_M
+`--jobs` lists them; without it, every method in --methods runs at every --settings.
+`--suite methods` is the weight-methods comparison at about 4, 3, 2.5 and 2 bits per weight.
 """
 
 from __future__ import annotations
@@ -22,20 +31,34 @@ from typing import Any
 
 from lowbit.errors import ConfigError, DataNotFoundError
 
-METHODS = ("rtn", "gptq", "hqq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "budget", "hqq", "llamacpp")
+DEFAULT_METHODS = ("rtn", "gptq", "hqq")
 DEFAULT_SETTINGS = ("w4g128", "w4g64", "w3g128", "w3g64", "w2g64")
+LLAMACPP_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def _suite_methods() -> list[str]:
+    jobs = []
+    for uniform, avg in (("w4g128", "w4g128"), ("w3g128", "w3g128"), ("w2g32", "w2.5g128"), ("w2g128", "w2g128")):
+        jobs += [f"{m}:{uniform}" for m in ("rtn", "gptq", "awq-gptq", "hqq")]
+        jobs += [f"slim:{avg}", f"budget:{uniform}"]
+    return jobs + [f"llamacpp:{t}" for t in ("Q4_K_M", "Q3_K_M", "Q2_K")]
+
+
+SUITES = {"methods": _suite_methods}
 
 
 @dataclass(frozen=True)
 class Setting:
-    bits: int
+    bits: int | float
     group_size: int
 
     @classmethod
     def parse(cls, text: str) -> "Setting":
         try:
             b, g = text.lower().removeprefix("w").split("g")
-            return cls(int(b), int(g))
+            bits = float(b)
+            return cls(int(bits) if bits.is_integer() else bits, int(g))
         except ValueError:
             raise ConfigError(f"setting {text!r} is not of the form w<bits>g<group>, e.g. w4g128") from None
 
@@ -43,10 +66,59 @@ class Setting:
         return f"w{self.bits}g{self.group_size}"
 
 
+@dataclass(frozen=True)
+class Job:
+    method: str
+    setting: str   # w<bits>g<group>, or a llama.cpp type
+
+    @classmethod
+    def parse(cls, text: str) -> "Job":
+        method, _, setting = text.partition(":")
+        if method not in METHODS or not setting:
+            raise ConfigError(f"job {text!r}: use METHOD:SETTING with METHOD one of {', '.join(METHODS)} "
+                              "(e.g. gptq:w3g128, slim:w2.5g128, llamacpp:Q4_K_M)")
+        if method == "llamacpp":
+            if setting not in LLAMACPP_TYPES:
+                raise ConfigError(f"job {text!r}: llama.cpp type must be one of {', '.join(LLAMACPP_TYPES)}")
+        else:
+            s = Setting.parse(setting)
+            if method != "slim" and not isinstance(s.bits, int):
+                raise ConfigError(f"job {text!r}: fractional bits need method slim")
+        return cls(method, setting)
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.setting}"
+
+
+def jobs_from_args(args) -> list[Job]:
+    if getattr(args, "suite", None):
+        return [Job.parse(j) for j in SUITES[args.suite]()]
+    if getattr(args, "jobs", None):
+        return [Job.parse(j) for j in args.jobs.split(",") if j]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS or m == "llamacpp"]
+    if bad:
+        raise ConfigError(f"--methods: unknown {bad}; choose from {', '.join(m for m in METHODS if m != 'llamacpp')} "
+                          "(llama.cpp types go in --jobs, e.g. llamacpp:Q4_K_M)")
+    return [Job.parse(f"{m}:{s}") for s in args.settings.split(",") if s for m in methods]
+
+
+def _key(r: dict[str, Any]) -> tuple[str, str, str]:
+    """Result identity; records written before jobs had labels carry bits and group_size only."""
+    return r["model"], r["method"], r.get("setting") or f"w{r['bits']}g{r['group_size']}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", default=["smollm2-135m"], help="models to benchmark")
     p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help="comma list of w<bits>g<group>")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list of rtn, gptq, hqq")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma list of methods (see --jobs)")
+    p.add_argument("--jobs", help="comma list of METHOD:SETTING, e.g. gptq:w3g128,slim:w2.5g128,llamacpp:Q2_K "
+                   "(replaces --methods x --settings)")
+    p.add_argument("--suite", choices=sorted(SUITES), help="a predefined job list: 'methods' compares the weight "
+                   "methods and peers at about 4, 3, 2.5 and 2 bits per weight")
+    p.add_argument("--budget-generations", type=int, default=10, help="evolutionary search steps of budget jobs")
+    p.add_argument("--render-only", action="store_true", help="rewrite the section and plots from the results "
+                   "already in the work folder; run nothing")
     p.add_argument("--data", default="wikitext2,c4", help="comma list of evaluation datasets")
     p.add_argument("--max-tokens", type=int, default=8192, help="evaluation tokens per dataset")
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
@@ -68,6 +140,20 @@ def _job(spec: dict[str, Any], queue) -> None:
         queue.put({**spec, "error": f"{type(e).__name__}: {e}"})
 
 
+def _uniform_bpw(model, names, setting: Setting) -> float:
+    """Bits per weight of a uniform asymmetric format over these layers (the size a budget job matches)."""
+    from lowbit.algorithms.rtn import resolve_format
+    from lowbit.qtensor import format_nbytes
+
+    total = n = 0
+    for name in names:
+        lin = model.get_submodule(name)
+        total += format_nbytes(lin.out_features, lin.in_features,
+                               resolve_format(lin.in_features, setting.bits, setting.group_size, False))
+        n += lin.weight.numel()
+    return 8 * total / n
+
+
 def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -76,27 +162,52 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     from lowbit.eval.size import quantized_size
     from lowbit.models import load_model
     from lowbit.pipeline import quantize, target_layers
-    from lowbit.recipes import CalibrationConfig, Recipe
+    from lowbit.recipes import BudgetConfig, CalibrationConfig, Recipe
 
     torch.manual_seed(0)
-    loaded = load_model(spec["model"], dtype=torch.float32, cache=spec.get("cache"), progress=False)
-    load_rss = _peak_rss()
-    method, bits, gs = spec["method"], spec["bits"], spec["group_size"]
+    method = spec["method"]
     t0 = time.perf_counter()
-    if method == "hqq":
-        from lowbit.peers import hqq_quantize_model
+    extra: dict[str, Any] = {}
+    if method == "llamacpp":
+        from lowbit.peers.llamacpp import ensure_llamacpp, load_llamacpp_quant, quantize_with_llamacpp
+        from lowbit.models import resolve_model
 
-        names, _ = target_layers(loaded.model, Recipe(method="rtn", bits=bits, group_size=gs))
-        peer = hqq_quantize_model(loaded.model, names, bits, gs, progress=False)
-        bpw = peer.bits_per_weight
+        source = resolve_model(spec["model"], cache=spec.get("cache"))
+        tools = ensure_llamacpp(cache=spec.get("cache"), progress=False)
+        gguf = quantize_with_llamacpp(source.path, spec["setting"], Path(spec["work"]) / "llamacpp", tools)
+        peer = load_llamacpp_quant(gguf, dtype=torch.float32)
+        loaded, bpw = peer.loaded, peer.bits_per_weight
+        load_rss = _peak_rss()
     else:
-        recipe = Recipe(method=method, bits=bits, group_size=gs,
-                        calibration=CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"]))
-        quantize(loaded, recipe, data_dir=spec.get("data_dir"), progress=False)
-        bpw = quantized_size(loaded.model).bits_per_weight
+        loaded = load_model(spec["model"], dtype=torch.float32, cache=spec.get("cache"), progress=False)
+        load_rss = _peak_rss()
+        setting = Setting.parse(spec["setting"])
+        bits, gs = setting.bits, setting.group_size
+        calib = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"])
+        t0 = time.perf_counter()
+        if method == "hqq":
+            from lowbit.peers import hqq_quantize_model
+
+            names, _ = target_layers(loaded.model, Recipe(method="rtn", bits=bits, group_size=gs))
+            peer = hqq_quantize_model(loaded.model, names, bits, gs, progress=False)
+            bpw = peer.bits_per_weight
+        else:
+            if method == "budget":
+                names, _ = target_layers(loaded.model, Recipe())
+                target = _uniform_bpw(loaded.model, names, setting)
+                budget = BudgetConfig(target_bpw=target, generations=spec.get("budget_generations", 10),
+                                      offspring=2, search_tokens=1024)
+                recipe = Recipe(method="gptq", calibration=calib, budget=budget)
+            else:
+                recipe = Recipe(method=method, bits=bits, group_size=gs, calibration=calib)
+            res = quantize(loaded, recipe, data_dir=spec.get("data_dir"), progress=False)
+            bpw = quantized_size(loaded.model).bits_per_weight
+            if "budget" in res.extra:
+                b = res.extra["budget"]
+                extra["budget"] = {k: b[k] for k in ("target", "counts", "greedy_kl", "final_kl", "accepted")}
     seconds = time.perf_counter() - t0
     peak = _peak_rss()
-    out = {**spec, "bits_per_weight": bpw, "quant_seconds": seconds, "peak_rss_bytes": peak,
+    out = {**spec, **extra, "bits_per_weight": bpw, "quant_seconds": seconds, "peak_rss_bytes": peak,
            "load_rss_bytes": load_rss, "datasets": {}}
     for ds, ref_path in spec["references"].items():
         tokens = eval_tokens(loaded.tokenizer, ds, spec["max_tokens"], spec.get("data_dir"))
@@ -144,11 +255,7 @@ def build_references(model: str, datasets: list[str], args, work: Path) -> dict[
 def run_accuracy_bench(args) -> None:
     from tqdm.auto import tqdm
 
-    settings = [Setting.parse(s) for s in args.settings.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ConfigError(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    jobs = jobs_from_args(args)
     datasets = [d for d in args.data.split(",") if d]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -157,27 +264,32 @@ def run_accuracy_bench(args) -> None:
     if results_path.exists():
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
-            done[(r["model"], r["method"], r["bits"], r["group_size"])] = r
-    with open(work / "commands.txt", "a") as f:
-        f.write(command_line(args) + "\n")
-    for model in args.models:
-        refs = build_references(model, datasets, args, work)
-        (work / f"reference-{model}.json").write_text(json.dumps(refs, indent=2))
-        jobs = [(m, s) for s in settings for m in methods]
-        for method, s in tqdm(jobs, desc=f"{model} jobs", disable=args.quiet):
-            key = (model, method, s.bits, s.group_size)
-            if key in done and "error" not in done[key]:
-                continue
-            spec = {"model": model, "method": method, "bits": s.bits, "group_size": s.group_size,
-                    "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
-                    "max_tokens": args.max_tokens, "seqlen": args.seqlen, "references": refs["paths"],
-                    "cache": args.cache, "data_dir": args.data_dir}
-            r = _run_in_child(spec)
-            done[key] = r
-            with open(results_path, "a") as f:
-                f.write(json.dumps(r) + "\n")
-    section = render(args, datasets, done, work)
-    _write_section(Path(args.output), section)
+            done[_key(r)] = r
+    if not args.render_only:
+        with open(work / "commands.txt", "a") as f:
+            f.write(command_line(args) + "\n")
+        for model in args.models:
+            refs = build_references(model, datasets, args, work)
+            (work / f"reference-{model}.json").write_text(json.dumps(refs, indent=2))
+            for job in tqdm(jobs, desc=f"{model} jobs", disable=args.quiet):
+                key = (model, job.method, job.setting)
+                if key in done and "error" not in done[key]:
+                    continue
+                spec = {"model": model, "method": job.method, "setting": job.setting,
+                        "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
+                        "max_tokens": args.max_tokens, "seqlen": args.seqlen, "references": refs["paths"],
+                        "cache": args.cache, "data_dir": args.data_dir, "work": str(work),
+                        "budget_generations": args.budget_generations}
+                if job.method != "llamacpp":
+                    s = Setting.parse(job.setting)
+                    spec.update(bits=s.bits, group_size=s.group_size)
+                r = _run_in_child(spec)
+                done[key] = r
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    out = Path(args.output)
+    section = render(args, datasets, done, work, plot_dir=out.parent)
+    _write_section(out, section)
     print(section)
 
 
@@ -199,16 +311,38 @@ def machine() -> str:
 
 
 def command_line(args) -> str:
-    return (f"lowbit bench accuracy {' '.join(args.models)} --settings {args.settings} --methods {args.methods} "
+    if getattr(args, "suite", None):
+        what = f"--suite {args.suite} --budget-generations {args.budget_generations}"
+    elif getattr(args, "jobs", None):
+        what = f"--jobs {args.jobs}"
+    else:
+        what = f"--settings {args.settings} --methods {args.methods}"
+    return (f"lowbit bench accuracy {' '.join(args.models)} {what} "
             f"--data {args.data} --max-tokens {args.max_tokens} --seqlen {args.seqlen} "
             f"--calib-samples {args.calib_samples} --calib-seqlen {args.calib_seqlen} --work-dir {args.work_dir}")
 
 
-def render(args, datasets: list[str], results: dict, work: Path) -> str:
+CALIBRATED = ("gptq", "awq", "awq-gptq", "slim", "budget")
+
+
+def _notes(r: dict[str, Any]) -> str:
+    if r["method"] == "budget" and "budget" in r:
+        b = r["budget"]
+        counts = " ".join(f"{k}x{v}" for k, v in sorted(b["counts"].items()))
+        kl = f"; search KL {b['greedy_kl']:.3f}->{b['final_kl']:.3f}" if b.get("greedy_kl") is not None else ""
+        return f"size of {r['setting']}: {counts}{kl}"
+    if r["method"] == "llamacpp":
+        return "llama.cpp quantizer on the same reference"
+    if r["method"] == "hqq":
+        return "hqq 0.2.8, float zero"
+    return ""
+
+
+def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path | None = None) -> str:
     commands = list(dict.fromkeys((work / "commands.txt").read_text().splitlines()))
     models = list(dict.fromkeys([k[0] for k in results] + list(args.models)))
     lines = [
-        "## Accuracy: reference vs RTN, GPTQ and HQQ",
+        "## Accuracy: reference vs lowbit's methods and the peers",
         "",
         "Commands (results accumulate in the work folder; a job already done is not rerun):",
         "",
@@ -217,11 +351,17 @@ def render(args, datasets: list[str], results: dict, work: Path) -> str:
         f"Machine: {machine()}. Compute dtype float32. Evaluation: the first N tokens of each dataset "
         "(N and the window length are given per model) in non-overlapping windows (C4: documents "
         "1000-1999 of c4-validation-2k.jsonl); KL(reference || model) in nats per token and top-1 "
-        "agreement on the same token ids. Calibration (GPTQ): the `calib` column, samples x tokens drawn from C4 "
-        "documents 0-999, seed 0. RTN and GPTQ: asymmetric, integer zero points, float16 scales, clipping "
-        "search; GPTQ damp 0.01, true-sequential, no act-order. HQQ 0.2.8 (data-free, its default "
-        "optimizer, float zero and scale per group). Bits per weight count scales and zeros. Quantization "
-        "time and peak RSS are of a fresh child process per job (model load included in the RSS).",
+        "agreement on the same token ids. Calibration: the `calib` column, samples x tokens drawn from C4 "
+        "documents 0-999, seed 0. lowbit's formats: asymmetric, integer zero points, float16 scales, clipping "
+        "search; GPTQ damp 0.01, true-sequential, no act-order. awq-gptq: AWQ smoothing (alpha grid 20, "
+        "2048 sampled tokens) then GPTQ. slim: SliM-LLM widths per column group (setting = average code width), "
+        "GPTQ inside. budget: per-layer bit width and group size for the size of the named uniform format "
+        "(sensitivity greedy, then an evolutionary search scored by KL on held-out calibration windows), GPTQ. "
+        "HQQ 0.2.8 (data-free, its default optimizer, float zero and scale per group). llamacpp: llama.cpp's "
+        "converter and quantizer (from the llama-cpp-python source release) on the same reference, loaded back "
+        "through transformers' GGUF dequantization. Bits per weight count scales and zeros (llama.cpp: the "
+        "decoder-block weight tensors' bytes). Quantization time and peak RSS are of a fresh child process per "
+        "job (model load included in the RSS).",
         "",
         "The reference is the GGUF model dequantized to float32: it was already quantized upstream "
         "(SmolLM2: Q4_1, asymmetric 4-bit g32; Qwen2.5-Coder: Q4_K/Q6_K), so these numbers measure "
@@ -231,27 +371,75 @@ def render(args, datasets: list[str], results: dict, work: Path) -> str:
     for model in models:
         ref = json.loads((work / f"reference-{model}.json").read_text())
         head = "| method | setting | bits/weight | " + " | ".join(
-            f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) | calib |"
+            f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) | calib | notes |"
         lines += [f"### {model}", "",
                   f"Evaluation: first {ref['max_tokens']} tokens per dataset, windows of {ref['seqlen']}; "
-                  f"reference sha256 {ref['sha256'][:16]}...", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 3)]
+                  f"reference sha256 {ref['sha256'][:16]}...", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 4)]
         lines.append("| reference | fp32 | 32 | " + " | ".join(f"{ref['ppl'][d]:.3f} | 0 | 1" for d in datasets)
-                     + " | - | - | - |")
+                     + " | - | - | - | |")
         rows = sorted((r for k, r in results.items() if k[0] == model),
-                      key=lambda r: (-r["bits"], -r["group_size"], METHODS.index(r["method"])))
+                      key=lambda r: (-(r.get("bits_per_weight") or 0), METHODS.index(r["method"])))
         for r in rows:
-            setting = f"w{r['bits']}g{r['group_size']}"
+            setting = _key(r)[2]
             if "error" in r:
                 lines.append(f"| {r['method']} | {setting} | failed: {r['error']} |")
                 continue
             cells = " | ".join(
                 f"{r['datasets'][d]['ppl']:.3f} | {r['datasets'][d]['kl']:.4f} | {r['datasets'][d]['top1']:.3f}"
-                for d in datasets)
-            calib = f"{r['calib_samples']}x{r['calib_seqlen']}" if r["method"] == "gptq" else "none"
+                if d in r["datasets"] else "- | - | -" for d in datasets)
+            calib = f"{r['calib_samples']}x{r['calib_seqlen']}" if r["method"] in CALIBRATED else "none"
             lines.append(f"| {r['method']} | {setting} | {r['bits_per_weight']:.3f} | {cells} | "
-                         f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} |")
+                         f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} | {_notes(r)} |")
         lines.append("")
+        if plot_dir is not None and datasets:
+            png = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)
+            if png is not None:
+                lines += [f"![{datasets[0]} perplexity against bits per weight, {model}]({png.name})", ""]
     return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both size and perplexity, by increasing size."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dataset: str, out_dir: Path) -> Path | None:
+    """Perplexity against bits per weight, one marker per method, the Pareto front drawn; PNG path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in rows if dataset in r["datasets"]]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = dict(zip(METHODS, "os^vDP*Xh"))
+    for method in METHODS:
+        pts = [(r["bits_per_weight"], r["datasets"][dataset]["ppl"]) for r in rows if r["method"] == method]
+        if pts:
+            ax.scatter(*zip(*pts), marker=markers[method], label=method, s=36)
+    front = pareto_front([(r["bits_per_weight"], r["datasets"][dataset]["ppl"]) for r in rows])
+    ax.plot(*zip(*front), color="gray", lw=1, ls="--", label="Pareto front")
+    ax.axhline(ref["ppl"][dataset], color="black", lw=0.8, ls=":", label="reference")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (scales and zeros counted)")
+    ax.set_ylabel(f"{dataset} perplexity (log scale)")
+    ax.set_title(f"{model}: first {ref['max_tokens']} tokens, windows of {ref['seqlen']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"BENCHMARKS-pareto-{model}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 MARK_BEGIN = "<!-- bench:accuracy:begin -->"
