@@ -31,9 +31,11 @@ def test_section_is_replaced_in_place_and_the_rest_kept(tmp_path):
 
 def test_jobs_parse_and_refuse_what_cannot_run():
     assert Job.parse("slim:w2.5g128") == Job("slim", "w2.5g128")
+    assert Job.parse("gptq:w4g128-is8").setting == "w4g128-is8"
     assert Setting.parse("w2.5g128").bits == 2.5
     for bad, match in (("gptq:w2.5g128", "need method slim"), ("llamacpp:Q9_Z", "llama.cpp type"),
-                       ("sparsegpt:w4g128", "METHOD:SETTING"), ("gptq", "METHOD:SETTING")):
+                       ("sparsegpt:w4g128", "METHOD:SETTING"), ("gptq", "METHOD:SETTING"),
+                       ("hqq:w4g128-is8", "integer scales")):
         with pytest.raises(ConfigError, match=match):
             Job.parse(bad)
     args = SimpleNamespace(suite=None, jobs=None, methods="rtn,gptq", settings="w4g128,w3g64")

@@ -13,6 +13,7 @@ A job is METHOD:SETTING:
 - budget                        : w<bits>g<group>, meaning "the size of that uniform format":
                                   per-layer levels chosen for exactly its bits per weight (GPTQ)
 - llamacpp                      : a llama.cpp type           e.g. llamacpp:Q4_K_M
+A setting may end in -is<k> for k-bit integer group scales (Integer Scale): gptq:w4g128-is8.
 `--jobs` lists them; without it, every method in --methods runs at every --settings.
 `--suite methods` is the weight-methods comparison at about 4, 3, 2.5 and 2 bits per weight.
 """
@@ -42,6 +43,7 @@ def _suite_methods() -> list[str]:
     for uniform, avg in (("w4g128", "w4g128"), ("w3g128", "w3g128"), ("w2g32", "w2.5g128"), ("w2g128", "w2g128")):
         jobs += [f"{m}:{uniform}" for m in ("rtn", "gptq", "awq-gptq", "hqq")]
         jobs += [f"slim:{avg}", f"budget:{uniform}"]
+    jobs += ["gptq:w4g128-is8", "gptq:w3g128-is8"]  # Integer Scale's cost against float16 scales
     return jobs + [f"llamacpp:{t}" for t in ("Q4_K_M", "Q3_K_M", "Q2_K")]
 
 
@@ -77,11 +79,14 @@ class Job:
         if method not in METHODS or not setting:
             raise ConfigError(f"job {text!r}: use METHOD:SETTING with METHOD one of {', '.join(METHODS)} "
                               "(e.g. gptq:w3g128, slim:w2.5g128, llamacpp:Q4_K_M)")
+        base, _, iscale = setting.partition("-is")
+        if iscale and (method in ("hqq", "llamacpp", "budget") or not iscale.isdigit()):
+            raise ConfigError(f"job {text!r}: -is<bits> (integer scales) applies to rtn, gptq, awq, awq-gptq, slim")
         if method == "llamacpp":
             if setting not in LLAMACPP_TYPES:
                 raise ConfigError(f"job {text!r}: llama.cpp type must be one of {', '.join(LLAMACPP_TYPES)}")
         else:
-            s = Setting.parse(setting)
+            s = Setting.parse(base)
             if method != "slim" and not isinstance(s.bits, int):
                 raise ConfigError(f"job {text!r}: fractional bits need method slim")
         return cls(method, setting)
@@ -162,7 +167,7 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     from lowbit.eval.size import quantized_size
     from lowbit.models import load_model
     from lowbit.pipeline import quantize, target_layers
-    from lowbit.recipes import BudgetConfig, CalibrationConfig, Recipe
+    from lowbit.recipes import BudgetConfig, CalibrationConfig, IntegerScaleConfig, Recipe
 
     torch.manual_seed(0)
     method = spec["method"]
@@ -181,7 +186,8 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         loaded = load_model(spec["model"], dtype=torch.float32, cache=spec.get("cache"), progress=False)
         load_rss = _peak_rss()
-        setting = Setting.parse(spec["setting"])
+        base, _, iscale = spec["setting"].partition("-is")
+        setting = Setting.parse(base)
         bits, gs = setting.bits, setting.group_size
         calib = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"])
         t0 = time.perf_counter()
@@ -199,7 +205,8 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
                                       offspring=2, search_tokens=1024)
                 recipe = Recipe(method="gptq", calibration=calib, budget=budget)
             else:
-                recipe = Recipe(method=method, bits=bits, group_size=gs, calibration=calib)
+                recipe = Recipe(method=method, bits=bits, group_size=gs, calibration=calib,
+                                integer_scale=IntegerScaleConfig(enabled=bool(iscale), bits=int(iscale or 8)))
             res = quantize(loaded, recipe, data_dir=spec.get("data_dir"), progress=False)
             bpw = quantized_size(loaded.model).bits_per_weight
             if "budget" in res.extra:
@@ -281,7 +288,7 @@ def run_accuracy_bench(args) -> None:
                         "cache": args.cache, "data_dir": args.data_dir, "work": str(work),
                         "budget_generations": args.budget_generations}
                 if job.method != "llamacpp":
-                    s = Setting.parse(job.setting)
+                    s = Setting.parse(job.setting.partition("-is")[0])
                     spec.update(bits=s.bits, group_size=s.group_size)
                 r = _run_in_child(spec)
                 done[key] = r
