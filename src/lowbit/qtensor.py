@@ -83,18 +83,6 @@ def format_nbytes(out: int, n_in: int, fmt: QuantFormat) -> int:
     return total
 
 
-def format_nbytes(out: int, n_in: int, fmt: QuantFormat) -> int:
-    """Packed bytes of a uniform-width [out, n_in] weight in `fmt` (no permutation): codes, scales,
-    zeros and the integer-scale row multipliers. Equals QuantizedWeight.nbytes() for such a weight."""
-    g = affine.n_groups(n_in, fmt.group_size)
-    total = out * pack.packed_length(n_in, fmt.bits) + out * g * (1 if fmt.scale_bits else 2)
-    if not fmt.symmetric:
-        total += pack.packed_length(out * g, fmt.bits)
-    if fmt.scale_bits:
-        total += out * 4
-    return total
-
-
 def float_scales(scales: torch.Tensor, scale_mult: torch.Tensor | None) -> torch.Tensor:
     """Scales as float32 [out, G]: float16 ones as they are, integer ones times their row multiplier."""
     if scale_mult is None:

@@ -174,14 +174,18 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     if method == "llamacpp":
-        from lowbit.peers.llamacpp import ensure_llamacpp, load_llamacpp_quant, quantize_with_llamacpp
         from lowbit.models import resolve_model
+        from lowbit.models.convert import ensure_converted
+        from lowbit.peers.llamacpp import ensure_llamacpp, load_llamacpp_quant, quantize_with_llamacpp
 
-        source = resolve_model(spec["model"], cache=spec.get("cache"))
+        source = resolve_model(spec["model"], cache=spec.get("cache"), progress=False)
+        folder = (ensure_converted(source.path, source.sha256, cache=spec.get("cache"), progress=False)
+                  if source.kind in ("known", "gguf") else source.path)
         tools = ensure_llamacpp(cache=spec.get("cache"), progress=False)
-        gguf = quantize_with_llamacpp(source.path, spec["setting"], Path(spec["work"]) / "llamacpp", tools)
-        peer = load_llamacpp_quant(gguf, dtype=torch.float32)
-        loaded, bpw = peer.loaded, peer.bits_per_weight
+        gguf = quantize_with_llamacpp(folder, spec["setting"], Path(spec["work"]) / "llamacpp", tools, progress=False)
+        loaded = load_llamacpp_quant(gguf, dtype=torch.float32, cache=spec.get("cache"), progress=False)
+        bpw = loaded.bits_per_weight
+        extra["llamacpp_tensor_types"] = loaded.tensor_types
         load_rss = _peak_rss()
     else:
         loaded = load_model(spec["model"], dtype=torch.float32, cache=spec.get("cache"), progress=False)
@@ -294,6 +298,10 @@ def run_accuracy_bench(args) -> None:
                 done[key] = r
                 with open(results_path, "a") as f:
                     f.write(json.dumps(r) + "\n")
+    if results_path.exists():  # another run may have added results meanwhile
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            done.setdefault(_key(r), r)
     out = Path(args.output)
     section = render(args, datasets, done, work, plot_dir=out.parent)
     _write_section(out, section)
@@ -339,7 +347,8 @@ def _notes(r: dict[str, Any]) -> str:
         kl = f"; search KL {b['greedy_kl']:.3f}->{b['final_kl']:.3f}" if b.get("greedy_kl") is not None else ""
         return f"size of {r['setting']}: {counts}{kl}"
     if r["method"] == "llamacpp":
-        return "llama.cpp quantizer on the same reference"
+        types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
+        return f"llama.cpp {r['setting']} of the same reference; block tensors stored as {types}"
     if r["method"] == "hqq":
         return "hqq 0.2.8, float zero"
     return ""
