@@ -214,3 +214,13 @@ def test_rules_give_layers_their_own_format(data_dir, tmp_path):
     assert o.fmt.bits == 3
     report = (save(res, tmp_path / "ck") / "REPORT.md").read_text()
     assert "w5g16" in report and "w3g32" in report
+
+
+def test_time_estimate_orders_the_methods_by_their_work():
+    from lowbit.pipeline import estimate
+    from lowbit.recipes import BudgetConfig
+
+    model = build_tiny("llama")
+    secs = {m: estimate(model, Recipe(method=m, calibration=CALIB))["seconds"] for m in ("rtn", "gptq", "awq-gptq")}
+    budget = estimate(model, Recipe(method="gptq", calibration=CALIB, budget=BudgetConfig(target_bpw=3.0)))["seconds"]
+    assert secs["rtn"] < secs["gptq"] < secs["awq-gptq"] and secs["gptq"] < budget

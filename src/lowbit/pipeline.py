@@ -126,7 +126,9 @@ def estimate(model: nn.Module, recipe: Recipe) -> dict[str, float]:
 
     Time assumes ~60 GFLOP/s of useful work in the calibration forward passes (what a 2-core AVX2
     CPU gave in fp32: smollm2-135m, 128 x 512 tokens, took ~700 s), ~3 passes per block with
-    true-sequential GPTQ, plus the column loop of GPTQ.
+    true-sequential GPTQ, plus the column loop of GPTQ. AWQ adds one pass and its grid search on
+    up to awq.search_tokens tokens per layer; a budget adds one pass for the sensitivities and
+    generations x offspring forward passes of the whole model on budget.search_tokens tokens.
     """
     names, _ = target_layers(model, recipe)
     block_params = sum(model.get_submodule(n).weight.numel() for n in names)
@@ -140,8 +142,16 @@ def estimate(model: nn.Module, recipe: Recipe) -> dict[str, float]:
         est["calib_bytes"] = float(2 * tokens * hidden * itemsize)
         widest = max(model.get_submodule(n).in_features for n in names)
         est["hessian_bytes"] = float(3 * widest * widest * 4)
-        flops = 3 * 2 * block_params * tokens
-        column_work = sum(model.get_submodule(n).weight.numel() for n in names) * 60 / 1e9
+        passes = {"rtn": 0, "awq": 1}.get(recipe.method, 3 if recipe.gptq.true_sequential else 2)
+        flops = passes * 2 * block_params * tokens
+        column_work = block_params * 60 / 1e9 if recipe.method in GPTQ_METHODS else 0.0
+        if recipe.method in SMOOTHING_METHODS:
+            flops += 2 * block_params * tokens + recipe.awq.grid * 2 * block_params * min(tokens, recipe.awq.search_tokens)
+        if recipe.budget is not None:
+            b = recipe.budget
+            levels = len(b.levels)
+            flops += 2 * block_params * tokens + levels * 2 * block_params * 512
+            flops += b.generations * b.offspring * 2 * block_params * b.search_tokens
         est["seconds"] = flops / 60e9 + column_work
     else:
         grid = recipe.clip.grid + 1 if recipe.clip.enabled else 1
