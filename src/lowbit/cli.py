@@ -200,7 +200,12 @@ def cmd_eval(args) -> int:
     res = evaluate(target, args.data, args.model, args.max_tokens, args.seqlen, reference, args.data_dir,
                    not args.quiet)
     if recipe:
-        res.recipe = f"{recipe.get('method')} w{recipe.get('bits')} g{recipe.get('group_size')}"
+        from lowbit.recipes import Recipe
+
+        try:
+            res.recipe = Recipe.from_dict(recipe).describe()
+        except LowbitError:  # a manifest from another lowbit version: show what it says
+            res.recipe = f"{recipe.get('method')} w{recipe.get('bits')} g{recipe.get('group_size')}"
     src_kind = target.manifest["source"]["kind"] if hasattr(target, "manifest") else target.source.kind
     if src_kind in ("known", "gguf"):
         res.notes.append(REFERENCE_NOTE)
