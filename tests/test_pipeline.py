@@ -165,7 +165,7 @@ def test_awq_checkpoint_keeps_the_smoothed_norms(data_dir, tmp_path):
         assert torch.equal(loaded.model(ids).logits, lm.model(ids).logits)
 
 
-def test_slim_pipeline_meets_the_average_and_round_trips(data_dir, tmp_path):
+def test_slim_pipeline_meets_the_average_and_round_trips(data_dir, tmp_path, capsys):
     lm = loaded_tiny("qwen2")
     res = quantize(lm, Recipe(method="slim", bits=2.5, group_size=16, calibration=CALIB), data_dir=data_dir,
                    progress=False)
@@ -177,6 +177,12 @@ def test_slim_pipeline_meets_the_average_and_round_trips(data_dir, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     layer = manifest["layers"]["model.layers.0.mlp.down_proj"]
     assert layer["average_bits"] == pytest.approx(2.5) and len(layer["group_bits"]) == 128 // 16
+    from lowbit.cli import main
+
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bits_per_weight"] == pytest.approx(quantized_size(lm.model).bits_per_weight)
+    assert info["per_layer"]["model.layers.0.mlp.down_proj"].startswith("w2.50g16-mixed")
     loaded = load_checkpoint(out)
     ids = torch.randint(1, TINY_VOCAB, (1, 16))
     with torch.inference_mode():
