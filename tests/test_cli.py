@@ -84,3 +84,22 @@ def test_recipe_flags_map_to_the_recipe():
     args = build_parser().parse_args(["quantize", "m", "-o", "x", "--method", "awq-gptq", "--integer-scale", "6"])
     r = _recipe_from_args(args)
     assert r.method == "awq-gptq" and r.integer_scale.bits == 6 and r.bits == 4
+
+
+def test_budget_flags_map_to_the_recipe():
+    from lowbit.cli import _recipe_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "m", "-o", "x", "--target-size", "80MB", "--levels", "w2g64,w4g64",
+                                      "--search-generations", "3"])
+    b = _recipe_from_args(args).budget
+    assert (b.target_bytes, b.target_bpw, b.levels, b.generations) == (80_000_000, None, ("w2g64", "w4g64"), 3)
+    args = build_parser().parse_args(["quantize", "m", "-o", "x", "--recipe", "budget-3bpw", "--target-bpw", "2.75"])
+    assert _recipe_from_args(args).budget.target_bpw == 2.75
+    assert _recipe_from_args(build_parser().parse_args(["quantize", "m", "-o", "x", "--target-size", "1.5GiB"])
+                             ).budget.target_bytes == int(1.5 * 2**30)
+
+
+def test_bad_size_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "m", "-o", "x", "--target-size", "lots"])
+    assert "300MB" in capsys.readouterr().err
