@@ -103,3 +103,8 @@ def test_bad_size_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "m", "-o", "x", "--target-size", "lots"])
     assert "300MB" in capsys.readouterr().err
+
+
+def test_bad_kv_name_fails_before_loading(capsys, tmp_path):
+    code, err = run(capsys, "eval", "no-such-model", "--kv", "int3", "--data-dir", str(tmp_path))
+    assert code == 2 and "--kv 'int3'" in err

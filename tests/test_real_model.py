@@ -107,4 +107,4 @@ def test_cli_eval_json_and_info(quantized, tmp_path_factory, capsys, shared_data
     info = json.loads(capsys.readouterr().out)
     assert info["recipe"]["method"] == "rtn" and len(info["layers"]) == 210
     assert main(["info", str(path)]) == 0
-    assert "3-bit, group 128, asym" in capsys.readouterr().out
+    assert "210 layers: w3g128, asym" in capsys.readouterr().out

@@ -184,6 +184,10 @@ def cmd_eval(args) -> int:
 
     dtype = resolve_dtype(args.dtype)
     reference = None
+    if args.kv:
+        from lowbit.runtime.kvcache import KVSpec
+
+        KVSpec.parse(args.kv)  # a bad name fails before any loading
     for ds in args.data:
         eval_text(ds, args.data_dir)  # fail on missing data before loading models
     if is_checkpoint(args.model):
@@ -197,8 +201,9 @@ def cmd_eval(args) -> int:
         recipe = None
     if args.reference not in ("auto", "none"):
         reference = load_model(args.reference, dtype=dtype, cache=args.cache)
-    res = evaluate(target, args.data, args.model, args.max_tokens, args.seqlen, reference, args.data_dir,
-                   not args.quiet)
+    label = args.model if not args.kv else f"{args.model} (kv {args.kv}, chunks of {args.kv_chunk})"
+    res = evaluate(target, args.data, label, args.max_tokens, args.seqlen, reference, args.data_dir,
+                   not args.quiet, kv=args.kv, kv_chunk=args.kv_chunk)
     if recipe:
         from lowbit.recipes import Recipe
 
@@ -325,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for model and reference (default auto: bf16 where the CPU has native bf16, else fp32)")
     e.add_argument("--reference", default="auto",
                    help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
+    e.add_argument("--kv", help="compressed KV cache in the loop: int8, int4, int2, kivi<bits>[-b<block>]; each "
+                   "window then runs in chunks of --kv-chunk tokens that attend to earlier chunks only through it")
+    e.add_argument("--kv-chunk", type=int, default=128, help="tokens per forward with --kv (default 128)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     common(e)
     e.set_defaults(func=cmd_eval)

@@ -40,6 +40,9 @@ class DatasetResult:
     kl_p99: float | None = None
     top1_agreement: float | None = None
     seconds: float = 0.0
+    kv: str | None = None            # compressed KV cache in the loop, if any
+    kv_bytes: int | None = None      # bytes it held at the end of a window
+    kv_bf16_bytes: int | None = None  # a bfloat16 cache of the same tokens
 
 
 @dataclass
@@ -65,6 +68,8 @@ def evaluate(
     reference: Any | None = None,
     data_dir: str | None = None,
     progress: bool = True,
+    kv: str | None = None,
+    kv_chunk: int = 128,
 ) -> EvalResult:
     model = target.model
     seqlen = seqlen or default_seqlen(model)
@@ -81,13 +86,18 @@ def evaluate(
     for ds in datasets:
         tokens = eval_tokens(target.tokenizer, ds, max_tokens, data_dir)  # [1, N]
         t0 = time.perf_counter()
+        stats: dict = {}
         if reference is None:
-            r = perplexity(model, tokens, seqlen, progress, desc=f"{ds} ppl")
+            r = perplexity(model, tokens, seqlen, progress, desc=f"{ds} ppl", kv=kv, kv_chunk=kv_chunk)
             dr = DatasetResult(ds, seqlen, tokens.shape[1], r.n_tokens_scored, r.ppl)
+            stats = {"kv_bytes": r.kv_bytes, "kv_bf16_bytes": r.kv_bf16_bytes}
         else:
-            c = compare_to_reference(model, reference.model, tokens, seqlen, progress, desc=f"{ds} vs reference")
+            c = compare_to_reference(model, reference.model, tokens, seqlen, progress, desc=f"{ds} vs reference",
+                                     kv=kv, kv_chunk=kv_chunk, kv_stats=stats)
             dr = DatasetResult(ds, seqlen, tokens.shape[1], c.n_tokens_scored, c.ppl, c.ref_ppl, c.kl_mean,
                                c.kl_p99, c.top1_agreement)
+        if kv:
+            dr.kv, dr.kv_bytes, dr.kv_bf16_bytes = kv, stats.get("kv_bytes"), stats.get("kv_bf16_bytes")
         dr.seconds = time.perf_counter() - t0
         result.datasets[ds] = dr
     return result

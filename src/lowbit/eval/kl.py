@@ -218,11 +218,16 @@ def compare_to_reference(
     seqlen: int,
     progress: bool = True,
     desc: str = "compare",
+    kv: str | None = None,
+    kv_chunk: int = 128,
+    kv_stats: dict | None = None,
 ) -> ComparisonResult:
     """KL(reference || model), top-1 agreement and both perplexities on `tokens` [1, N].
 
     `reference` is a live model (run window by window alongside `model`) or a ReferenceLogits
     built from the same tokens and seqlen. Only one window of each is in memory at a time.
+    With `kv`, the candidate runs through that compressed KV cache (see windows.window_logits);
+    the reference always runs with its full cache.
     """
     n_windows = count_windows(tokens, seqlen)
     kl_per_token = []  # n_windows x [seqlen - 1] float64, on the CPU
@@ -231,7 +236,7 @@ def compare_to_reference(
     live = () if isinstance(reference, ReferenceLogits) else (reference,)
     with torch.inference_mode(), evaluating(model, *live):
         references = _reference_windows(reference, tokens, seqlen)
-        candidates = window_logits(model, tokens, seqlen, progress, desc)
+        candidates = window_logits(model, tokens, seqlen, progress, desc, kv, kv_chunk, kv_stats)
         for (ids, logits), ref in zip(candidates, references):
             cand = _score(ids, logits)
             ref_logp = ref.logp.to(cand.logp.device)  # [seqlen - 1, vocab]

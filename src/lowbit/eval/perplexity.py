@@ -21,6 +21,10 @@ class PerplexityResult:
     n_windows: int  # n_tokens_input // seqlen
     seqlen: int
     n_tokens_input: int  # N, including the dropped tail
+    kv: str | None = None            # compressed KV cache in the loop (runtime/kvcache.py), if any
+    kv_chunk: int | None = None      # tokens per forward with that cache
+    kv_bytes: int | None = None      # bytes the cache held at the end of a window
+    kv_bf16_bytes: int | None = None  # a bfloat16 cache of the same tokens
 
 
 def default_seqlen(model: torch.nn.Module) -> int:
@@ -37,16 +41,20 @@ def perplexity(
     seqlen: int,
     progress: bool = True,
     desc: str = "perplexity",
+    kv: str | None = None,
+    kv_chunk: int = 128,
 ) -> PerplexityResult:
     """Perplexity of `model` on `tokens` [1, N] over N // seqlen full windows of `seqlen`.
 
     Each window scores its seqlen - 1 next-token predictions; the cross-entropy is computed from
-    float32 logits and summed in float64. ConfigError if N < seqlen.
+    float32 logits and summed in float64. ConfigError if N < seqlen. With `kv`, each window runs
+    in chunks of `kv_chunk` tokens through that compressed cache (see windows.window_logits).
     """
     n_windows = count_windows(tokens, seqlen)
     nll_sum = 0.0
+    stats: dict = {}
     with torch.inference_mode(), evaluating(model):
-        for ids, logits in window_logits(model, tokens, seqlen, progress, desc):
+        for ids, logits in window_logits(model, tokens, seqlen, progress, desc, kv, kv_chunk, stats):
             # logits: [seqlen, vocab] -> predictions [seqlen - 1, vocab] vs targets [seqlen - 1]
             target = targets(ids, logits.device)
             nll_sum += F.cross_entropy(logits[:-1], target, reduction="sum").double().item()
@@ -59,4 +67,8 @@ def perplexity(
         n_windows=n_windows,
         seqlen=seqlen,
         n_tokens_input=tokens.shape[1],
+        kv=kv,
+        kv_chunk=kv_chunk if kv else None,
+        kv_bytes=stats.get("kv_bytes"),
+        kv_bf16_bytes=stats.get("kv_bf16_bytes"),
     )

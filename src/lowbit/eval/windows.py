@@ -45,12 +45,21 @@ def window_logits(
     seqlen: int,
     progress: bool = True,
     desc: str = "eval",
+    kv: str | None = None,
+    chunk: int = 128,
+    kv_stats: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (ids [seqlen], logits [seqlen, vocab] float32) for each window, one at a time.
 
     The forward runs under torch.inference_mode() with use_cache=False in the model's own dtype;
     only the logits are cast to float32. `ids` stays on the CPU, `logits` is on the model's
     device. Callers put the model in eval mode for the whole loop (see `evaluating`).
+
+    With `kv` (a compressed-cache name, runtime/kvcache.py) each window runs in chunks of `chunk`
+    tokens through a fresh cache of that kind: every token attends to the earlier chunks only
+    through the compressed cache. `kv_stats` (a dict) then receives the bytes the cache held at
+    the end of the last window ("kv_bytes") and what a bfloat16 cache of the same tokens takes
+    ("kv_bf16_bytes").
     """
     n_windows = count_windows(tokens, seqlen)
     device = _model_device(model)
@@ -58,9 +67,26 @@ def window_logits(
         for w in tqdm(range(n_windows), desc=desc, unit="window", disable=not progress):
             ids = tokens[0, w * seqlen : (w + 1) * seqlen]  # [seqlen]
             with torch.inference_mode():
-                out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
-                logits = out.logits[0].float()  # [seqlen, vocab]
+                if kv is None:
+                    out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
+                    logits = out.logits[0].float()  # [seqlen, vocab]
+                else:
+                    logits = _chunked_logits(model, ids.to(device), kv, chunk, kv_stats)
             yield ids, logits
+
+
+def _chunked_logits(model: torch.nn.Module, ids: torch.Tensor, kv: str, chunk: int, kv_stats: dict | None):
+    from lowbit.runtime.kvcache import cache_nbytes, full_cache_nbytes, kv_cache_for
+
+    cache = kv_cache_for(model.config, kv)
+    parts = []
+    for i in range(0, ids.shape[0], chunk):
+        out = model(input_ids=ids[i : i + chunk].unsqueeze(0), past_key_values=cache, use_cache=True)
+        parts.append(out.logits[0].float())
+    if kv_stats is not None and cache is not None:
+        kv_stats["kv_bytes"] = cache_nbytes(cache)
+        kv_stats["kv_bf16_bytes"] = full_cache_nbytes(model.config, ids.shape[0])
+    return torch.cat(parts, 0)
 
 
 @contextmanager
