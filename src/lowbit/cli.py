@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for model and reference (default auto: bf16 where the CPU has native bf16, else fp32)")
     e.add_argument("--reference", default="auto",
                    help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
-    e.add_argument("--kv", help="compressed KV cache in the loop: int8, int4, int2, kivi<bits>[-b<block>]; each "
+    e.add_argument("--kv", help="compressed KV cache in the loop: int8, int4, int2, kivi<bits>[-b<block>][-w<window>]; each "
                    "window then runs in chunks of --kv-chunk tokens that attend to earlier chunks only through it")
     e.add_argument("--kv-chunk", type=int, default=128, help="tokens per forward with --kv (default 128)")
     e.add_argument("--json", action="store_true", help="print one JSON object")

@@ -26,7 +26,7 @@ def test_window_larger_than_the_text_is_exact(arch, ids):
     model = build_tiny(arch)
     with torch.inference_mode():
         ref = model(ids).logits
-    got = chunked_logits(model, ids, kv_cache_for(model.config, "kivi2-b128"), 16)
+    got = chunked_logits(model, ids, kv_cache_for(model.config, "kivi2-b128-w0"), 16)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -35,17 +35,19 @@ def test_8_bit_cache_is_close_and_2_bit_is_not_free(arch, ids):
     with torch.inference_mode():
         ref = model(ids).logits
     err = {}
-    for name in ("int8", "int2"):
+    for name in ("int8-w0", "int2-w0", "int2-w32"):
         cache = kv_cache_for(model.config, name)
         got = chunked_logits(model, ids, cache, 16)
         err[name] = float((got - ref).pow(2).mean() / ref.pow(2).mean())
-        assert all(layer.n_quantized == 96 for layer in cache.layers)  # 3 blocks of 32 flushed
-    assert err["int8"] < 1e-4 and err["int2"] > 10 * err["int8"]
+        flushed = 96 if name.endswith("w0") else 64  # blocks of 32; w32 keeps the last 32 tokens
+        assert all(layer.n_quantized == flushed for layer in cache.layers)
+    assert err["int8-w0"] < 1e-4 and err["int2-w0"] > 10 * err["int8-w0"]
+    assert err["int2-w32"] < err["int2-w0"]  # the full-precision window helps
 
 
 def test_bytes_held_are_measured_from_the_tensors(ids):
     model = build_tiny("llama")
-    cache = kv_cache_for(model.config, "int4")
+    cache = kv_cache_for(model.config, "int4-w0")
     chunked_logits(model, ids[:, :80], cache, 80)  # 2 blocks quantized, 16 tokens in the window
     layer = cache.layers[0]
     assert isinstance(layer, KIVILayer) and layer.n_quantized == 64 and layer.keys.shape[-2] == 16
@@ -60,13 +62,13 @@ def test_bytes_held_are_measured_from_the_tensors(ids):
 def test_generate_with_a_compressed_cache(ids):
     model = build_tiny("qwen2")
     out = model.generate(ids[:, :40], max_new_tokens=8, do_sample=False,
-                         past_key_values=kv_cache_for(model.config, "int8"))
+                         past_key_values=kv_cache_for(model.config, "int8-w0"))
     ref = model.generate(ids[:, :40], max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 48) and torch.equal(out, ref)
 
 
 def test_bad_names():
-    assert KVSpec.parse("kivi2-b64") == KVSpec(2, 64)
+    assert KVSpec.parse("kivi2-b64") == KVSpec(2, 64) and KVSpec.parse("int4-w0").window == 0
     assert kv_cache_for(build_tiny("llama").config, "none") is None
     for bad in ("int3", "fp8", "kivi2-b0"):
         with pytest.raises(ConfigError, match="--kv"):
@@ -79,9 +81,9 @@ def test_perplexity_with_the_cache_in_the_loop():
     model = build_tiny("llama")
     tokens = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(3))
     full = perplexity(model, tokens, 128, progress=False)
-    same = perplexity(model, tokens, 128, progress=False, kv="kivi8-b256", kv_chunk=32)  # window never flushes
-    int8 = perplexity(model, tokens, 128, progress=False, kv="int8", kv_chunk=32)
-    int2 = perplexity(model, tokens, 128, progress=False, kv="int2", kv_chunk=32)
+    same = perplexity(model, tokens, 128, progress=False, kv="kivi8", kv_chunk=32)  # 128-token window: no flush
+    int8 = perplexity(model, tokens, 128, progress=False, kv="int8-w0", kv_chunk=32)
+    int2 = perplexity(model, tokens, 128, progress=False, kv="int2-w0", kv_chunk=32)
     assert same.ppl == pytest.approx(full.ppl, rel=1e-5)
     assert int8.ppl == pytest.approx(full.ppl, rel=1e-3)
     assert abs(int2.ppl - full.ppl) > abs(int8.ppl - full.ppl)

@@ -2,8 +2,8 @@
 loops use them unchanged).
 
 KIVI-style low-bit cache (formats/kv.py): keys per channel in blocks of `block` tokens, values
-per token in groups of `value_group` channels; the most recent tokens stay in full precision
-until a block fills. Tokens being processed attend to themselves in full precision and to every
+per token in groups of `value_group` channels; the most recent `window` tokens (plus any
+incomplete block) stay in full precision. Tokens being processed attend to themselves in full precision and to every
 earlier token through the cache, so a chunked forward measures exactly what decoding with this
 cache would see.
 
@@ -29,19 +29,22 @@ class KVSpec:
     """What a --kv name means."""
 
     bits: int
-    block: int = 32          # tokens per key block (and the full-precision window)
+    block: int = 32          # tokens per key block
     value_group: int = 32    # channels per value group
+    window: int = 128        # most recent tokens kept in full precision (KIVI's residual)
 
     @classmethod
     def parse(cls, name: str) -> "KVSpec":
-        m = re.fullmatch(r"(?:int|kivi)([248])(?:-b(\d+))?", name)
+        m = re.fullmatch(r"(?:int|kivi)([248])(?:-b(\d+))?(?:-w(\d+))?", name)
         if not m:
             raise ConfigError(f"--kv {name!r}: use int8, int4, int2 or kivi<bits> (e.g. kivi2), optionally "
-                              "with -b<block> (tokens per key block, e.g. kivi2-b64)")
+                              "with -b<block> (tokens per key block) and -w<window> (recent tokens kept in full "
+                              "precision), e.g. kivi2-b32-w128")
         block = int(m.group(2) or 32)
+        window = int(m.group(3) or 128)
         if block < 1:
             raise ConfigError(f"--kv {name!r}: the block must be >= 1 token")
-        return cls(int(m.group(1)), block)
+        return cls(int(m.group(1)), block, window=window)
 
 
 class KIVILayer(DynamicLayer):
@@ -69,7 +72,7 @@ class KIVILayer(DynamicLayer):
         # store: complete blocks of the residual are quantized, the rest stays as it is
         res_k = torch.cat([self.keys, key_states], dim=-2)
         res_v = torch.cat([self.values, value_states], dim=-2)
-        full = res_k.shape[-2] // self.spec.block * self.spec.block
+        full = max(0, res_k.shape[-2] - self.spec.window) // self.spec.block * self.spec.block
         if full:
             qk = kv.quantize_keys(res_k[..., :full, :], self.spec.bits, self.spec.block)
             qv = kv.quantize_values(res_v[..., :full, :], self.spec.bits, self.spec.value_group)
