@@ -24,22 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.gptq import GPTQResult, gptq_quantize
+from lowbit.algorithms.gptq import GPTQResult, gptq_quantize, inverse_hessian_cholesky
 from lowbit.errors import ConfigError
 from lowbit.formats import affine
 from lowbit.recipes import ClipConfig, GPTQConfig, IntegerScaleConfig, SlimConfig
 
 
 def hessian_inverse_diagonal(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """diag((H + damp * mean(diag H) * I)^-1); dead columns (zero diagonal) count as unit."""
+    """diag((H + damp * mean(diag H) * I)^-1) from GPTQ's factorization (same damping and
+    escalation); dead columns (zero diagonal) count as unit."""
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L, info = torch.linalg.cholesky_ex(H)
-    if info != 0:  # fall back to the diagonal alone
-        return 1.0 / torch.diag(H)
-    return torch.cholesky_inverse(L).diagonal()
+    U, _ = inverse_hessian_cholesky(H, damp)  # H^-1 = U^T U
+    return U.pow(2).sum(0)
 
 
 def group_salience(w: torch.Tensor, hinv_diag: torch.Tensor, group_size: int) -> torch.Tensor:
