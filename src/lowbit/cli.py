@@ -184,10 +184,9 @@ def cmd_eval(args) -> int:
 
     dtype = resolve_dtype(args.dtype)
     reference = None
-    if args.kv:
-        from lowbit.runtime.kvcache import KVSpec
+    from lowbit.runtime.kvcache import kv_label
 
-        KVSpec.parse(args.kv)  # a bad name fails before any loading
+    args.kv = kv_label(args.kv, args.kv_policy, args.kv_budget)  # bad names fail before any loading
     for ds in args.data:
         eval_text(ds, args.data_dir)  # fail on missing data before loading models
     if is_checkpoint(args.model):
@@ -261,6 +260,15 @@ def _number(text: str) -> int | float:
     return int(v) if v.is_integer() else v
 
 
+def _kv_arguments(p: argparse.ArgumentParser) -> None:
+    from lowbit.runtime.kvcache import KV_HELP, POLICIES
+
+    p.add_argument("--kv", help=f"compressed KV cache: {KV_HELP}")
+    p.add_argument("--kv-policy", choices=POLICIES, help="evict cached tokens under --kv-budget: streaming "
+                   "(attention sinks + recent), h2o (heavy hitters + recent), snapkv (observation-window votes)")
+    p.add_argument("--kv-budget", help="tokens kept by --kv-policy: a fraction of those seen (0.2) or a count (512)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit.recipes import METHODS
 
@@ -330,9 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for model and reference (default auto: bf16 where the CPU has native bf16, else fp32)")
     e.add_argument("--reference", default="auto",
                    help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
-    e.add_argument("--kv", help="compressed KV cache in the loop: int8, int4, int2, kivi<bits>[-b<block>][-w<window>]; each "
-                   "window then runs in chunks of --kv-chunk tokens that attend to earlier chunks only through it")
-    e.add_argument("--kv-chunk", type=int, default=128, help="tokens per forward with --kv (default 128)")
+    _kv_arguments(e)
+    e.add_argument("--kv-chunk", type=int, default=128,
+                   help="tokens per forward with --kv or --kv-policy: each window runs in chunks that attend to "
+                        "earlier chunks only through the compressed cache (default 128)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     common(e)
     e.set_defaults(func=cmd_eval)

@@ -3,7 +3,8 @@ round trips bit-exact against a slow reference."""
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.errors import ShapeError
 from lowbit.formats import affine, kv
@@ -62,3 +63,67 @@ def test_append_concatenates_blocks_and_counts_bytes():
         kv.quantize_keys(k[..., :40, :], 4, 32)
     with pytest.raises(ShapeError, match="another format"):
         whole.append(kv.quantize_keys(k, 2, 32))
+
+
+def slow_rows(x, bits, group):
+    """Row by row, group by group, with the scalar affine primitives."""
+    out = torch.empty_like(x)
+    for r in range(x.shape[0]):
+        for c0 in range(0, x.shape[1], group):
+            g = x[r, c0:c0 + group].reshape(1, 1, -1)
+            s, z = affine.choose_qparams(g, bits, False)
+            out[r, c0:c0 + group] = affine.dequantize_groups(affine.quantize_groups(g, s, z, bits), s, z).flatten()
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 20), d=st.sampled_from([8, 16]), hi=st.sampled_from([4, 8]), lo=st.sampled_from([2, 3]),
+       seed=st.integers(0, 99))
+def test_mixed_rows_match_the_slow_reference_per_width(rows, d, hi, lo, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=g)
+    salient = torch.rand(rows, generator=g) < 0.4
+    q = kv.quantize_rows_mixed(x, salient, hi, lo, 8)
+    want = torch.where(salient[:, None], slow_rows(x, hi, 8), slow_rows(x, lo, 8))
+    assert torch.equal(kv.dequantize_rows_mixed(q), want)
+    # the flags are held as bits, the codes at their own widths
+    n_hi = int(salient.sum())
+    codes = n_hi * pack_len(d, hi) + (rows - n_hi) * pack_len(d, lo)
+    assert q.nbytes() == (rows + 7) // 8 + codes + rows * (d // 8) * 3
+
+
+def pack_len(n, bits):
+    from lowbit.formats import pack
+
+    return pack.packed_length(n, bits)
+
+
+def test_mixed_rows_reject_a_flag_count_that_does_not_match():
+    with pytest.raises(ShapeError, match="one flag per row"):
+        kv.quantize_rows_mixed(torch.zeros(4, 8), torch.zeros(3, dtype=torch.bool), 4, 2, 8)
+
+
+def test_channel_scales_flatten_an_outlier_channel():
+    k = torch.randn(1, 1, 32, 16, generator=torch.Generator().manual_seed(0))
+    k[..., 3] *= 50
+    c = kv.channel_scales(k)
+    ratio = lambda t: float(t.abs().amax(-2).max() / t.abs().amax(-2).median())
+    assert ratio(k / c.float()) < ratio(k) / 5
+
+
+def test_gear_residual_beats_plain_quantization_and_restores_outliers_exactly():
+    g = torch.Generator().manual_seed(0)
+    # a low-rank structure plus noise plus a few spikes
+    x = (torch.randn(4, 64, 2, generator=g) @ torch.randn(4, 2, 32, generator=g)) + 0.1 * torch.randn(4, 64, 32, generator=g)
+    x[0, 5, 7] = 40.0
+    rest, idx, val = kv.split_outliers(x, 0.01)
+    assert int(idx.shape[1]) == round(0.01 * 64 * 32) and rest[0, 5, 7] == 0
+    q = kv.quantize_values(rest.reshape(1, 4, 64, 32), 2, 32)
+    deq = kv.dequantize_values(q, 1, 4).reshape(4, 64, 32)
+    left, right = kv.lowrank(rest - deq, 2)
+    res = kv.Residual(idx, val, left, right)
+    fixed = kv.apply_residual(deq, res)
+    plain = kv.dequantize_values(kv.quantize_values(x.reshape(1, 4, 64, 32), 2, 32), 1, 4).reshape(4, 64, 32)
+    assert (fixed - x).pow(2).mean() < 0.7 * (plain - x).pow(2).mean()
+    assert fixed[0, 5, 7] == torch.tensor(40.0, dtype=torch.float16).float()
+    assert res.nbytes() == idx.numel() * 6 + (left.numel() + right.numel()) * 2

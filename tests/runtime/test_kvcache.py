@@ -3,15 +3,27 @@ close at 8 bits, compressed tokens really used by later chunks, bytes accounted 
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 from lowbit.errors import ConfigError
-from lowbit.runtime.kvcache import KIVILayer, KVSpec, cache_nbytes, kv_cache_for
-from tiny_models import build_tiny
+from lowbit.runtime.kvcache import (
+    GearSpec,
+    KIVILayer,
+    KVSpec,
+    ZipLayer,
+    ZipSpec,
+    cache_nbytes,
+    kv_cache_for,
+    kv_label,
+    observing,
+    parse_kv,
+    parse_policy,
+)
 
 
 def chunked_logits(model, ids, cache, chunk):
     outs = []
-    with torch.inference_mode():
+    with torch.inference_mode(), observing(model, cache):
         for i in range(0, ids.shape[1], chunk):
             outs.append(model(ids[:, i:i + chunk], past_key_values=cache, use_cache=True).logits)
     return torch.cat(outs, 1)
@@ -70,7 +82,8 @@ def test_generate_with_a_compressed_cache(ids):
 def test_bad_names():
     assert KVSpec.parse("kivi2-b64") == KVSpec(2, 64) and KVSpec.parse("int4-w0").window == 0
     assert kv_cache_for(build_tiny("llama").config, "none") is None
-    for bad in ("int3", "fp8", "kivi2-b0"):
+    assert KVSpec.parse("kivi3").bits == 3
+    for bad in ("int5", "fp8", "kivi2-b0", "kivi2-x3", "zipcache-h2-l4", "gear2-b48", "zipcache-r1.5"):
         with pytest.raises(ConfigError, match="--kv"):
             KVSpec.parse(bad)
 
@@ -90,3 +103,109 @@ def test_perplexity_with_the_cache_in_the_loop():
     # 128 tokens: 4 blocks quantized, nothing left in the window; bytes measured vs a bf16 cache
     assert int8.kv_bf16_bytes == 2 * 2 * 2 * 16 * 128 * 2
     assert int2.kv_bytes < int8.kv_bytes < int8.kv_bf16_bytes
+
+
+def test_names_parse_to_their_settings():
+    assert parse_kv("zipcache-h8-l2-r0.5") == ZipSpec(hi=8, lo=2, salient=0.5)
+    assert parse_kv("gear2-r4-s0.02") == GearSpec(2, rank=4, outliers=0.02)
+    assert kv_label(None, "snapkv", "0.2") == "snapkv@0.2" and kv_label("kivi2") == "kivi2"
+    assert kv_label("full") is None
+    with pytest.raises(ConfigError, match="together"):
+        kv_label("kivi2", "h2o", 0.2)
+    with pytest.raises(ConfigError, match="needs --kv-policy"):
+        kv_label(None, None, 0.2)
+
+
+@pytest.mark.parametrize("name", ["h2o@1000", "snapkv@1000", "streaming@1000", "zipcache-w512", "gear2-w512"])
+def test_a_cache_that_drops_or_compresses_nothing_is_exact(arch, ids, name):
+    model = build_tiny(arch)
+    with torch.inference_mode():
+        ref = model(ids).logits
+    got = chunked_logits(model, ids, kv_cache_for(model.config, name), 16)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_evicting_caches_hold_the_budget_and_positions_stay_true(arch_name, ids):
+    model = build_tiny(arch_name)
+    for policy in ("streaming", "h2o", "snapkv"):
+        cache = kv_cache_for(model.config, f"{policy}@24")
+        got = chunked_logits(model, ids, cache, 16)
+        assert all(layer.keys.shape[-2] == 24 for layer in cache.layers)
+        assert cache.get_seq_length() == 96 and torch.isfinite(got).all()
+    # streaming with the budget as a fraction: after 96 tokens, 20% of them
+    cache = kv_cache_for(model.config, "streaming@0.2")
+    chunked_logits(model, ids, cache, 16)
+    assert cache.layers[0].keys.shape[-2] == 20
+    # the first chunk never sees an eviction: its logits are the full model's
+    with torch.inference_mode():
+        ref = model(ids[:, :16]).logits
+    torch.testing.assert_close(chunked_logits(model, ids[:, :16], kv_cache_for(model.config, "h2o@4"), 16), ref)
+
+
+def test_eviction_at_the_budget_equals_a_sliding_window_model(ids):
+    """StreamingLLM with no sinks, one token per step, keeps exactly the last `budget` tokens:
+    the same as a sliding-window attention of budget + 1 (the token itself) in the full model."""
+    from tiny_models import _COMMON
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**_COMMON, initializer_range=0.1, use_sliding_window=True, sliding_window=9,
+                      max_window_layers=0, layer_types=["sliding_attention"] * 2)
+    sliding = Qwen2ForCausalLM(cfg).eval()
+    torch.manual_seed(0)
+    plain = Qwen2ForCausalLM(Qwen2Config(**_COMMON, initializer_range=0.1)).eval()
+    plain.load_state_dict(sliding.state_dict())
+    with torch.inference_mode():
+        ref = sliding(ids[:, :40]).logits
+    policy = parse_policy("streaming", 8, sinks=0)
+    from transformers.cache_utils import Cache
+
+    from lowbit.runtime.kvcache import EvictingLayer
+
+    cache = Cache(layers=[EvictingLayer(policy) for _ in range(2)])
+    got = chunked_logits(plain, ids[:, :40], cache, 1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_zipcache_puts_the_most_attended_rows_at_high_precision():
+    layer = ZipLayer(ZipSpec(hi=8, lo=2, salient=0.25, probes=1.0, block=8, window=0))
+    n, d = 8, 8
+    keys = torch.zeros(1, 1, n, d)
+    keys[0, 0, torch.arange(n), torch.arange(n)] = 1.0
+    keys[0, 0, [2, 5], 0] = 3.0                      # tokens 2 and 5 answer direction 0
+    values = torch.randn(1, 1, n, d, generator=torch.Generator().manual_seed(0))
+    query = torch.zeros(1, 1, n, d)
+    query[..., 0] = 5.0
+    k, _ = layer.update(keys, values)
+    layer.observe(query, k, 1.0)
+    assert layer.n_quantized == 8
+    _, qv, _ = layer.blocks[0]
+    import numpy as np
+
+    flags = np.unpackbits(qv.salient_bits.numpy(), count=qv.rows).astype(bool)
+    assert flags.nonzero()[0].tolist() == [2, 5]
+    _, v_back = layer.dequantized()
+    err = (v_back - values).abs().amax(-1)[0, 0]
+    assert err[[2, 5]].max() < err[[0, 1, 3, 4, 6, 7]].min()
+
+
+def test_zipcache_outside_observing_is_a_clear_error(ids):
+    model = build_tiny("llama")
+    cache = kv_cache_for(model.config, "zipcache")
+    with torch.inference_mode():
+        model(ids[:, :8], past_key_values=cache, use_cache=True)
+        with pytest.raises(ConfigError, match="observing"):
+            model(ids[:, 8:16], past_key_values=cache, use_cache=True)
+
+
+def test_gear_and_zipcache_beat_plain_2_bit_kivi(ids):
+    model = build_tiny("llama")
+    with torch.inference_mode():
+        ref = model(ids).logits
+    err = {}
+    for name in ("kivi2-w0", "gear2-w0-b32-r4", "zipcache-h4-l2-r0.5-w0-b32", "zipcache-h2-l2-w0-b32"):
+        got = chunked_logits(model, ids, kv_cache_for(model.config, name), 32)
+        err[name] = float((got - ref).pow(2).mean() / ref.pow(2).mean())
+    assert err["gear2-w0-b32-r4"] < 0.8 * err["kivi2-w0"]
+    assert err["zipcache-h4-l2-r0.5-w0-b32"] < 0.8 * err["zipcache-h2-l2-w0-b32"]

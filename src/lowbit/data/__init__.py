@@ -7,6 +7,7 @@ from lowbit.data.datasets import (
     calibration_samples,
     eval_text,
     eval_tokens,
+    lambada_passages,
     resolve_data_file,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "calibration_samples",
     "eval_text",
     "eval_tokens",
+    "lambada_passages",
     "resolve_data_file",
 ]

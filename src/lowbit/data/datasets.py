@@ -83,11 +83,29 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType({
 })  # read-only: a new dataset is one more DatasetSpec above
 
 
+LAMBADA = DatasetSpec(
+    name="lambada",
+    eval_file="tasks/lambada/lambada_test.jsonl",
+    eval_docs=None,
+    calibration_file=None,
+    calibration_docs=None,
+    description="LAMBADA (OpenAI's test file, 5,153 passages): predict each passage's last word",
+    source='lm-evaluation-harness\'s lambada_test.jsonl (sha256 4aa8d02c...db226), one {"text": ...} per line; '
+    "CC BY 4.0",
+)
+
+
 def _spec_for_file(filename: str) -> DatasetSpec | None:
-    for spec in DATASETS.values():
+    for spec in (*DATASETS.values(), LAMBADA):
         if filename in (spec.eval_file, spec.calibration_file):
             return spec
     return None
+
+
+def lambada_passages(data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
+    """LAMBADA passages (the target is each one's last whitespace-separated word)."""
+    docs = _read_documents(resolve_data_file(LAMBADA.eval_file, data_dir))
+    return docs if limit is None else docs[:limit]
 
 
 def resolve_data_file(filename: str, data_dir: str | os.PathLike | None = None) -> Path:

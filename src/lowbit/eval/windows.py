@@ -55,7 +55,7 @@ def window_logits(
     only the logits are cast to float32. `ids` stays on the CPU, `logits` is on the model's
     device. Callers put the model in eval mode for the whole loop (see `evaluating`).
 
-    With `kv` (a compressed-cache name, runtime/kvcache.py) each window runs in chunks of `chunk`
+    With `kv` (a compressed-cache name or eviction label, runtime/kvcache.py) each window runs in chunks of `chunk`
     tokens through a fresh cache of that kind: every token attends to the earlier chunks only
     through the compressed cache. `kv_stats` (a dict) then receives the bytes the cache held at
     the end of the last window ("kv_bytes") and what a bfloat16 cache of the same tokens takes
@@ -76,13 +76,14 @@ def window_logits(
 
 
 def _chunked_logits(model: torch.nn.Module, ids: torch.Tensor, kv: str, chunk: int, kv_stats: dict | None):
-    from lowbit.runtime.kvcache import cache_nbytes, full_cache_nbytes, kv_cache_for
+    from lowbit.runtime.kvcache import cache_nbytes, full_cache_nbytes, kv_cache_for, observing
 
     cache = kv_cache_for(model.config, kv)
     parts = []
-    for i in range(0, ids.shape[0], chunk):
-        out = model(input_ids=ids[i : i + chunk].unsqueeze(0), past_key_values=cache, use_cache=True)
-        parts.append(out.logits[0].float())
+    with observing(model, cache):
+        for i in range(0, ids.shape[0], chunk):
+            out = model(input_ids=ids[i : i + chunk].unsqueeze(0), past_key_values=cache, use_cache=True)
+            parts.append(out.logits[0].float())
     if kv_stats is not None and cache is not None:
         kv_stats["kv_bytes"] = cache_nbytes(cache)
         kv_stats["kv_bf16_bytes"] = full_cache_nbytes(model.config, ids.shape[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lowbit.errors import ShapeError
@@ -42,7 +43,7 @@ class KVBlocks:
     def __len__(self) -> int:
         return self.codes.shape[0]
 
-    def append(self, other: "KVBlocks") -> "KVBlocks":
+    def append(self, other: KVBlocks) -> KVBlocks:
         if (other.bits, other.width, other.group_size) != (self.bits, self.width, self.group_size):
             raise ShapeError("cannot append KV blocks of another format")
         return KVBlocks(torch.cat([self.codes, other.codes]), torch.cat([self.scales, other.scales]),
@@ -109,3 +110,115 @@ def _check(x: torch.Tensor, what: str) -> tuple[int, int, int, int]:
     if x.dim() != 4:
         raise ShapeError(f"{what} must be [batch, heads, tokens, head_dim], got shape {tuple(x.shape)}")
     return tuple(x.shape)
+
+
+# --- ZipCache: channel-separable token-wise quantization, mixed precision per (token, head) row ---
+
+@dataclass
+class MixedRows:
+    """Rows of `width` values, each quantized per row at one of two widths.
+
+    `salient` (bool [rows], stored bit-packed) says which rows went to `hi_bits`. The rows keep
+    their order: dequantize scatters the two sets back.
+    """
+
+    hi: KVBlocks | None       # n = 1, rows = number of salient rows
+    lo: KVBlocks | None
+    salient_bits: torch.Tensor  # uint8 [ceil(rows / 8)], numpy.packbits order
+    rows: int
+    width: int
+
+    def nbytes(self) -> int:
+        held = self.salient_bits.numel()
+        return held + sum(q.nbytes() for q in (self.hi, self.lo) if q is not None)
+
+
+def quantize_rows_mixed(x: torch.Tensor, salient: torch.Tensor, hi_bits: int, lo_bits: int,
+                        group_size: int) -> MixedRows:
+    """x [rows, width]; rows where `salient` is True at `hi_bits`, the others at `lo_bits`."""
+    rows, width = x.shape
+    if salient.shape != (rows,):
+        raise ShapeError(f"salient must have one flag per row ({rows}), got shape {tuple(salient.shape)}")
+    g = affine.resolve_group_size(width, group_size)
+
+    def part(mask: torch.Tensor, bits: int) -> KVBlocks | None:
+        if not bool(mask.any()):
+            return None
+        codes, scales, zeros = _quantize_rows(x[mask].unsqueeze(0), bits, g)
+        return KVBlocks(codes, scales, zeros, bits, width, g)
+
+    packed = torch.from_numpy(np.packbits(salient.cpu().numpy().astype(np.uint8)))
+    return MixedRows(part(salient, hi_bits), part(~salient, lo_bits), packed, rows, width)
+
+
+def dequantize_rows_mixed(q: MixedRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_rows_mixed -> [rows, width]."""
+    flags = np.unpackbits(q.salient_bits.numpy(), count=q.rows).astype(bool)
+    salient = torch.from_numpy(flags)
+    out = torch.empty(q.rows, q.width, dtype=dtype)
+    if q.hi is not None:
+        out[salient] = _dequantize_rows(q.hi, dtype)[0]
+    if q.lo is not None:
+        out[~salient] = _dequantize_rows(q.lo, dtype)[0]
+    return out
+
+
+def channel_scales(k: torch.Tensor) -> torch.Tensor:
+    """ZipCache's channel normalizer for keys [B, H, T, D]: sqrt(max_t |k|) per channel -> [B, H, 1, D].
+
+    Dividing keys by it flattens the channel outliers so that a token-wise quantizer fits them;
+    the factor is stored in float16 and multiplied back on dequantization.
+    """
+    c = k.abs().amax(dim=-2, keepdim=True).sqrt()
+    return c.clamp_min(1e-4).to(affine.SCALE_DTYPE)
+
+
+# --- GEAR: sparse outliers + low-rank approximation of the quantization residual ---
+
+@dataclass
+class Residual:
+    """What GEAR adds on top of a quantized block [M, T, D] (M = batch * heads matrices).
+
+    x ~= dequantized + sparse(outlier_idx, outlier_val) + left @ right^T
+    """
+
+    outlier_idx: torch.Tensor  # int32 [M, k]: flat index into the T * D entries of each matrix
+    outlier_val: torch.Tensor  # float16 [M, k]
+    left: torch.Tensor         # float16 [M, T, r]
+    right: torch.Tensor        # float16 [M, D, r]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.outlier_idx, self.outlier_val, self.left, self.right))
+
+
+def split_outliers(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, T, D] -> (x with its largest-magnitude `fraction` of entries per matrix zeroed,
+    their flat indices int32 [M, k], their values float16 [M, k])."""
+    M, T, D = x.shape
+    k = round(fraction * T * D)
+    flat = x.reshape(M, T * D)
+    if k == 0:
+        return x, torch.zeros(M, 0, dtype=torch.int32), torch.zeros(M, 0, dtype=affine.SCALE_DTYPE)
+    idx = flat.abs().topk(k, dim=1).indices
+    vals = flat.gather(1, idx)
+    rest = flat.scatter(1, idx, 0.0).reshape(M, T, D)
+    return rest, idx.to(torch.int32), vals.to(affine.SCALE_DTYPE)
+
+
+def lowrank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors (Eckart-Young, by SVD) of each matrix of residual [M, T, D]:
+    left [M, T, r] (singular values folded in), right [M, D, r], both float16."""
+    _, T, D = residual.shape
+    r = min(rank, T, D)
+    U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)
+    left = U[..., :r] * S[:, None, :r]
+    return left.to(affine.SCALE_DTYPE), Vh[:, :r, :].transpose(1, 2).to(affine.SCALE_DTYPE)
+
+
+def apply_residual(deq: torch.Tensor, res: Residual) -> torch.Tensor:
+    """deq [M, T, D] + low-rank + outliers (the outliers overwrite their entries)."""
+    M, T, D = deq.shape
+    out = deq + (res.left.float() @ res.right.float().transpose(1, 2)).to(deq.dtype)
+    if res.outlier_idx.numel():
+        out = out.reshape(M, T * D).scatter(1, res.outlier_idx.long(), res.outlier_val.to(deq.dtype)).reshape(M, T, D)
+    return out

@@ -6,15 +6,21 @@ and runs a dense matmul. Fast packed kernels are a later layer; they must match 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowbit.formats.affine import n_groups
-from lowbit.qtensor import QuantFormat, QuantizedWeight, dequantize_parts, float_scales, zero_points
+from lowbit.qtensor import (
+    QuantFormat,
+    QuantizedWeight,
+    dequantize_parts,
+    float_scales,
+    zero_points,
+)
 
 
 class QuantLinear(nn.Module):
