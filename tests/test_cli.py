@@ -106,5 +106,24 @@ def test_bad_size_is_a_usage_error(capsys):
 
 
 def test_bad_kv_name_fails_before_loading(capsys, tmp_path):
-    code, err = run(capsys, "eval", "no-such-model", "--kv", "int3", "--data-dir", str(tmp_path))
-    assert code == 2 and "--kv 'int3'" in err
+    code, err = run(capsys, "eval", "no-such-model", "--kv", "int5", "--data-dir", str(tmp_path))
+    assert code == 2 and "--kv 'int5'" in err
+
+
+def test_kv_policy_errors_fail_before_loading(capsys, tmp_path):
+    code, err = run(capsys, "eval", "no-such-model", "--kv-policy", "h2o", "--data-dir", str(tmp_path))
+    assert code == 2 and "needs --kv-budget" in err
+    code, err = run(capsys, "generate", "no-such-model", "--prompt", "x", "--kv", "kivi2", "--kv-policy", "snapkv",
+                    "--kv-budget", "0.2")
+    assert code == 2 and "together" in err
+    code, err = run(capsys, "generate", "no-such-model", "--prompt", "x", "--kv-policy", "snapkv", "--kv-budget", "1.5")
+    assert code == 2 and "--kv-budget" in err
+    code, err = run(capsys, "generate", "no-such-model")
+    assert code == 2 and "--prompt" in err
+
+
+def test_bench_kv_rejects_bad_cache_names_before_loading(capsys, tmp_path):
+    code, err = run(capsys, "bench", "kv", "no-such-model", "--caches", "full,kivi9", "--work-dir", str(tmp_path))
+    assert code == 2 and "kivi9" in err
+    code, err = run(capsys, "bench", "kv", "no-such-model", "--caches", ",", "--work-dir", str(tmp_path))
+    assert code == 2 and "--caches is empty" in err

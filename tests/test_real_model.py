@@ -108,3 +108,26 @@ def test_cli_eval_json_and_info(quantized, tmp_path_factory, capsys, shared_data
     assert info["recipe"]["method"] == "rtn" and len(info["layers"]) == 210
     assert main(["info", str(path)]) == 0
     assert "210 layers: w3g128, asym" in capsys.readouterr().out
+
+
+def test_4_bit_kv_cache_stays_within_1_percent_and_2_bit_costs_more(reference, tokens):
+    from lowbit.eval.perplexity import perplexity
+
+    model, part = reference.model, tokens[:, :2048]
+    full = perplexity(model, part, SEQLEN, progress=False)
+    int4 = perplexity(model, part, SEQLEN, progress=False, kv="kivi4", kv_chunk=128)
+    int2 = perplexity(model, part, SEQLEN, progress=False, kv="kivi2-w32", kv_chunk=128)
+    assert abs(int4.ppl / full.ppl - 1) < 0.01
+    assert int2.ppl > int4.ppl and int4.kv_bytes < 0.5 * int4.kv_bf16_bytes
+
+
+def test_greedy_generation_matches_transformers_and_a_lossless_cache(reference):
+    from lowbit.runtime.generate import generate
+    from lowbit.runtime.kvcache import kv_cache_for
+
+    model, tok = reference.model, reference.tokenizer
+    ids = torch.tensor(tok("The three primary colours are")["input_ids"])
+    hf = model.generate(ids.unsqueeze(0), max_new_tokens=16, do_sample=False)[0, ids.numel():].tolist()
+    ours = generate(model, ids, 16, prefill_chunk=3).tokens
+    evict_nothing = generate(model, ids, 16, kv_cache_for(model.config, "h2o@4096", mode="prompt")).tokens
+    assert ours == hf and evict_nothing == hf

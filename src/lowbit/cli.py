@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.errors import ConfigError, LowbitError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -175,6 +175,58 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from lowbit.checkpoint import is_checkpoint, load_checkpoint
+    from lowbit.models import load_model
+    from lowbit.runtime.generate import generate
+    from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, kv_label
+
+    kv = kv_label(args.kv, args.kv_policy, args.kv_budget)
+    prompt = args.prompt
+    if args.prompt_file:
+        prompt = Path(args.prompt_file).read_text()
+    if not prompt:
+        raise ConfigError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    dtype = resolve_dtype(args.dtype)
+    if is_checkpoint(args.model):
+        loaded = load_checkpoint(args.model, dtype=dtype)
+    else:
+        loaded = load_model(args.model, dtype=dtype, cache=args.cache, progress=not args.quiet)
+    model, tok = loaded.model, loaded.tokenizer
+    model.eval()
+    ids = torch.tensor(tok(prompt)["input_ids"])
+    cache = kv_cache_for(model.config, kv, mode="prompt")
+    printed = ""
+    new: list[int] = []
+
+    def stream(t: int) -> None:
+        nonlocal printed
+        new.append(t)
+        text = tok.decode(new, skip_special_tokens=True)
+        if not args.json and not text.endswith("\ufffd"):  # wait for a whole character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    out = generate(model, ids, args.max_new_tokens, cache, args.temperature, args.top_p, args.seed,
+                   args.prefill_chunk, stop_ids={tok.eos_token_id} if tok.eos_token_id is not None else None,
+                   on_token=stream)
+    stats = {"prompt_tokens": out.prompt_tokens, "new_tokens": len(out.tokens),
+             "prefill_tokens_per_s": out.prompt_tokens / max(out.prefill_seconds, 1e-9),
+             "decode_tokens_per_s": max(len(out.tokens) - 1, 0) / max(out.decode_seconds, 1e-9),
+             "kv": kv, "kv_bytes": cache_nbytes(cache) if cache is not None else None}
+    if args.json:
+        print(json.dumps({"text": tok.decode(out.tokens, skip_special_tokens=True), "tokens": out.tokens, **stats}))
+    else:
+        print()
+        if not args.quiet:
+            print(f"[{stats['prompt_tokens']} prompt tokens at {stats['prefill_tokens_per_s']:.1f}/s, "
+                  f"{stats['new_tokens']} new at {stats['decode_tokens_per_s']:.1f}/s"
+                  + (f", KV cache {kv} holding {stats['kv_bytes'] / 1e6:.2f} MB" if kv else "") + "]", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from lowbit.checkpoint import is_checkpoint, load_checkpoint
@@ -240,6 +292,13 @@ def cmd_bench(args) -> int:
     from lowbit.bench.accuracy import run_accuracy_bench
 
     run_accuracy_bench(args)
+    return 0
+
+
+def cmd_bench_kv(args) -> int:
+    from lowbit.bench.kv import run_kv_bench
+
+    run_kv_bench(args)
     return 0
 
 
@@ -346,6 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_eval)
 
+    g = sub.add_parser("generate", help="continue a prompt with a model or checkpoint, streaming the text")
+    g.add_argument("model", help="checkpoint folder, known model name, HF folder or GGUF file")
+    g.add_argument("--prompt", help="prompt text")
+    g.add_argument("--prompt-file", help="read the prompt from this file")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward")
+    g.add_argument("--dtype", default="fp32", choices=["auto", *sorted(DTYPES)], help="compute dtype (default fp32)")
+    _kv_arguments(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    common(g, data=False)
+    g.set_defaults(func=cmd_generate)
+
     i = sub.add_parser("info", help="recipe, per-layer formats, size and provenance of a checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
@@ -359,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(ba)
     common(ba)
     ba.set_defaults(func=cmd_bench)
+    bk = bsub.add_parser("kv", help="compressed KV caches side by side: perplexity, needle, LAMBADA, bytes held")
+    from lowbit.bench.kv import add_arguments as add_kv_arguments
+
+    add_kv_arguments(bk)
+    common(bk)
+    bk.set_defaults(func=cmd_bench_kv)
     return p
 
 

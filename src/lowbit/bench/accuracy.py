@@ -462,13 +462,14 @@ MARK_BEGIN = "<!-- bench:accuracy:begin -->"
 MARK_END = "<!-- bench:accuracy:end -->"
 
 
-def _write_section(path: Path, section: str) -> None:
-    """Replace the accuracy section of the file (between markers), keeping everything else."""
-    block = f"{MARK_BEGIN}\n{section}\n{MARK_END}\n"
+def _write_section(path: Path, section: str, name: str = "accuracy") -> None:
+    """Replace the `name` section of the file (between its markers), keeping everything else."""
+    begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+    block = f"{begin}\n{section}\n{end}\n"
     text = path.read_text() if path.exists() else "# lowbit benchmarks\n\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        a = text.index(MARK_BEGIN)
-        b = text.index(MARK_END) + len(MARK_END) + 1
+    if begin in text and end in text:
+        a = text.index(begin)
+        b = text.index(end) + len(end) + 1
         text = text[:a] + block + text[b:]
     else:
         text = text.rstrip("\n") + "\n\n" + block

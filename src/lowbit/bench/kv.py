@@ -1,0 +1,192 @@
+"""`lowbit bench kv MODEL`: compressed KV caches side by side on one model, in one run.
+
+For each cache (a --kv name or a "<policy>@<budget>" label, "full" for the uncompressed cache):
+perplexity with the cache in the loop (each window in chunks that see earlier chunks only through
+the cache), needle-in-a-haystack retrieval and LAMBADA last-word accuracy, the bytes the cache
+held (measured from its tensors) and their ratio to a bfloat16 cache of the same tokens.
+Results go to <work-dir>/kv.jsonl (a finished cache is not rerun), then into the "kv" section of
+BENCHMARKS.md with a plot of perplexity against KV bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.bench.accuracy import _peak_rss, _write_section, machine
+from lowbit.errors import ConfigError
+
+DEFAULT_CACHES = ("full,kivi8,kivi4,kivi3,kivi2,zipcache-h4-l2-r0.5,gear2-r4,"
+                  "streaming@0.2,h2o@0.2,snapkv@0.2")
+EVICTION = ("streaming", "h2o", "snapkv")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma list of caches (default {DEFAULT_CACHES})")
+    p.add_argument("--data", default="wikitext2", help="perplexity text")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=128, help="tokens per forward in the perplexity loop")
+    p.add_argument("--needle-lengths", default="2048,4096", help="prompt lengths in tokens (comma list; empty: skip)")
+    p.add_argument("--needle-depths", default="0.1,0.5,0.9")
+    p.add_argument("--needle-per-cell", type=int, default=2)
+    p.add_argument("--needle-filler", default="wikitext2", help="corpus the filler text is cut from")
+    p.add_argument("--lambada", type=int, default=200, help="LAMBADA passages (0: skip)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--work-dir", default="bench-work")
+    p.add_argument("--output", default="BENCHMARKS.md")
+    p.add_argument("--render-only", action="store_true", help="rewrite the section from finished results")
+
+
+def _settings(args) -> dict[str, Any]:
+    return {"data": args.data, "max_tokens": args.max_tokens, "seqlen": args.seqlen, "chunk": args.chunk,
+            "needle": [args.needle_lengths, args.needle_depths, args.needle_per_cell, args.needle_filler],
+            "lambada": args.lambada, "dtype": args.dtype}
+
+
+def _load_done(path: Path, model: str, settings: dict) -> dict[str, dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r["model"] == model and r["settings"] == settings:
+                done[r["cache"]] = r
+    return done
+
+
+def run_kv_bench(args) -> None:
+    from lowbit.runtime.kvcache import kv_label
+
+    caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    if not caches:
+        raise ConfigError("--caches is empty: name at least one cache, e.g. full,kivi4")
+    for c in caches:  # validate every name before the first model load
+        if c != "full":
+            pol, at, budget = c.partition("@")
+            kv_label(None, pol, budget) if at else kv_label(c)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / "kv.jsonl"
+    settings = _settings(args)
+    done = _load_done(results_path, args.model, settings)
+    todo = [c for c in caches if c not in done]
+    if todo and not args.render_only:
+        _run(args, todo, settings, results_path, done)
+    section = render(args, [done[c] for c in caches if c in done], Path(args.output).parent)
+    _write_section(Path(args.output), section, "kv")
+    print(section)
+
+
+def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) -> None:
+    from lowbit.data import eval_text, eval_tokens, lambada_passages
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.eval.tasks import lambada_eval, needle_cases, needle_eval
+    from lowbit.eval.windows import evaluating
+    from lowbit.models import load_model
+    from lowbit.runtime.kvcache import full_cache_nbytes
+
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    progress = not args.quiet
+    lm = load_model(args.model, dtype=dtype, cache=args.cache, progress=progress)
+    model, tok = lm.model, lm.tokenizer
+    tokens = eval_tokens(tok, args.data, args.max_tokens, args.data_dir)
+    lengths = [int(x) for x in args.needle_lengths.split(",") if x]
+    cases = []
+    if lengths:
+        filler_text = "".join(ch for ch in eval_text(args.needle_filler, args.data_dir) if not ch.isdigit())
+        filler = torch.tensor(tok(filler_text[: 40 * max(lengths)], add_special_tokens=False)["input_ids"])
+        cases = needle_cases(tok, filler, lengths, [float(x) for x in args.needle_depths.split(",")],
+                             args.needle_per_cell)
+    passages = lambada_passages(args.data_dir, args.lambada) if args.lambada else []
+    for cache in todo:
+        kv = None if cache == "full" else cache
+        t0 = time.perf_counter()
+        with evaluating(model):
+            ppl = perplexity(model, tokens, args.seqlen, progress, desc=f"{cache} ppl", kv=kv, kv_chunk=args.chunk)
+            needle = needle_eval(model, tok, cases, kv, progress=progress) if cases else None
+            lam = lambada_eval(model, tok, passages, kv, progress=progress) if passages else None
+        bf16 = full_cache_nbytes(model.config, args.seqlen)
+        r = {"model": args.model, "cache": cache, "settings": settings, "ppl": ppl.ppl,
+             "kv_bytes": ppl.kv_bytes if kv else bf16, "kv_bf16_bytes": bf16, "tokens": ppl.n_tokens_scored,
+             "needle": needle.to_dict() if needle else None, "lambada": lam.to_dict() if lam else None,
+             "seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
+        with results_path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        done[cache] = r
+
+
+def _fmt(x, spec="{:.3f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def render(args, rows: list[dict], plot_dir: Path) -> str:
+    full = next((r for r in rows if r["cache"] == "full"), None)
+    lines = [f"## KV cache: {args.model}", "",
+             (f"Command: `lowbit bench kv {args.model} --caches {args.caches} --data {args.data} "
+             f"--max-tokens {args.max_tokens} --seqlen {args.seqlen} --chunk {args.chunk} "
+             f"--needle-lengths {args.needle_lengths} --needle-depths {args.needle_depths} "
+             f"--needle-per-cell {args.needle_per_cell} --lambada {args.lambada} --dtype {args.dtype}`"), "",
+             f"Machine: {machine()}. Model weights: the dequantized GGUF reference ({args.dtype}).", "",
+             (f"- **ppl**: {args.data}, first {args.max_tokens} tokens, windows of {args.seqlen}; with a compressed "
+             f"cache each window runs in chunks of {args.chunk} tokens that see earlier chunks only through the "
+             "cache (the full cache runs each window in one forward; its KV bytes are those of a bfloat16 cache). Eviction budgets that are fractions "
+             "apply to the tokens seen so far."),
+             ("- **KV bytes**: held by the cache at the end of a perplexity window, measured from its tensors "
+             "(codes, scales, zeros, indices, the full-precision window); ratio to a bfloat16 cache of the same "
+             "tokens."),
+             (f"- **needle**: pass-key retrieval, prompts of {args.needle_lengths} tokens, depths "
+             f"{args.needle_depths}, {args.needle_per_cell} keys per cell; filler cut from {args.needle_filler} "
+             "with its digits removed; prefill in chunks of 512, an evicting cache compressed after the prompt; "
+             "exact match of the greedy answer's first number."),
+             f"- **LAMBADA**: first {args.lambada} passages, greedy last word (every token) read through the cache.",
+             "", "| cache | KV bytes | vs bf16 | ppl | Δppl vs full | needle | LAMBADA | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["kv_bytes"] / r["kv_bf16_bytes"] if r.get("kv_bytes") else None
+        delta = (r["ppl"] / full["ppl"] - 1) * 100 if full else None
+        lines.append(
+            f"| {r['cache']} | {_fmt(r.get('kv_bytes') and r['kv_bytes'] / 1e6, '{:.2f} MB')} | "
+            f"{_fmt(ratio, '{:.3f}')} | {r['ppl']:.3f} | {_fmt(delta, '{:+.2f}%')} | "
+            f"{_fmt(r['needle'] and r['needle']['accuracy'], '{:.2f}')} | "
+            f"{_fmt(r['lambada'] and r['lambada']['accuracy'], '{:.3f}')} | {r['seconds']:.0f} |")
+    png = plot(args.model, rows, plot_dir)
+    if png is not None:
+        lines += ["", f"![perplexity against KV bytes]({png.name})"]
+    return "\n".join(lines)
+
+
+def plot(model: str, rows: list[dict], out_dir: Path) -> Path | None:
+    pts = [r for r in rows if r.get("kv_bytes")]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in pts:
+        evict = r["cache"].split("@")[0] in EVICTION
+        ax.scatter(r["kv_bytes"] / 1e6, r["ppl"], marker="s" if evict else "o", color="C1" if evict else "C0")
+        ax.annotate(r["cache"], (r["kv_bytes"] / 1e6, r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    full = next((r for r in rows if r["cache"] == "full"), None)
+    if full:
+        ax.axhline(full["ppl"], color="grey", ls="--", lw=1, label="full cache")
+        ax.axvline(full["kv_bf16_bytes"] / 1e6 if full.get("kv_bf16_bytes") else pts[0]["kv_bf16_bytes"] / 1e6,
+                   color="grey", ls=":", lw=1, label="bf16 cache size")
+    ax.set_xlabel("KV bytes held (MB)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"{model}: KV cache quality against size (circles: low-bit, squares: eviction)", fontsize=9)
+    ax.legend(fontsize=7)
+    path = out_dir / f"BENCHMARKS-kv-{model}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,41 @@
+"""bench kv: results resume by model and settings, the section is rendered from them and replaced in place."""
+
+import argparse
+import json
+
+from lowbit.bench.kv import _load_done, _settings, add_arguments, render
+from lowbit.bench.accuracy import _write_section
+
+
+def args_for(tmp_path, *extra):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["smollm2-135m", "--work-dir", str(tmp_path), "--output", str(tmp_path / "B.md"), *extra])
+
+
+def row(cache, ppl, kv_bytes, needle=None, lam=None):
+    return {"model": "smollm2-135m", "cache": cache, "ppl": ppl, "kv_bytes": kv_bytes, "kv_bf16_bytes": 1000,
+            "needle": needle and {"accuracy": needle}, "lambada": lam and {"accuracy": lam}, "seconds": 1.0}
+
+
+def test_results_resume_only_for_the_same_settings(tmp_path):
+    args = args_for(tmp_path)
+    s = _settings(args)
+    lines = [dict(row("full", 10.0, 1000), settings=s), dict(row("kivi2", 11.0, 300), settings={**s, "chunk": 64})]
+    (tmp_path / "kv.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert list(_load_done(tmp_path / "kv.jsonl", "smollm2-135m", s)) == ["full"]
+    assert _load_done(tmp_path / "kv.jsonl", "other-model", s) == {}
+
+
+def test_render_reports_ratios_against_the_full_cache_and_plots(tmp_path):
+    args = args_for(tmp_path)
+    text = render(args, [row("full", 10.0, 1000, 1.0, 0.5), row("kivi2", 10.5, 250, 0.5, 0.45)], tmp_path)
+    assert "| kivi2 | 0.00 MB | 0.250 | 10.500 | +5.00% | 0.50 | 0.450 |" in text
+    assert (tmp_path / "BENCHMARKS-kv-smollm2-135m.png").is_file()
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    _write_section(out, text, "kv")
+    _write_section(out, text.replace("kivi2", "kivi3"), "kv")
+    final = out.read_text()
+    assert "kept text" in final and "kivi3" in final and "kivi2" not in final
+    assert final.count("<!-- bench:kv:begin -->") == 1
