@@ -209,3 +209,20 @@ def test_gear_and_zipcache_beat_plain_2_bit_kivi(ids):
         err[name] = float((got - ref).pow(2).mean() / ref.pow(2).mean())
     assert err["gear2-w0-b32-r4"] < 0.8 * err["kivi2-w0"]
     assert err["zipcache-h4-l2-r0.5-w0-b32"] < 0.8 * err["zipcache-h2-l2-w0-b32"]
+
+
+def test_transformers_quantized_cache_peer_runs_and_its_bytes_are_counted(ids):
+    pytest.importorskip("hqq")
+    model = build_tiny("llama")
+    with torch.inference_mode():
+        ref = model(ids).logits
+    err, held = {}, {}
+    for name in ("hf-hqq4", "hf-hqq2"):
+        cache = kv_cache_for(model.config, name)
+        got = chunked_logits(model, ids, cache, 32)
+        err[name] = float((got - ref).pow(2).mean() / ref.pow(2).mean())
+        held[name] = cache_nbytes(cache)
+    full_fp32 = 2 * 2 * 2 * 96 * 16 * 4
+    assert err["hf-hqq4"] < err["hf-hqq2"] and held["hf-hqq2"] < held["hf-hqq4"] < full_fp32
+    with pytest.raises(ConfigError, match="hf-hqq<bits>"):
+        parse_kv("hf-hqq5")

@@ -21,7 +21,7 @@ import torch
 from lowbit.bench.accuracy import _peak_rss, _write_section, machine
 from lowbit.errors import ConfigError
 
-DEFAULT_CACHES = ("full,kivi8,kivi4,kivi3,kivi2,zipcache-h4-l2-r0.5,gear2-r4,"
+DEFAULT_CACHES = ("full,kivi8,kivi4,kivi3,kivi2,zipcache-h4-l2-r0.5,gear2-r4,hf-hqq4,hf-hqq2,"
                   "streaming@0.2,h2o@0.2,snapkv@0.2")
 EVICTION = ("streaming", "h2o", "snapkv")
 

@@ -109,6 +109,16 @@ class EvictSpec:
         return int(self.budget)
 
 
+@dataclass(frozen=True)
+class HFQuantizedSpec:
+    """transformers' own QuantizedCache (the peer): ``hf-hqq<bits>``, HQQ backend, groups of 64,
+    residual 128 tokens, as its documentation sets it up (axis 1 for keys and values)."""
+
+    bits: int
+    group_size: int = 64
+    residual: int = 128
+
+
 POLICIES = ("streaming", "h2o", "snapkv")
 
 _OPTIONS = {  # option letter -> field, per kind
@@ -118,11 +128,17 @@ _OPTIONS = {  # option letter -> field, per kind
 }
 KV_HELP = ("int8|int4|int3|int2 or kivi<bits> (KIVI; options -b<block> -g<value group> -w<window>), "
            "zipcache (-h<hi bits> -l<lo bits> -r<salient fraction> -p<probe fraction> -b -w), "
-           "gear<bits> (-r<rank> -s<outlier fraction> -b -w); e.g. kivi2-w128, zipcache-h4-l2-r0.3, gear2-r4")
+           "gear<bits> (-r<rank> -s<outlier fraction> -b -w), or hf-hqq<bits> (transformers' QuantizedCache, "
+           "the peer); e.g. kivi2-w128, zipcache-h4-l2-r0.3, gear2-r4")
 
 
-def parse_kv(name: str) -> KVSpec | ZipSpec | GearSpec:
+def parse_kv(name: str) -> KVSpec | ZipSpec | GearSpec | HFQuantizedSpec:
     """A --kv name -> its spec; ConfigError naming the problem otherwise."""
+    if name.startswith("hf-"):
+        m = re.fullmatch(r"hf-hqq([1-48])", name)
+        if not m or m.group(1) not in ("1", "2", "3", "4", "8"):
+            raise ConfigError(f"--kv {name!r}: transformers' quantized cache is hf-hqq<bits> with bits 1, 2, 3, 4 or 8")
+        return HFQuantizedSpec(int(m.group(1)))
     head, *opts = name.split("-")
     m = re.fullmatch(r"(int|kivi|gear)(\d)|(zipcache)", head)
     if not m:
@@ -522,6 +538,14 @@ def kv_cache_for(config, name: str | None = None, policy: EvictSpec | None = Non
     if policy is not None:
         return Cache(layers=[EvictingLayer(policy, mode) for _ in range(n)])
     spec = parse_kv(name)
+    if isinstance(spec, HFQuantizedSpec):
+        from transformers.cache_utils import QuantizedCache
+
+        try:
+            return QuantizedCache("hqq", config, nbits=spec.bits, axis_key=1, axis_value=1,
+                                  q_group_size=spec.group_size, residual_length=spec.residual)
+        except ImportError as e:
+            raise ConfigError(f"--kv {name}: {e}") from None
     if isinstance(spec, ZipSpec):
         return Cache(layers=[ZipLayer(spec, seed=i) for i in range(n)])
     if isinstance(spec, GearSpec):
@@ -619,9 +643,22 @@ def cache_nbytes(cache: Cache) -> int:
     for layer in cache.layers:
         if hasattr(layer, "nbytes"):
             total += layer.nbytes()
-        elif getattr(layer, "is_initialized", False):
+            continue
+        if getattr(layer, "is_initialized", False):
             total += _tensor_bytes(layer.keys, layer.values)
+        for packed in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)):
+            total += _nested_bytes(packed)  # transformers' QuantizedLayer: (codes, meta dict)
     return total
+
+
+def _nested_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return _tensor_bytes(obj)
+    if isinstance(obj, dict):
+        return sum(_nested_bytes(v) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(_nested_bytes(v) for v in obj)
+    return 0
 
 
 def full_cache_nbytes(config, tokens: int, itemsize: int = 2) -> int:
