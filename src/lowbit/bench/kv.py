@@ -67,7 +67,12 @@ def run_kv_bench(args) -> None:
     if not caches:
         raise ConfigError("--caches is empty: name at least one cache, e.g. full,kivi4")
     for c in caches:  # validate every name before the first model load
-        if c != "full":
+        if c.startswith("kvpress:"):
+            pol, at, budget = c.removeprefix("kvpress:").partition("@")
+            if pol not in EVICTION or not at:
+                raise ConfigError(f"--caches {c!r}: the kvpress peer is kvpress:<{'|'.join(EVICTION)}>@<fraction>")
+            kv_label(None, pol, budget)
+        elif c != "full":
             pol, at, budget = c.partition("@")
             kv_label(None, pol, budget) if at else kv_label(c)
     work = Path(args.work_dir)
@@ -105,8 +110,15 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
                              args.needle_per_cell)
     passages = lambada_passages(args.data_dir, args.lambada) if args.lambada else []
     for cache in todo:
-        kv = None if cache == "full" else cache
         t0 = time.perf_counter()
+        if cache.startswith("kvpress:"):
+            r = _run_kvpress(args, lm, tok, cache, cases, settings)
+            r["seconds"] = time.perf_counter() - t0
+            with results_path.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            done[cache] = r
+            continue
+        kv = None if cache == "full" else cache
         with evaluating(model):
             ppl = perplexity(model, tokens, args.seqlen, progress, desc=f"{cache} ppl", kv=kv, kv_chunk=args.chunk)
             needle = needle_eval(model, tok, cases, kv, progress=progress) if cases else None
@@ -119,6 +131,29 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
         with results_path.open("a") as f:
             f.write(json.dumps(r) + "\n")
         done[cache] = r
+
+
+def _run_kvpress(args, lm, tok, cache: str, cases, settings: dict) -> dict:
+    """The kvpress peer on the same needle prompts (needle only: kvpress compresses a prompt)."""
+    import re
+
+    from lowbit.models.load import _loadable_location
+    from lowbit.peers.kvpress import kvpress_needle
+
+    press, _, budget = cache.removeprefix("kvpress:").partition("@")
+    folder = _loadable_location(lm.source, args.cache, False)
+    out = kvpress_needle(folder, [c.ids.tolist() for c in cases], press, float(budget), cache=args.cache,
+                         progress=not args.quiet)
+    cells: dict[str, list[int]] = {}
+    for case, answer in zip(cases, out["tokens"]):
+        m = re.search(r"\d+", tok.decode(answer))
+        cells.setdefault(f"{case.length}/{case.depth:g}", []).append(int(bool(m) and m.group(0) == case.key))
+    hits = [h for v in cells.values() for h in v]
+    needle = {"task": "needle", "kv": cache, "n": len(hits), "accuracy": sum(hits) / max(1, len(hits)),
+              "kv_bytes": None, "cells": {k: sum(v) / len(v) for k, v in cells.items()}}
+    return {"model": args.model, "cache": cache, "settings": settings, "ppl": None, "kv_bytes": None,
+            "kv_bf16_bytes": None, "tokens": None, "needle": needle, "lambada": None,
+            "peer": out["versions"], "kept_after_prompt": out["kept"], "peak_rss_bytes": _peak_rss()}
 
 
 def _fmt(x, spec="{:.3f}"):
@@ -145,14 +180,17 @@ def render(args, rows: list[dict], plot_dir: Path) -> str:
              "with its digits removed; prefill in chunks of 512, an evicting cache compressed after the prompt; "
              "exact match of the greedy answer's first number."),
              f"- **LAMBADA**: first {args.lambada} passages, greedy last word (every token) read through the cache.",
+             ("- **kvpress:** rows are NVIDIA's kvpress 0.5.5 (its own virtual environment, transformers<5.3) on "
+              "the same model folder and needle prompts, prefilled in one forward as kvpress requires; its "
+              "ObservedAttentionPress is H2O's score with eager attention. Needle only."),
              "", "| cache | KV bytes | vs bf16 | ppl | Δppl vs full | needle | LAMBADA | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["kv_bytes"] / r["kv_bf16_bytes"] if r.get("kv_bytes") else None
-        delta = (r["ppl"] / full["ppl"] - 1) * 100 if full else None
+        delta = (r["ppl"] / full["ppl"] - 1) * 100 if full and r["ppl"] is not None else None
         lines.append(
             f"| {r['cache']} | {_fmt(r.get('kv_bytes') and r['kv_bytes'] / 1e6, '{:.2f} MB')} | "
-            f"{_fmt(ratio, '{:.3f}')} | {r['ppl']:.3f} | {_fmt(delta, '{:+.2f}%')} | "
+            f"{_fmt(ratio, '{:.3f}')} | {_fmt(r['ppl'])} | {_fmt(delta, '{:+.2f}%')} | "
             f"{_fmt(r['needle'] and r['needle']['accuracy'], '{:.2f}')} | "
             f"{_fmt(r['lambada'] and r['lambada']['accuracy'], '{:.3f}')} | {r['seconds']:.0f} |")
     png = plot(args.model, rows, plot_dir)
@@ -162,7 +200,7 @@ def render(args, rows: list[dict], plot_dir: Path) -> str:
 
 
 def plot(model: str, rows: list[dict], out_dir: Path) -> Path | None:
-    pts = [r for r in rows if r.get("kv_bytes")]
+    pts = [r for r in rows if r.get("kv_bytes") and r.get("ppl") is not None]
     if not pts:
         return None
     import matplotlib
