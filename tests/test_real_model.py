@@ -118,7 +118,7 @@ def test_4_bit_kv_cache_stays_within_1_percent_and_2_bit_costs_more(reference, t
     int4 = perplexity(model, part, SEQLEN, progress=False, kv="kivi4", kv_chunk=128)
     int2 = perplexity(model, part, SEQLEN, progress=False, kv="kivi2-w32", kv_chunk=128)
     assert abs(int4.ppl / full.ppl - 1) < 0.01
-    assert int2.ppl > int4.ppl and int4.kv_bytes < 0.5 * int4.kv_bf16_bytes
+    assert int2.ppl > int4.ppl and int2.kv_bytes < int4.kv_bytes < int4.kv_bf16_bytes
 
 
 def test_greedy_generation_matches_transformers_and_a_lossless_cache(reference):
