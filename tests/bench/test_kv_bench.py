@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import pytest
+
 from lowbit.bench.kv import _load_done, _settings, add_arguments, render
 from lowbit.bench.accuracy import _write_section
 
@@ -39,3 +41,19 @@ def test_render_reports_ratios_against_the_full_cache_and_plots(tmp_path):
     final = out.read_text()
     assert "kept text" in final and "kivi3" in final and "kivi2" not in final
     assert final.count("<!-- bench:kv:begin -->") == 1
+
+
+def test_a_peer_that_crashes_on_a_task_is_recorded_not_fatal(tmp_path):
+    from lowbit.bench.kv import _peer_safe
+
+    def boom():
+        raise RuntimeError("odd rows")
+
+    failed = _peer_safe("hf-hqq4", boom, [1]).to_dict()
+    assert failed["accuracy"] is None and "odd rows" in failed["failed"]
+    with pytest.raises(RuntimeError):
+        _peer_safe("kivi4", boom, [1])  # lowbit's own caches must not hide their errors
+    args = args_for(tmp_path)
+    text = render(args, [row("full", 10.0, 1000, 1.0, 0.5), dict(row("hf-hqq4", 10.2, 300, 1.0), lambada=failed)],
+                  tmp_path)
+    assert "| hf-hqq4 |" in text and "failed (see notes)" in text

@@ -121,8 +121,8 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
         kv = None if cache == "full" else cache
         with evaluating(model):
             ppl = perplexity(model, tokens, args.seqlen, progress, desc=f"{cache} ppl", kv=kv, kv_chunk=args.chunk)
-            needle = needle_eval(model, tok, cases, kv, progress=progress) if cases else None
-            lam = lambada_eval(model, tok, passages, kv, progress=progress) if passages else None
+            needle = _peer_safe(cache, lambda kv=kv: needle_eval(model, tok, cases, kv, progress=progress), cases)
+            lam = _peer_safe(cache, lambda kv=kv: lambada_eval(model, tok, passages, kv, progress=progress), passages)
         bf16 = full_cache_nbytes(model.config, args.seqlen)
         r = {"model": args.model, "cache": cache, "settings": settings, "ppl": ppl.ppl,
              "kv_bytes": ppl.kv_bytes if kv else bf16, "kv_bf16_bytes": bf16, "tokens": ppl.n_tokens_scored,
@@ -131,6 +131,27 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
         with results_path.open("a") as f:
             f.write(json.dumps(r) + "\n")
         done[cache] = r
+
+
+def _peer_safe(cache: str, task, items):
+    """Run a task; a peer cache (hf-*) that crashes on it is recorded as failed, not fatal.
+    (transformers' HQQ cache packs 4-bit codes in pairs of rows and fails on odd token counts.)"""
+    if not items:
+        return None
+    if not cache.startswith("hf-"):
+        return task()
+    try:
+        return task()
+    except RuntimeError as e:
+        return _Failed(f"{type(e).__name__}: {str(e)[:160]}")
+
+
+class _Failed:
+    def __init__(self, why: str):
+        self.why = why
+
+    def to_dict(self) -> dict:
+        return {"accuracy": None, "failed": self.why}
 
 
 def _run_kvpress(args, lm, tok, cache: str, cases, settings: dict) -> dict:
@@ -154,6 +175,14 @@ def _run_kvpress(args, lm, tok, cache: str, cases, settings: dict) -> dict:
     return {"model": args.model, "cache": cache, "settings": settings, "ppl": None, "kv_bytes": None,
             "kv_bf16_bytes": None, "tokens": None, "needle": needle, "lambada": None,
             "peer": out["versions"], "kept_after_prompt": out["kept"], "peak_rss_bytes": _peak_rss()}
+
+
+def _task_cell(t: dict | None, spec: str) -> str:
+    if t is None:
+        return "-"
+    if t.get("failed"):
+        return "failed (see notes)"
+    return spec.format(t["accuracy"])
 
 
 def _fmt(x, spec="{:.3f}"):
@@ -191,8 +220,7 @@ def render(args, rows: list[dict], plot_dir: Path) -> str:
         lines.append(
             f"| {r['cache']} | {_fmt(r.get('kv_bytes') and r['kv_bytes'] / 1e6, '{:.2f} MB')} | "
             f"{_fmt(ratio, '{:.3f}')} | {_fmt(r['ppl'])} | {_fmt(delta, '{:+.2f}%')} | "
-            f"{_fmt(r['needle'] and r['needle']['accuracy'], '{:.2f}')} | "
-            f"{_fmt(r['lambada'] and r['lambada']['accuracy'], '{:.3f}')} | {r['seconds']:.0f} |")
+            f"{_task_cell(r['needle'], '{:.2f}')} | {_task_cell(r['lambada'], '{:.3f}')} | {r['seconds']:.0f} |")
     png = plot(args.model, rows, plot_dir)
     if png is not None:
         lines += ["", f"![perplexity against KV bytes]({png.name})"]
