@@ -10,33 +10,29 @@ from lowbit.errors import ShapeError
 from lowbit.formats import affine, kv
 
 
+def slow_group(x, bits):
+    """One group of values through the scalar affine primitives."""
+    g = x.reshape(1, 1, -1)
+    s, z = affine.choose_qparams(g, bits, False)
+    return affine.dequantize_groups(affine.quantize_groups(g, s, z, bits), s, z).flatten()
+
+
 def slow_keys(k, bits, block):
-    """Channel by channel, block by block, with the scalar affine primitives."""
+    """Channel by channel, block by block."""
     B, H, T, D = k.shape
     out = torch.empty_like(k)
     for b in range(B):
         for h in range(H):
             for d in range(D):
                 for t0 in range(0, T, block):
-                    x = k[b, h, t0:t0 + block, d].reshape(1, 1, -1)
-                    s, z = affine.choose_qparams(x, bits, False)
-                    q = affine.quantize_groups(x, s, z, bits)
-                    out[b, h, t0:t0 + block, d] = affine.dequantize_groups(q, s, z).flatten()
+                    out[b, h, t0:t0 + block, d] = slow_group(k[b, h, t0:t0 + block, d], bits)
     return out
 
 
 def slow_values(v, bits, group):
-    B, H, T, D = v.shape
-    out = torch.empty_like(v)
-    for b in range(B):
-        for h in range(H):
-            for t in range(T):
-                for c0 in range(0, D, group):
-                    x = v[b, h, t, c0:c0 + group].reshape(1, 1, -1)
-                    s, z = affine.choose_qparams(x, bits, False)
-                    q = affine.quantize_groups(x, s, z, bits)
-                    out[b, h, t, c0:c0 + group] = affine.dequantize_groups(q, s, z).flatten()
-    return out
+    """Token by token, channel group by channel group."""
+    D = v.shape[-1]
+    return slow_rows(v.reshape(-1, D), bits, group).reshape(v.shape)
 
 
 @settings(max_examples=25, deadline=None)
@@ -66,13 +62,11 @@ def test_append_concatenates_blocks_and_counts_bytes():
 
 
 def slow_rows(x, bits, group):
-    """Row by row, group by group, with the scalar affine primitives."""
+    """Row by row, group by group."""
     out = torch.empty_like(x)
     for r in range(x.shape[0]):
         for c0 in range(0, x.shape[1], group):
-            g = x[r, c0:c0 + group].reshape(1, 1, -1)
-            s, z = affine.choose_qparams(g, bits, False)
-            out[r, c0:c0 + group] = affine.dequantize_groups(affine.quantize_groups(g, s, z, bits), s, z).flatten()
+            out[r, c0:c0 + group] = slow_group(x[r, c0:c0 + group], bits)
     return out
 
 

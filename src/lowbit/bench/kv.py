@@ -74,7 +74,10 @@ def run_kv_bench(args) -> None:
             kv_label(None, pol, budget)
         elif c != "full":
             pol, at, budget = c.partition("@")
-            kv_label(None, pol, budget) if at else kv_label(c)
+            if at:
+                kv_label(None, pol, budget)
+            else:
+                kv_label(c)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "kv.jsonl"

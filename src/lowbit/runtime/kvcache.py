@@ -38,7 +38,7 @@ import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -564,21 +564,18 @@ def compress(cache: Cache | None) -> None:
 
 def _observing_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import (
+        eager_attention_forward,  # the plain softmax(QK^T)V
+    )
 
     inner = module._lowbit_attn
-    fn = ALL_ATTENTION_FUNCTIONS[inner] if inner != "eager" else _eager()
+    fn = ALL_ATTENTION_FUNCTIONS[inner] if inner != "eager" else eager_attention_forward
     out = fn(module, query, key, value, attention_mask, **kwargs)
     layer = getattr(module, "_lowbit_kv", None)
     if layer is not None and getattr(layer, "wants_queries", False):
         scaling = kwargs.get("scaling") or module.scaling
         layer.observe(query, key, scaling)
     return out
-
-
-def _eager():
-    import importlib
-
-    return importlib.import_module("transformers.models.llama.modeling_llama").eager_attention_forward
 
 
 _REGISTERED = False
@@ -667,9 +664,3 @@ def full_cache_nbytes(config, tokens: int, itemsize: int = 2) -> int:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim * tokens * itemsize
-
-
-def describe(spec) -> str:
-    """One line naming a spec's settings, for reports."""
-    return type(spec).__name__.removesuffix("Spec") + "(" + ", ".join(
-        f"{f.name}={getattr(spec, f.name)}" for f in fields(spec)) + ")"
