@@ -127,3 +127,12 @@ def test_bench_kv_rejects_bad_cache_names_before_loading(capsys, tmp_path):
     assert code == 2 and "kivi9" in err
     code, err = run(capsys, "bench", "kv", "no-such-model", "--caches", ",", "--work-dir", str(tmp_path))
     assert code == 2 and "--caches is empty" in err
+
+
+def test_kernels_says_when_the_reference_is_used(capsys, monkeypatch):
+    from lowbit import kernels
+
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    assert main(["kernels"]) == 1
+    out = capsys.readouterr().out
+    assert "kv_attention: unavailable" in out and "LOWBIT_NO_KERNELS" in out

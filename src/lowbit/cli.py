@@ -75,6 +75,20 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    from lowbit import kernels
+
+    failed = 0
+    for name in kernels.NAMES:
+        try:
+            kernels.load(name, cache=args.cache)
+            print(f"{name}: ready")
+        except kernels.KernelUnavailable as e:
+            failed += 1
+            print(f"{name}: unavailable, the torch reference is used ({e})")
+    return 1 if failed else 0
+
+
 def cmd_recipes(args) -> int:
     from lowbit.recipes import PRESET_DIR, Recipe, presets
 
@@ -346,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     common(m, data=False)
     m.set_defaults(func=cmd_models)
+
+    kn = sub.add_parser("kernels", help="build lowbit's native CPU kernels now (otherwise built on first use) and say which load")
+    common(kn, data=False)
+    kn.set_defaults(func=cmd_kernels)
 
     rp = sub.add_parser("recipes", help="list the built-in recipe presets (use with quantize --recipe NAME)")
     rp.add_argument("--long", dest="verbose_recipes", action="store_true", help="also show each resolved recipe")

@@ -97,12 +97,33 @@ def test_mixed_rows_reject_a_flag_count_that_does_not_match():
         kv.quantize_rows_mixed(torch.zeros(4, 8), torch.zeros(3, dtype=torch.bool), 4, 2, 8)
 
 
-def test_channel_scales_flatten_an_outlier_channel():
-    k = torch.randn(1, 1, 32, 16, generator=torch.Generator().manual_seed(0))
-    k[..., 3] *= 50
-    c = kv.channel_scales(k)
-    ratio = lambda t: float(t.abs().amax(-2).max() / t.abs().amax(-2).median())
-    assert ratio(k / c.float()) < ratio(k) / 5
+@settings(max_examples=20, deadline=None)
+@given(heads=st.integers(1, 3), t=st.sampled_from([8, 16, 24]), n_hi=st.integers(0, 8), hi=st.sampled_from([4, 8]),
+       lo=st.sampled_from([2, 3]), seed=st.integers(0, 99))
+def test_mixed_keys_quantize_each_heads_sets_per_channel(heads, t, n_hi, hi, lo, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, heads, t, 8, generator=g)
+    salient = torch.zeros(1, heads, t, dtype=torch.bool)
+    for h in range(heads):
+        salient[0, h, torch.randperm(t, generator=g)[:n_hi]] = True
+    q = kv.quantize_keys_mixed(k, salient, hi, lo)
+    got = kv.dequantize_keys_mixed(q)
+    for h in range(heads):
+        for mask, bits in ((salient[0, h], hi), (~salient[0, h], lo)):
+            if mask.any():  # each channel of each set is one group: the slow per-group quantizer
+                sub = k[0, h][mask]
+                want = torch.stack([slow_group(sub[:, c], bits) for c in range(8)], 1)
+                assert torch.equal(got[0, h][mask], want)
+    codes = heads * 8 * (pack_len(n_hi, hi) if n_hi else 0) + heads * 8 * (pack_len(t - n_hi, lo) if n_hi < t else 0)
+    groups = heads * 8 * ((n_hi > 0) + (n_hi < t))
+    assert q.nbytes() == (heads * t + 7) // 8 + codes + groups * 3
+
+
+def test_mixed_keys_need_the_same_salient_count_per_head():
+    salient = torch.zeros(1, 2, 8, dtype=torch.bool)
+    salient[0, 0, 0] = True
+    with pytest.raises(ShapeError, match="same number"):
+        kv.quantize_keys_mixed(torch.zeros(1, 2, 8, 4), salient, 4, 2)
 
 
 def test_gear_residual_beats_plain_quantization_and_restores_outliers_exactly():

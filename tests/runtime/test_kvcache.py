@@ -168,7 +168,7 @@ def test_eviction_at_the_budget_equals_a_sliding_window_model(ids):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_zipcache_puts_the_most_attended_rows_at_high_precision():
+def test_zipcache_puts_the_most_attended_tokens_at_high_precision():
     layer = ZipLayer(ZipSpec(hi=8, lo=2, salient=0.25, probes=1.0, block=8, window=0))
     n, d = 8, 8
     keys = torch.zeros(1, 1, n, d)
@@ -180,11 +180,12 @@ def test_zipcache_puts_the_most_attended_rows_at_high_precision():
     k, _ = layer.update(keys, values)
     layer.observe(query, k, 1.0)
     assert layer.n_quantized == 8
-    _, qv, _ = layer.blocks[0]
+    qk, qv = layer.blocks[0]
     import numpy as np
 
-    flags = np.unpackbits(qv.salient_bits.numpy(), count=qv.rows).astype(bool)
-    assert flags.nonzero()[0].tolist() == [2, 5]
+    for q, count in ((qk, n), (qv, qv.rows)):
+        flags = np.unpackbits(q.salient_bits.numpy(), count=count).astype(bool)
+        assert flags.nonzero()[0].tolist() == [2, 5]
     _, v_back = layer.dequantized()
     err = (v_back - values).abs().amax(-1)[0, 0]
     assert err[[2, 5]].max() < err[[0, 1, 3, 4, 6, 7]].min()
@@ -226,3 +227,31 @@ def test_transformers_quantized_cache_peer_runs_and_its_bytes_are_counted(ids):
     assert err["hf-hqq4"] < err["hf-hqq2"] and held["hf-hqq2"] < held["hf-hqq4"] < full_fp32
     with pytest.raises(ConfigError, match="hf-hqq<bits>"):
         parse_kv("hf-hqq5")
+
+
+def test_attention_sinks_stay_exact_and_the_rest_is_quantized(ids):
+    model = build_tiny("llama")
+    cache = kv_cache_for(model.config, "kivi2-w8-a4")
+    with torch.inference_mode(), observing(model, cache):
+        model(ids[:, :50], past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.sink_keys.shape[-2] == 4 and layer.n_quantized == 32 and layer.keys.shape[-2] == 14
+    assert cache.get_seq_length() == 50
+    with torch.inference_mode():
+        plain = kv_cache_for(model.config, "kivi8-b128-w128")   # never flushes: exact keys of the same tokens
+        model(ids[:, :50], past_key_values=plain, use_cache=True)
+    exact_k = plain.layers[0].keys
+    torch.testing.assert_close(layer.sink_keys, exact_k[..., :4, :])
+    assert not torch.allclose(layer.dequantized()[0], exact_k[..., 4:36, :], atol=1e-3)
+    assert parse_kv("gear2-a4").sinks == 4 and parse_kv("zipcache-a2").sinks == 2
+
+
+def test_sinks_help_a_2_bit_cache(ids):
+    model = build_tiny("llama")
+    with torch.inference_mode():
+        ref = model(ids).logits
+    err = {}
+    for name in ("kivi2-w0", "kivi2-w0-a4"):
+        got = chunked_logits(model, ids, kv_cache_for(model.config, name), 16)
+        err[name] = float((got - ref).pow(2).mean() / ref.pow(2).mean())
+    assert err["kivi2-w0-a4"] < err["kivi2-w0"]

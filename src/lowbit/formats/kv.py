@@ -112,7 +112,7 @@ def _check(x: torch.Tensor, what: str) -> tuple[int, int, int, int]:
     return tuple(x.shape)
 
 
-# --- ZipCache: channel-separable token-wise quantization, mixed precision per (token, head) row ---
+# --- ZipCache: mixed precision per (token, head): keys per channel within each set, values per row ---
 
 @dataclass
 class MixedRows:
@@ -163,14 +163,54 @@ def dequantize_rows_mixed(q: MixedRows, dtype: torch.dtype = torch.float32) -> t
     return out
 
 
-def channel_scales(k: torch.Tensor) -> torch.Tensor:
-    """ZipCache's channel normalizer for keys [B, H, T, D]: sqrt(max_t |k|) per channel -> [B, H, 1, D].
-
-    Dividing keys by it flattens the channel outliers so that a token-wise quantizer fits them;
-    the factor is stored in float16 and multiplied back on dequantization.
+@dataclass
+class MixedKeys:
+    """A block of keys [B, H, T, D] whose every head has the same number of salient tokens: per
+    head, the salient tokens are quantized per channel at `hi` bits (one scale and zero per channel
+    over those tokens), the others per channel at `lo` bits, as KIVI quantizes keys. `salient`
+    (bool [B, H, T], stored bit-packed) puts the tokens back in order.
     """
-    c = k.abs().amax(dim=-2, keepdim=True).sqrt()
-    return c.clamp_min(1e-4).to(affine.SCALE_DTYPE)
+
+    hi: KVBlocks | None       # quantize_keys of the salient tokens [B, H, n_hi, D], block = n_hi
+    lo: KVBlocks | None       # the rest [B, H, T - n_hi, D], block = T - n_hi
+    salient_bits: torch.Tensor
+    shape: tuple[int, int, int, int]
+
+    def nbytes(self) -> int:
+        return self.salient_bits.numel() + sum(q.nbytes() for q in (self.hi, self.lo) if q is not None)
+
+
+def _salient_first(salient: torch.Tensor) -> torch.Tensor:
+    """Per head, the token order that puts the salient tokens first (each set in time order)."""
+    return torch.argsort((~salient).to(torch.uint8), dim=-1, stable=True)
+
+
+def quantize_keys_mixed(k: torch.Tensor, salient: torch.Tensor, hi_bits: int, lo_bits: int) -> MixedKeys:
+    """Keys [B, H, T, D]; salient bool [B, H, T] with the same count in every head."""
+    B, H, T, D = _check(k, "keys")
+    if salient.shape != (B, H, T):
+        raise ShapeError(f"salient must be [batch, heads, tokens] = {(B, H, T)}, got {tuple(salient.shape)}")
+    counts = salient.sum(-1)
+    n_hi = int(counts.flatten()[0]) if counts.numel() else 0
+    if bool((counts != n_hi).any()):
+        raise ShapeError("every head needs the same number of salient tokens")
+    order = _salient_first(salient)
+    ks = k.gather(2, order.unsqueeze(-1).expand(B, H, T, D))
+    hi = quantize_keys(ks[:, :, :n_hi], hi_bits, n_hi) if n_hi else None
+    lo = quantize_keys(ks[:, :, n_hi:], lo_bits, T - n_hi) if n_hi < T else None
+    packed = torch.from_numpy(np.packbits(salient.reshape(-1).cpu().numpy().astype(np.uint8)))
+    return MixedKeys(hi, lo, packed, (B, H, T, D))
+
+
+def dequantize_keys_mixed(q: MixedKeys, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of quantize_keys_mixed -> [B, H, T, D]."""
+    B, H, T, D = q.shape
+    flags = np.unpackbits(q.salient_bits.numpy(), count=B * H * T).astype(bool)
+    order = _salient_first(torch.from_numpy(flags).reshape(B, H, T))
+    parts = [dequantize_keys(p, B, H, dtype) for p in (q.hi, q.lo) if p is not None]
+    out = torch.empty(B, H, T, D, dtype=dtype)
+    out.scatter_(2, order.unsqueeze(-1).expand(B, H, T, D), torch.cat(parts, 2))
+    return out
 
 
 # --- GEAR: sparse outliers + low-rank approximation of the quantization residual ---

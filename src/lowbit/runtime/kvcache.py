@@ -4,9 +4,11 @@ loops use them unchanged, with any weight recipe.
 Low-bit caches (a name for --kv):
 - ``kivi<b>`` / ``int<b>`` (KIVI): keys per channel in blocks of `block` tokens, values per token
   in groups of `value_group` channels (formats/kv.py).
-- ``zipcache`` (ZipCache): each (token, head) row of a flushed block is quantized token-wise,
-  keys after dividing by a per-channel normalizer; the rows with the highest normalized attention
-  (measured with a few probe queries) get `hi` bits, the rest `lo` bits.
+- ``zipcache`` (ZipCache's saliency): in each head, the `salient` fraction of a flushed block's
+  tokens with the highest normalized attention (measured with a few probe queries) get `hi` bits,
+  the rest `lo` bits; keys per channel within each of the two sets (the paper quantizes keys
+  token-wise after a channel normalizer, which lost to per-channel KIVI at equal bytes here, see
+  BENCHMARKS.md), values per token.
 - ``gear<b>`` (GEAR): KIVI at b bits after removing the largest `outliers` fraction of entries
   (kept sparse in float16), plus a rank-`rank` SVD of what quantization left behind.
 In all three the most recent `window` tokens (and any incomplete block) stay in full precision;
@@ -58,6 +60,7 @@ class KVSpec:
     block: int = 32          # tokens per key block
     value_group: int = 32    # channels per value group
     window: int = 128        # most recent tokens kept in full precision (KIVI's residual)
+    sinks: int = 0           # first tokens kept in full precision (attention sinks; not in KIVI)
 
     @classmethod
     def parse(cls, name: str) -> KVSpec:
@@ -73,11 +76,12 @@ class ZipSpec:
 
     hi: int = 4              # bits of salient rows
     lo: int = 2              # bits of the others
-    salient: float = 0.3     # fraction of (token, head) rows kept at `hi` bits
+    salient: float = 0.3     # fraction of each head's tokens kept at `hi` bits
     probes: float = 0.1      # fraction of each chunk's queries used as probes (half recent, half random)
-    block: int = 64          # tokens per flushed block (one channel normalizer per block)
+    block: int = 64          # tokens per flushed block (keys: one scale per channel per set per block)
     value_group: int = 32    # channels per group of a row
     window: int = 128
+    sinks: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class GearSpec:
     block: int = 128         # tokens per flushed block (the low-rank span); keys in sub-blocks of 32
     value_group: int = 32
     window: int = 128
+    sinks: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,14 +127,15 @@ class HFQuantizedSpec:
 POLICIES = ("streaming", "h2o", "snapkv")
 
 _OPTIONS = {  # option letter -> field, per kind
-    "kivi": {"b": "block", "g": "value_group", "w": "window"},
-    "zipcache": {"h": "hi", "l": "lo", "r": "salient", "p": "probes", "b": "block", "w": "window"},
-    "gear": {"r": "rank", "s": "outliers", "b": "block", "w": "window"},
+    "kivi": {"b": "block", "g": "value_group", "w": "window", "a": "sinks"},
+    "zipcache": {"h": "hi", "l": "lo", "r": "salient", "p": "probes", "b": "block", "w": "window", "a": "sinks"},
+    "gear": {"r": "rank", "s": "outliers", "b": "block", "w": "window", "a": "sinks"},
 }
-KV_HELP = ("int8|int4|int3|int2 or kivi<bits> (KIVI; options -b<block> -g<value group> -w<window>), "
-           "zipcache (-h<hi bits> -l<lo bits> -r<salient fraction> -p<probe fraction> -b -w), "
-           "gear<bits> (-r<rank> -s<outlier fraction> -b -w), or hf-hqq<bits> (transformers' QuantizedCache, "
-           "the peer); e.g. kivi2-w128, zipcache-h4-l2-r0.3, gear2-r4")
+KV_HELP = ("int8|int4|int3|int2 or kivi<bits> (KIVI; options -b<block> -g<value group> -w<window> "
+           "-a<attention sinks kept in full precision>), "
+           "zipcache (-h<hi bits> -l<lo bits> -r<salient fraction> -p<probe fraction> -b -w -a), "
+           "gear<bits> (-r<rank> -s<outlier fraction> -b -w -a), or hf-hqq<bits> (transformers' QuantizedCache, "
+           "the peer); e.g. kivi2-w128, kivi2-a4, zipcache-h4-l2-r0.3, gear2-r4")
 
 
 def parse_kv(name: str) -> KVSpec | ZipSpec | GearSpec | HFQuantizedSpec:
@@ -165,8 +171,8 @@ def _validate(name: str, spec) -> None:
         b = getattr(spec, bits_field, None)
         if b is not None and b not in (2, 3, 4, 8):
             raise ConfigError(f"--kv {name!r}: {b}-bit caches are not supported; use 2, 3, 4 or 8 bits")
-    if spec.block < 1 or spec.window < 0 or spec.value_group < 1:
-        raise ConfigError(f"--kv {name!r}: the block and group must be >= 1 and the window >= 0")
+    if spec.block < 1 or spec.window < 0 or spec.value_group < 1 or spec.sinks < 0:
+        raise ConfigError(f"--kv {name!r}: the block and group must be >= 1, the window and sinks >= 0")
     if isinstance(spec, ZipSpec):
         if spec.hi < spec.lo:
             raise ConfigError(f"--kv {name!r}: salient rows need at least as many bits as the others")
@@ -205,11 +211,13 @@ class _LowBitLayer(DynamicLayer):
     """
 
     wants_queries = False
+    reads_codes = False      # can decode attention read the packed blocks directly (attend())
 
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
         self.n_quantized = 0
+        self.fused = False   # set inside observing(): one-token updates return only the residual
 
     @property
     def unit(self) -> int:
@@ -220,13 +228,22 @@ class _LowBitLayer(DynamicLayer):
         self.batch, self.heads = key_states.shape[0], key_states.shape[1]
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
+        self.sink_keys, self.sink_values = self.keys, self.values   # the first `sinks` tokens, exact
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.fused and key_states.shape[-2] == 1:
+            # decode inside observing(): the attention function calls attend(), which reads the
+            # compressed blocks itself (and flushes after, as below), so only the full-precision
+            # residual is handed back
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self._appended(1)
+            return self.keys, self.values
         old_k, old_v = self.dequantized()
-        keys = torch.cat([old_k, self.keys, key_states], dim=-2)
-        values = torch.cat([old_v, self.values, value_states], dim=-2)
+        keys = torch.cat([self.sink_keys, old_k, self.keys, key_states], dim=-2)
+        values = torch.cat([self.sink_values, old_v, self.values, value_states], dim=-2)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self._appended(key_states.shape[-2])
@@ -235,7 +252,16 @@ class _LowBitLayer(DynamicLayer):
         return keys, values
 
     def _flush_residual(self) -> None:
-        """Compress the complete blocks of the residual beyond the window; keep the rest as it is."""
+        """Compress the complete blocks of the residual beyond the window; keep the rest as it is.
+        Before the first flush the residual starts at token 0: its first `sinks` tokens move to the
+        exact sink store instead."""
+        need = self.spec.sinks - self.sink_keys.shape[-2]
+        if need > 0 and self.n_quantized == 0 and self.keys.shape[-2] > self.spec.window:
+            take = min(need, self.keys.shape[-2] - self.spec.window)
+            self.sink_keys = torch.cat([self.sink_keys, self.keys[..., :take, :]], -2)
+            self.sink_values = torch.cat([self.sink_values, self.values[..., :take, :]], -2)
+            self.keys, self.values = self.keys[..., take:, :].clone(), self.values[..., take:, :].clone()
+            self._dropped_front(take)
         full = max(0, self.keys.shape[-2] - self.spec.window) // self.unit * self.unit
         if full:
             self._flush(self.keys[..., :full, :], self.values[..., :full, :])
@@ -246,6 +272,9 @@ class _LowBitLayer(DynamicLayer):
     def _appended(self, n: int) -> None:
         """n new tokens joined the residual."""
 
+    def _dropped_front(self, n: int) -> None:
+        """The first n tokens of the residual moved to the sink store."""
+
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The compressed part of the cache as [B, H, n_quantized, D] tensors."""
         if self.n_quantized == 0:
@@ -255,7 +284,7 @@ class _LowBitLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.n_quantized + self.keys.shape[-2]
+        return self.sink_keys.shape[-2] + self.n_quantized + self.keys.shape[-2]
 
     def reset(self) -> None:
         super().reset()
@@ -264,17 +293,37 @@ class _LowBitLayer(DynamicLayer):
     def nbytes(self) -> int:
         held = self._stored_nbytes() if self.n_quantized else 0
         if self.is_initialized:
-            held += _tensor_bytes(self.keys, self.values)
+            held += _tensor_bytes(self.keys, self.values, self.sink_keys, self.sink_values)
         return held
 
 
 class KIVILayer(_LowBitLayer):
-    """KIVI: per-channel key blocks and per-token value groups, appended as the cache grows."""
+    """KIVI: per-channel key blocks and per-token value groups, appended as the cache grows.
+
+    Decode steps inside observing() read the packed blocks in a native kernel (attend) instead of
+    dequantizing the whole cache every step."""
+
+    reads_codes = True
 
     def __init__(self, spec: KVSpec):
         super().__init__(spec)
         self.qkeys: kv.KVBlocks | None = None
         self.qvalues: kv.KVBlocks | None = None
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """One decode query against the packed blocks plus `keys`/`values` (the residual that
+        update returned). [B, 1, Hq, D]."""
+        from lowbit.runtime.kv_attention import kivi_decode_attention
+
+        s = self.sink_keys.shape[-2]
+        if s:  # exact sinks join the residual; the mask's columns follow (time order is sinks first)
+            keys, values = torch.cat([self.sink_keys, keys], -2), torch.cat([self.sink_values, values], -2)
+            if mask is not None:
+                mask = torch.cat([mask[..., s:s + self.n_quantized], mask[..., :s], mask[..., s + self.n_quantized:]], -1)
+        out = kivi_decode_attention(query, self.qkeys, self.qvalues, keys, values, scaling, mask)
+        self._flush_residual()
+        return out
 
     def _flush(self, k: torch.Tensor, v: torch.Tensor) -> None:
         qk = kv.quantize_keys(k, self.spec.bits, self.spec.block)
@@ -342,13 +391,14 @@ class GearLayer(_LowBitLayer):
 
 
 class ZipLayer(_LowBitLayer):
-    """ZipCache: salient rows (normalized attention from probe queries) at hi bits, others at lo."""
+    """ZipCache: per head, salient tokens (normalized attention from probe queries) at hi bits,
+    the others at lo bits."""
 
     wants_queries = True
 
     def __init__(self, spec: ZipSpec, seed: int = 0):
         super().__init__(spec)
-        self.blocks: list[tuple[kv.MixedRows, kv.MixedRows, torch.Tensor]] = []
+        self.blocks: list[tuple[kv.MixedKeys, kv.MixedRows]] = []
         self.acc: torch.Tensor | None = None   # [B, H, residual] attention received from probes
         self.cnt: torch.Tensor | None = None   # [residual] probes that could see each token
         self.gen = torch.Generator().manual_seed(seed)
@@ -364,6 +414,9 @@ class ZipLayer(_LowBitLayer):
             self.acc, self.cnt = torch.zeros(B, H, 0), torch.zeros(0)
         self.acc = torch.cat([self.acc, torch.zeros(B, H, n)], -1)
         self.cnt = torch.cat([self.cnt, torch.zeros(n)])
+
+    def _dropped_front(self, n: int) -> None:
+        self.acc, self.cnt = self.acc[..., n:], self.cnt[n:]
 
     def observe(self, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> None:
         q = query.shape[2]
@@ -382,31 +435,29 @@ class ZipLayer(_LowBitLayer):
 
     def _flush(self, k, v):
         B, H, T, D = k.shape
-        score = (self.acc[..., :T] / self.cnt[:T].clamp_min(1)).permute(2, 0, 1).reshape(-1)  # rows (t, b, h)
-        salient = torch.zeros(score.numel(), dtype=torch.bool)
-        n_hi = round(self.spec.salient * score.numel())
+        score = self.acc[..., :T] / self.cnt[:T].clamp_min(1)             # [B, H, T]
+        salient = torch.zeros(B, H, T, dtype=torch.bool)
+        n_hi = round(self.spec.salient * T)
         if n_hi:
-            salient[score.topk(n_hi).indices] = True
-        norm = kv.channel_scales(k)
-        kn = (k / norm.float()).permute(2, 0, 1, 3).reshape(T * B * H, D)
-        vr = v.float().permute(2, 0, 1, 3).reshape(T * B * H, D)
+            salient.scatter_(2, score.topk(n_hi, dim=-1).indices, True)
         s = self.spec
-        self.blocks.append((kv.quantize_rows_mixed(kn, salient, s.hi, s.lo, s.value_group),
-                            kv.quantize_rows_mixed(vr, salient, s.hi, s.lo, s.value_group), norm))
+        rows = v.float().permute(2, 0, 1, 3).reshape(T * B * H, D)
+        self.blocks.append((kv.quantize_keys_mixed(k.float(), salient, s.hi, s.lo),
+                            kv.quantize_rows_mixed(rows, salient.permute(2, 0, 1).reshape(-1), s.hi, s.lo,
+                                                   s.value_group)))
         self.acc, self.cnt = self.acc[..., T:], self.cnt[T:]
 
     def _restored(self):
         B, H = self.batch, self.heads
         ks, vs = [], []
-        for qk, qv, norm in self.blocks:
-            T = qk.rows // (B * H)
-            k = kv.dequantize_rows_mixed(qk).reshape(T, B, H, -1).permute(1, 2, 0, 3) * norm.float()
-            ks.append(k.to(self.dtype))
+        for qk, qv in self.blocks:
+            T = qk.shape[2]
+            ks.append(kv.dequantize_keys_mixed(qk).to(self.dtype))
             vs.append(kv.dequantize_rows_mixed(qv).reshape(T, B, H, -1).permute(1, 2, 0, 3).to(self.dtype))
         return torch.cat(ks, -2), torch.cat(vs, -2)
 
     def _stored_nbytes(self) -> int:
-        return sum(qk.nbytes() + qv.nbytes() + _tensor_bytes(n) for qk, qv, n in self.blocks)
+        return sum(qk.nbytes() + qv.nbytes() for qk, qv in self.blocks)
 
     def reset(self) -> None:
         super().reset()
@@ -568,10 +619,13 @@ def _observing_attention(module, query, key, value, attention_mask, **kwargs):
         eager_attention_forward,  # the plain softmax(QK^T)V
     )
 
+    layer = getattr(module, "_lowbit_kv", None)
+    if getattr(layer, "fused", False) and query.shape[2] == 1:
+        scaling = kwargs.get("scaling") or module.scaling
+        return layer.attend(query, key, value, scaling, attention_mask), None
     inner = module._lowbit_attn
     fn = ALL_ATTENTION_FUNCTIONS[inner] if inner != "eager" else eager_attention_forward
     out = fn(module, query, key, value, attention_mask, **kwargs)
-    layer = getattr(module, "_lowbit_kv", None)
     if layer is not None and getattr(layer, "wants_queries", False):
         scaling = kwargs.get("scaling") or module.scaling
         layer.observe(query, key, scaling)
@@ -604,9 +658,11 @@ def _attention_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 @contextmanager
 def observing(model: torch.nn.Module, cache: Cache | None) -> Iterator[None]:
-    """Let cache layers that need attention scores see each layer's queries (see module docstring).
-    A no-op for caches that do not need them."""
-    if cache is None or not any(getattr(layer, "wants_queries", False) for layer in cache.layers):
+    """Let cache layers that need attention scores see each layer's queries, and let layers that
+    can read their packed blocks do decode attention themselves (see module docstring). A no-op
+    for caches that need neither."""
+    if cache is None or not any(getattr(layer, "wants_queries", False) or getattr(layer, "reads_codes", False)
+                                for layer in cache.layers):
         yield
         return
     _register()
@@ -619,6 +675,9 @@ def observing(model: torch.nn.Module, cache: Cache | None) -> Iterator[None]:
         if impl not in ("sdpa", "eager"):
             raise ConfigError(f"attention {impl!r}: compressed caches with scores need 'sdpa' or 'eager' attention")
         m._lowbit_attn, m._lowbit_kv = impl, cache.layers[m.layer_idx]
+    fused = [layer for layer in cache.layers if getattr(layer, "reads_codes", False)]
+    for layer in fused:
+        layer.fused = True
     try:
         for c in configs.values():
             c._attn_implementation = "lowbit_observe"
@@ -628,6 +687,8 @@ def observing(model: torch.nn.Module, cache: Cache | None) -> Iterator[None]:
             c._attn_implementation = saved[k]
         for m in modules:
             del m._lowbit_attn, m._lowbit_kv
+        for layer in fused:
+            layer.fused = False
 
 
 def _tensor_bytes(*ts: torch.Tensor) -> int:

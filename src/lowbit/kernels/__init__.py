@@ -1,0 +1,97 @@
+"""Native CPU kernels, compiled from kernels/csrc on first use and cached.
+
+Each source is built once per (source, torch version, CPU) with torch's C++ extension builder
+(`-O3 -march=native -fopenmp`) into <cache>/kernels, so a fresh machine pays the build once (tens of
+seconds) and later processes load the shared object directly. `lowbit kernels` builds them
+ahead of time. Every kernel has a torch reference beside its caller; when a build is impossible
+(no C++ compiler), `load` raises KernelUnavailable and callers fall back to that reference with
+one warning, so nothing depends on a compiler being present.
+
+    ext = kernels.load("kv_attention")
+    scores = ext.key_scores(q, codes, scales, zeros, bits, block)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).parent / "csrc"
+NAMES = ("kv_attention",)
+DISABLE_ENV = "LOWBIT_NO_KERNELS"   # set to 1 to use the torch references everywhere
+
+_loaded: dict[str, ModuleType] = {}
+_failed: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+class KernelUnavailable(LowbitError, RuntimeError):
+    """A native kernel could not be built or loaded; the torch reference is used instead."""
+
+
+def _build_dir(name: str, source: Path, cache: str | os.PathLike | None = None) -> Path:
+    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + platform.machine().encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    return cache_dir(cache) / "kernels" / f"{name}-{key}"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
+    """The compiled extension `name` (building it under <cache>/kernels if needed);
+    KernelUnavailable if it cannot be."""
+    if name not in NAMES:
+        raise KeyError(f"unknown kernel {name!r}; known: {', '.join(NAMES)}")
+    if os.environ.get(DISABLE_ENV) == "1":
+        raise KernelUnavailable(f"native kernels disabled by ${DISABLE_ENV}=1")
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        if name in _failed:
+            raise KernelUnavailable(_failed[name])
+        source = SOURCES / f"{name}.cpp"
+        build = _build_dir(name, source, cache)
+        build.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.cpp_extension import load as build_extension
+
+            log.info("building native kernel %s in %s (once per machine)", name, build)
+            mod = build_extension(name=f"lowbit_{name}", sources=[str(source)], build_directory=str(build),
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # compiler missing, headers missing, link failure: all mean "use the reference"
+            _failed[name] = (f"native kernel {name!r} could not be built ({type(e).__name__}: {str(e)[:300]}); "
+                             "install a C++ compiler (g++) and ninja (pip install ninja), or set "
+                             f"{DISABLE_ENV}=1 to silence this")
+            raise KernelUnavailable(_failed[name]) from None
+        _loaded[name] = mod
+        return mod
+
+
+def available(name: str) -> bool:
+    """Whether `name` loads (building it if needed), without raising."""
+    try:
+        load(name)
+        return True
+    except KernelUnavailable:
+        return False
