@@ -205,6 +205,10 @@ def cmd_generate(args) -> int:
     dtype = resolve_dtype(args.dtype)
     if is_checkpoint(args.model):
         loaded = load_checkpoint(args.model, dtype=dtype)
+        if args.runtime == "packed":
+            from lowbit.runtime.packed import pack_model
+
+            pack_model(loaded.model)
     else:
         loaded = load_model(args.model, dtype=dtype, cache=args.cache, progress=not args.quiet)
     model, tok = loaded.model, loaded.tokenizer
@@ -435,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="fp32", choices=["auto", *sorted(DTYPES)], help="compute dtype (default fp32)")
     _kv_arguments(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--runtime", choices=["packed", "reference"], default="packed",
+                   help="checkpoints: packed codes run by the native kernels (default), or the "
+                        "dequantize-every-call reference modules")
     common(g, data=False)
     g.set_defaults(func=cmd_generate)
 

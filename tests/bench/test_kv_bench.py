@@ -57,3 +57,16 @@ def test_a_peer_that_crashes_on_a_task_is_recorded_not_fatal(tmp_path):
     text = render(args, [row("full", 10.0, 1000, 1.0, 0.5), dict(row("hf-hqq4", 10.2, 300, 1.0), lambada=failed)],
                   tmp_path)
     assert "| hf-hqq4 |" in text and "failed (see notes)" in text
+
+
+def test_a_needle_only_run_keeps_its_own_section_and_plot(tmp_path):
+    args = args_for(tmp_path, "--max-tokens", "0", "--needle-lengths", "8192", "--section", "needle-8k")
+    text = render(args, [row("full", None, None, 1.0), row("kivi2", None, None, 0.5)], tmp_path)
+    assert text.startswith("## KV cache: smollm2-135m (needle-8k)") and "--section needle-8k" in text
+    assert "| kivi2 | - | - | - | - | 0.50 |" in text
+    assert not (tmp_path / "BENCHMARKS-kv-smollm2-135m-needle-8k.png").exists()  # nothing to plot without ppl
+    out = tmp_path / "B.md"
+    _write_section(out, "main table", "kv")
+    _write_section(out, text, args.section)
+    final = out.read_text()
+    assert "main table" in final and "(needle-8k)" in final

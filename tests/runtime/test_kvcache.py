@@ -83,7 +83,8 @@ def test_bad_names():
     assert KVSpec.parse("kivi2-b64") == KVSpec(2, 64) and KVSpec.parse("int4-w0").window == 0
     assert kv_cache_for(build_tiny("llama").config, "none") is None
     assert KVSpec.parse("kivi3").bits == 3
-    for bad in ("int5", "fp8", "kivi2-b0", "kivi2-x3", "zipcache-h2-l4", "gear2-b48", "zipcache-r1.5"):
+    assert KVSpec.parse("kivi2-c1-a4") == KVSpec(bits=2, clip=1, sinks=4)
+    for bad in ("int5", "fp8", "kivi2-b0", "kivi2-x3", "zipcache-h2-l4", "gear2-b48", "zipcache-r1.5", "kivi2-c2"):
         with pytest.raises(ConfigError, match="--kv"):
             KVSpec.parse(bad)
 

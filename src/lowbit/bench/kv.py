@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma list of caches (default {DEFAULT_CACHES})")
     p.add_argument("--data", default="wikitext2", help="perplexity text")
-    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=4096, help="perplexity tokens (0: skip perplexity)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=128, help="tokens per forward in the perplexity loop")
     p.add_argument("--needle-lengths", default="2048,4096", help="prompt lengths in tokens (comma list; empty: skip)")
@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--work-dir", default="bench-work")
     p.add_argument("--output", default="BENCHMARKS.md")
+    p.add_argument("--section", default="kv",
+                   help="BENCHMARKS.md section (and plot suffix) to write; a second name keeps another run's table beside")
     p.add_argument("--render-only", action="store_true", help="rewrite the section from finished results")
 
 
@@ -87,7 +89,7 @@ def run_kv_bench(args) -> None:
     if todo and not args.render_only:
         _run(args, todo, settings, results_path, done)
     section = render(args, [done[c] for c in caches if c in done], Path(args.output).parent)
-    _write_section(Path(args.output), section, "kv")
+    _write_section(Path(args.output), section, args.section)
     print(section)
 
 
@@ -103,7 +105,7 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
     progress = not args.quiet
     lm = load_model(args.model, dtype=dtype, cache=args.cache, progress=progress)
     model, tok = lm.model, lm.tokenizer
-    tokens = eval_tokens(tok, args.data, args.max_tokens, args.data_dir)
+    tokens = eval_tokens(tok, args.data, args.max_tokens, args.data_dir) if args.max_tokens else None
     lengths = [int(x) for x in args.needle_lengths.split(",") if x]
     cases = []
     if lengths:
@@ -123,12 +125,14 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
             continue
         kv = None if cache == "full" else cache
         with evaluating(model):
-            ppl = perplexity(model, tokens, args.seqlen, progress, desc=f"{cache} ppl", kv=kv, kv_chunk=args.chunk)
+            ppl = None if tokens is None else perplexity(model, tokens, args.seqlen, progress, desc=f"{cache} ppl",
+                                                         kv=kv, kv_chunk=args.chunk)
             needle = _peer_safe(cache, lambda kv=kv: needle_eval(model, tok, cases, kv, progress=progress), cases)
             lam = _peer_safe(cache, lambda kv=kv: lambada_eval(model, tok, passages, kv, progress=progress), passages)
         bf16 = full_cache_nbytes(model.config, args.seqlen)
-        r = {"model": args.model, "cache": cache, "settings": settings, "ppl": ppl.ppl,
-             "kv_bytes": ppl.kv_bytes if kv else bf16, "kv_bf16_bytes": bf16, "tokens": ppl.n_tokens_scored,
+        r = {"model": args.model, "cache": cache, "settings": settings, "ppl": ppl and ppl.ppl,
+             "kv_bytes": (ppl and ppl.kv_bytes) if kv else bf16, "kv_bf16_bytes": bf16,
+             "tokens": ppl and ppl.n_tokens_scored,
              "needle": needle.to_dict() if needle else None, "lambada": lam.to_dict() if lam else None,
              "seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
         with results_path.open("a") as f:
@@ -194,11 +198,13 @@ def _fmt(x, spec="{:.3f}"):
 
 def render(args, rows: list[dict], plot_dir: Path) -> str:
     full = next((r for r in rows if r["cache"] == "full"), None)
-    lines = [f"## KV cache: {args.model}", "",
+    title = f"## KV cache: {args.model}" + ("" if args.section == "kv" else f" ({args.section})")
+    lines = [title, "",
              (f"Command: `lowbit bench kv {args.model} --caches {args.caches} --data {args.data} "
              f"--max-tokens {args.max_tokens} --seqlen {args.seqlen} --chunk {args.chunk} "
              f"--needle-lengths {args.needle_lengths} --needle-depths {args.needle_depths} "
-             f"--needle-per-cell {args.needle_per_cell} --lambada {args.lambada} --dtype {args.dtype}`"), "",
+             f"--needle-per-cell {args.needle_per_cell} --lambada {args.lambada} --dtype {args.dtype}"
+             + ("" if args.section == "kv" else f" --section {args.section}") + "`"), "",
              f"Machine: {machine()}. Model weights: the dequantized GGUF reference ({args.dtype}).", "",
              (f"- **ppl**: {args.data}, first {args.max_tokens} tokens, windows of {args.seqlen}; with a compressed "
              f"cache each window runs in chunks of {args.chunk} tokens that see earlier chunks only through the "
@@ -224,13 +230,13 @@ def render(args, rows: list[dict], plot_dir: Path) -> str:
             f"| {r['cache']} | {_fmt(r.get('kv_bytes') and r['kv_bytes'] / 1e6, '{:.2f} MB')} | "
             f"{_fmt(ratio, '{:.3f}')} | {_fmt(r['ppl'])} | {_fmt(delta, '{:+.2f}%')} | "
             f"{_task_cell(r['needle'], '{:.2f}')} | {_task_cell(r['lambada'], '{:.3f}')} | {r['seconds']:.0f} |")
-    png = plot(args.model, rows, plot_dir)
+    png = plot(args.model, rows, plot_dir, "" if args.section == "kv" else f"-{args.section}")
     if png is not None:
         lines += ["", f"![perplexity against KV bytes]({png.name})"]
     return "\n".join(lines)
 
 
-def plot(model: str, rows: list[dict], out_dir: Path) -> Path | None:
+def plot(model: str, rows: list[dict], out_dir: Path, suffix: str = "") -> Path | None:
     pts = [r for r in rows if r.get("kv_bytes") and r.get("ppl") is not None]
     if not pts:
         return None
@@ -254,7 +260,7 @@ def plot(model: str, rows: list[dict], out_dir: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_title(f"{model}: KV cache quality against size (circles: low-bit, squares: eviction)", fontsize=9)
     ax.legend(fontsize=7)
-    path = out_dir / f"BENCHMARKS-kv-{model}.png"
+    path = out_dir / f"BENCHMARKS-kv-{model}{suffix}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -50,12 +50,18 @@ class KVBlocks:
                         torch.cat([self.zeros, other.zeros]), self.bits, self.width, self.group_size)
 
 
-def _quantize_rows(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [n, rows, width] -> packed codes [n, rows, P], scales / zeros [n, rows, G]."""
+CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.8   # the clipping search of `clip=True` (formats/affine.search_shrink)
+
+
+def _quantize_rows(x: torch.Tensor, bits: int, group_size: int,
+                   clip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [n, rows, width] -> packed codes [n, rows, P], scales / zeros [n, rows, G]. With `clip`,
+    each group's range is shrunk by the factor that minimizes its squared error (searched)."""
     n, rows, width = x.shape
     flat = x.reshape(n * rows, width).float()
     wg = affine.group_view(flat, group_size)
-    scale, zero = affine.choose_qparams(wg, bits, symmetric=False)
+    shrink = affine.search_shrink(flat, bits, group_size, False, CLIP_GRID, CLIP_MAX_SHRINK, norm=2.0) if clip else 1.0
+    scale, zero = affine.choose_qparams(wg, bits, symmetric=False, shrink=shrink)
     codes = affine.ungroup(affine.quantize_groups(wg, scale, zero, bits), width)
     packed = pack.pack(codes, bits)
     g = scale.shape[-1]
@@ -73,14 +79,14 @@ def _dequantize_rows(q: KVBlocks, dtype: torch.dtype) -> torch.Tensor:
     return w.reshape(n, rows, q.width).to(dtype)
 
 
-def quantize_keys(k: torch.Tensor, bits: int, block: int) -> KVBlocks:
+def quantize_keys(k: torch.Tensor, bits: int, block: int, clip: bool = False) -> KVBlocks:
     """Keys [B, H, T, D] with T a multiple of `block` -> per-channel blocks of `block` tokens."""
     B, H, T, D = _check(k, "keys")
     if T % block:
         raise ShapeError(f"keys: {T} tokens is not a whole number of blocks of {block}")
     n = T // block
     x = k.reshape(B, H, n, block, D).permute(2, 0, 1, 4, 3).reshape(n, B * H * D, block)
-    codes, scales, zeros = _quantize_rows(x, bits, block)
+    codes, scales, zeros = _quantize_rows(x, bits, block, clip)
     return KVBlocks(codes, scales, zeros, bits, block, block)
 
 
@@ -92,11 +98,11 @@ def dequantize_keys(q: KVBlocks, batch: int, heads: int, dtype: torch.dtype = to
     return x.permute(1, 2, 0, 4, 3).reshape(batch, heads, n * q.width, D)
 
 
-def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> KVBlocks:
+def quantize_values(v: torch.Tensor, bits: int, group_size: int, clip: bool = False) -> KVBlocks:
     """Values [B, H, T, D] -> per-token groups of `group_size` channels."""
     B, H, T, D = _check(v, "values")
     x = v.permute(2, 0, 1, 3).reshape(T, B * H, D)
-    codes, scales, zeros = _quantize_rows(x, bits, affine.resolve_group_size(D, group_size))
+    codes, scales, zeros = _quantize_rows(x, bits, affine.resolve_group_size(D, group_size), clip)
     return KVBlocks(codes, scales, zeros, bits, D, affine.resolve_group_size(D, group_size))
 
 
@@ -134,7 +140,7 @@ class MixedRows:
 
 
 def quantize_rows_mixed(x: torch.Tensor, salient: torch.Tensor, hi_bits: int, lo_bits: int,
-                        group_size: int) -> MixedRows:
+                        group_size: int, clip: bool = False) -> MixedRows:
     """x [rows, width]; rows where `salient` is True at `hi_bits`, the others at `lo_bits`."""
     rows, width = x.shape
     if salient.shape != (rows,):
@@ -144,7 +150,7 @@ def quantize_rows_mixed(x: torch.Tensor, salient: torch.Tensor, hi_bits: int, lo
     def part(mask: torch.Tensor, bits: int) -> KVBlocks | None:
         if not bool(mask.any()):
             return None
-        codes, scales, zeros = _quantize_rows(x[mask].unsqueeze(0), bits, g)
+        codes, scales, zeros = _quantize_rows(x[mask].unsqueeze(0), bits, g, clip)
         return KVBlocks(codes, scales, zeros, bits, width, g)
 
     packed = torch.from_numpy(np.packbits(salient.cpu().numpy().astype(np.uint8)))
@@ -185,7 +191,8 @@ def _salient_first(salient: torch.Tensor) -> torch.Tensor:
     return torch.argsort((~salient).to(torch.uint8), dim=-1, stable=True)
 
 
-def quantize_keys_mixed(k: torch.Tensor, salient: torch.Tensor, hi_bits: int, lo_bits: int) -> MixedKeys:
+def quantize_keys_mixed(k: torch.Tensor, salient: torch.Tensor, hi_bits: int, lo_bits: int,
+                        clip: bool = False) -> MixedKeys:
     """Keys [B, H, T, D]; salient bool [B, H, T] with the same count in every head."""
     B, H, T, D = _check(k, "keys")
     if salient.shape != (B, H, T):
@@ -196,8 +203,8 @@ def quantize_keys_mixed(k: torch.Tensor, salient: torch.Tensor, hi_bits: int, lo
         raise ShapeError("every head needs the same number of salient tokens")
     order = _salient_first(salient)
     ks = k.gather(2, order.unsqueeze(-1).expand(B, H, T, D))
-    hi = quantize_keys(ks[:, :, :n_hi], hi_bits, n_hi) if n_hi else None
-    lo = quantize_keys(ks[:, :, n_hi:], lo_bits, T - n_hi) if n_hi < T else None
+    hi = quantize_keys(ks[:, :, :n_hi], hi_bits, n_hi, clip) if n_hi else None
+    lo = quantize_keys(ks[:, :, n_hi:], lo_bits, T - n_hi, clip) if n_hi < T else None
     packed = torch.from_numpy(np.packbits(salient.reshape(-1).cpu().numpy().astype(np.uint8)))
     return MixedKeys(hi, lo, packed, (B, H, T, D))
 

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import subprocess
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +30,7 @@ from lowbit.paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent / "csrc"
-NAMES = ("kv_attention",)
+NAMES = ("kv_attention", "qgemv")
 DISABLE_ENV = "LOWBIT_NO_KERNELS"   # set to 1 to use the torch references everywhere
 
 _loaded: dict[str, ModuleType] = {}
@@ -79,7 +80,8 @@ def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
             mod = build_extension(name=f"lowbit_{name}", sources=[str(source)], build_directory=str(build),
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # compiler missing, headers missing, link failure: all mean "use the reference"
+        except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
+            # compiler, ninja or headers missing, a failed build or link: all mean "use the reference"
             _failed[name] = (f"native kernel {name!r} could not be built ({type(e).__name__}: {str(e)[:300]}); "
                              "install a C++ compiler (g++) and ninja (pip install ninja), or set "
                              f"{DISABLE_ENV}=1 to silence this")

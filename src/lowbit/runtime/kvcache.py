@@ -61,6 +61,7 @@ class KVSpec:
     value_group: int = 32    # channels per value group
     window: int = 128        # most recent tokens kept in full precision (KIVI's residual)
     sinks: int = 0           # first tokens kept in full precision (attention sinks; not in KIVI)
+    clip: int = 0            # 1: search each group's range for the least squared error (not in KIVI)
 
     @classmethod
     def parse(cls, name: str) -> KVSpec:
@@ -82,6 +83,7 @@ class ZipSpec:
     value_group: int = 32    # channels per group of a row
     window: int = 128
     sinks: int = 0
+    clip: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class GearSpec:
     value_group: int = 32
     window: int = 128
     sinks: int = 0
+    clip: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,15 +130,16 @@ class HFQuantizedSpec:
 POLICIES = ("streaming", "h2o", "snapkv")
 
 _OPTIONS = {  # option letter -> field, per kind
-    "kivi": {"b": "block", "g": "value_group", "w": "window", "a": "sinks"},
-    "zipcache": {"h": "hi", "l": "lo", "r": "salient", "p": "probes", "b": "block", "w": "window", "a": "sinks"},
-    "gear": {"r": "rank", "s": "outliers", "b": "block", "w": "window", "a": "sinks"},
+    "kivi": {"b": "block", "g": "value_group", "w": "window", "a": "sinks", "c": "clip"},
+    "zipcache": {"h": "hi", "l": "lo", "r": "salient", "p": "probes", "b": "block", "w": "window", "a": "sinks",
+                 "c": "clip"},
+    "gear": {"r": "rank", "s": "outliers", "b": "block", "w": "window", "a": "sinks", "c": "clip"},
 }
 KV_HELP = ("int8|int4|int3|int2 or kivi<bits> (KIVI; options -b<block> -g<value group> -w<window> "
-           "-a<attention sinks kept in full precision>), "
-           "zipcache (-h<hi bits> -l<lo bits> -r<salient fraction> -p<probe fraction> -b -w -a), "
-           "gear<bits> (-r<rank> -s<outlier fraction> -b -w -a), or hf-hqq<bits> (transformers' QuantizedCache, "
-           "the peer); e.g. kivi2-w128, kivi2-a4, zipcache-h4-l2-r0.3, gear2-r4")
+           "-a<attention sinks kept in full precision> -c1 (clipping search)), "
+           "zipcache (-h<hi bits> -l<lo bits> -r<salient fraction> -p<probe fraction> -b -w -a -c), "
+           "gear<bits> (-r<rank> -s<outlier fraction> -b -w -a -c), or hf-hqq<bits> (transformers' QuantizedCache, "
+           "the peer); e.g. kivi2-w128, kivi2-a4-c1, zipcache-h4-l2-r0.3, gear2-r4")
 
 
 def parse_kv(name: str) -> KVSpec | ZipSpec | GearSpec | HFQuantizedSpec:
@@ -173,6 +177,8 @@ def _validate(name: str, spec) -> None:
             raise ConfigError(f"--kv {name!r}: {b}-bit caches are not supported; use 2, 3, 4 or 8 bits")
     if spec.block < 1 or spec.window < 0 or spec.value_group < 1 or spec.sinks < 0:
         raise ConfigError(f"--kv {name!r}: the block and group must be >= 1, the window and sinks >= 0")
+    if spec.clip not in (0, 1):
+        raise ConfigError(f"--kv {name!r}: -c is 0 (min/max ranges) or 1 (clipping search)")
     if isinstance(spec, ZipSpec):
         if spec.hi < spec.lo:
             raise ConfigError(f"--kv {name!r}: salient rows need at least as many bits as the others")
@@ -326,8 +332,9 @@ class KIVILayer(_LowBitLayer):
         return out
 
     def _flush(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        qk = kv.quantize_keys(k, self.spec.bits, self.spec.block)
-        qv = kv.quantize_values(v, self.spec.bits, self.spec.value_group)
+        clip = bool(self.spec.clip)
+        qk = kv.quantize_keys(k, self.spec.bits, self.spec.block, clip)
+        qv = kv.quantize_values(v, self.spec.bits, self.spec.value_group, clip)
         self.qkeys = qk if self.qkeys is None else self.qkeys.append(qk)
         self.qvalues = qv if self.qvalues is None else self.qvalues.append(qv)
 
@@ -367,8 +374,9 @@ class GearLayer(_LowBitLayer):
 
     def _flush(self, k, v):
         bits = self.spec.bits
-        qk = self._compress(k, lambda x: kv.quantize_keys(x, bits, self.KEY_BLOCK), kv.dequantize_keys)
-        qv = self._compress(v, lambda x: kv.quantize_values(x, bits, self.spec.value_group), kv.dequantize_values)
+        clip = bool(self.spec.clip)
+        qk = self._compress(k, lambda x: kv.quantize_keys(x, bits, self.KEY_BLOCK, clip), kv.dequantize_keys)
+        qv = self._compress(v, lambda x: kv.quantize_values(x, bits, self.spec.value_group, clip), kv.dequantize_values)
         self.blocks.append((qk, qv))
 
     def _restore_one(self, q, res, dequantize):
@@ -442,9 +450,9 @@ class ZipLayer(_LowBitLayer):
             salient.scatter_(2, score.topk(n_hi, dim=-1).indices, True)
         s = self.spec
         rows = v.float().permute(2, 0, 1, 3).reshape(T * B * H, D)
-        self.blocks.append((kv.quantize_keys_mixed(k.float(), salient, s.hi, s.lo),
+        self.blocks.append((kv.quantize_keys_mixed(k.float(), salient, s.hi, s.lo, bool(s.clip)),
                             kv.quantize_rows_mixed(rows, salient.permute(2, 0, 1).reshape(-1), s.hi, s.lo,
-                                                   s.value_group)))
+                                                   s.value_group, bool(s.clip))))
         self.acc, self.cnt = self.acc[..., T:], self.cnt[T:]
 
     def _restored(self):

@@ -1,0 +1,137 @@
+"""PackedLinear: a QuantizedWeight kept packed in memory and run by native kernels.
+
+QuantLinear (runtime/qlinear.py) is the reference: one byte per code, dequantize on every call.
+PackedLinear holds the codes packed (bits/8 bytes per weight) in the layout of
+kernels/csrc/qgemv.cpp: each row is its column groups back to back, group g packed at its own
+width (uniform formats, SliM-LLM's mixed widths and Integer Scale all fit; integer scales are
+folded into float32 scales, which are the very numbers the reference uses). It dispatches by shape:
+
+- decode (at most DECODE_ROWS activation rows): the packed GEMV kernel, reading the packed codes;
+- prefill: the kernel's dequantize ((code - zero) * scale, the reference's float operations, so
+  the weight is bit-identical to QuantLinear's) and a dense matmul.
+
+Without a C++ toolchain both fall back to torch (kernels.KernelUnavailable, warned once).
+
+    model = pack_model(load_checkpoint(path).model)   # every QuantLinear -> PackedLinear
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit import kernels
+from lowbit.formats import pack
+from lowbit.qtensor import QuantizedWeight
+from lowbit.runtime.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+DECODE_ROWS = 8     # up to this many activation rows go through the GEMV kernel
+_warned = False
+
+
+def _ext():
+    global _warned
+    try:
+        return kernels.load("qgemv")
+    except kernels.KernelUnavailable as e:
+        if not _warned:
+            log.warning("%s; packed linears run through torch", e)
+            _warned = True
+        return None
+
+
+def pack_rows(codes: torch.Tensor, group_size: int, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes uint8 [N, K] -> (packed [N, row_bytes], byte offset of each group [G]); group g packed
+    at widths[g] bits."""
+    parts, offsets, at = [], [], 0
+    for g, b in enumerate(widths):
+        parts.append(pack.pack(codes[:, g * group_size:(g + 1) * group_size].contiguous(), b))
+        offsets.append(at)
+        at += parts[-1].shape[1]
+    return torch.cat(parts, 1).contiguous(), torch.tensor(offsets, dtype=torch.int64)
+
+
+def unpack_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of pack_rows -> codes uint8 [N, K]."""
+    cols = []
+    for off, b in zip(offsets.tolist(), widths.tolist()):
+        n = pack.packed_length(group_size, b)
+        cols.append(pack.unpack(packed[:, off:off + n], b, group_size))
+    return torch.cat(cols, 1)
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        out_f, in_f = qw.shape
+        gs = qw.fmt.group_size
+        if gs % 8 or in_f % gs:
+            raise ValueError(f"PackedLinear needs groups that are a multiple of 8 columns and tile the input "
+                             f"({in_f} inputs, group {gs}); keep this layer a QuantLinear")
+        g = in_f // gs
+        widths = [qw.fmt.bits] * g if qw.group_bits is None else [int(b) for b in qw.group_bits]
+        packed, offsets = pack_rows(qw.codes, gs, widths)
+        self.in_features, self.out_features, self.group_size, self.fmt = in_f, out_f, gs, qw.fmt
+        self.register_buffer("packed", packed)
+        self.register_buffer("widths", torch.tensor(widths, dtype=torch.int64))
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("scales", qw.float_scales().contiguous())
+        self.register_buffer("zero_points", qw.zero_points().float().contiguous())
+        self.register_buffer("perm", qw.perm)
+        self.register_buffer("unperm", None if qw.perm is None else torch.argsort(qw.perm))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_qlinear(cls, m: QuantLinear) -> PackedLinear:
+        return cls(m.quantized_weight(), m.bias)
+
+    def nbytes(self) -> int:
+        """Bytes held (packed codes, float32 scales and zero points, permutation, bias)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers()) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in] in the original column order, bit-identical to QuantLinear's."""
+        ext = _ext()
+        if ext is None:
+            codes = unpack_rows(self.packed, self.offsets, self.widths, self.group_size).float()
+            w = (codes.reshape(self.out_features, -1, self.group_size) - self.zero_points.unsqueeze(-1)) \
+                * self.scales.unsqueeze(-1)
+            w = w.reshape(self.out_features, self.in_features)
+        else:
+            w = ext.dequantize(self.packed, self.widths, self.offsets, self.scales, self.zero_points, self.group_size)
+        return w if self.unperm is None else w[:, self.unperm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        ext = _ext() if x2.shape[0] <= DECODE_ROWS else None
+        if ext is not None:
+            xs = x2 if self.perm is None else x2[:, self.perm]
+            y = ext.gemv(xs.float().contiguous(), self.packed, self.widths, self.offsets, self.scales,
+                         self.zero_points, self.group_size).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        widths = sorted(set(self.widths.tolist()))
+        return (f"in={self.in_features}, out={self.out_features}, bits={'/'.join(map(str, widths))}, "
+                f"group={self.group_size}, perm={self.perm is not None}")
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Replace every QuantLinear whose groups fit the kernels by a PackedLinear, in place."""
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, QuantLinear) and child.fmt.group_size % 8 == 0 \
+                    and child.in_features % child.fmt.group_size == 0:
+                setattr(m, child_name, PackedLinear.from_qlinear(child))
+    return model
