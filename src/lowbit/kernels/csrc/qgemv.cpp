@@ -75,8 +75,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
-// sum_k xd[k] * code[k] over one group at `bits` (vector_path(bits, group) must hold).
-inline float dot_group(const uint8_t* src, const float* xd, int bits, int64_t group) {
+// sum_k xd[k] * code[k] over one group at `bits` (vector_path(bits, group) must hold), as 8 lanes.
+inline __m256 dot_group(const uint8_t* src, const float* xd, int bits, int64_t group) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   if (bits == 4) {
     const int64_t U = group / 2;
@@ -119,10 +119,8 @@ inline float dot_group(const uint8_t* src, const float* xd, int bits, int64_t gr
       acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(xd + j), acc0);
     }
   }
-  return hsum(_mm256_add_ps(acc0, acc1));
+  return _mm256_add_ps(acc0, acc1);
 }
-#else
-inline float dot_group(const uint8_t*, const float*, int, int64_t) { return 0.f; }
 #endif
 
 }  // namespace
@@ -171,17 +169,28 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, to
   const float* zp = zeros.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> codes(group), acc(M);
+#if defined(__AVX2__) && defined(__FMA__)
+    std::vector<__m256> lanes(M);
+#endif
     for (int64_t n = begin; n < end; ++n) {
       std::fill(acc.begin(), acc.end(), 0.f);
+#if defined(__AVX2__) && defined(__FMA__)
+      std::fill(lanes.begin(), lanes.end(), _mm256_setzero_ps());
+#endif
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* src = wp + n * RB + offp[g];
         const int b = static_cast<int>(bp[g]);
         const float s = sp[n * G + g], z = zp[n * G + g];
-        if (vec[g]) {
-          for (int64_t m = 0; m < M; ++m)
-            acc[m] += s * (dot_group(src, xd.data() + m * K + g * group, b, group) - z * xsum[m * G + g]);
+#if defined(__AVX2__) && defined(__FMA__)
+        if (vec[g]) {  // scale the group's lanes into the row's lanes; one horizontal sum per row
+          for (int64_t m = 0; m < M; ++m) {
+            lanes[m] = _mm256_fmadd_ps(_mm256_set1_ps(s), dot_group(src, xd.data() + m * K + g * group, b, group),
+                                       lanes[m]);
+            acc[m] -= s * z * xsum[m * G + g];
+          }
           continue;
         }
+#endif
         unpack_group(src, group, b, codes.data());
         for (int64_t m = 0; m < M; ++m) {
           const float* xg = xp + m * K + g * group;
@@ -191,6 +200,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, to
           acc[m] += s * (dot - z * xsum[m * G + g]);
         }
       }
+#if defined(__AVX2__) && defined(__FMA__)
+      for (int64_t m = 0; m < M; ++m) acc[m] += hsum(lanes[m]);
+#endif
       for (int64_t m = 0; m < M; ++m) yp[m * N + n] = acc[m];
     }
   });
