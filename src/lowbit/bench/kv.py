@@ -129,7 +129,7 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
                                                          kv=kv, kv_chunk=args.chunk)
             needle = _peer_safe(cache, lambda kv=kv: needle_eval(model, tok, cases, kv, progress=progress), cases)
             lam = _peer_safe(cache, lambda kv=kv: lambada_eval(model, tok, passages, kv, progress=progress), passages)
-        bf16 = full_cache_nbytes(model.config, args.seqlen)
+        bf16 = full_cache_nbytes(model.config, args.seqlen) if ppl else None  # bytes are a perplexity window's
         r = {"model": args.model, "cache": cache, "settings": settings, "ppl": ppl and ppl.ppl,
              "kv_bytes": (ppl and ppl.kv_bytes) if kv else bf16, "kv_bf16_bytes": bf16,
              "tokens": ppl and ppl.n_tokens_scored,
