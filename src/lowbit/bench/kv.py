@@ -202,22 +202,23 @@ def render(args, rows: list[dict], plot_dir: Path) -> str:
     lines = [title, "",
              (f"Command: `lowbit bench kv {args.model} --caches {args.caches} --data {args.data} "
              f"--max-tokens {args.max_tokens} --seqlen {args.seqlen} --chunk {args.chunk} "
-             f"--needle-lengths {args.needle_lengths} --needle-depths {args.needle_depths} "
+             f"--needle-lengths {args.needle_lengths or repr('')} --needle-depths {args.needle_depths} "
              f"--needle-per-cell {args.needle_per_cell} --lambada {args.lambada} --dtype {args.dtype}"
              + ("" if args.section == "kv" else f" --section {args.section}") + "`"), "",
              f"Machine: {machine()}. Model weights: the dequantized GGUF reference ({args.dtype}).", "",
              (f"- **ppl**: {args.data}, first {args.max_tokens} tokens, windows of {args.seqlen}; with a compressed "
              f"cache each window runs in chunks of {args.chunk} tokens that see earlier chunks only through the "
              "cache (the full cache runs each window in one forward; its KV bytes are those of a bfloat16 cache). Eviction budgets that are fractions "
-             "apply to the tokens seen so far."),
+             "apply to the tokens seen so far.") if args.max_tokens else "- **ppl** and **KV bytes**: not run.",
              ("- **KV bytes**: held by the cache at the end of a perplexity window, measured from its tensors "
              "(codes, scales, zeros, indices, the full-precision window); ratio to a bfloat16 cache of the same "
              "tokens."),
              (f"- **needle**: pass-key retrieval, prompts of {args.needle_lengths} tokens, depths "
              f"{args.needle_depths}, {args.needle_per_cell} keys per cell; filler cut from {args.needle_filler} "
              "with its digits removed; prefill in chunks of 512, an evicting cache compressed after the prompt; "
-             "exact match of the greedy answer's first number."),
-             f"- **LAMBADA**: first {args.lambada} passages, greedy last word (every token) read through the cache.",
+             "exact match of the greedy answer's first number.") if args.needle_lengths else "- **needle**: not run.",
+             (f"- **LAMBADA**: first {args.lambada} passages, greedy last word (every token) read through the cache."
+              if args.lambada else "- **LAMBADA**: not run."),
              ("- **kvpress:** rows are NVIDIA's kvpress 0.5.5 (its own virtual environment, transformers<5.3) on "
               "the same model folder and needle prompts, prefilled in one forward as kvpress requires; its "
               "ObservedAttentionPress is H2O's score with eager attention. Needle only."),
