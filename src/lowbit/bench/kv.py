@@ -237,7 +237,19 @@ def render(args, rows: list[dict], plot_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _family(cache: str) -> str:
+    """Which curve a cache belongs to in the plot: the method, plus its non-default options."""
+    if cache.split("@")[0] in EVICTION or cache == "full":
+        return "eviction" if cache != "full" else "full"
+    head, *opts = cache.split("-")
+    kind = "kivi" if head.startswith(("kivi", "int")) else "zipcache" if head == "zipcache" else head.rstrip("0123456789")
+    extra = [o for o in opts if o[:1] in ("a", "c", "b", "g")] if kind == "kivi" else []
+    return "-".join([kind, *extra])
+
+
 def plot(model: str, rows: list[dict], out_dir: Path, suffix: str = "") -> Path | None:
+    """Perplexity against KV bytes: every cache (left) and the low-bit ones close to the full
+    cache (right), uniform KIVI widths joined into lines so a mixed scheme can be read against them."""
     pts = [r for r in rows if r.get("kv_bytes") and r.get("ppl") is not None]
     if not pts:
         return None
@@ -246,21 +258,33 @@ def plot(model: str, rows: list[dict], out_dir: Path, suffix: str = "") -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in pts:
-        evict = r["cache"].split("@")[0] in EVICTION
-        ax.scatter(r["kv_bytes"] / 1e6, r["ppl"], marker="s" if evict else "o", color="C1" if evict else "C0")
-        ax.annotate(r["cache"], (r["kv_bytes"] / 1e6, r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    full = next((r for r in rows if r["cache"] == "full"), None)
-    if full:
-        ax.axhline(full["ppl"], color="grey", ls="--", lw=1, label="full cache")
-        ax.axvline(full["kv_bf16_bytes"] / 1e6 if full.get("kv_bf16_bytes") else pts[0]["kv_bf16_bytes"] / 1e6,
-                   color="grey", ls=":", lw=1, label="bf16 cache size")
-    ax.set_xlabel("KV bytes held (MB)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"{model}: KV cache quality against size (circles: low-bit, squares: eviction)", fontsize=9)
-    ax.legend(fontsize=7)
+    full = next((r for r in rows if r["cache"] == "full" and r.get("ppl")), None)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    families = sorted({_family(r["cache"]) for r in pts})
+    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    near = [r for r in pts if full is None or (r["ppl"] <= 1.35 * full["ppl"] and r["cache"] != "full")]
+    for ax, sel, small in ((axes[0], pts, False), (axes[1], near, True)):
+        for fam in families:
+            rs = sorted((r for r in sel if _family(r["cache"]) == fam), key=lambda r: r["kv_bytes"])
+            if not rs:
+                continue
+            xs, ys = [r["kv_bytes"] / 1e6 for r in rs], [r["ppl"] for r in rs]
+            line = fam.startswith("kivi") and len(rs) > 1
+            ax.plot(xs, ys, ls="-" if line else "none", color=colors[fam], label=fam, ms=5,
+                    marker="s" if fam == "eviction" else "o")
+            for i, r in enumerate(rs):
+                ax.annotate(r["cache"], (xs[i], ys[i]), fontsize=6 if small else 7,
+                            xytext=(4, 4 if i % 2 else -9), textcoords="offset points")
+        if full:
+            ax.axhline(full["ppl"], color="grey", ls="--", lw=1, label="full cache")
+        ax.set_xlabel("KV bytes held (MB)")
+        ax.set_ylabel("perplexity")
+    axes[0].set_yscale("log")
+    if full and full.get("kv_bf16_bytes"):
+        axes[0].axvline(full["kv_bf16_bytes"] / 1e6, color="grey", ls=":", lw=1, label="bf16 cache size")
+    axes[0].set_title(f"{model}: every cache (squares: eviction)", fontsize=9)
+    axes[1].set_title("low-bit caches within 35% of the full cache's perplexity", fontsize=9)
+    axes[1].legend(fontsize=6, loc="upper right")
     path = out_dir / f"BENCHMARKS-kv-{model}{suffix}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
