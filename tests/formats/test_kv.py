@@ -11,10 +11,16 @@ from lowbit.formats import affine, kv
 
 
 def slow_group(x, bits):
-    """One group of values through the scalar affine primitives."""
-    g = x.reshape(1, 1, -1)
-    s, z = affine.choose_qparams(g, bits, False)
-    return affine.dequantize_groups(affine.quantize_groups(g, s, z, bits), s, z).flatten()
+    """One group, value by value: KIVI's min/max format with float16 scale (rounded up) and minimum."""
+    x = x.float()
+    lo, hi = x.min(), x.max()
+    scale = affine.round_scale_up(((hi - lo) / 2 + (hi - lo) / 2) / (2**bits - 1))  # as (2 * half) / qmax
+    mn = lo.half().float() if hi == lo else ((lo + hi) / 2 - (hi - lo) / 2).half().float()
+    out = torch.empty_like(x)
+    for i, v in enumerate(x):
+        code = 0.0 if scale == 0 else min(max(float(torch.round((v - mn) / scale)), 0.0), 2.0**bits - 1)
+        out[i] = torch.tensor(code) * scale + mn
+    return out
 
 
 def slow_keys(k, bits, block):
@@ -36,11 +42,12 @@ def slow_values(v, bits, group):
 
 
 @settings(max_examples=25, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), block=st.sampled_from([1, 4, 8]), n_blocks=st.integers(1, 3),
-       heads=st.integers(1, 2), d=st.sampled_from([4, 8, 12]), group=st.sampled_from([4, 8]), seed=st.integers(0, 99))
+@given(bits=st.sampled_from([2, 3, 4, 8]), block=st.sampled_from([1, 4, 8]), n_blocks=st.integers(1, 3),
+       heads=st.integers(1, 2), d=st.sampled_from([8, 16]), group=st.sampled_from([4, 8]), seed=st.integers(0, 99))
 def test_kv_formats_match_the_slow_reference(bits, block, n_blocks, heads, d, group, seed):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(1, heads, block * n_blocks, d, generator=g) * 3
+    k[..., 1] += 50  # a channel far from zero, as Qwen2's key biases make
     v = torch.randn(1, heads, block * n_blocks, d, generator=g)
     qk, qv = kv.quantize_keys(k, bits, block), kv.quantize_values(v, bits, group)
     assert torch.equal(kv.dequantize_keys(qk, 1, heads), slow_keys(k, bits, block))
@@ -53,10 +60,12 @@ def test_append_concatenates_blocks_and_counts_bytes():
     whole = kv.quantize_keys(k, 4, 32)
     parts = kv.quantize_keys(k[..., :32, :], 4, 32).append(kv.quantize_keys(k[..., 32:, :], 4, 32))
     assert torch.equal(kv.dequantize_keys(whole, 2, 3), kv.dequantize_keys(parts, 2, 3))
-    # 4-bit codes + a float16 scale and uint8 zero per channel per 32 tokens
-    assert whole.nbytes() == 2 * 3 * 16 * (64 // 2 + 2 * (2 + 1))
+    # 4-bit codes + a float16 scale and float16 minimum per channel per 32 tokens
+    assert whole.nbytes() == 2 * 3 * 16 * (64 // 2 + 2 * (2 + 2))
     with pytest.raises(ShapeError, match="whole number of blocks"):
         kv.quantize_keys(k[..., :40, :], 4, 32)
+    with pytest.raises(ShapeError, match="groups of 12"):
+        kv.quantize_values(k, 4, 12)
     with pytest.raises(ShapeError, match="another format"):
         whole.append(kv.quantize_keys(k, 2, 32))
 
@@ -83,7 +92,7 @@ def test_mixed_rows_match_the_slow_reference_per_width(rows, d, hi, lo, seed):
     # the flags are held as bits, the codes at their own widths
     n_hi = int(salient.sum())
     codes = n_hi * pack_len(d, hi) + (rows - n_hi) * pack_len(d, lo)
-    assert q.nbytes() == (rows + 7) // 8 + codes + rows * (d // 8) * 3
+    assert q.nbytes() == (rows + 7) // 8 + codes + rows * (d // 8) * 4
 
 
 def pack_len(n, bits):
@@ -116,7 +125,7 @@ def test_mixed_keys_quantize_each_heads_sets_per_channel(heads, t, n_hi, hi, lo,
                 assert torch.equal(got[0, h][mask], want)
     codes = heads * 8 * (pack_len(n_hi, hi) if n_hi else 0) + heads * 8 * (pack_len(t - n_hi, lo) if n_hi < t else 0)
     groups = heads * 8 * ((n_hi > 0) + (n_hi < t))
-    assert q.nbytes() == (heads * t + 7) // 8 + codes + groups * 3
+    assert q.nbytes() == (heads * t + 7) // 8 + codes + groups * 4
 
 
 def test_mixed_keys_need_the_same_salient_count_per_head():
@@ -156,3 +165,10 @@ def test_clipping_search_lowers_the_2_bit_error_and_never_raises_it():
     assert float(err[True].sum()) < 0.85 * float(err[False].sum())
     # each group's search includes the unclipped range, so no row gets worse
     assert bool((err[True] <= err[False] * (1 + 1e-5) + 1e-6).all())
+
+
+def test_a_channel_far_from_zero_keeps_its_resolution():
+    """The float minimum follows an offset channel; a range forced to include 0 would not."""
+    k = 100 + torch.rand(1, 1, 32, 4, generator=torch.Generator().manual_seed(0))  # values in [100, 101)
+    back = kv.dequantize_keys(kv.quantize_keys(k, 4, 32), 1, 1)
+    assert float((back - k).abs().max()) < 1.0 / 15  # half a step of the true range, plus float16 rounding

@@ -64,8 +64,8 @@ def test_bytes_held_are_measured_from_the_tensors(ids):
     layer = cache.layers[0]
     assert isinstance(layer, KIVILayer) and layer.n_quantized == 64 and layer.keys.shape[-2] == 16
     B, H, D = 1, 2, 16
-    keys = B * H * D * 2 * (32 // 2 + 3)           # per channel per block: codes, fp16 scale, uint8 zero
-    values = 64 * B * H * (D // 2 + 3)             # per token: codes, one group of 16 channels
+    keys = B * H * D * 2 * (32 // 2 + 4)           # per channel per block: codes, fp16 scale, fp16 minimum
+    values = 64 * B * H * (D // 2 + 4)             # per token: codes, one group of 16 channels
     window = 2 * B * H * 16 * D * 4                # fp32 keys and values of the 16 recent tokens
     assert layer.nbytes() == keys + values + window
     assert cache_nbytes(cache) == 2 * layer.nbytes()

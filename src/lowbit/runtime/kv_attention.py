@@ -80,11 +80,11 @@ def kivi_decode_attention(query, qkeys: kv.KVBlocks | None, qvalues: kv.KVBlocks
     q = (_split(query, H) * scaling).contiguous()
     n, rows, _ = qkeys.codes.shape
     sk = ext.key_scores(q, qkeys.codes, qkeys.scales.reshape(n, rows).float(),
-                        qkeys.zeros.reshape(n, rows).float(), qkeys.bits, qkeys.width)
+                        qkeys.mins.reshape(n, rows).float(), qkeys.bits, qkeys.width)
     sr = q @ keys_r.float().transpose(-1, -2)
     p = torch.softmax(_masked(torch.cat([sk, sr], -1), mask), dim=-1)
     tq = sk.shape[-1]
-    out = ext.value_mix(p[..., :tq].contiguous(), qvalues.codes, qvalues.scales.float(), qvalues.zeros.float(),
+    out = ext.value_mix(p[..., :tq].contiguous(), qvalues.codes, qvalues.scales.float(), qvalues.mins.float(),
                         qvalues.bits, qvalues.group_size)
     out = out + p[..., tq:] @ values_r.float()
     return out.reshape(B, -1, 1, out.shape[-1]).transpose(1, 2).to(query.dtype)

@@ -28,7 +28,7 @@ happens after that attention, so a chunk's own tokens were attended before any a
     cache = kv_cache_for(model.config, "kivi2")
     with observing(model, cache):
         model(ids, past_key_values=cache, use_cache=True)
-    cache_nbytes(cache)       # bytes actually held, scales, zeros and indices included
+    cache_nbytes(cache)       # bytes actually held, scales, minimums and indices included
 
 Eviction keeps each token's original position (no re-rotation) and Gemma 3's sliding-window
 layers get the global mask offsets: exact for Llama / Qwen2, approximate for sliding layers.
@@ -704,7 +704,7 @@ def _tensor_bytes(*ts: torch.Tensor) -> int:
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by a cache's tensors (codes, scales, zeros, indices, full-precision parts)."""
+    """Bytes held by a cache's tensors (codes, scales, minimums or zeros, indices, full-precision parts)."""
     total = 0
     for layer in cache.layers:
         if hasattr(layer, "nbytes"):
