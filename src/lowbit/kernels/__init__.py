@@ -43,7 +43,8 @@ class KernelUnavailable(LowbitError, RuntimeError):
 
 
 def _build_dir(name: str, source: Path, cache: str | os.PathLike | None = None) -> Path:
-    key = hashlib.sha256(source.read_bytes() + torch.__version__.encode() + platform.machine().encode()
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + torch.__version__.encode() + platform.machine().encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     return cache_dir(cache) / "kernels" / f"{name}-{key}"
 

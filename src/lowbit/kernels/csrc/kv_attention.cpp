@@ -19,39 +19,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "unpack.h"
+
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
-
-// Unpack `n` codes (n a multiple of 8) of `bits` bits from `src` into floats.
-inline void unpack_row(const uint8_t* src, int64_t n, int bits, float* dst) {
-  if (bits == 4) {
-    for (int64_t j = 0; j < n / 2; ++j) {
-      const uint8_t b = src[j];
-      dst[2 * j] = static_cast<float>(b & 0xF);
-      dst[2 * j + 1] = static_cast<float>(b >> 4);
-    }
-  } else if (bits == 2) {
-    for (int64_t j = 0; j < n / 4; ++j) {
-      const uint8_t b = src[j];
-      dst[4 * j] = static_cast<float>(b & 3);
-      dst[4 * j + 1] = static_cast<float>((b >> 2) & 3);
-      dst[4 * j + 2] = static_cast<float>((b >> 4) & 3);
-      dst[4 * j + 3] = static_cast<float>(b >> 6);
-    }
-  } else if (bits == 8) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-  } else {  // any width 1..7: one `bits`-byte word per 8 codes
-    const uint64_t mask = (uint64_t{1} << bits) - 1;
-    for (int64_t j = 0; j < n / 8; ++j) {
-      uint64_t w = 0;
-      std::memcpy(&w, src + j * bits, bits);  // little-endian host
-      for (int k = 0; k < 8; ++k) dst[8 * j + k] = static_cast<float>((w >> (k * bits)) & mask);
-    }
-  }
-}
 
 void check(bool ok, const char* what) { TORCH_CHECK(ok, "lowbit kv_attention: ", what); }
 
@@ -83,7 +56,7 @@ torch::Tensor key_scores(torch::Tensor q, torch::Tensor codes, torch::Tensor sca
       std::vector<float> bias(R, 0.f);
       for (int64_t c = 0; c < D; ++c) {
         const int64_t row = i * rows + bh * D + c;
-        unpack_row(cp + row * P, block, bits, codes_f.data());
+        lowbit::unpack(cp + row * P, block, bits, codes_f.data());
         const float s = sp[row], mn = mp[row];
         for (int64_t r = 0; r < R; ++r) {
           const float qc = qp[(bh * R + r) * D + c], w = qc * s;
@@ -129,7 +102,7 @@ torch::Tensor value_mix(torch::Tensor p, torch::Tensor codes, torch::Tensor scal
       std::fill(bias.begin(), bias.end(), 0.f);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = t * rows + bh;
-        unpack_row(cp + row * P + g * gbytes, group, bits, codes_f.data());
+        lowbit::unpack(cp + row * P + g * gbytes, group, bits, codes_f.data());
         const float s = sp[row * G + g], mn = mp[row * G + g];
         for (int64_t r = 0; r < R; ++r) {
           const float pt = pp[(bh * R + r) * T + t], w = pt * s;

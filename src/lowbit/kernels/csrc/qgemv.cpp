@@ -15,38 +15,16 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "unpack.h"
+
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-namespace {
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
-inline void unpack_group(const uint8_t* src, int64_t n, int bits, float* dst) {
-  if (bits == 4) {
-    for (int64_t j = 0; j < n / 2; ++j) {
-      const uint8_t b = src[j];
-      dst[2 * j] = static_cast<float>(b & 0xF);
-      dst[2 * j + 1] = static_cast<float>(b >> 4);
-    }
-  } else if (bits == 2) {
-    for (int64_t j = 0; j < n / 4; ++j) {
-      const uint8_t b = src[j];
-      dst[4 * j] = static_cast<float>(b & 3);
-      dst[4 * j + 1] = static_cast<float>((b >> 2) & 3);
-      dst[4 * j + 2] = static_cast<float>((b >> 4) & 3);
-      dst[4 * j + 3] = static_cast<float>(b >> 6);
-    }
-  } else if (bits == 8) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-  } else {
-    const uint64_t mask = (uint64_t{1} << bits) - 1;
-    for (int64_t j = 0; j < n / 8; ++j) {
-      uint64_t w = 0;
-      std::memcpy(&w, src + j * bits, bits);
-      for (int k = 0; k < 8; ++k) dst[8 * j + k] = static_cast<float>((w >> (k * bits)) & mask);
-    }
-  }
-}
+namespace {
 
 // Within a group, the activations are reordered by phase so that codes sitting at the same bit
 // position of consecutive packing units line up with consecutive floats: for a width with P codes
@@ -66,8 +44,6 @@ inline bool vector_path(int bits, int64_t group) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
 inline float hsum(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -191,7 +167,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, to
           continue;
         }
 #endif
-        unpack_group(src, group, b, codes.data());
+        lowbit::unpack(src, group, b, codes.data());
         for (int64_t m = 0; m < M; ++m) {
           const float* xg = xp + m * K + g * group;
           float dot = 0.f;
@@ -233,7 +209,7 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
     for (int64_t n = begin; n < end; ++n)
       for (int64_t g = 0; g < G; ++g) {
         float* dst = out + n * K + g * group;
-        unpack_group(wp + n * RB + offp[g], group, static_cast<int>(bp[g]), dst);
+        lowbit::unpack(wp + n * RB + offp[g], group, static_cast<int>(bp[g]), dst);
         const float s = sp[n * G + g], z = zp[n * G + g];
         for (int64_t k = 0; k < group; ++k) dst[k] = (dst[k] - z) * s;
       }
