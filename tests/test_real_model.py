@@ -110,14 +110,21 @@ def test_cli_eval_json_and_info(quantized, tmp_path_factory, capsys, shared_data
     assert "210 layers: w3g128, asym" in capsys.readouterr().out
 
 
-def test_4_bit_kv_cache_stays_within_1_percent_and_2_bit_costs_more(reference, tokens):
+def test_4_bit_kv_cache_with_sinks_stays_within_1_percent_and_2_bit_costs_more(reference, tokens):
+    """BENCHMARKS' claim on this model: 4-bit KIVI within 1% once 4 attention sinks stay exact.
+
+    Plain 4-bit KIVI sits just above 1% here (+1.16% in BENCHMARKS), so it gets the looser bound
+    and must lose to the sink variant, which holds a few more bytes.
+    """
     from lowbit.eval.perplexity import perplexity
 
     model, part = reference.model, tokens[:, :2048]
     full = perplexity(model, part, SEQLEN, progress=False)
     int4 = perplexity(model, part, SEQLEN, progress=False, kv="kivi4", kv_chunk=128)
+    sinks = perplexity(model, part, SEQLEN, progress=False, kv="kivi4-a4", kv_chunk=128)
     int2 = perplexity(model, part, SEQLEN, progress=False, kv="kivi2-w32", kv_chunk=128)
-    assert abs(int4.ppl / full.ppl - 1) < 0.01
+    assert abs(sinks.ppl / full.ppl - 1) < 0.01
+    assert abs(int4.ppl / full.ppl - 1) < 0.02 and sinks.ppl < int4.ppl
     assert int2.ppl > int4.ppl and int2.kv_bytes < int4.kv_bytes < int4.kv_bf16_bytes
 
 
