@@ -129,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--work-dir", default="bench-work", help="reference caches and raw JSON results")
+    p.add_argument("--work-dir", default="benchmarks/results", help="reference caches and raw JSON results (the "
+                   "JSON is kept in git there; the caches are ignored)")
     p.add_argument("--output", default="BENCHMARKS.md", help="markdown file whose accuracy section is rewritten")
 
 
@@ -219,7 +220,7 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     peak = _peak_rss()
     out = {**spec, **extra, "bits_per_weight": bpw, "quant_seconds": seconds, "peak_rss_bytes": peak,
-           "load_rss_bytes": load_rss, "datasets": {}}
+           "load_rss_bytes": load_rss, "machine": machine(), "datasets": {}}
     for ds, ref_path in spec["references"].items():
         tokens = eval_tokens(loaded.tokenizer, ds, spec["max_tokens"], spec.get("data_dir"))
         c = compare_to_reference(loaded.model, ReferenceLogits.open(ref_path), tokens, spec["seqlen"], progress=False)
@@ -354,9 +355,29 @@ def _notes(r: dict[str, Any]) -> str:
     return ""
 
 
+def machines_note(rows: list[dict[str, Any]]) -> tuple[str, dict[str, int]]:
+    """The machine sentence for a table and, when its rows come from several machines, their numbers.
+
+    Rows are kept across sessions, and sessions do not always get the same CPU; a row records the
+    machine it ran on (rows older than that field get `LEGACY_MACHINE`).
+    """
+    seen = list(dict.fromkeys(r.get("machine", LEGACY_MACHINE) for r in rows)) or [machine()]
+    if len(seen) == 1:
+        return f"Machine: {seen[0]}.", {}
+    numbers = {m: i + 1 for i, m in enumerate(seen)}
+    listed = "; ".join(f"({i}) {m}" for m, i in numbers.items())
+    return (f"Machines (the `machine` column; compare times only between rows of one machine): {listed}.",
+            numbers)
+
+
+# The CPU of sessions 1-5, which wrote rows before they recorded their machine.
+LEGACY_MACHINE = "AMD EPYC, 2 cores, torch 2.13.0+cpu, CPU capability AVX2"
+
+
 def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path | None = None) -> str:
     commands = list(dict.fromkeys((work / "commands.txt").read_text().splitlines()))
     models = list(dict.fromkeys([k[0] for k in results] + list(args.models)))
+    machines, numbers = machines_note(list(results.values()))
     lines = [
         "## Accuracy: reference vs lowbit's methods and the peers",
         "",
@@ -364,7 +385,7 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         "",
         *[f"    {c}" for c in commands],
         "",
-        f"Machine: {machine()}. Compute dtype float32. Evaluation: the first N tokens of each dataset "
+        f"{machines} Compute dtype float32. Evaluation: the first N tokens of each dataset "
         "(N and the window length are given per model) in non-overlapping windows (C4: documents "
         "1000-1999 of c4-validation-2k.jsonl); KL(reference || model) in nats per token and top-1 "
         "agreement on the same token ids. Calibration: the `calib` column, samples x tokens drawn from C4 "
@@ -388,11 +409,13 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         ref = json.loads((work / f"reference-{model}.json").read_text())
         head = "| method | setting | bits/weight | " + " | ".join(
             f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) | calib | notes |"
+        if numbers:
+            head += " machine |"
         lines += [f"### {model}", "",
                   f"Evaluation: first {ref['max_tokens']} tokens per dataset, windows of {ref['seqlen']}; "
-                  f"reference sha256 {ref['sha256'][:16]}...", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 4)]
+                  f"reference sha256 {ref['sha256'][:16]}...", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 4 + bool(numbers))]
         lines.append("| reference | fp32 | 32 | " + " | ".join(f"{ref['ppl'][d]:.3f} | 0 | 1" for d in datasets)
-                     + " | - | - | - | |")
+                     + " | - | - | - | |" + (" |" if numbers else ""))
         rows = sorted((r for k, r in results.items() if k[0] == model),
                       key=lambda r: (-(r.get("bits_per_weight") or 0), METHODS.index(r["method"])))
         for r in rows:
@@ -405,7 +428,8 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
                 if d in r["datasets"] else "- | - | -" for d in datasets)
             calib = f"{r['calib_samples']}x{r['calib_seqlen']}" if r["method"] in CALIBRATED else "none"
             lines.append(f"| {r['method']} | {setting} | {r['bits_per_weight']:.3f} | {cells} | "
-                         f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} | {_notes(r)} |")
+                         f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} | {_notes(r)} |"
+                         + (f" {numbers[r.get('machine', LEGACY_MACHINE)]} |" if numbers else ""))
         lines.append("")
         if plot_dir is not None and datasets:
             png = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--needle-filler", default="wikitext2", help="corpus the filler text is cut from")
     p.add_argument("--lambada", type=int, default=200, help="LAMBADA passages (0: skip)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--work-dir", default="bench-work")
+    p.add_argument("--work-dir", default="benchmarks/results")
     p.add_argument("--output", default="BENCHMARKS.md")
     p.add_argument("--section", default="kv",
                    help="BENCHMARKS.md section (and plot suffix) to write; a second name keeps another run's table beside")
