@@ -55,6 +55,44 @@ def test_decode_kernel_matches_the_reference(bits, gs, groups, rows, symmetric, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def _bf16_path() -> bool:
+    return kernels.available("qgemv") and kernels.load("qgemv").has_bf16_path()
+
+
+needs_bf16_path = pytest.mark.skipif(not _bf16_path(), reason="the qgemv kernel has no AVX-512 BF16 path on this CPU")
+
+
+@needs_bf16_path
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), gs=st.sampled_from([64, 128, 256]), groups=st.integers(1, 3), rows=st.integers(1, 8),
+       symmetric=st.booleans(), mixed=st.booleans(), seed=st.integers(0, 999))
+def test_bf16_decode_kernel_matches_the_exact_product(bits, gs, groups, rows, symmetric, mixed, seed):
+    """Every width and inner loop (4, 2 and 8 bits have their own; 2 bits only for groups of 128k),
+    mixed widths per group: the float32 result of the bfloat16 activations times the exact weight,
+    to float32 summation error."""
+    qw = random_qweight(40, gs * groups, bits, gs, symmetric, seed, mixed=mixed)
+    m = PackedLinear(qw)
+    x = torch.randn(rows, gs * groups, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
+    got = kernels.load("qgemv").gemv_bf16(x, m.packed, m.widths, m.offsets, m.scales, m.zero_points, gs)
+    want = x.double() @ qw.dequantize(torch.float64).T
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    scale = float((x.double().abs() @ qw.dequantize(torch.float64).abs().T).max())
+    assert float((got.double() - want).abs().max()) < 1e-5 * scale
+
+
+@needs_bf16_path
+def test_a_bf16_packed_linear_decodes_through_the_kernel_and_prefills_through_torch():
+    qw = random_qweight(48, 256, 3, 128, False, 0, perm=True)
+    m, ref = PackedLinear(qw), QuantLinear.from_quantized(qw)
+    x = torch.randn(2, 256).bfloat16()
+    want = x.double() @ ref.dequantized_weight(torch.float64).T
+    got = m(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=2 ** -7 * float(want.abs().max()))
+    prefill = torch.randn(20, 256).bfloat16()
+    assert torch.equal(m(prefill), ref(prefill))  # both dequantize then run torch's bfloat16 matmul
+
+
 def test_packed_is_smaller_than_one_byte_per_code():
     qw = random_qweight(64, 256, 4, 64, False, 0)
     m = PackedLinear(qw)

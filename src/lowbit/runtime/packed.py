@@ -7,6 +7,8 @@ width (uniform formats, SliM-LLM's mixed widths and Integer Scale all fit; integ
 folded into float32 scales, which are the very numbers the reference uses). It dispatches by shape:
 
 - decode (at most DECODE_ROWS activation rows): the packed GEMV kernel, reading the packed codes;
+  bfloat16 activations take its AVX-512 BF16 path where the CPU has one (groups a multiple of 64
+  wide), float32 activations its float32 path; both sum in float32;
 - prefill: the kernel's dequantize ((code - zero) * scale, the reference's float operations, so
   the weight is bit-identical to QuantLinear's) and a dense matmul.
 
@@ -113,10 +115,15 @@ class PackedLinear(nn.Module):
         ext = _ext() if x2.shape[0] <= DECODE_ROWS else None
         if ext is not None:
             xs = x2 if self.perm is None else x2[:, self.perm]
-            y = ext.gemv(xs.float().contiguous(), self.packed, self.widths, self.offsets, self.scales,
-                         self.zero_points, self.group_size).to(x.dtype)
+            if x.dtype == torch.bfloat16 and self.group_size % 64 == 0 and ext.has_bf16_path():
+                y = ext.gemv_bf16(xs.contiguous(), self.packed, self.widths, self.offsets, self.scales,
+                                  self.zero_points, self.group_size)
+            else:
+                y = ext.gemv(xs.float().contiguous(), self.packed, self.widths, self.offsets, self.scales,
+                             self.zero_points, self.group_size)
             if self.bias is not None:
-                y = y + self.bias.to(x.dtype)
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
         else:
             y = F.linear(x2, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y.reshape(*lead, self.out_features)

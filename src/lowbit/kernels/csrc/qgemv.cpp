@@ -18,6 +18,7 @@
 #include "unpack.h"
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -185,6 +186,223 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, to
   return y;
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define LOWBIT_BF16_PATH 1
+namespace {
+
+// bfloat16 activations, any width 1..8 per group, groups a multiple of 64 wide. Per 64 codes:
+// a masked load of the 8*b bytes that hold them; vpermb puts each b-byte packing unit (8 codes)
+// into its own 64-bit lane; vpmultishiftqb pulls code i of the unit out of bits [i*b, i*b+8)
+// into byte i; a mask keeps b bits. Interleaving those bytes with 0x43 makes bfloat16 numbers
+// 0x43cc = 128 + c exactly (c < 128), so one vdpbf16ps multiplies 32 codes by 32 activations
+// with float32 sums, and 128 * sum(x) is taken off per group with the zero point:
+//   sum_k (c_k - z) x_k = sum_k (128 + c_k) x_k - (128 + z) sum_k x_k.
+// 8-bit codes go as two nibbles (c = lo + 16 hi, offset 128 * 17). The activations are put once
+// per call in the order each group's path leaves its codes in (see bf16_mode).
+struct WidthTables {
+  __m512i perm[9], shift[9], mask[9];
+  WidthTables() {
+    for (int b = 1; b <= 8; ++b) {
+      alignas(64) uint8_t p[64], sh[64], mk[64];
+      for (int j = 0; j < 64; ++j) {
+        const int q = j / 8, k = j % 8;
+        p[j] = static_cast<uint8_t>(k < b ? q * b + k : q * b);
+        sh[j] = static_cast<uint8_t>(k * b);
+        mk[j] = static_cast<uint8_t>(b == 8 ? 0x0F : (1 << b) - 1);
+      }
+      perm[b] = _mm512_load_si512(p);
+      shift[b] = _mm512_load_si512(sh);
+      mask[b] = _mm512_load_si512(mk);
+    }
+  }
+};
+
+inline const WidthTables& tables() {
+  static const WidthTables t;
+  return t;
+}
+
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+enum { kGeneric = 0, kFour = 1, kTwo = 2, kEight = 3 };
+
+// Which inner loop a group of width b takes: 4, 2 and 8 bits widen 32 code bytes to 16-bit lanes
+// (one shuffle) and shift the codes out of them in place; the others go through vpermb +
+// vpmultishiftqb, which handles any width at two more shuffles per 64 codes.
+inline int bf16_mode(int b, int64_t group) {
+  if (b == 4) return kFour;
+  if (b == 2 && group % 128 == 0) return kTwo;
+  if (b == 8) return kEight;
+  return kGeneric;
+}
+
+struct BF16Args {
+  const uint16_t* xr;
+  const float* xsum;
+  const uint8_t* wp;
+  const int64_t* bits;
+  const int64_t* offset;
+  const float* scales;
+  const float* zeros;
+  float* y;
+  int64_t K, N, RB, G, group;
+  const uint8_t* end;  // one past the packed codes
+};
+
+// M activation rows at once (a compile-time count, so the accumulators stay in registers).
+template <int M>
+void bf16_rows(const BF16Args& a) {
+  const WidthTables& T = tables();
+  const __m512i magic = _mm512_set1_epi8(0x43), magic16 = _mm512_set1_epi16(0x4300);
+  const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(0x03);
+  at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      __m512 row[M];
+      float corr[M];
+      for (int m = 0; m < M; ++m) { row[m] = _mm512_setzero_ps(); corr[m] = 0.f; }
+      const uint8_t* wrow = a.wp + n * a.RB;
+      for (int64_t g = 0; g < a.G; ++g) {
+        const int b = static_cast<int>(a.bits[g]);
+        const uint8_t* src = wrow + a.offset[g];
+        __m512 lo_acc[M], hi_acc[M];
+        for (int m = 0; m < M; ++m) { lo_acc[m] = _mm512_setzero_ps(); hi_acc[m] = _mm512_setzero_ps(); }
+        const uint16_t* xg = a.xr + g * a.group;
+        const int md = bf16_mode(b, a.group);
+        // (lanes & mask) | 0x4300: 16-bit lanes holding codes < 128 become bfloat16 128 + code
+        auto bf = [&](__m512i lanes, __m512i m16) { return as_bh(_mm512_ternarylogic_epi32(lanes, m16, magic16, 0xEA)); };
+        auto dot2 = [&](__m512bh w0, __m512bh w1, const uint16_t* xm, __m512* acc0, __m512* acc1) {
+          for (int m = 0; m < M; ++m) {
+            acc0[m] = _mm512_dpbf16_ps(acc0[m], w0, as_bh(_mm512_loadu_si512(xm + m * a.K)));
+            acc1[m] = _mm512_dpbf16_ps(acc1[m], w1, as_bh(_mm512_loadu_si512(xm + m * a.K + 32)));
+          }
+        };
+        if (md == kFour) {  // 32 bytes -> 32 lanes; low nibbles are the even codes, high the odd
+          for (int64_t c = 0; c < a.group; c += 64) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c / 2)));
+            dot2(bf(w, m4), bf(_mm512_srli_epi16(w, 4), m4), xg + c, lo_acc, hi_acc);
+          }
+        } else if (md == kTwo) {  // 32 bytes -> 32 lanes -> four phases of 2 bits
+          for (int64_t c = 0; c < a.group; c += 128) {
+            const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c / 4)));
+            dot2(bf(w, m2), bf(_mm512_srli_epi16(w, 2), m2), xg + c, lo_acc, hi_acc);
+            dot2(bf(_mm512_srli_epi16(w, 4), m2), bf(_mm512_srli_epi16(w, 6), m2), xg + c + 64, lo_acc, hi_acc);
+          }
+        } else if (md == kEight) {  // code = lo + 16 hi: the high nibbles go to their own sums
+          __m512 acc16[M], acc16b[M];
+          for (int m = 0; m < M; ++m) { acc16[m] = _mm512_setzero_ps(); acc16b[m] = _mm512_setzero_ps(); }
+          for (int64_t c = 0; c < a.group; c += 64) {
+            const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)));
+            const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c + 32)));
+            dot2(bf(w0, m4), bf(w1, m4), xg + c, lo_acc, hi_acc);
+            dot2(bf(_mm512_srli_epi16(w0, 4), m4), bf(_mm512_srli_epi16(w1, 4), m4), xg + c, acc16, acc16b);
+          }
+          for (int m = 0; m < M; ++m)
+            lo_acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(16.f), _mm512_add_ps(acc16[m], acc16b[m]), lo_acc[m]);
+        } else {
+          const __mmask64 lmask = (__mmask64{1} << (8 * b)) - 1;
+          const __m512i perm = T.perm[b], shift = T.shift[b], mask = T.mask[b];
+          for (int64_t c = 0; c < a.group; c += 64) {
+            const uint8_t* p = src + c / 8 * b;
+            const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
+            const __m512i c8 = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw)), mask);
+            dot2(as_bh(_mm512_unpacklo_epi8(c8, magic)), as_bh(_mm512_unpackhi_epi8(c8, magic)), xg + c, lo_acc, hi_acc);
+          }
+        }
+        const float s = a.scales[n * a.G + g], z = a.zeros[n * a.G + g];
+        const float off = b == 8 ? 128.f * 17.f : 128.f;
+        const __m512 vs = _mm512_set1_ps(s);
+        for (int m = 0; m < M; ++m) {
+          row[m] = _mm512_fmadd_ps(vs, _mm512_add_ps(lo_acc[m], hi_acc[m]), row[m]);
+          corr[m] += s * (off + z) * a.xsum[m * a.G + g];
+        }
+      }
+      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum512(row[m]) - corr[m];
+    }
+  });
+}
+
+}  // namespace
+
+// x [M, K] bfloat16 -> y [M, N] float32; the rest as gemv. Groups must be a multiple of 64 wide.
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
+                        torch::Tensor scales, torch::Tensor zeros, int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous bfloat16 [M, K]");
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8 [N, row_bytes]");
+  TORCH_CHECK(bits.dtype() == torch::kInt64 && offset.dtype() == torch::kInt64, "qgemv: bits and offset must be int64");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous()
+              && zeros.is_contiguous(), "qgemv: scales and zeros must be contiguous float32");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), RB = packed.size(1), G = bits.numel();
+  TORCH_CHECK(M >= 1 && M <= 8, "qgemv: the bfloat16 path takes 1 to 8 activation rows");
+  TORCH_CHECK(group % 64 == 0 && G * group == K, "qgemv: the bfloat16 path needs groups a multiple of 64 wide covering K");
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && zeros.sizes() == scales.sizes(), "qgemv: scales and zeros must be [N, G]");
+  const int64_t* bp = bits.data_ptr<int64_t>();
+  const int64_t* offp = offset.data_ptr<int64_t>();
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(bp[g] >= 1 && bp[g] <= 8 && offp[g] + group / 8 * bp[g] <= RB, "qgemv: group layout exceeds the row");
+  // activations in the order each group's path leaves its codes in, and per-group sums of the
+  // same bfloat16 values
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  std::vector<uint16_t> xr(M * K);
+  std::vector<float> xsum(M * G, 0.f);
+  std::vector<int> mode(G);
+  for (int64_t g = 0; g < G; ++g) mode[g] = bf16_mode(static_cast<int>(bp[g]), group);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const uint16_t* src = xp + m * K + g * group;
+      uint16_t* dst = xr.data() + m * K + g * group;
+      const int P = mode[g] == kFour ? 2 : mode[g] == kTwo ? 4 : 1;
+      if (mode[g] == kGeneric) {  // 64-code chunks: bytes 0-7, 16-23, .. low half; 8-15, .. high half
+        for (int64_t c = 0; c < group; c += 64)
+          for (int L = 0; L < 4; ++L)
+            for (int i = 0; i < 8; ++i) {
+              dst[c + L * 8 + i] = src[c + 16 * L + i];
+              dst[c + 32 + L * 8 + i] = src[c + 16 * L + 8 + i];
+            }
+      } else {  // chunks of 32 * P codes: phase p (code P * j + p of the chunk) in lanes 32p .. 32p + 31
+        for (int64_t c = 0; c < group; c += 32 * P)
+          for (int p = 0; p < P; ++p)
+            for (int j = 0; j < 32; ++j) dst[c + 32 * p + j] = src[c + P * j + p];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = 0; k < group; ++k) {
+        uint32_t u = static_cast<uint32_t>(xp[m * K + g * group + k]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        s += f;
+      }
+      xsum[m * G + g] = s;
+    }
+  }
+  auto y = torch::empty({M, N}, scales.options());
+  BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bp, offp, scales.data_ptr<float>(),
+             zeros.data_ptr<float>(), y.data_ptr<float>(), K, N, RB, G, group,
+             packed.data_ptr<uint8_t>() + N * RB};
+  switch (M) {
+    case 1: bf16_rows<1>(a); break;
+    case 2: bf16_rows<2>(a); break;
+    case 3: bf16_rows<3>(a); break;
+    case 4: bf16_rows<4>(a); break;
+    case 5: bf16_rows<5>(a); break;
+    case 6: bf16_rows<6>(a); break;
+    case 7: bf16_rows<7>(a); break;
+    default: bf16_rows<8>(a); break;
+  }
+  return y;
+}
+#endif
+
+bool has_bf16_path() {
+#ifdef LOWBIT_BF16_PATH
+  return true;
+#else
+  return false;
+#endif
+}
+
 // The float weight [N, K] of the same layout (for prefill: dequantize once, then a dense matmul).
 torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor offset, torch::Tensor scales,
                          torch::Tensor zeros, int64_t group) {
@@ -220,4 +438,8 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T with group-wise packed low-bit W");
   m.def("dequantize", &dequantize, "group-wise packed low-bit W -> float32 W");
+  m.def("has_bf16_path", &has_bf16_path, "whether gemv_bf16 was compiled (AVX-512 BF16 and VBMI)");
+#ifdef LOWBIT_BF16_PATH
+  m.def("gemv_bf16", &gemv_bf16, "y = x W^T, bfloat16 x, group-wise packed low-bit W, float32 y");
+#endif
 }
