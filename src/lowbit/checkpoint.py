@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 import lowbit
@@ -184,41 +185,83 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(f)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{f} could not be read as safetensors ({e})") from None
+class _Tensors:
+    """A safetensors file read one tensor at a time (memory-mapped), so loading never holds the
+    whole file beside the model it becomes."""
+
+    def __init__(self, f: Path):
+        try:
+            self._file = safe_open(f, framework="pt")
+            self.keys = list(self._file.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f} could not be read as safetensors ({e})") from None
+        self.path = f
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path}: tensor {key} could not be read ({e})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True) -> LoadedCheckpoint:
-    """Rebuild the quantized model. `dtype` converts the dense tensors (default: as saved)."""
+RUNTIMES = ("reference", "packed")
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True,
+                    runtime: str = "reference") -> LoadedCheckpoint:
+    """Rebuild the quantized model. `dtype` converts the dense tensors (default: as saved).
+
+    runtime "reference": every quantized layer a QuantLinear (one byte per code, dequantize then
+    matmul). "packed": a PackedLinear built straight from the stored packed codes (runtime/packed.py,
+    the native kernels), tensor by tensor, so peak memory stays near the packed model's size.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if runtime not in RUNTIMES:
+        raise CheckpointError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "packed":
+        from lowbit.runtime.packed import PackedLinear
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    quant = _load_tensors(path / QUANT_FILE)
-    dense = _load_tensors(path / DENSE_FILE)
+    quant = _Tensors(path / QUANT_FILE)
+    dense = _Tensors(path / DENSE_FILE)
     saved_dtype = getattr(torch, manifest["dtype"])
     dtype = dtype or saved_dtype
 
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    by_layer: dict[str, list[str]] = {}
+    for k in quant.keys:
+        name, _, part = k.rpartition(".")
+        if part.startswith("b") and part[1:].isdigit():  # codes.b3 / zeros.b3
+            name, _, kind = name.rpartition(".")
+            part = f"{kind}.{part}"
+        by_layer.setdefault(name, []).append(part)
     for name, meta in manifest["layers"].items():
         fmt = QuantFormat.from_dict(meta)
-        parts = {k[len(name) + 1:]: t for k, t in quant.items()
-                 if k.startswith(name + ".") and _PART.fullmatch(k[len(name) + 1:])}
+        parts = {p: quant.get(f"{name}.{p}") for p in by_layer.get(name, []) if _PART.fullmatch(p)}
+        bias = quant.get(f"{name}.bias") if "bias" in by_layer.get(name, []) else None
+        shape = tuple(meta["shape"])
         try:
-            qw = QuantizedWeight.from_packed(parts, fmt, tuple(meta["shape"]))
+            if runtime == "packed":
+                layer = PackedLinear.from_packed(parts, fmt, shape, bias)
+                if layer.bias is not None:
+                    layer.bias.data = layer.bias.data.to(dtype)
+            else:
+                layer = QuantLinear.from_quantized(QuantizedWeight.from_packed(parts, fmt, shape), bias, dtype=dtype)
         except (KeyError, ValueError, ShapeError) as e:
             raise CheckpointError(f"{path}: layer {name} is inconsistent with its manifest entry ({e})") from None
-        model.set_submodule(name, QuantLinear.from_quantized(qw, quant.get(f"{name}.bias"), dtype=dtype))
-    dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()}
-    result = model.load_state_dict(dense, strict=False, assign=True)
+        model.set_submodule(name, layer)
+    state = {}
+    for k in dense.keys:
+        v = dense.get(k)
+        state[k] = v.to(dtype) if v.is_floating_point() else v
+    result = model.load_state_dict(state, strict=False, assign=True)
+    del state
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: tensors {result.unexpected_keys[:5]} do not belong to the model")
     model.tie_weights()

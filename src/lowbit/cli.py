@@ -204,11 +204,7 @@ def cmd_generate(args) -> int:
         raise ConfigError("give a prompt: --prompt TEXT or --prompt-file FILE")
     dtype = resolve_dtype(args.dtype)
     if is_checkpoint(args.model):
-        loaded = load_checkpoint(args.model, dtype=dtype)
-        if args.runtime == "packed":
-            from lowbit.runtime.packed import pack_model
-
-            pack_model(loaded.model)
+        loaded = load_checkpoint(args.model, dtype=dtype, runtime=args.runtime)
     else:
         loaded = load_model(args.model, dtype=dtype, cache=args.cache, progress=not args.quiet)
     model, tok = loaded.model, loaded.tokenizer
@@ -436,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward")
-    g.add_argument("--dtype", default="fp32", choices=["auto", *sorted(DTYPES)], help="compute dtype (default fp32)")
+    g.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="compute dtype (default auto: bf16 where the CPU has native bf16, as the packed kernels want; else fp32)")
     _kv_arguments(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("--runtime", choices=["packed", "reference"], default="packed",

@@ -49,6 +49,7 @@ def _fake_tools(cache, version=LLAMA_CPP_PYTHON_VERSION):
                       "shutil.copy(sys.argv[1], sys.argv[2])\n"
                       "open(sys.argv[2], 'a').write(sys.argv[3])\n")
     binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    (root / "llama-bench").write_text("#!/bin/sh\nexit 0\n")
     (root / "lowbit-llamacpp.json").write_text(json.dumps({"llama_cpp_python": version}))
     return LlamaCppTools(root, version, script, binary)
 

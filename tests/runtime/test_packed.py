@@ -151,3 +151,47 @@ def test_a_loaded_checkpoint_generates_the_same_tokens_packed(tmp_path):
     packed = pack_model(load_checkpoint(tmp_path / "ck").model)
     assert any(isinstance(m, PackedLinear) and m.perm is not None for m in packed.modules())
     assert generate(packed, ids, 16, prefill_chunk=8).tokens == ref
+
+
+@pytest.mark.parametrize("kind", ["uniform", "mixed", "integer-scale"])
+def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp_path, kind):
+    """load_checkpoint(runtime="packed") builds PackedLinears from the checkpoint's packed codes
+    (never unpacking uniform ones); every buffer equals packing the reference-loaded model."""
+    from test_checkpoint import quantize_all
+
+    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+
+    model = build_tiny("qwen2")  # biases on q/k/v
+    if kind == "uniform":
+        quantize_all(model, bits=4, group_size=16)  # perms among them
+    else:
+        for i, (name, lin) in enumerate([(n, m) for n, m in model.named_modules()
+                                         if isinstance(m, torch.nn.Linear) and ".layers." in n]):
+            if kind == "mixed":
+                qw = random_qweight(lin.out_features, lin.in_features, 4, 16, i % 2 == 0, i, mixed=True)
+            else:
+                qw = rtn_quantize(lin.weight.detach(), 4, 16, iscale=IntegerScaleConfig(enabled=True, bits=8))
+            model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
+    save_checkpoint(model, None, tmp_path / "ck", {})
+    direct = load_checkpoint(tmp_path / "ck", runtime="packed").model
+    via = pack_model(load_checkpoint(tmp_path / "ck").model)
+    direct_layers = {n: m for n, m in direct.named_modules() if isinstance(m, PackedLinear)}
+    via_layers = {n: m for n, m in via.named_modules() if isinstance(m, PackedLinear)}
+    assert direct_layers.keys() == via_layers.keys() and direct_layers
+    for name, m in direct_layers.items():
+        a, b = dict(m.named_buffers()), dict(via_layers[name].named_buffers())
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+        assert (m.bias is None) == (via_layers[name].bias is None)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(direct(ids).logits, via(ids).logits)
+
+
+def test_an_unknown_runtime_is_refused(tmp_path):
+    from lowbit.checkpoint import load_checkpoint
+    from lowbit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="runtime 'fast'"):
+        load_checkpoint(tmp_path, runtime="fast")

@@ -11,7 +11,7 @@ so lowbit evaluates llama.cpp's quantization with its own evaluators on the same
 
 The tools come from the llama-cpp-python *source* release on PyPI, whose sdist vendors llama.cpp
 under vendor/llama.cpp. `ensure_llamacpp` downloads it with pip (no package code is installed),
-builds only the `llama-quantize` target with cmake, and keeps the binary, the converter script and
+builds the `llama-quantize` and `llama-bench` targets with cmake, and keeps the binaries, the converter script and
 the Python packages it imports (`conversion/`, `gguf-py/`) in
 
     <lowbit cache>/llamacpp/llama-cpp-python-<version>/
@@ -53,6 +53,7 @@ SUPPORTED_QTYPES = ("Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_
 
 RECORD = "lowbit-llamacpp.json"  # written last into a finished tools folder
 QUANTIZE_BIN = "llama-quantize"
+BENCH_BIN = "llama-bench"  # for `lowbit bench speed`
 CONVERT_SCRIPT = "convert_hf_to_gguf.py"
 # What the converter needs beside itself (the script puts gguf-py/ first on sys.path, so the
 # vendored gguf package, which matches the converter, wins over the installed one).
@@ -77,6 +78,11 @@ class LlamaCppTools:
     version: str  # llama-cpp-python version whose vendored llama.cpp was built
     convert_script: Path  # convert_hf_to_gguf.py (with conversion/ and gguf-py/ beside it)
     quantize_bin: Path  # llama-quantize
+
+    @property
+    def bench_bin(self) -> Path:
+        """llama-bench (prompt processing and generation speed), built beside llama-quantize."""
+        return self.root / BENCH_BIN
 
 
 @dataclass
@@ -111,7 +117,7 @@ def built_tools(
     """The tools of `version` if they are already built in the cache, else None."""
     root = tools_dir(cache) / f"llama-cpp-python-{version}"
     tools = LlamaCppTools(root, version, root / CONVERT_SCRIPT, root / QUANTIZE_BIN)
-    parts = (root / RECORD, tools.convert_script, tools.quantize_bin)
+    parts = (root / RECORD, tools.convert_script, tools.quantize_bin, tools.bench_bin)
     return tools if all(p.is_file() for p in parts) else None
 
 
@@ -230,7 +236,7 @@ def _extract_llamacpp(sdist: Path, dest: Path) -> Path:
 def _build_quantize(
     cmake: str, source: Path, build: Path, jobs: int, log: Path, progress: bool
 ) -> None:
-    """Configure llama.cpp (CPU only, static, no network features) and build llama-quantize."""
+    """Configure llama.cpp (CPU only, static, no network features); build llama-quantize and llama-bench."""
     configure = [
         cmake, "-S", str(source), "-B", str(build),
         "-DCMAKE_BUILD_TYPE=Release",
@@ -245,11 +251,11 @@ def _build_quantize(
         "-DLLAMA_BUILD_TOOLS=ON",
         "-DLLAMA_BUILD_COMMON=ON",
     ]  # fmt: skip
-    build_cmd = [cmake, "--build", str(build), "--target", QUANTIZE_BIN, "-j", str(jobs)]
+    build_cmd = [cmake, "--build", str(build), "--target", QUANTIZE_BIN, BENCH_BIN, "-j", str(jobs)]
     with open(log, "w") as out:
         _say(progress, "configuring llama.cpp with cmake")
         _run_logged(configure, out, "cmake configure", log, progress=False)
-        _say(progress, f"building {QUANTIZE_BIN} with {jobs} job(s); this takes several minutes")
+        _say(progress, f"building {QUANTIZE_BIN} and {BENCH_BIN} with {jobs} job(s); this takes several minutes")
         _run_logged(build_cmd, out, "cmake --build", log, progress=progress)
 
 
@@ -282,8 +288,12 @@ def _stage_tools(source: Path, build: Path, stage: Path) -> None:
                   None)  # fmt: skip
     if binary is None:
         raise LlamaCppError(f"the build finished but produced no {QUANTIZE_BIN} under {build}")
+    bench = next((p for p in (build / "bin" / BENCH_BIN, build / BENCH_BIN) if p.is_file()), None)
+    if bench is None:
+        raise LlamaCppError(f"the build finished but produced no {BENCH_BIN} under {build}")
     stage.mkdir()
     shutil.copy2(binary, stage / QUANTIZE_BIN)
+    shutil.copy2(bench, stage / BENCH_BIN)
     for rel in CONVERTER_FILES:
         src = source / rel
         if src.is_dir():

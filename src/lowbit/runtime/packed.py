@@ -27,7 +27,8 @@ from torch import nn
 
 from lowbit import kernels
 from lowbit.formats import pack
-from lowbit.qtensor import QuantizedWeight
+from lowbit.errors import ShapeError
+from lowbit.qtensor import QuantFormat, QuantizedWeight, float_scales, zero_points
 from lowbit.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,41 @@ class PackedLinear(nn.Module):
     @classmethod
     def from_qlinear(cls, m: QuantLinear) -> PackedLinear:
         return cls(m.quantized_weight(), m.bias)
+
+    @classmethod
+    def from_packed(cls, tensors: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int],
+                    bias: torch.Tensor | None = None) -> PackedLinear:
+        """From a checkpoint's packed tensors (QuantizedWeight.packed()). A uniform format's rows
+        are already this layout (formats/pack.py packs each row 8 codes at a time, and groups are
+        a multiple of 8 wide), so its codes are taken as they are, never unpacked; mixed widths
+        are regrouped through QuantizedWeight."""
+        out_f, in_f = shape
+        gs = fmt.group_size
+        if "group_bits" in tensors or gs % 8 or in_f % gs:
+            return cls(QuantizedWeight.from_packed(tensors, fmt, shape), bias)
+        g = in_f // gs
+        codes = tensors["codes"]
+        if tuple(codes.shape) != (out_f, pack.packed_length(in_f, fmt.bits)):
+            raise ShapeError(f"packed codes of shape {tuple(codes.shape)} do not hold a {out_f}x{in_f} "
+                             f"{fmt.bits}-bit weight")
+        zeros = tensors.get("zeros")
+        zeros = None if zeros is None else pack.unpack(zeros, fmt.bits, out_f * g).reshape(out_f, g)
+        scales = float_scales(tensors["scales"], tensors.get("scale_mult"))
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features, m.group_size, m.fmt = in_f, out_f, gs, fmt
+        step = gs // 8 * fmt.bits
+        m.register_buffer("packed", codes.contiguous())
+        m.register_buffer("widths", torch.full((g,), fmt.bits, dtype=torch.int64))
+        m.register_buffer("offsets", torch.arange(g, dtype=torch.int64) * step)
+        m.register_buffer("scales", scales.float().contiguous())
+        m.register_buffer("zero_points", zero_points(zeros, scales, fmt.bits, None).float().expand(out_f, g).contiguous())
+        perm = tensors.get("perm")
+        perm = None if perm is None else perm.to(torch.int64)
+        m.register_buffer("perm", perm)
+        m.register_buffer("unperm", None if perm is None else torch.argsort(perm))
+        m.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return m
 
     def nbytes(self) -> int:
         """Bytes held (packed codes, float32 scales and zero points, permutation, bias)."""
