@@ -309,6 +309,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_speed(args) -> int:
+    from lowbit.bench.speed import run_speed_bench
+
+    run_speed_bench(args)
+    return 0
+
+
 def cmd_bench_kv(args) -> int:
     from lowbit.bench.kv import run_kv_bench
 
@@ -461,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_arguments(bk)
     common(bk)
     bk.set_defaults(func=cmd_bench_kv)
+    bs = bsub.add_parser("speed", help="checkpoints packed vs the bf16 model vs llama.cpp: load, prefill, decode, "
+                                       "fraction of read bandwidth")
+    from lowbit.bench.speed import add_arguments as add_speed_arguments
+
+    add_speed_arguments(bs)
+    common(bs, data=False)
+    bs.set_defaults(func=cmd_bench_speed)
     return p
 
 

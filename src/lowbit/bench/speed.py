@@ -1,0 +1,365 @@
+"""`lowbit bench speed CKPT [CKPT ...]`: how fast lowbit checkpoints run, side by side, in one run.
+
+Runtimes measured in rounds (each round runs every runtime once, in the same order, so a busy
+host slows all of them alike; the table gives medians over rounds):
+
+- each checkpoint, loaded packed (runtime/packed.py: the native kernels) in bfloat16;
+- "bf16": the checkpoint's source model, unquantized, in bfloat16 through the same generation code;
+- "llama.cpp": llama.cpp's own `llama-bench` (built from the llama-cpp-python source release on
+  PyPI, see lowbit.peers.llamacpp) on the source model's original GGUF file, when it has one.
+
+Each lowbit runtime runs in a fresh child process (so its load time and peak RSS are its own):
+load, prefill a prompt of --prompt-tokens in one forward (time to first token), then greedy
+decode of --new-tokens from there. llama-bench runs its pp<prompt> and tg<new> tests once per
+round with the same thread count. Every round also measures the read bandwidth this process
+sees (summing a 1 GiB tensor with the same threads), and decode speed is also given as bytes/s:
+the bytes a token reads (`bytes_per_token`) times tokens/s, and as a fraction of that bandwidth.
+
+A second table times one decode matrix-vector product per weight format against torch's own
+int4 kernel and a bfloat16 F.linear on the model's largest projection shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from lowbit.bench.accuracy import _write_section, machine
+from lowbit.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", help="lowbit checkpoint folders (of one source model)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill / time to first token")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded greedily after the prompt")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; the table gives medians")
+    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (else it is built once, minutes)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the unquantized bfloat16 model")
+    p.add_argument("--no-kernels", action="store_true", help="skip the matrix-vector kernel table")
+    p.add_argument("--work-dir", default="benchmarks/results")
+    p.add_argument("--output", default="BENCHMARKS.md")
+    p.add_argument("--section", default="speed", help="BENCHMARKS.md section to write")
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements (each in a child process)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bytes_per_token(model) -> int:
+    """Bytes one decode step reads from the weights: every parameter and buffer once, except the
+    input embedding table, of which a step reads one row (unless the output head shares it)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        if t.data_ptr() == emb.data_ptr() and not tied:
+            total += emb.shape[1] * emb.element_size()
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _prompt_ids(vocab: int, n: int):
+    import torch
+
+    lo = 100 if vocab > 1000 else 0  # skip the special tokens of real vocabularies
+    return torch.randint(lo, min(vocab, 30000), (n,), generator=torch.Generator().manual_seed(0))
+
+
+def _lowbit_job(spec: dict[str, Any], queue) -> None:
+    try:
+        queue.put(_lowbit_run(spec))
+    except Exception as e:  # report, do not hang the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import DynamicCache
+
+    from lowbit.runtime.generate import generate
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    if spec["kind"] == "checkpoint":
+        from lowbit.checkpoint import load_checkpoint
+
+        model = load_checkpoint(spec["path"], dtype=torch.bfloat16, runtime="packed").model
+    else:
+        from lowbit.models import load_model
+
+        model = load_model(spec["path"], dtype=torch.bfloat16, cache=spec.get("cache"), progress=False).model
+    model.eval()
+    load_s = time.perf_counter() - t0
+    ids = _prompt_ids(model.config.vocab_size, spec["prompt_tokens"])
+    out = generate(model, ids, spec["new_tokens"], DynamicCache(), prefill_chunk=spec["prompt_tokens"])
+    return {"load_s": load_s, "ttft_s": out.prefill_seconds,
+            "prefill_tok_s": spec["prompt_tokens"] / out.prefill_seconds,
+            "decode_tok_s": (len(out.tokens) - 1) / out.decode_seconds,
+            "bytes_per_token": bytes_per_token(model), "peak_rss": _peak_rss_bytes()}
+
+
+def _in_child(target, spec: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(spec, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def _llamacpp_job(spec: dict[str, Any], queue) -> None:
+    """llama-bench in a process of its own, so RUSAGE_CHILDREN is llama-bench's peak alone."""
+    cmd = [spec["bench_bin"], "-m", spec["gguf"], "-p", str(spec["prompt_tokens"]), "-n", str(spec["new_tokens"]),
+           "-t", str(spec["threads"]), "-r", "1", "-o", "json"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        queue.put({"error": f"llama-bench exit {done.returncode}: {done.stderr.strip()[-400:]}"})
+        return
+    tests = json.loads(done.stdout)
+    pp = next(t for t in tests if t["n_prompt"] > 0)
+    tg = next(t for t in tests if t["n_gen"] > 0)
+    queue.put({"prefill_tok_s": pp["avg_ts"], "ttft_s": spec["prompt_tokens"] / pp["avg_ts"],
+               "decode_tok_s": tg["avg_ts"], "wall_s": wall, "bytes_per_token": spec["bytes_per_token"],
+               "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+               "build": f"{pp.get('build_commit', '?')}", "model_type": pp.get("model_type", "")})
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of a GGUF model's tensors less the token embedding table when the output head is a
+    tensor of its own (a decode step reads one embedding row)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    total = sum(sizes.values())
+    if "output.weight" in sizes and "token_embd.weight" in sizes:
+        total -= sizes["token_embd.weight"]
+    return total
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of summing a float32 tensor of `gib` GiB, best of `repeats` (a read-only stream)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.ones(int(gib * 2**30) // 4)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a.sum()
+            best = min(best, time.perf_counter() - t0)
+        return a.numel() * 4 / best
+    finally:
+        torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# matrix-vector kernels
+
+
+def kernel_table(shape: tuple[int, int], threads: int, repeats: int = 50) -> list[dict[str, Any]]:
+    """One decode product y = x W^T with W [out, in] = shape, per format: bfloat16 F.linear,
+    torch's int4 weight-only kernel (g128), lowbit's packed kernel at 8/4/3/2 bits g128."""
+    import torch
+    import torch.nn.functional as F
+
+    from lowbit import kernels
+    from lowbit.qtensor import QuantFormat, QuantizedWeight
+    from lowbit.runtime.packed import PackedLinear
+
+    torch.set_num_threads(threads)
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, in_f, generator=g).bfloat16()
+
+    def timed(fn) -> float:
+        for _ in range(5):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    rows = []
+    w = torch.randn(out_f, in_f, generator=g).bfloat16()
+    rows.append({"format": "bf16 F.linear", "bytes": w.numel() * 2, "seconds": timed(lambda: F.linear(x, w))})
+    del w
+    if in_f % 128:
+        return rows  # the quantized rows below use groups of 128
+    codes = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.stack([torch.rand(in_f // 128, out_f, generator=g), torch.zeros(in_f // 128, out_f)], -1).bfloat16()
+    rows.append({"format": "torch int4pack w4g128 (bf16 scale+zero)", "bytes": packed.numel() + sz.numel() * 2,
+                 "seconds": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz))})
+    if kernels.available("qgemv"):
+        for bits in (8, 4, 3, 2):
+            hi = 1 << bits
+            qw = QuantizedWeight((torch.rand(out_f, in_f, generator=g) * hi).to(torch.uint8),
+                                 (torch.rand(out_f, in_f // 128, generator=g) * 0.01).half(),
+                                 (torch.rand(out_f, in_f // 128, generator=g) * hi).to(torch.uint8),
+                                 QuantFormat(bits, 128, False))
+            m = PackedLinear(qw)
+            rows.append({"format": f"lowbit packed w{bits}g128", "bytes": m.nbytes(), "seconds": timed(lambda: m(x))})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _checkpoint_source(path: Path) -> dict[str, Any]:
+    from lowbit.checkpoint import is_checkpoint, read_manifest
+
+    if not is_checkpoint(path):
+        raise ConfigError(f"{path} is not a lowbit checkpoint (no manifest.json); make one with `lowbit quantize`")
+    m = read_manifest(path)
+    return {"source": m["source"], "recipe": m.get("recipe", {}), "label": path.name}
+
+
+def run_speed_bench(args) -> None:
+    import os
+
+    import torch
+
+    from lowbit.models import resolve_model
+
+    threads = args.threads or os.cpu_count() or 1
+    ckpts = [Path(c) for c in args.checkpoints]
+    infos = [_checkpoint_source(c) for c in ckpts]
+    specs = {s["source"]["spec"] for s in infos}
+    if len(specs) != 1:
+        raise ConfigError(f"the checkpoints come from different models ({', '.join(sorted(specs))}); "
+                          "bench one source model per run")
+    source = infos[0]["source"]
+    common = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": threads,
+              "cache": getattr(args, "cache", None)}
+    runtimes: list[tuple[str, Any, dict[str, Any]]] = [
+        (info["label"], _lowbit_job, {**common, "kind": "checkpoint", "path": str(c)}) for c, info in zip(ckpts, infos)]
+    if not args.no_bf16:
+        runtimes.append(("bf16 (unquantized)", _lowbit_job, {**common, "kind": "model", "path": source["spec"]}))
+    skipped = []
+    if not args.no_llamacpp:
+        resolved = resolve_model(source["spec"], cache=common["cache"], progress=False)
+        if resolved.kind in ("known", "gguf") and resolved.path is not None and str(resolved.path).endswith(".gguf"):
+            from lowbit.peers.llamacpp import ensure_llamacpp
+
+            tools = ensure_llamacpp(cache=common["cache"])
+            runtimes.append((f"llama.cpp {Path(resolved.path).name}", _llamacpp_job,
+                             {**common, "bench_bin": str(tools.bench_bin), "gguf": str(resolved.path),
+                              "bytes_per_token": gguf_bytes_per_token(Path(resolved.path))}))
+        else:
+            skipped.append(f"llama.cpp: the source model {source['spec']} has no GGUF file")
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in runtimes}
+    bandwidth = []
+    for r in range(args.repeats):
+        bandwidth.append(read_bandwidth(threads))
+        for name, job, spec in runtimes:
+            print(f"round {r + 1}/{args.repeats}: {name}", flush=True)
+            res = _in_child(job, spec)
+            if "error" in res:
+                raise ConfigError(f"{name}: {res['error']}")
+            results[name].append(res)
+    kernel_rows = []
+    if not args.no_kernels:
+        torch.set_num_threads(threads)
+        shape = _largest_projection(ckpts[0])
+        kernel_rows = kernel_table(shape, threads)
+    record = {"machine": machine(), "threads": threads, "source": source["spec"], "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth": bandwidth,
+              "runtimes": results, "kernels": kernel_rows, "kernel_shape": list(shape) if kernel_rows else None,
+              "skipped": skipped, "command": command_line(args), "time": time.strftime("%Y-%m-%d %H:%M")}
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "speed.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    section = render(record)
+    _write_section(Path(args.output), section, args.section)
+    print(section)
+
+
+def _largest_projection(ckpt: Path) -> tuple[int, int]:
+    from lowbit.checkpoint import read_manifest
+
+    shapes = [tuple(m["shape"]) for m in read_manifest(ckpt)["layers"].values()]
+    return max(shapes, key=lambda s: s[0] * s[1])
+
+
+def command_line(args) -> str:
+    parts = ["lowbit bench speed", *args.checkpoints, f"--prompt-tokens {args.prompt_tokens}",
+             f"--new-tokens {args.new_tokens}", f"--repeats {args.repeats}"]
+    if args.threads:
+        parts.append(f"--threads {args.threads}")
+    parts += [flag for flag, on in (("--no-llamacpp", args.no_llamacpp), ("--no-bf16", args.no_bf16)) if on]
+    return " ".join(parts)
+
+
+def _med(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def render(rec: dict[str, Any]) -> str:
+    bw = statistics.median(rec["bandwidth"])
+    runtimes = rec["runtimes"]
+    base = next((n for n in runtimes if n.startswith("bf16")), None)
+    base_decode = _med(runtimes[base], "decode_tok_s") if base else None
+    base_prefill = _med(runtimes[base], "prefill_tok_s") if base else None
+    lines = [f"## Speed: {rec['source']}", "",
+             f"Command: `{rec['command']}`", "",
+             f"Machine: {rec['machine']}; {rec['threads']} threads for every runtime. Measured {rec['time']}. "
+             f"Rounds: {rec['repeats']} (each runs every runtime once, in table order; medians shown). "
+             f"Prompt: {rec['prompt_tokens']} tokens in one forward (time to first token); then "
+             f"{rec['new_tokens']} greedy tokens (llama.cpp: llama-bench pp{rec['prompt_tokens']} and "
+             f"tg{rec['new_tokens']}). Read bandwidth measured in the same run (summing 1 GiB, best of 5, "
+             f"median over rounds): {bw / 1e9:.1f} GB/s (rounds: "
+             f"{', '.join(f'{b / 1e9:.1f}' for b in rec['bandwidth'])}). Bytes/token: the weights one decode "
+             "step reads (the embedding table counts one row unless the head shares it). lowbit runtimes "
+             "run in bfloat16; checkpoints through the packed kernels. Load: a fresh process from "
+             "files on disk to a model in memory; peak RSS of that process.", "",
+             "| runtime | bytes/token | load (s) | time to first token (s) | prefill tok/s | decode tok/s | "
+             "decode vs bf16 | prefill vs bf16 | decode GB/s | of bandwidth | peak RSS (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in runtimes.items():
+        dec, pre = _med(rows, "decode_tok_s"), _med(rows, "prefill_tok_s")
+        bpt = rows[0]["bytes_per_token"]
+        load = f"{_med(rows, 'load_s'):.1f}" if "load_s" in rows[0] else "-"
+        lines.append(
+            f"| {name} | {bpt / 1e6:.0f} MB | {load} | {_med(rows, 'ttft_s'):.2f} | {pre:.1f} | {dec:.2f} | "
+            f"{dec / base_decode:.2f}x | {pre / base_prefill:.2f}x | {dec * bpt / 1e9:.1f} | {dec * bpt / bw:.0%} | "
+            f"{max(r['peak_rss'] for r in rows) / 1e9:.2f} |" if base else
+            f"| {name} | {bpt / 1e6:.0f} MB | {load} | {_med(rows, 'ttft_s'):.2f} | {pre:.1f} | {dec:.2f} | - | - | "
+            f"{dec * bpt / 1e9:.1f} | {dec * bpt / bw:.0%} | {max(r['peak_rss'] for r in rows) / 1e9:.2f} |")
+    for s in rec.get("skipped", []):
+        lines += ["", f"- skipped: {s}"]
+    if rec.get("kernels"):
+        out_f, in_f = rec["kernel_shape"]
+        ref = rec["kernels"][0]["seconds"]
+        lines += ["", f"Decode matrix-vector product, one bfloat16 activation row times a {out_f}x{in_f} weight "
+                  f"(the model's largest projection), {rec['threads']} threads, mean of 50 after 5 warm-up calls:", "",
+                  "| format | weight bytes | time (us) | vs bf16 | GB/s | of bandwidth |", "|---|---|---|---|---|---|"]
+        for k in rec["kernels"]:
+            lines.append(f"| {k['format']} | {k['bytes'] / 1e6:.1f} MB | {k['seconds'] * 1e6:.0f} | "
+                         f"{ref / k['seconds']:.2f}x | {k['bytes'] / k['seconds'] / 1e9:.1f} | "
+                         f"{k['bytes'] / k['seconds'] / bw:.0%} |")
+    return "\n".join(lines) + "\n"

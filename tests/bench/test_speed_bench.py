@@ -1,0 +1,65 @@
+"""`lowbit bench speed` end to end on a tiny checkpoint (llama.cpp left out: it needs a build),
+and the byte accounting it reports bandwidth fractions with."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build_tiny
+
+from lowbit.bench.speed import bytes_per_token, read_bandwidth
+from lowbit.cli import main
+
+
+def test_bytes_per_token_counts_one_embedding_row_unless_the_head_shares_it():
+    for tie in (True, False):
+        model = build_tiny("llama", tie=tie)
+        emb = model.get_input_embeddings().weight
+        tensors = list(model.parameters()) + list(model.buffers())  # a tied head is one parameter
+        everything = sum(t.numel() * t.element_size() for t in tensors)
+        row = emb.shape[1] * emb.element_size()
+        want = everything if tie else everything - emb.numel() * emb.element_size() + row
+        assert bytes_per_token(model) == want
+
+
+def test_read_bandwidth_is_a_plausible_rate():
+    bw = read_bandwidth(1, gib=0.05, repeats=2)
+    assert 1e8 < bw < 1e13
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+    from test_model_resolve import save_tiny_folder
+
+    root = tmp_path_factory.mktemp("speed")
+    save_tiny_folder(root / "src", tie=False)
+    for bits in (4, 2):
+        assert main(["quantize", str(root / "src"), "--method", "rtn", "--bits", str(bits), "--group-size", "32",
+                     "-o", str(root / f"ck{bits}"), "-q"]) == 0
+    return root
+
+
+def test_bench_speed_measures_checkpoints_beside_the_bf16_model(checkpoint, capsys):
+    out, work = checkpoint / "BENCH.md", checkpoint / "work"
+    code = main(["bench", "speed", str(checkpoint / "ck4"), str(checkpoint / "ck2"), "--prompt-tokens", "8",
+                 "--new-tokens", "4", "--repeats", "2", "--threads", "1", "--no-llamacpp",
+                 "--work-dir", str(work), "--output", str(out)])
+    assert code == 0
+    rec = json.loads((work / "speed.jsonl").read_text().splitlines()[-1])
+    assert list(rec["runtimes"]) == ["ck4", "ck2", "bf16 (unquantized)"]
+    for rows in rec["runtimes"].values():
+        assert len(rows) == 2 and all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+    bpt = {k: v[0]["bytes_per_token"] for k, v in rec["runtimes"].items()}
+    assert bpt["ck2"] < bpt["ck4"] < bpt["bf16 (unquantized)"]
+    assert len(rec["bandwidth"]) == 2 and rec["kernels"][0]["format"] == "bf16 F.linear"
+    text = out.read_text()
+    assert "<!-- bench:speed:begin -->" in text and "| ck2 |" in text and "| bf16 (unquantized) |" in text
+
+
+def test_bench_speed_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
+    assert main(["bench", "speed", str(tmp_path), "--no-llamacpp", "--work-dir", str(tmp_path / "w"),
+                 "--output", str(tmp_path / "B.md")]) != 0
+    assert "not a lowbit checkpoint" in capsys.readouterr().err
