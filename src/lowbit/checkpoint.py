@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lowbit
-from lowbit.errors import CheckpointError, ShapeError
+from lowbit.errors import CheckpointError, ConfigError, ShapeError
 from lowbit.models.hashing import sha256_file
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
@@ -208,20 +208,25 @@ RUNTIMES = ("reference", "packed")
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True,
-                    runtime: str = "reference") -> LoadedCheckpoint:
+                    runtime: str = "reference", int8_activations: bool = False) -> LoadedCheckpoint:
     """Rebuild the quantized model. `dtype` converts the dense tensors (default: as saved).
 
     runtime "reference": every quantized layer a QuantLinear (one byte per code, dequantize then
     matmul). "packed": a PackedLinear built straight from the stored packed codes (runtime/packed.py,
     the native kernels), tensor by tensor, so peak memory stays near the packed model's size.
+    `int8_activations` (packed only): layers run as W8A8Linear (runtime/w8a8.py: activations
+    quantized per token, int8 GEMM); every quantized layer must be 8-bit per-channel symmetric.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if runtime not in RUNTIMES:
         raise CheckpointError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if int8_activations and runtime != "packed":
+        raise CheckpointError("int8 activations run in the packed runtime; load with runtime='packed'")
     if runtime == "packed":
         from lowbit.runtime.packed import PackedLinear
+        from lowbit.runtime.w8a8 import W8A8Linear
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
@@ -247,12 +252,16 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         bias = quant.get(f"{name}.bias") if "bias" in by_layer.get(name, []) else None
         shape = tuple(meta["shape"])
         try:
-            if runtime == "packed":
+            if int8_activations:
+                layer = W8A8Linear(QuantizedWeight.from_packed(parts, fmt, shape), bias)
+            elif runtime == "packed":
                 layer = PackedLinear.from_packed(parts, fmt, shape, bias)
                 if layer.bias is not None:
                     layer.bias.data = layer.bias.data.to(dtype)
             else:
                 layer = QuantLinear.from_quantized(QuantizedWeight.from_packed(parts, fmt, shape), bias, dtype=dtype)
+        except ConfigError as e:  # a runtime that cannot run this layer's format
+            raise CheckpointError(f"{path}: layer {name}: {e}") from None
         except (KeyError, ValueError, ShapeError) as e:
             raise CheckpointError(f"{path}: layer {name} is inconsistent with its manifest entry ({e})") from None
         model.set_submodule(name, layer)

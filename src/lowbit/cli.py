@@ -204,7 +204,8 @@ def cmd_generate(args) -> int:
         raise ConfigError("give a prompt: --prompt TEXT or --prompt-file FILE")
     dtype = resolve_dtype(args.dtype)
     if is_checkpoint(args.model):
-        loaded = load_checkpoint(args.model, dtype=dtype, runtime=args.runtime)
+        loaded = load_checkpoint(args.model, dtype=dtype, runtime=args.runtime,
+                                 int8_activations=args.activations == "int8")
     else:
         loaded = load_model(args.model, dtype=dtype, cache=args.cache, progress=not args.quiet)
     model, tok = loaded.model, loaded.tokenizer
@@ -256,7 +257,8 @@ def cmd_eval(args) -> int:
     for ds in args.data:
         eval_text(ds, args.data_dir)  # fail on missing data before loading models
     if is_checkpoint(args.model):
-        target = load_checkpoint(args.model, dtype=dtype)
+        target = (load_checkpoint(args.model, dtype=dtype, runtime="packed", int8_activations=True)
+                  if args.activations == "int8" else load_checkpoint(args.model, dtype=dtype))
         recipe = target.manifest.get("recipe", {})
         check_no_overlap((target.manifest.get("calibration") or {}).get("dataset"), args.data)
         if args.reference == "auto":
@@ -422,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for model and reference (default auto: bf16 where the CPU has native bf16, else fp32)")
     e.add_argument("--reference", default="auto",
                    help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
+    e.add_argument("--activations", choices=["float", "int8"], default="float",
+                   help="int8: evaluate a checkpoint as it runs W8A8 (activations quantized per token)")
     _kv_arguments(e)
     e.add_argument("--kv-chunk", type=int, default=128,
                    help="tokens per forward with --kv or --kv-policy: each window runs in chunks that attend to "
@@ -443,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default auto: bf16 where the CPU has native bf16, as the packed kernels want; else fp32)")
     _kv_arguments(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--activations", choices=["float", "int8"], default="float",
+                   help="int8: W8A8, activations quantized per token and int8 GEMMs (8-bit per-channel symmetric "
+                        "checkpoints only)")
     g.add_argument("--runtime", choices=["packed", "reference"], default="packed",
                    help="checkpoints: packed codes run by the native kernels (default), or the "
                         "dequantize-every-call reference modules")

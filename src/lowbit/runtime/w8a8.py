@@ -1,0 +1,96 @@
+"""W8A8Linear: 8-bit weights times 8-bit activations, the products summed in int32 by oneDNN.
+
+Weights: 8-bit per output channel, symmetric (one float scale per row, codes c with the fixed
+zero 128, so c - 128 is an int8). Activations: quantized per token as the layer runs
+(dynamic): s_t = max_k |x_tk| / 127, q_tk = round(x_tk / s_t) in [-127, 127], carried as uint8
+q + 128. Then
+
+    y_tn = s_t * w_n * sum_k q_tk (c_nk - 128)
+
+where the sum is an exact int32 product (oneDNN's int8 GEMM, torch.ops.onednn.qlinear_pointwise,
+with unit scales; the per-token and per-channel scales are applied after in float32), so the
+fast path and the slow reference `w8a8_reference` agree to float32 rounding, and their integer
+parts are identical. oneDNN takes one activation scale per call, which is why the per-token
+scales are applied outside it.
+
+Quantizing activations changes what the model computes: evaluate a checkpoint run this way
+(`lowbit eval CKPT --activations int8`) before relying on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.errors import ConfigError
+from lowbit.qtensor import QuantizedWeight
+
+ACT_MAX = 127
+
+
+def supports(qw: QuantizedWeight) -> bool:
+    """W8A8 needs 8-bit, per-channel (one group per row), symmetric, uniform weights."""
+    return (qw.fmt.bits == 8 and qw.fmt.symmetric and qw.fmt.group_size >= qw.shape[1]
+            and qw.group_bits is None and qw.scale_mult is None)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (q int8-valued int16 [M, K], scale float32 [M, 1]) with x ~= q * scale."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(xf / scale).clamp_(-ACT_MAX, ACT_MAX).to(torch.int16)
+    return q, scale
+
+
+def w8a8_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The slow, obvious computation: integer product in int64, then the scales (float32 out)."""
+    if not supports(qw):
+        raise ConfigError("w8a8_reference needs an 8-bit per-channel symmetric weight")
+    xs = x.reshape(-1, x.shape[-1])
+    if qw.perm is not None:
+        xs = xs[:, qw.perm]
+    q, s = quantize_per_token(xs)
+    acc = q.long() @ (qw.codes.long() - 128).T
+    y = acc.float() * qw.float_scales()[:, 0].float() * s
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], qw.shape[0])
+
+
+class W8A8Linear(nn.Module):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        if not supports(qw):
+            raise ConfigError(
+                f"int8 activations need 8-bit per-channel symmetric weights; this layer is {qw.fmt.bits}-bit, "
+                f"group {qw.fmt.group_size} of {qw.shape[1]}, {'symmetric' if qw.fmt.symmetric else 'asymmetric'}"
+                f"{', mixed widths' if qw.group_bits is not None else ''}. Quantize with --bits 8 --group-size "
+                "-1 --sym, or run without --activations int8")
+        self.out_features, self.in_features = qw.shape
+        w = (qw.codes.to(torch.int16) - 128).to(torch.int8)
+        self._packed = torch.ops.onednn.qlinear_prepack(w, None)  # oneDNN's layout; not a buffer
+        self.register_buffer("w_scale", qw.float_scales()[:, 0].float().contiguous())
+        self.register_buffer("perm", qw.perm)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._unit = torch.ones(self.out_features)
+        self._zero = torch.zeros(self.out_features, dtype=torch.int64)
+
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features + self.w_scale.numel() * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            xs = xs[:, self.perm]
+        q, s = quantize_per_token(xs)
+        qx = (q + 128).to(torch.uint8)
+        acc = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self._packed, self._unit, self._zero, None, 1.0, 0,
+                                                 torch.float32, "none", [], "")
+        y = acc * self.w_scale * s
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w8 per-channel sym, a8 per-token dynamic"

@@ -1,0 +1,96 @@
+"""W8A8Linear (oneDNN int8 GEMM, per-token dynamic activations) against the slow reference:
+integer parts identical, results equal to float32 rounding; refused formats; a checkpoint run
+with int8 activations stays close to its float run."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import build_tiny
+
+from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.errors import CheckpointError, ConfigError
+from lowbit.qtensor import QuantFormat, QuantizedWeight
+from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.w8a8 import W8A8Linear, quantize_per_token, w8a8_reference
+
+
+def w8_weight(out, n_in, seed, perm=False):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(1, 256, (out, n_in), generator=g, dtype=torch.uint8)  # 1..255: c - 128 in [-127, 127]
+    scales = (torch.rand(out, 1, generator=g) * 0.01 + 0.001).half()
+    p = torch.randperm(n_in, generator=g) if perm else None
+    return QuantizedWeight(codes, scales, None, QuantFormat(8, n_in, True), p)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), n_in=st.sampled_from([16, 64, 200]), out=st.integers(1, 50), perm=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 999))
+def test_int8_gemm_matches_the_reference(rows, n_in, out, perm, bias, seed):
+    qw = w8_weight(out, n_in, seed, perm)
+    b = torch.randn(out) if bias else None
+    x = torch.randn(rows, n_in, generator=torch.Generator().manual_seed(seed + 1)) * 3
+    m = W8A8Linear(qw, b)
+    got, want = m(x), w8a8_reference(x, qw, b)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_the_integer_product_is_exact():
+    """Unit scales expose the int32 sums: identical to an int64 matmul of the same codes."""
+    qw = w8_weight(24, 256, 0)
+    qw = QuantizedWeight(qw.codes, torch.ones(24, 1).half(), None, qw.fmt)
+    x = torch.randn(9, 256)
+    q, s = quantize_per_token(x)
+    ints = (W8A8Linear(qw)(x) / s).round().long()  # s per token is the only float left
+    assert torch.equal(ints, q.long() @ (qw.codes.long() - 128).T)
+
+
+def test_per_token_quantization_keeps_each_token_within_half_a_step():
+    x = torch.randn(5, 64) * torch.tensor([[0.01], [1], [100], [0], [5]])
+    q, s = quantize_per_token(x)
+    assert int(q.abs().max()) <= 127
+    assert bool(((q.float() * s - x).abs() <= s / 2 + 1e-12).all())
+
+
+def test_int8_activations_cost_little_on_a_w8_layer():
+    w = torch.randn(32, 128)
+    qw = rtn_quantize(w, 8, 128, symmetric=True)
+    x = torch.randn(10, 128)
+    exact = x @ w.T
+    err = (W8A8Linear(qw)(x) - exact).abs().max() / exact.abs().max()
+    assert err < 0.02
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 128, True), QuantFormat(8, 32, True), QuantFormat(8, 128, False)])
+def test_formats_int8_activations_cannot_run_are_refused(fmt):
+    qw = rtn_quantize(torch.randn(8, 128), fmt.bits, fmt.group_size, symmetric=fmt.symmetric)
+    with pytest.raises(ConfigError, match="8-bit per-channel symmetric"):
+        W8A8Linear(qw)
+
+
+def test_a_checkpoint_loads_with_int8_activations_and_stays_close(tmp_path):
+    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+
+    model = build_tiny("qwen2")
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
+                                                             lin.bias))
+    save_checkpoint(model, None, tmp_path / "ck", {})
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    w8 = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
+    assert sum(isinstance(m, W8A8Linear) for m in w8.modules()) == 14
+    with torch.inference_mode():
+        ref, got = model(ids).logits, w8(ids).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.05
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_4_bit_checkpoint_is_refused_int8_activations(tmp_path):
+    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+
+    model = build_tiny("llama")
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 4, 16), lin.bias))
+    save_checkpoint(model, None, tmp_path / "ck", {})
+    with pytest.raises(CheckpointError, match="int8 activations need 8-bit per-channel symmetric"):
+        load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True)
