@@ -256,3 +256,16 @@ def test_sinks_help_a_2_bit_cache(ids):
         got = chunked_logits(model, ids, kv_cache_for(model.config, name), 16)
         err[name] = float((got - ref).pow(2).mean() / ref.pow(2).mean())
     assert err["kivi2-w0-a4"] < err["kivi2-w0"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_a_static_cache_generates_what_the_dynamic_one_does(ids, arch):
+    from lowbit.runtime.generate import generate
+
+    model = build_tiny(arch)
+    prompt = ids[0, :30]
+    dynamic = generate(model, prompt, 12, prefill_chunk=7)
+    static = generate(model, prompt, 12, prefill_chunk=7, static=True)
+    assert static.tokens == dynamic.tokens and len(static.tokens) == 12
+    with pytest.raises(ConfigError, match="static"):
+        generate(model, prompt, 2, kv_cache_for(model.config, "kivi4"), static=True)

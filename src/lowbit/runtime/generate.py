@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
 from lowbit.errors import ConfigError
 from lowbit.runtime.kvcache import compress, observing
@@ -72,14 +72,20 @@ def generate(
     prefill_chunk: int = 512,
     stop_ids: set[int] | None = None,
     on_token: Callable[[int], None] | None = None,
+    static: bool = False,
 ) -> Generation:
     """Greedy (temperature 0) or sampled continuation of prompt_ids [T]; `cache` None uses a
-    full-precision DynamicCache. `on_token` sees each new token as it is chosen."""
+    full-precision cache: a DynamicCache, or with `static` a StaticCache allocated once for the
+    prompt and every new token (no per-step growth). `on_token` sees each new token as it is chosen."""
     import time
 
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens {max_new_tokens}: use 0 or more")
-    cache = DynamicCache() if cache is None else cache
+    if static and cache is not None:
+        raise ConfigError("static=True builds its own full-precision cache; pass either a cache or static")
+    if cache is None:
+        cache = (StaticCache(model.config, max_cache_len=int(prompt_ids.numel()) + max_new_tokens) if static
+                 else DynamicCache())
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, prefill_chunk)
