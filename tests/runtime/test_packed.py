@@ -41,6 +41,7 @@ def test_packed_rows_round_trip_and_prefill_is_bit_identical(bits, gs, groups, o
     assert torch.equal(m.dequantized_weight(), ref.dequantized_weight(torch.float32))
     x = torch.randn(3, 11, gs * groups, generator=torch.Generator().manual_seed(seed))  # 33 rows: prefill path
     assert torch.equal(m(x), ref(x))
+    assert torch.equal(m.dequantized_weight(torch.bfloat16), ref.dequantized_weight(torch.bfloat16))
 
 
 @needs_kernel

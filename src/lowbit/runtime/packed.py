@@ -133,16 +133,20 @@ class PackedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers()) + (
             0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """float32 [out, in] in the original column order, bit-identical to QuantLinear's."""
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] in the original column order, bit-identical to QuantLinear's in that dtype
+        (bfloat16 comes straight out of the kernel, rounded from the same float32 values)."""
         ext = _ext()
         if ext is None:
             codes = unpack_rows(self.packed, self.offsets, self.widths, self.group_size).float()
             w = (codes.reshape(self.out_features, -1, self.group_size) - self.zero_points.unsqueeze(-1)) \
                 * self.scales.unsqueeze(-1)
-            w = w.reshape(self.out_features, self.in_features)
+            w = w.reshape(self.out_features, self.in_features).to(dtype)
         else:
-            w = ext.dequantize(self.packed, self.widths, self.offsets, self.scales, self.zero_points, self.group_size)
+            bf16 = dtype == torch.bfloat16
+            w = ext.dequantize(self.packed, self.widths, self.offsets, self.scales, self.zero_points, self.group_size,
+                               bf16)
+            w = w if bf16 else w.to(dtype)
         return w if self.unperm is None else w[:, self.unperm]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +165,7 @@ class PackedLinear(nn.Module):
                 y = y + self.bias.float()
             y = y.to(x.dtype)
         else:
-            y = F.linear(x2, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = F.linear(x2, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -403,9 +403,11 @@ bool has_bf16_path() {
 #endif
 }
 
-// The float weight [N, K] of the same layout (for prefill: dequantize once, then a dense matmul).
+// The float weight [N, K] of the same layout (for prefill: dequantize once, then a dense matmul),
+// as float32, or rounded to bfloat16 (round to nearest even, as torch's float -> bfloat16 cast)
+// when `bf16` is set, so a bfloat16 model never materializes the float32 weight.
 torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor offset, torch::Tensor scales,
-                         torch::Tensor zeros, int64_t group) {
+                         torch::Tensor zeros, int64_t group, bool bf16) {
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8");
   const int64_t N = packed.size(0), RB = packed.size(1), G = bits.numel(), K = G * group;
   TORCH_CHECK(group % 8 == 0, "qgemv: groups must be a multiple of 8 wide");
@@ -416,20 +418,26 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
     TORCH_CHECK(bits.data_ptr<int64_t>()[g] >= 1 && bits.data_ptr<int64_t>()[g] <= 8
                 && offset.data_ptr<int64_t>()[g] + group / 8 * bits.data_ptr<int64_t>()[g] <= RB,
                 "qgemv: group layout exceeds the row");
-  auto w = torch::empty({N, K}, scales.options());
-  float* out = w.data_ptr<float>();
+  auto w = torch::empty({N, K}, scales.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const int64_t* bp = bits.data_ptr<int64_t>();
   const int64_t* offp = offset.data_ptr<int64_t>();
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
+  float* out32 = bf16 ? nullptr : w.data_ptr<float>();
+  at::BFloat16* out16 = bf16 ? w.data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(group);
     for (int64_t n = begin; n < end; ++n)
       for (int64_t g = 0; g < G; ++g) {
-        float* dst = out + n * K + g * group;
+        float* dst = bf16 ? buf.data() : out32 + n * K + g * group;
         lowbit::unpack(wp + n * RB + offp[g], group, static_cast<int>(bp[g]), dst);
         const float s = sp[n * G + g], z = zp[n * G + g];
         for (int64_t k = 0; k < group; ++k) dst[k] = (dst[k] - z) * s;
+        if (bf16) {
+          at::BFloat16* o = out16 + n * K + g * group;
+          for (int64_t k = 0; k < group; ++k) o[k] = at::BFloat16(dst[k]);
+        }
       }
   });
   return w;
@@ -437,7 +445,7 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T with group-wise packed low-bit W");
-  m.def("dequantize", &dequantize, "group-wise packed low-bit W -> float32 W");
+  m.def("dequantize", &dequantize, "group-wise packed low-bit W -> float32 (or bfloat16) W");
   m.def("has_bf16_path", &has_bf16_path, "whether gemv_bf16 was compiled (AVX-512 BF16 and VBMI)");
 #ifdef LOWBIT_BF16_PATH
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T, bfloat16 x, group-wise packed low-bit W, float32 y");
