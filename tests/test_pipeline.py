@@ -230,3 +230,27 @@ def test_time_estimate_orders_the_methods_by_their_work():
     secs = {m: estimate(model, Recipe(method=m))["seconds"] for m in ("rtn", "gptq", "awq-gptq")}
     budget = estimate(model, Recipe(method="gptq", budget=BudgetConfig(target_bpw=3.0)))["seconds"]
     assert secs["rtn"] < secs["gptq"] < secs["awq-gptq"] and secs["gptq"] < budget
+
+
+def test_head_bits_rounds_an_untied_head_and_it_survives_a_checkpoint(tmp_path):
+    lm = LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source)
+    dense_head = lm.model.lm_head.weight.detach().clone()
+    res = quantize(lm, Recipe(method="rtn", bits=4, group_size=32, head_bits=8, head_group_size=64), progress=False)
+    head = lm.model.lm_head
+    assert isinstance(head, QuantLinear) and head.fmt.bits == 8 and head.fmt.group_size == 64
+    assert "lm_head" in res.layers
+    assert torch.equal(head.dequantized_weight(torch.float32), rtn_quantize(dense_head, 8, 64).dequantize())
+    save(res, tmp_path / "ck")
+    back = load_checkpoint(tmp_path / "ck").model
+    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(back(ids).logits, lm.model(ids).logits)
+
+
+def test_head_bits_refuses_a_head_tied_to_the_embeddings():
+    lm = loaded_tiny()  # tied
+    assert lm.model.lm_head.weight is lm.model.get_input_embeddings().weight
+    with pytest.raises(ConfigError, match="tied"):
+        quantize(lm, Recipe(method="rtn", bits=4, group_size=32, head_bits=8), progress=False)
+    with pytest.raises(ConfigError, match="head_bits"):
+        Recipe(head_bits=9)

@@ -107,7 +107,8 @@ def _recipe_from_args(args):
     from lowbit.recipes import Recipe
 
     base = Recipe.load(args.recipe).to_dict() if args.recipe else Recipe().to_dict()
-    flat = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "symmetric": args.sym}
+    flat = {"method": args.method, "bits": args.bits, "group_size": args.group_size, "symmetric": args.sym,
+            "head_bits": args.head_bits}
     base.update({k: v for k, v in flat.items() if v is not None})
     for key, value in (("act_order", args.act_order), ("static_groups", args.static_groups), ("damp", args.damp),
                        ("true_sequential", args.true_sequential)):
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, help="columns per group; -1 = per channel (default 128)")
     q.add_argument("--sym", action="store_true", default=None, help="symmetric (default asymmetric with zero points)")
     q.add_argument("--no-clip", action="store_true", help="disable the per-group clipping search")
+    q.add_argument("--head-bits", type=int, help="also round an untied output head (lm_head) to this width "
+                   "(RTN, groups of 128): it is read every decode step, as much as the rest of a small model")
     q.add_argument("--integer-scale", type=int, nargs="?", const=8, metavar="BITS",
                    help="store group scales as BITS-bit integers (default 8) times one float per row (Integer Scale)")
     q.add_argument("--target-bpw", type=float, help="size budget: average bits per weight (scales and zeros "

@@ -104,6 +104,19 @@ def target_layers(model: nn.Module, recipe: Recipe) -> tuple[list[str], list[str
     return names, skipped
 
 
+def output_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """(name, module) of the output head, which must not share its weight with the embeddings:
+    rounding a tied head would round the embedding table with it."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("this model has no linear output head to quantize; drop head_bits")
+    if head.weight is model.get_input_embeddings().weight:
+        raise ConfigError("this model's output head shares its weight with the input embeddings (tied), so "
+                          "quantizing it would quantize the embeddings too; drop head_bits for this model")
+    name = next(n for n, m in model.named_modules() if m is head)
+    return name, head
+
+
 def _block_prefix(model: nn.Module, i: int) -> str:
     layers = decoder_layers(model)
     for name, module in model.named_modules():
@@ -261,6 +274,10 @@ def quantize(
 
         run_sequential(model, ids, quantize_group, recipe.gptq.true_sequential, progress,
                        prepare_block=prepare_block)
+    if recipe.head_bits:
+        name, lin = output_head(model)
+        qw = rtn_quantize(lin.weight.detach(), recipe.head_bits, recipe.head_group_size, recipe.symmetric, clip)
+        keep(name, lin, qw)
     for full, (bias, qw) in qweights.items():
         model.set_submodule(full, QuantLinear.from_quantized(qw, bias, dtype=dtype))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

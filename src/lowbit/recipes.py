@@ -170,9 +170,13 @@ class Recipe:
     rules: tuple[Rule, ...] = ()   # per-module overrides, first match wins
     budget: BudgetConfig | None = None
     skip: tuple[str, ...] = ()     # regexes on module names kept in full precision
+    head_bits: int = 0             # > 0: also round the output head (an untied lm_head) to this width, RTN
+    head_group_size: int = 128
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        _require(self.head_bits == 0 or (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8), "head_bits",
+                 f"0 (keep the output head dense) or an integer from 2 to 8, got {self.head_bits!r}")
         if self.method == "slim":
             _require(isinstance(self.bits, (int, float)) and not isinstance(self.bits, bool)
                      and 1.5 <= self.bits <= 7, "bits", f"slim takes an average width from 1.5 to 7, got {self.bits!r}")
