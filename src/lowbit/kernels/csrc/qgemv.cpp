@@ -249,27 +249,29 @@ struct BF16Args {
   float* y;
   int64_t K, N, RB, G, group;
   const uint8_t* end;  // one past the packed codes
+  const float* off;    // per group: the 128 (8 bits: 128 * 17) that the bfloat16 codes carry
 };
 
 // M activation rows at once (a compile-time count, so the accumulators stay in registers).
-template <int M>
+// GS: the group width when it is 128 (the common case, loops unrolled at compile time), else 0.
+template <int M, int GS>
 void bf16_rows(const BF16Args& a) {
+  const int64_t group = GS ? GS : a.group;
   const WidthTables& T = tables();
   const __m512i magic = _mm512_set1_epi8(0x43), magic16 = _mm512_set1_epi16(0x4300);
   const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(0x03);
   at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       __m512 row[M];
-      float corr[M];
-      for (int m = 0; m < M; ++m) { row[m] = _mm512_setzero_ps(); corr[m] = 0.f; }
+      for (int m = 0; m < M; ++m) row[m] = _mm512_setzero_ps();
       const uint8_t* wrow = a.wp + n * a.RB;
       for (int64_t g = 0; g < a.G; ++g) {
         const int b = static_cast<int>(a.bits[g]);
         const uint8_t* src = wrow + a.offset[g];
         __m512 lo_acc[M], hi_acc[M];
         for (int m = 0; m < M; ++m) { lo_acc[m] = _mm512_setzero_ps(); hi_acc[m] = _mm512_setzero_ps(); }
-        const uint16_t* xg = a.xr + g * a.group;
-        const int md = bf16_mode(b, a.group);
+        const uint16_t* xg = a.xr + g * group;
+        const int md = bf16_mode(b, group);
         // (lanes & mask) | 0x4300: 16-bit lanes holding codes < 128 become bfloat16 128 + code
         auto bf = [&](__m512i lanes, __m512i m16) { return as_bh(_mm512_ternarylogic_epi32(lanes, m16, magic16, 0xEA)); };
         auto dot2 = [&](__m512bh w0, __m512bh w1, const uint16_t* xm, __m512* acc0, __m512* acc1) {
@@ -279,12 +281,12 @@ void bf16_rows(const BF16Args& a) {
           }
         };
         if (md == kFour) {  // 32 bytes -> 32 lanes; low nibbles are the even codes, high the odd
-          for (int64_t c = 0; c < a.group; c += 64) {
+          for (int64_t c = 0; c < group; c += 64) {
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c / 2)));
             dot2(bf(w, m4), bf(_mm512_srli_epi16(w, 4), m4), xg + c, lo_acc, hi_acc);
           }
         } else if (md == kTwo) {  // 32 bytes -> 32 lanes -> four phases of 2 bits
-          for (int64_t c = 0; c < a.group; c += 128) {
+          for (int64_t c = 0; c < group; c += 128) {
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c / 4)));
             dot2(bf(w, m2), bf(_mm512_srli_epi16(w, 2), m2), xg + c, lo_acc, hi_acc);
             dot2(bf(_mm512_srli_epi16(w, 4), m2), bf(_mm512_srli_epi16(w, 6), m2), xg + c + 64, lo_acc, hi_acc);
@@ -292,7 +294,7 @@ void bf16_rows(const BF16Args& a) {
         } else if (md == kEight) {  // code = lo + 16 hi: the high nibbles go to their own sums
           __m512 acc16[M], acc16b[M];
           for (int m = 0; m < M; ++m) { acc16[m] = _mm512_setzero_ps(); acc16b[m] = _mm512_setzero_ps(); }
-          for (int64_t c = 0; c < a.group; c += 64) {
+          for (int64_t c = 0; c < group; c += 64) {
             const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c)));
             const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c + 32)));
             dot2(bf(w0, m4), bf(w1, m4), xg + c, lo_acc, hi_acc);
@@ -303,22 +305,27 @@ void bf16_rows(const BF16Args& a) {
         } else {
           const __mmask64 lmask = (__mmask64{1} << (8 * b)) - 1;
           const __m512i perm = T.perm[b], shift = T.shift[b], mask = T.mask[b];
-          for (int64_t c = 0; c < a.group; c += 64) {
+          for (int64_t c = 0; c < group; c += 64) {
             const uint8_t* p = src + c / 8 * b;
             const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
             const __m512i c8 = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw)), mask);
             dot2(as_bh(_mm512_unpacklo_epi8(c8, magic)), as_bh(_mm512_unpackhi_epi8(c8, magic)), xg + c, lo_acc, hi_acc);
           }
         }
-        const float s = a.scales[n * a.G + g], z = a.zeros[n * a.G + g];
-        const float off = b == 8 ? 128.f * 17.f : 128.f;
-        const __m512 vs = _mm512_set1_ps(s);
-        for (int m = 0; m < M; ++m) {
-          row[m] = _mm512_fmadd_ps(vs, _mm512_add_ps(lo_acc[m], hi_acc[m]), row[m]);
-          corr[m] += s * (off + z) * a.xsum[m * a.G + g];
-        }
+        const __m512 vs = _mm512_set1_ps(a.scales[n * a.G + g]);
+        for (int m = 0; m < M; ++m) row[m] = _mm512_fmadd_ps(vs, _mm512_add_ps(lo_acc[m], hi_acc[m]), row[m]);
       }
-      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum512(row[m]) - corr[m];
+      // the offsets and zero points, all groups of the row at once: sum_g s_g (off_g + z_g) sum(x_g)
+      const float* srow = a.scales + n * a.G;
+      const float* zrow = a.zeros + n * a.G;
+      for (int64_t g0 = 0; g0 < a.G; g0 += 16) {
+        const __mmask16 k = a.G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.G - g0)) - 1);
+        const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + g0),
+                                        _mm512_add_ps(_mm512_maskz_loadu_ps(k, a.off + g0), _mm512_maskz_loadu_ps(k, zrow + g0)));
+        for (int m = 0; m < M; ++m)
+          row[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.xsum + m * a.G + g0), row[m]);
+      }
+      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum512(row[m]);
     }
   });
 }
@@ -347,6 +354,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
   std::vector<uint16_t> xr(M * K);
   std::vector<float> xsum(M * G, 0.f);
   std::vector<int> mode(G);
+  std::vector<float> off(G);
+  for (int64_t g = 0; g < G; ++g) off[g] = bp[g] == 8 ? 128.f * 17.f : 128.f;
   for (int64_t g = 0; g < G; ++g) mode[g] = bf16_mode(static_cast<int>(bp[g]), group);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
@@ -380,17 +389,25 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
   auto y = torch::empty({M, N}, scales.options());
   BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bp, offp, scales.data_ptr<float>(),
              zeros.data_ptr<float>(), y.data_ptr<float>(), K, N, RB, G, group,
-             packed.data_ptr<uint8_t>() + N * RB};
-  switch (M) {
-    case 1: bf16_rows<1>(a); break;
-    case 2: bf16_rows<2>(a); break;
-    case 3: bf16_rows<3>(a); break;
-    case 4: bf16_rows<4>(a); break;
-    case 5: bf16_rows<5>(a); break;
-    case 6: bf16_rows<6>(a); break;
-    case 7: bf16_rows<7>(a); break;
-    default: bf16_rows<8>(a); break;
+             packed.data_ptr<uint8_t>() + N * RB, off.data()};
+  // one instantiation per row count (accumulators in registers) and for groups of 128 or other
+#define LOWBIT_ROWS(GS)                      \
+  switch (M) {                               \
+    case 1: bf16_rows<1, GS>(a); break;      \
+    case 2: bf16_rows<2, GS>(a); break;      \
+    case 3: bf16_rows<3, GS>(a); break;      \
+    case 4: bf16_rows<4, GS>(a); break;      \
+    case 5: bf16_rows<5, GS>(a); break;      \
+    case 6: bf16_rows<6, GS>(a); break;      \
+    case 7: bf16_rows<7, GS>(a); break;      \
+    default: bf16_rows<8, GS>(a); break;     \
   }
+  if (group == 128) {
+    LOWBIT_ROWS(128)
+  } else {
+    LOWBIT_ROWS(0)
+  }
+#undef LOWBIT_ROWS
   return y;
 }
 #endif
