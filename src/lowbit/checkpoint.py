@@ -274,6 +274,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: tensors {result.unexpected_keys[:5]} do not belong to the model")
     model.tie_weights()
+    if runtime == "packed" and not int8_activations:
+        from lowbit.runtime.packed import fuse_projections
+
+        fuse_projections(model)  # one decode GEMV for q/k/v and one for gate/up (bfloat16 path)
     still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_empty:
         raise CheckpointError(f"{path}: no tensors for {still_empty[:5]}; the checkpoint is incomplete")

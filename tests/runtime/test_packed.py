@@ -196,3 +196,31 @@ def test_an_unknown_runtime_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="runtime 'fast'"):
         load_checkpoint(tmp_path, runtime="fast")
+
+
+@needs_bf16_path
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_fused_projections_decode_what_the_separate_ones_do(arch):
+    """q/k/v and gate/up share one GEMV per step: the same greedy tokens, logits equal to
+    float32 summation order, prefill untouched, one fused group per shared input per block."""
+    from lowbit.runtime.generate import generate
+    from lowbit.runtime.packed import fuse_projections
+
+    def packed_model():
+        model = build_tiny(arch)
+        for name, mod in list(model.named_modules()):
+            for cname, child in list(mod.named_children()):
+                if isinstance(child, torch.nn.Linear) and cname != "lm_head" and child.in_features % 64 == 0:
+                    qw = random_qweight(child.out_features, child.in_features, 4, 64, False, len(name))
+                    setattr(mod, cname, QuantLinear.from_quantized(qw, child.bias))
+        return pack_model(model).to(torch.bfloat16)
+
+    plain, fused = packed_model(), packed_model()
+    n_blocks = len(fused.model.layers)
+    assert fuse_projections(fused) == 2 * n_blocks
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(0))
+    assert generate(fused, ids, 10).tokens == generate(plain, ids, 10).tokens
+    step = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = plain(step).logits.float(), fused(step).logits.float()
+    torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(a.abs().max()))

@@ -88,6 +88,16 @@ class PackedLinear(nn.Module):
         self.register_buffer("perm", qw.perm)
         self.register_buffer("unperm", None if qw.perm is None else torch.argsort(qw.perm))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._fused: _Fused | None = None  # set by fuse_projections
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) casts floating buffers; the kernels' float32 scales and zero points stay
+        float32 (only their device follows)."""
+        keep = {k: self._buffers[k] for k in ("scales", "zero_points")}
+        super()._apply(fn, recurse)
+        for k, v in keep.items():
+            self._buffers[k] = v.to(self.packed.device)
+        return self
 
     @classmethod
     def from_qlinear(cls, m: QuantLinear) -> PackedLinear:
@@ -126,6 +136,7 @@ class PackedLinear(nn.Module):
         m.register_buffer("perm", perm)
         m.register_buffer("unperm", None if perm is None else torch.argsort(perm))
         m.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        m._fused = None
         return m
 
     def nbytes(self) -> int:
@@ -153,6 +164,12 @@ class PackedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         ext = _ext() if x2.shape[0] <= DECODE_ROWS else None
+        if ext is not None and self._fused is not None and x.dtype == torch.bfloat16:
+            lo, hi = self._rows
+            y = self._fused.output(x, x2)[:, lo:hi]
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(x.dtype).reshape(*lead, self.out_features)
         if ext is not None:
             xs = x2 if self.perm is None else x2[:, self.perm]
             if x.dtype == torch.bfloat16 and self.group_size % 64 == 0 and ext.has_bf16_path():
@@ -182,3 +199,82 @@ def pack_model(model: nn.Module) -> nn.Module:
                     and child.in_features % child.fmt.group_size == 0:
                 setattr(m, child_name, PackedLinear.from_qlinear(child))
     return model
+
+
+class _Fused:
+    """The packed rows of several PackedLinears that read the same input (q/k/v, gate/up), run
+    as one decode GEMV: one kernel call (and thread fork) instead of several, and a better split
+    of small projections across threads. Each member keeps a view of its own rows for prefill.
+    The output of the last input is held until every member has taken its slice."""
+
+    def __init__(self, members: list[PackedLinear]):
+        self.rows = [m.out_features for m in members]
+        self.packed = torch.cat([m.packed for m in members]).contiguous()
+        self.scales = torch.cat([m.scales for m in members]).contiguous()
+        self.zero_points = torch.cat([m.zero_points for m in members]).contiguous()
+        self.widths, self.offsets, self.group_size = members[0].widths, members[0].offsets, members[0].group_size
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._y: torch.Tensor | None = None
+        self._taken = 0
+
+    def output(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The fused product for the module input x (x2: x as rows); computed once per input."""
+        version = 0 if x.is_inference() else x._version  # inference tensors cannot change in place
+        if self._y is None or x is not self._x or version != self._version:
+            ext = _ext()
+            self._y = ext.gemv_bf16(x2.contiguous(), self.packed, self.widths, self.offsets, self.scales,
+                                    self.zero_points, self.group_size)
+            self._x, self._version, self._taken = x, version, 0
+        y = self._y
+        self._taken += 1
+        if self._taken == len(self.rows):  # every member has its slice: let go of the input
+            self._x = self._y = None
+        return y
+
+
+def _fusable(members: list[nn.Module]) -> bool:
+    if not all(isinstance(m, PackedLinear) for m in members):
+        return False
+    a = members[0]
+    return all(m.in_features == a.in_features and m.group_size == a.group_size and m.perm is None
+               and torch.equal(m.widths, a.widths) for m in members) and a.group_size % 64 == 0
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Share one decode GEMV among the projections of each decoder block that read the same
+    input (architectures in models.arch.LAYOUTS). bfloat16 decode only; other calls run each
+    member as before. Returns how many groups were fused."""
+    from lowbit.models.arch import LAYOUTS, decoder_layers
+
+    ext = _ext()
+    if ext is None or not ext.has_bf16_path():
+        return 0
+    fused = 0
+    for block in decoder_layers(model):
+        for layout in LAYOUTS.values():
+            for group in layout:
+                if len(group) < 2:
+                    continue
+                members = [block.get_submodule(n) if _has(block, n) else None for n in group]
+                if None in members or not _fusable(members):
+                    continue
+                shared = _Fused(members)
+                start = 0
+                for m, rows in zip(members, shared.rows):
+                    # members' own buffers become views of the fused rows (no second copy)
+                    m.packed = shared.packed[start:start + rows]
+                    m.scales = shared.scales[start:start + rows]
+                    m.zero_points = shared.zero_points[start:start + rows]
+                    m._fused, m._rows = shared, (start, start + rows)
+                    start += rows
+                fused += 1
+    return fused
+
+
+def _has(block: nn.Module, name: str) -> bool:
+    try:
+        block.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

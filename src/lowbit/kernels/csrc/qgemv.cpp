@@ -254,14 +254,127 @@ struct BF16Args {
 
 // M activation rows at once (a compile-time count, so the accumulators stay in registers).
 // GS: the group width when it is 128 (the common case, loops unrolled at compile time), else 0.
+// The row's correction sum_g s_g (off_g + z_g) sum(x_g), all groups at once, taken off `acc`.
+inline __m512 corrected(const BF16Args& a, int64_t n, int m, __m512 acc) {
+  const float* srow = a.scales + n * a.G;
+  const float* zrow = a.zeros + n * a.G;
+  for (int64_t g0 = 0; g0 < a.G; g0 += 16) {
+    const __mmask16 k = a.G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.G - g0)) - 1);
+    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + g0),
+                                    _mm512_add_ps(_mm512_maskz_loadu_ps(k, a.off + g0), _mm512_maskz_loadu_ps(k, zrow + g0)));
+    acc = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.xsum + m * a.G + g0), acc);
+  }
+  return acc;
+}
+
+// One activation row, R = 4 weight rows at a time, every group of one width (MODE: that
+// width's inner loop): each activation chunk is loaded once for the four rows, and four
+// independent code streams keep more loads in flight.
+constexpr int PREFETCH_BLOCKS = 2;
+
+template <int GS, int MODE>
+void four_rows(const BF16Args& a, int64_t n) {
+  constexpr int R = 4;
+  const int64_t group = GS ? GS : a.group;
+  const __m512i magic16 = _mm512_set1_epi16(0x4300);
+  const __m512i mask = _mm512_set1_epi16(MODE == kTwo ? 0x03 : 0x0F);
+  auto bf = [&](__m512i lanes) { return as_bh(_mm512_ternarylogic_epi32(lanes, mask, magic16, 0xEA)); };
+  __m512 row[R];
+  for (int r = 0; r < R; ++r) row[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < a.G; ++g) {
+    const uint16_t* xg = a.xr + g * group;
+    const uint8_t* src = a.wp + n * a.RB + a.offset[g];
+    __m512 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) { lo[r] = _mm512_setzero_ps(); hi[r] = _mm512_setzero_ps(); }
+    // software prefetch of the same group PREFETCH_BLOCKS blocks of rows ahead: the rows are read
+    // group by group across four rows, a pattern the hardware prefetchers follow late
+    if (n + (PREFETCH_BLOCKS + 1) * R <= a.N) {
+      const int64_t gbytes = group / 8 * a.bits[g];
+      for (int r = 0; r < R; ++r)
+        for (int64_t off = 0; off < gbytes; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(src + (PREFETCH_BLOCKS * R + r) * a.RB + off), _MM_HINT_T0);
+    }
+    if (MODE == kFour) {
+      for (int64_t c = 0; c < group; c += 64) {
+        const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
+        for (int r = 0; r < R; ++r) {
+          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * a.RB + c / 2)));
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 4)), x1);
+        }
+      }
+    } else if (MODE == kEight) {  // code = lo + 16 hi; the high nibbles' sums are weighted 16
+      __m512 lo16[R], hi16[R];
+      for (int r = 0; r < R; ++r) { lo16[r] = _mm512_setzero_ps(); hi16[r] = _mm512_setzero_ps(); }
+      for (int64_t c = 0; c < group; c += 64) {
+        const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* p = src + r * a.RB + c;
+          const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+          const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(w0), x0);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(w1), x1);
+          lo16[r] = _mm512_dpbf16_ps(lo16[r], bf(_mm512_srli_epi16(w0, 4)), x0);
+          hi16[r] = _mm512_dpbf16_ps(hi16[r], bf(_mm512_srli_epi16(w1, 4)), x1);
+        }
+      }
+      for (int r = 0; r < R; ++r) lo[r] = _mm512_fmadd_ps(_mm512_set1_ps(16.f), _mm512_add_ps(lo16[r], hi16[r]), lo[r]);
+    } else if (MODE == kGeneric) {  // any width b < 8 through vpermb + vpmultishiftqb
+      const int b = static_cast<int>(a.bits[g]);
+      const WidthTables& T = tables();
+      const __m512i perm = T.perm[b], shift = T.shift[b], bmask = T.mask[b], magic = _mm512_set1_epi8(0x43);
+      const __mmask64 lmask = (__mmask64{1} << (8 * b)) - 1;
+      for (int64_t c = 0; c < group; c += 64) {
+        const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* p = src + r * a.RB + c / 8 * b;
+          const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
+          const __m512i c8 = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw)), bmask);
+          lo[r] = _mm512_dpbf16_ps(lo[r], as_bh(_mm512_unpacklo_epi8(c8, magic)), x0);
+          hi[r] = _mm512_dpbf16_ps(hi[r], as_bh(_mm512_unpackhi_epi8(c8, magic)), x1);
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < group; c += 128) {
+        const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
+        const __m512bh x2 = as_bh(_mm512_loadu_si512(xg + c + 64)), x3 = as_bh(_mm512_loadu_si512(xg + c + 96));
+        for (int r = 0; r < R; ++r) {
+          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * a.RB + c / 4)));
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 2)), x1);
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(_mm512_srli_epi16(w, 4)), x2);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 6)), x3);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      row[r] = _mm512_fmadd_ps(_mm512_set1_ps(a.scales[(n + r) * a.G + g]), _mm512_add_ps(lo[r], hi[r]), row[r]);
+  }
+  for (int r = 0; r < R; ++r) a.y[n + r] = hsum512(corrected(a, n + r, 0, row[r]));
+}
+
 template <int M, int GS>
 void bf16_rows(const BF16Args& a) {
   const int64_t group = GS ? GS : a.group;
   const WidthTables& T = tables();
   const __m512i magic = _mm512_set1_epi8(0x43), magic16 = _mm512_set1_epi16(0x4300);
   const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(0x03);
+  int uniform = bf16_mode(static_cast<int>(a.bits[0]), group);
+  for (int64_t g = 1; g < a.G; ++g)
+    if (a.bits[g] != a.bits[0]) uniform = -1;
+  const bool blocked = M == 1 && uniform >= 0;
   at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
+    int64_t n = begin;
+    if (blocked)
+      for (; n + 4 <= end; n += 4) {
+        switch (uniform) {
+          case kFour: four_rows<GS, kFour>(a, n); break;
+          case kTwo: four_rows<GS, kTwo>(a, n); break;
+          case kEight: four_rows<GS, kEight>(a, n); break;
+          default: four_rows<GS, kGeneric>(a, n); break;
+        }
+      }
+    for (; n < end; ++n) {
       __m512 row[M];
       for (int m = 0; m < M; ++m) row[m] = _mm512_setzero_ps();
       const uint8_t* wrow = a.wp + n * a.RB;
@@ -315,17 +428,7 @@ void bf16_rows(const BF16Args& a) {
         const __m512 vs = _mm512_set1_ps(a.scales[n * a.G + g]);
         for (int m = 0; m < M; ++m) row[m] = _mm512_fmadd_ps(vs, _mm512_add_ps(lo_acc[m], hi_acc[m]), row[m]);
       }
-      // the offsets and zero points, all groups of the row at once: sum_g s_g (off_g + z_g) sum(x_g)
-      const float* srow = a.scales + n * a.G;
-      const float* zrow = a.zeros + n * a.G;
-      for (int64_t g0 = 0; g0 < a.G; g0 += 16) {
-        const __mmask16 k = a.G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.G - g0)) - 1);
-        const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + g0),
-                                        _mm512_add_ps(_mm512_maskz_loadu_ps(k, a.off + g0), _mm512_maskz_loadu_ps(k, zrow + g0)));
-        for (int m = 0; m < M; ++m)
-          row[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.xsum + m * a.G + g0), row[m]);
-      }
-      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum512(row[m]);
+      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum512(corrected(a, n, m, row[m]));
     }
   });
 }
