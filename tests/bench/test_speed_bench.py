@@ -39,17 +39,20 @@ def checkpoint(tmp_path_factory):
     for bits in (4, 2):
         assert main(["quantize", str(root / "src"), "--method", "rtn", "--bits", str(bits), "--group-size", "32",
                      "-o", str(root / f"ck{bits}"), "-q"]) == 0
+    assert main(["quantize", str(root / "src"), "--method", "rtn", "--bits", "8", "--group-size", "-1", "--sym",
+                 "-o", str(root / "ck8"), "-q"]) == 0
     return root
 
 
 def test_bench_speed_measures_checkpoints_beside_the_bf16_model(checkpoint, capsys):
     out, work = checkpoint / "BENCH.md", checkpoint / "work"
-    code = main(["bench", "speed", str(checkpoint / "ck4"), str(checkpoint / "ck2"), "--prompt-tokens", "8",
+    code = main(["bench", "speed", str(checkpoint / "ck4"), str(checkpoint / "ck2"), f"{checkpoint / 'ck8'}@int8",
+                 "--prompt-tokens", "8",
                  "--new-tokens", "4", "--repeats", "2", "--threads", "1", "--no-llamacpp",
                  "--work-dir", str(work), "--output", str(out)])
     assert code == 0
     rec = json.loads((work / "speed.jsonl").read_text().splitlines()[-1])
-    assert list(rec["runtimes"]) == ["ck4", "ck2", "bf16 (unquantized)"]
+    assert list(rec["runtimes"]) == ["ck4", "ck2", "ck8 (int8 activations)", "bf16 (unquantized)"]
     for rows in rec["runtimes"].values():
         assert len(rows) == 2 and all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
     bpt = {k: v[0]["bytes_per_token"] for k, v in rec["runtimes"].items()}
