@@ -10,6 +10,7 @@ from lowbit.checkpoint import DENSE_FILE, MANIFEST, QUANT_FILE, load_checkpoint,
 from lowbit.errors import CheckpointError
 from lowbit.recipes import GPTQConfig
 from lowbit.runtime.qlinear import QuantLinear
+from safetensors.torch import save_file
 
 
 def quantize_all(model, bits=3, group_size=16, act_order_every=3):
@@ -121,3 +122,28 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(model, None, tmp_path / "ck", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tensors_are_read_without_mapping_and_converted_in_slices(tmp_path, monkeypatch):
+    """The reader behind load_checkpoint gives what safetensors gives, dtype conversion included,
+    also when a tensor is converted in many small slices."""
+    from safetensors.torch import load_file
+
+    from lowbit.checkpoint import _Tensors
+
+    t = {"a": torch.randn(37, 11), "b": torch.arange(10, dtype=torch.int32), "c": torch.randn(5).half(),
+         "e": torch.zeros(0, 3)}
+    save_file(t, tmp_path / "t.safetensors")
+    monkeypatch.setattr(_Tensors, "CHUNK", 40)  # 10 floats per slice
+    r = _Tensors(tmp_path / "t.safetensors")
+    ref = load_file(tmp_path / "t.safetensors")
+    assert sorted(r.keys) == sorted(t)
+    for k in t:
+        assert torch.equal(r.get(k), ref[k])
+        want = ref[k].to(torch.bfloat16) if ref[k].is_floating_point() else ref[k]
+        assert torch.equal(r.get(k, torch.bfloat16), want)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:-20])
+    cut = _Tensors(tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match="truncated"):
+        for k in cut.keys:  # whichever tensor was stored last loses its end
+            cut.get(k)

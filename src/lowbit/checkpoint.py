@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -185,23 +183,66 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
             )
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
+              "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
 class _Tensors:
-    """A safetensors file read one tensor at a time (memory-mapped), so loading never holds the
-    whole file beside the model it becomes."""
+    """A safetensors file read one tensor at a time with plain file reads.
+
+    safetensors' own readers memory-map the file, and mapped pages that were read count in the
+    process's resident memory until the file is closed, so loading a checkpoint that way peaks
+    at the model plus its files. Here each tensor is read into its own buffer (the header is
+    safetensors' documented one: a little-endian u64 length, then JSON with each tensor's dtype,
+    shape and byte range), and a float tensor loaded as another float dtype is converted in
+    slices of at most CHUNK bytes, so the float32 copy of a large table never exists whole.
+    """
+
+    CHUNK = 64 << 20
 
     def __init__(self, f: Path):
-        try:
-            self._file = safe_open(f, framework="pt")
-            self.keys = list(self._file.keys())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f} could not be read as safetensors ({e})") from None
         self.path = f
-
-    def get(self, key: str) -> torch.Tensor:
         try:
-            return self._file.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{self.path}: tensor {key} could not be read ({e})") from None
+            self._fh = open(f, "rb")
+            n = int.from_bytes(self._fh.read(8), "little")
+            if not 0 < n <= f.stat().st_size - 8:
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(self._fh.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f} could not be read as safetensors ({e}); re-run `lowbit quantize` "
+                                  "or copy the checkpoint again") from None
+        self._base = 8 + n
+        self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        self.keys = list(self._meta)
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `key`, converted to `dtype` when given and it is a float tensor."""
+        try:
+            meta = self._meta[key]
+            stored = _ST_DTYPES[meta["dtype"]]
+            start, end = meta["data_offsets"]
+            shape = tuple(meta["shape"])
+        except KeyError as e:
+            raise CheckpointError(f"{self.path}: tensor {key} is missing or has an unknown dtype ({e})") from None
+        out_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+        out = torch.empty(shape, dtype=out_dtype)
+        if out.numel() * stored.itemsize != end - start:
+            raise CheckpointError(f"{self.path}: tensor {key} has {end - start} bytes for shape {shape}")
+        self._fh.seek(self._base + start)
+        if out_dtype == stored:
+            self._read_into(out.reshape(-1).view(torch.uint8), key)
+            return out
+        flat, step = out.reshape(-1), max(1, self.CHUNK // stored.itemsize)
+        buf = torch.empty(min(step, flat.numel()), dtype=stored)
+        for i in range(0, flat.numel(), step):
+            part = buf[: min(step, flat.numel() - i)]
+            self._read_into(part.view(torch.uint8), key)
+            flat[i:i + part.numel()].copy_(part)
+        return out
+
+    def _read_into(self, dst: torch.Tensor, key: str) -> None:
+        if dst.numel() and self._fh.readinto(memoryview(dst.numpy())) != dst.numel():
+            raise CheckpointError(f"{self.path}: tensor {key} is cut short; the file is truncated")
 
 
 RUNTIMES = ("reference", "packed")
@@ -265,10 +306,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         except (KeyError, ValueError, ShapeError) as e:
             raise CheckpointError(f"{path}: layer {name} is inconsistent with its manifest entry ({e})") from None
         model.set_submodule(name, layer)
-    state = {}
-    for k in dense.keys:
-        v = dense.get(k)
-        state[k] = v.to(dtype) if v.is_floating_point() else v
+    state = {k: dense.get(k, dtype) for k in dense.keys}
     result = model.load_state_dict(state, strict=False, assign=True)
     del state
     if result.unexpected_keys:

@@ -63,7 +63,8 @@ def bytes_per_token(model) -> int:
     input embedding table, of which a step reads one row (unless the output head shares it)."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    head_weight = getattr(head, "weight", None)  # a quantized head has packed codes instead
+    tied = head_weight is not None and head_weight.data_ptr() == emb.data_ptr()
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() in seen:
