@@ -165,7 +165,31 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+class _Background:
+    """fn(*args) in a thread; result() joins it and re-raises what it raised."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._error: BaseException | None = None
+
+        def run():
+            try:
+                fn(*args)
+            except BaseException as e:  # handed to the caller by result()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
+    """Every file the manifest lists is there with its size and (with `hashes`) its sha256."""
     for fname, meta in manifest["files"].items():
         f = path / fname
         if not f.is_file():
@@ -176,7 +200,7 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
                 f"{f} is {size} bytes but the manifest says {meta['bytes']}: the file is truncated or "
                 "was replaced; re-run `lowbit quantize` or copy the checkpoint again"
             )
-        if sha256_file(f) != meta["sha256"]:
+        if hashes and sha256_file(f) != meta["sha256"]:
             raise CheckpointError(
                 f"{f} does not match the sha256 in {MANIFEST}: it was modified after saving; "
                 "re-run `lowbit quantize` or copy the checkpoint again"
@@ -270,8 +294,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         from lowbit.runtime.w8a8 import W8A8Linear
     path = Path(path)
     manifest = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
+    verifier = None
+    if verify:  # sizes now; the sha256 of every file in a thread beside the load (hashlib lets go of the GIL)
+        verify_files(path, manifest, hashes=False)
+        verifier = _Background(verify_files, path, manifest)
     quant = _Tensors(path / QUANT_FILE)
     dense = _Tensors(path / DENSE_FILE)
     saved_dtype = getattr(torch, manifest["dtype"])
@@ -312,6 +338,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: tensors {result.unexpected_keys[:5]} do not belong to the model")
     model.tie_weights()
+    if verifier is not None:
+        verifier.result()  # a mismatch raises here, before the model is handed out
     if runtime == "packed" and not int8_activations:
         from lowbit.runtime.packed import fuse_projections
 
