@@ -12,7 +12,14 @@ from lowbit import kernels
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.recipes import IntegerScaleConfig
-from lowbit.runtime.packed import PackedLinear, pack_model, pack_rows, unpack_rows
+from lowbit.runtime.packed import (
+    PackedLinear,
+    deinterleave_rows,
+    interleave_rows,
+    pack_model,
+    pack_rows,
+    unpack_rows,
+)
 from lowbit.runtime.qlinear import QuantLinear
 
 needs_kernel = pytest.mark.skipif(not kernels.available("qgemv"), reason="no C++ toolchain for the native kernel")
@@ -37,7 +44,8 @@ def test_packed_rows_round_trip_and_prefill_is_bit_identical(bits, gs, groups, o
     qw = random_qweight(out, gs * groups, bits, gs, symmetric, seed, perm, mixed)
     ref = QuantLinear.from_quantized(qw)
     m = PackedLinear(qw)
-    assert torch.equal(unpack_rows(m.packed, m.offsets, m.widths, gs), qw.codes)
+    assert torch.equal(unpack_rows(m.packed, m.offsets, m.widths, gs, m.interleave), qw.codes)
+    assert m.interleave == (4 if out % 4 == 0 else 1)
     assert torch.equal(m.dequantized_weight(), ref.dequantized_weight(torch.float32))
     x = torch.randn(3, 11, gs * groups, generator=torch.Generator().manual_seed(seed))  # 33 rows: prefill path
     assert torch.equal(m(x), ref(x))
@@ -74,7 +82,7 @@ def test_bf16_decode_kernel_matches_the_exact_product(bits, gs, groups, rows, sy
     qw = random_qweight(40, gs * groups, bits, gs, symmetric, seed, mixed=mixed)
     m = PackedLinear(qw)
     x = torch.randn(rows, gs * groups, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
-    got = kernels.load("qgemv").gemv_bf16(x, m.packed, m.widths, m.offsets, m.scales, m.zero_points, gs)
+    got = kernels.load("qgemv").gemv_bf16(x, m.packed, m.widths, m.offsets, m.scales, m.zero_points, gs, m.interleave)
     want = x.double() @ qw.dequantize(torch.float64).T
     assert got.dtype == torch.float32 and got.shape == want.shape
     scale = float((x.double().abs() @ qw.dequantize(torch.float64).abs().T).max())
@@ -224,3 +232,13 @@ def test_fused_projections_decode_what_the_separate_ones_do(arch):
     with torch.inference_mode():
         a, b = plain(step).logits.float(), fused(step).logits.float()
     torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(a.abs().max()))
+
+
+def test_interleaving_puts_each_group_of_four_rows_side_by_side():
+    codes = torch.arange(8 * 32, dtype=torch.int64).remainder(4).to(torch.uint8).reshape(8, 32)
+    packed, offsets = pack_rows(codes, 16, [4, 2])  # group bytes: 8 and 4; row bytes 12
+    il = interleave_rows(packed, offsets, [4, 2], 16)
+    block0 = il[:4].reshape(-1)
+    assert torch.equal(block0[:32], packed[:4, :8].reshape(-1))     # group 0 of rows 0-3
+    assert torch.equal(block0[32:48], packed[:4, 8:12].reshape(-1))  # then group 1 of rows 0-3
+    assert torch.equal(deinterleave_rows(il, offsets, [4, 2], 16), packed)

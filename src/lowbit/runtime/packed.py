@@ -59,8 +59,42 @@ def pack_rows(codes: torch.Tensor, group_size: int, widths: list[int]) -> tuple[
     return torch.cat(parts, 1).contiguous(), torch.tensor(offsets, dtype=torch.int64)
 
 
-def unpack_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Inverse of pack_rows -> codes uint8 [N, K]."""
+INTERLEAVE = 4  # rows per block in the interleaved layout (kernels/csrc/qgemv.cpp: group_ptr)
+
+
+def _group_bytes(widths: torch.Tensor | list[int], group_size: int) -> list[int]:
+    return [group_size // 8 * int(b) for b in widths]
+
+
+def interleave_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.Tensor | list[int],
+                    group_size: int) -> torch.Tensor:
+    """Row-major packed rows [N, RB] (N a multiple of 4) -> blocks of four rows, group by group:
+    block i holds group 0 of rows 4i..4i+3, then group 1 of the same rows, and so on. Same bytes,
+    same shape; a kernel running four rows at once then reads one sequential stream."""
+    n, rb = packed.shape
+    blocks = packed.reshape(n // INTERLEAVE, INTERLEAVE, rb)
+    out = torch.empty_like(packed).reshape(n // INTERLEAVE, INTERLEAVE * rb)
+    for off, gb in zip(offsets.tolist(), _group_bytes(widths, group_size)):
+        out[:, INTERLEAVE * off:INTERLEAVE * (off + gb)] = blocks[:, :, off:off + gb].reshape(n // INTERLEAVE, -1)
+    return out.reshape(n, rb)
+
+
+def deinterleave_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.Tensor | list[int],
+                      group_size: int) -> torch.Tensor:
+    """Inverse of interleave_rows."""
+    n, rb = packed.shape
+    blocks = packed.reshape(n // INTERLEAVE, INTERLEAVE * rb)
+    out = torch.empty_like(packed).reshape(n // INTERLEAVE, INTERLEAVE, rb)
+    for off, gb in zip(offsets.tolist(), _group_bytes(widths, group_size)):
+        out[:, :, off:off + gb] = blocks[:, INTERLEAVE * off:INTERLEAVE * (off + gb)].reshape(n // INTERLEAVE, INTERLEAVE, gb)
+    return out.reshape(n, rb)
+
+
+def unpack_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.Tensor, group_size: int,
+                interleave: int = 1) -> torch.Tensor:
+    """Inverse of pack_rows (after interleave_rows when interleave is 4) -> codes uint8 [N, K]."""
+    if interleave != 1:
+        packed = deinterleave_rows(packed, offsets, widths, group_size)
     cols = []
     for off, b in zip(offsets.tolist(), widths.tolist()):
         n = pack.packed_length(group_size, b)
@@ -80,6 +114,9 @@ class PackedLinear(nn.Module):
         widths = [qw.fmt.bits] * g if qw.group_bits is None else [int(b) for b in qw.group_bits]
         packed, offsets = pack_rows(qw.codes, gs, widths)
         self.in_features, self.out_features, self.group_size, self.fmt = in_f, out_f, gs, qw.fmt
+        self.interleave = INTERLEAVE if out_f % INTERLEAVE == 0 else 1
+        if self.interleave != 1:
+            packed = interleave_rows(packed, offsets, widths, gs)
         self.register_buffer("packed", packed)
         self.register_buffer("widths", torch.tensor(widths, dtype=torch.int64))
         self.register_buffer("offsets", offsets)
@@ -126,9 +163,13 @@ class PackedLinear(nn.Module):
         nn.Module.__init__(m)
         m.in_features, m.out_features, m.group_size, m.fmt = in_f, out_f, gs, fmt
         step = gs // 8 * fmt.bits
+        widths, offsets = torch.full((g,), fmt.bits, dtype=torch.int64), torch.arange(g, dtype=torch.int64) * step
+        m.interleave = INTERLEAVE if out_f % INTERLEAVE == 0 else 1
+        if m.interleave != 1:
+            codes = interleave_rows(codes, offsets, widths, gs)
         m.register_buffer("packed", codes.contiguous())
-        m.register_buffer("widths", torch.full((g,), fmt.bits, dtype=torch.int64))
-        m.register_buffer("offsets", torch.arange(g, dtype=torch.int64) * step)
+        m.register_buffer("widths", widths)
+        m.register_buffer("offsets", offsets)
         m.register_buffer("scales", scales.float().contiguous())
         m.register_buffer("zero_points", zero_points(zeros, scales, fmt.bits, None).float().expand(out_f, g).contiguous())
         perm = tensors.get("perm")
@@ -149,14 +190,14 @@ class PackedLinear(nn.Module):
         (bfloat16 comes straight out of the kernel, rounded from the same float32 values)."""
         ext = _ext()
         if ext is None:
-            codes = unpack_rows(self.packed, self.offsets, self.widths, self.group_size).float()
+            codes = unpack_rows(self.packed, self.offsets, self.widths, self.group_size, self.interleave).float()
             w = (codes.reshape(self.out_features, -1, self.group_size) - self.zero_points.unsqueeze(-1)) \
                 * self.scales.unsqueeze(-1)
             w = w.reshape(self.out_features, self.in_features).to(dtype)
         else:
             bf16 = dtype == torch.bfloat16
             w = ext.dequantize(self.packed, self.widths, self.offsets, self.scales, self.zero_points, self.group_size,
-                               bf16)
+                               bf16, self.interleave)
             w = w if bf16 else w.to(dtype)
         return w if self.unperm is None else w[:, self.unperm]
 
@@ -174,10 +215,10 @@ class PackedLinear(nn.Module):
             xs = x2 if self.perm is None else x2[:, self.perm]
             if x.dtype == torch.bfloat16 and self.group_size % 64 == 0 and ext.has_bf16_path():
                 y = ext.gemv_bf16(xs.contiguous(), self.packed, self.widths, self.offsets, self.scales,
-                                  self.zero_points, self.group_size)
+                                  self.zero_points, self.group_size, self.interleave)
             else:
                 y = ext.gemv(xs.float().contiguous(), self.packed, self.widths, self.offsets, self.scales,
-                             self.zero_points, self.group_size)
+                             self.zero_points, self.group_size, self.interleave)
             if self.bias is not None:
                 y = y + self.bias.float()
             y = y.to(x.dtype)
@@ -213,6 +254,7 @@ class _Fused:
         self.scales = torch.cat([m.scales for m in members]).contiguous()
         self.zero_points = torch.cat([m.zero_points for m in members]).contiguous()
         self.widths, self.offsets, self.group_size = members[0].widths, members[0].offsets, members[0].group_size
+        self.interleave = members[0].interleave
         self._x: torch.Tensor | None = None
         self._version = -1
         self._y: torch.Tensor | None = None
@@ -224,7 +266,7 @@ class _Fused:
         if self._y is None or x is not self._x or version != self._version:
             ext = _ext()
             self._y = ext.gemv_bf16(x2.contiguous(), self.packed, self.widths, self.offsets, self.scales,
-                                    self.zero_points, self.group_size)
+                                    self.zero_points, self.group_size, self.interleave)
             self._x, self._version, self._taken = x, version, 0
         y = self._y
         self._taken += 1
@@ -238,7 +280,8 @@ def _fusable(members: list[nn.Module]) -> bool:
         return False
     a = members[0]
     return all(m.in_features == a.in_features and m.group_size == a.group_size and m.perm is None
-               and torch.equal(m.widths, a.widths) for m in members) and a.group_size % 64 == 0
+               and m.interleave == a.interleave and torch.equal(m.widths, a.widths) for m in members) \
+        and a.group_size % 64 == 0
 
 
 def fuse_projections(model: nn.Module) -> int:

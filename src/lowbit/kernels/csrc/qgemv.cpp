@@ -34,6 +34,15 @@ namespace {
 // out phase p, convert and multiply-add against 8 consecutive floats.
 inline int phases(int bits) { return bits == 4 ? 2 : bits == 2 ? 4 : bits == 3 ? 8 : bits == 8 ? 1 : 0; }
 
+// Where row n's group g starts. il 1: rows one after another. il 4: rows in blocks of four,
+// group by group (the block's four copies of group g side by side), so a kernel working on four
+// rows at once reads one sequential stream. gb[g]: bytes of group g in one row.
+inline const uint8_t* group_ptr(const uint8_t* wp, int64_t n, int64_t g, int64_t RB, const int64_t* off,
+                                const int64_t* gb, int64_t il) {
+  if (il == 1) return wp + n * RB + off[g];
+  return wp + (n / 4) * 4 * RB + 4 * off[g] + (n % 4) * gb[g];
+}
+
 inline bool vector_path(int bits, int64_t group) {
 #if defined(__AVX2__) && defined(__FMA__)
   const int P = phases(bits);
@@ -105,7 +114,7 @@ inline __m256 dot_group(const uint8_t* src, const float* xd, int bits, int64_t g
 // x [M, K] float32; packed [N, row_bytes] uint8; bits, offset [G] int64; scales, zeros
 // [N, G] float32; group = K / G -> y [M, N] float32.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
-                   torch::Tensor scales, torch::Tensor zeros, int64_t group) {
+                   torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous float32 [M, K]");
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8 [N, row_bytes]");
   TORCH_CHECK(bits.dtype() == torch::kInt64 && offset.dtype() == torch::kInt64, "qgemv: bits and offset must be int64");
@@ -118,6 +127,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, to
   const int64_t* offp = offset.data_ptr<int64_t>();
   for (int64_t g = 0; g < G; ++g)
     TORCH_CHECK(bp[g] >= 1 && bp[g] <= 8 && offp[g] + group / 8 * bp[g] <= RB, "qgemv: group layout exceeds the row");
+  TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
+  std::vector<int64_t> gb(G);
+  for (int64_t g = 0; g < G; ++g) gb[g] = group / 8 * bp[g];
   // per-group sums of x
   std::vector<float> xsum(M * G, 0.f);
   const float* xp = x.data_ptr<float>();
@@ -155,7 +167,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, to
       std::fill(lanes.begin(), lanes.end(), _mm256_setzero_ps());
 #endif
       for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* src = wp + n * RB + offp[g];
+        const uint8_t* src = group_ptr(wp, n, g, RB, offp, gb.data(), il);
         const int b = static_cast<int>(bp[g]);
         const float s = sp[n * G + g], z = zp[n * G + g];
 #if defined(__AVX2__) && defined(__FMA__)
@@ -250,6 +262,8 @@ struct BF16Args {
   int64_t K, N, RB, G, group;
   const uint8_t* end;  // one past the packed codes
   const float* off;    // per group: the 128 (8 bits: 128 * 17) that the bfloat16 codes carry
+  const int64_t* gb;   // per group: bytes in one row
+  int64_t il;          // row interleave (group_ptr)
 };
 
 // M activation rows at once (a compile-time count, so the accumulators stay in registers).
@@ -283,7 +297,10 @@ void four_rows(const BF16Args& a, int64_t n) {
   for (int r = 0; r < R; ++r) row[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.G; ++g) {
     const uint16_t* xg = a.xr + g * group;
-    const uint8_t* src = a.wp + n * a.RB + a.offset[g];
+    // row r of the block: src + r * rs (interleaved: the four rows' group g are adjacent)
+    const uint8_t* src = group_ptr(a.wp, n, g, a.RB, a.offset, a.gb, a.il);
+    const int64_t rs = a.il == 4 ? a.gb[g] : a.RB;
+    const int64_t ahead = a.il == 4 ? 4 * a.RB : R * a.RB;  // bytes from one block to the next
     __m512 lo[R], hi[R];
     for (int r = 0; r < R; ++r) { lo[r] = _mm512_setzero_ps(); hi[r] = _mm512_setzero_ps(); }
     // software prefetch of the same group PREFETCH_BLOCKS blocks of rows ahead: the rows are read
@@ -292,13 +309,13 @@ void four_rows(const BF16Args& a, int64_t n) {
       const int64_t gbytes = group / 8 * a.bits[g];
       for (int r = 0; r < R; ++r)
         for (int64_t off = 0; off < gbytes; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(src + (PREFETCH_BLOCKS * R + r) * a.RB + off), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(src + PREFETCH_BLOCKS * ahead + r * rs + off), _MM_HINT_T0);
     }
     if (MODE == kFour) {
       for (int64_t c = 0; c < group; c += 64) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         for (int r = 0; r < R; ++r) {
-          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * a.RB + c / 2)));
+          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * rs + c / 2)));
           lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
           hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 4)), x1);
         }
@@ -309,7 +326,7 @@ void four_rows(const BF16Args& a, int64_t n) {
       for (int64_t c = 0; c < group; c += 64) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         for (int r = 0; r < R; ++r) {
-          const uint8_t* p = src + r * a.RB + c;
+          const uint8_t* p = src + r * rs + c;
           const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
           const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
           lo[r] = _mm512_dpbf16_ps(lo[r], bf(w0), x0);
@@ -327,7 +344,7 @@ void four_rows(const BF16Args& a, int64_t n) {
       for (int64_t c = 0; c < group; c += 64) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         for (int r = 0; r < R; ++r) {
-          const uint8_t* p = src + r * a.RB + c / 8 * b;
+          const uint8_t* p = src + r * rs + c / 8 * b;
           const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
           const __m512i c8 = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw)), bmask);
           lo[r] = _mm512_dpbf16_ps(lo[r], as_bh(_mm512_unpacklo_epi8(c8, magic)), x0);
@@ -339,7 +356,7 @@ void four_rows(const BF16Args& a, int64_t n) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         const __m512bh x2 = as_bh(_mm512_loadu_si512(xg + c + 64)), x3 = as_bh(_mm512_loadu_si512(xg + c + 96));
         for (int r = 0; r < R; ++r) {
-          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * a.RB + c / 4)));
+          const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * rs + c / 4)));
           lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
           hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 2)), x1);
           lo[r] = _mm512_dpbf16_ps(lo[r], bf(_mm512_srli_epi16(w, 4)), x2);
@@ -362,25 +379,25 @@ void bf16_rows(const BF16Args& a) {
   int uniform = bf16_mode(static_cast<int>(a.bits[0]), group);
   for (int64_t g = 1; g < a.G; ++g)
     if (a.bits[g] != a.bits[0]) uniform = -1;
-  const bool blocked = M == 1 && uniform >= 0;
-  at::parallel_for(0, a.N, 16, [&](int64_t begin, int64_t end) {
-    int64_t n = begin;
-    if (blocked)
-      for (; n + 4 <= end; n += 4) {
-        switch (uniform) {
-          case kFour: four_rows<GS, kFour>(a, n); break;
-          case kTwo: four_rows<GS, kTwo>(a, n); break;
-          case kEight: four_rows<GS, kEight>(a, n); break;
-          default: four_rows<GS, kGeneric>(a, n); break;
-        }
+  // blocks of four rows (aligned: an interleaved block is four rows from a multiple of 4)
+  const int64_t blocks = M == 1 && uniform >= 0 ? a.N / 4 : 0;
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      switch (uniform) {
+        case kFour: four_rows<GS, kFour>(a, 4 * blk); break;
+        case kTwo: four_rows<GS, kTwo>(a, 4 * blk); break;
+        case kEight: four_rows<GS, kEight>(a, 4 * blk); break;
+        default: four_rows<GS, kGeneric>(a, 4 * blk); break;
       }
-    for (; n < end; ++n) {
+    }
+  });
+  at::parallel_for(4 * blocks, a.N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
       __m512 row[M];
       for (int m = 0; m < M; ++m) row[m] = _mm512_setzero_ps();
-      const uint8_t* wrow = a.wp + n * a.RB;
       for (int64_t g = 0; g < a.G; ++g) {
         const int b = static_cast<int>(a.bits[g]);
-        const uint8_t* src = wrow + a.offset[g];
+        const uint8_t* src = group_ptr(a.wp, n, g, a.RB, a.offset, a.gb, a.il);
         __m512 lo_acc[M], hi_acc[M];
         for (int m = 0; m < M; ++m) { lo_acc[m] = _mm512_setzero_ps(); hi_acc[m] = _mm512_setzero_ps(); }
         const uint16_t* xg = a.xr + g * group;
@@ -437,7 +454,7 @@ void bf16_rows(const BF16Args& a) {
 
 // x [M, K] bfloat16 -> y [M, N] float32; the rest as gemv. Groups must be a multiple of 64 wide.
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
-                        torch::Tensor scales, torch::Tensor zeros, int64_t group) {
+                        torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous bfloat16 [M, K]");
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8 [N, row_bytes]");
   TORCH_CHECK(bits.dtype() == torch::kInt64 && offset.dtype() == torch::kInt64, "qgemv: bits and offset must be int64");
@@ -451,6 +468,9 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
   const int64_t* offp = offset.data_ptr<int64_t>();
   for (int64_t g = 0; g < G; ++g)
     TORCH_CHECK(bp[g] >= 1 && bp[g] <= 8 && offp[g] + group / 8 * bp[g] <= RB, "qgemv: group layout exceeds the row");
+  TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
+  std::vector<int64_t> gb(G);
+  for (int64_t g = 0; g < G; ++g) gb[g] = group / 8 * bp[g];
   // activations in the order each group's path leaves its codes in, and per-group sums of the
   // same bfloat16 values
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -492,7 +512,7 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
   auto y = torch::empty({M, N}, scales.options());
   BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bp, offp, scales.data_ptr<float>(),
              zeros.data_ptr<float>(), y.data_ptr<float>(), K, N, RB, G, group,
-             packed.data_ptr<uint8_t>() + N * RB, off.data()};
+             packed.data_ptr<uint8_t>() + N * RB, off.data(), gb.data(), il};
   // one instantiation per row count (accumulators in registers) and for groups of 128 or other
 #define LOWBIT_ROWS(GS)                      \
   switch (M) {                               \
@@ -527,7 +547,7 @@ bool has_bf16_path() {
 // as float32, or rounded to bfloat16 (round to nearest even, as torch's float -> bfloat16 cast)
 // when `bf16` is set, so a bfloat16 model never materializes the float32 weight.
 torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor offset, torch::Tensor scales,
-                         torch::Tensor zeros, int64_t group, bool bf16) {
+                         torch::Tensor zeros, int64_t group, bool bf16, int64_t il) {
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8");
   const int64_t N = packed.size(0), RB = packed.size(1), G = bits.numel(), K = G * group;
   TORCH_CHECK(group % 8 == 0, "qgemv: groups must be a multiple of 8 wide");
@@ -538,6 +558,9 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
     TORCH_CHECK(bits.data_ptr<int64_t>()[g] >= 1 && bits.data_ptr<int64_t>()[g] <= 8
                 && offset.data_ptr<int64_t>()[g] + group / 8 * bits.data_ptr<int64_t>()[g] <= RB,
                 "qgemv: group layout exceeds the row");
+  TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
+  std::vector<int64_t> gb(G);
+  for (int64_t g = 0; g < G; ++g) gb[g] = group / 8 * bits.data_ptr<int64_t>()[g];
   auto w = torch::empty({N, K}, scales.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const int64_t* bp = bits.data_ptr<int64_t>();
@@ -551,7 +574,7 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
     for (int64_t n = begin; n < end; ++n)
       for (int64_t g = 0; g < G; ++g) {
         float* dst = bf16 ? buf.data() : out32 + n * K + g * group;
-        lowbit::unpack(wp + n * RB + offp[g], group, static_cast<int>(bp[g]), dst);
+        lowbit::unpack(group_ptr(wp, n, g, RB, offp, gb.data(), il), group, static_cast<int>(bp[g]), dst);
         const float s = sp[n * G + g], z = zp[n * G + g];
         for (int64_t k = 0; k < group; ++k) dst[k] = (dst[k] - z) * s;
         if (bf16) {
