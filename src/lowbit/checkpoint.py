@@ -279,8 +279,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     runtime "reference": every quantized layer a QuantLinear (one byte per code, dequantize then
     matmul). "packed": a PackedLinear built straight from the stored packed codes (runtime/packed.py,
     the native kernels), tensor by tensor, so peak memory stays near the packed model's size.
-    `int8_activations` (packed only): layers run as W8A8Linear (runtime/w8a8.py: activations
-    quantized per token, int8 GEMM); every quantized layer must be 8-bit per-channel symmetric.
+    `int8_activations` (packed only): activations quantized per token and integer products
+    (runtime/w8a8.py): 8-bit per-channel symmetric layers run as W8A8Linear (oneDNN int8 GEMM),
+    4-bit Integer Scale layers as W4A8Linear (VNNI kernel); other formats are refused.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -291,7 +292,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         raise CheckpointError("int8 activations run in the packed runtime; load with runtime='packed'")
     if runtime == "packed":
         from lowbit.runtime.packed import PackedLinear
-        from lowbit.runtime.w8a8 import W8A8Linear
+        from lowbit.runtime import w8a8
+        from lowbit.runtime.w8a8 import W4A8Linear, W8A8Linear
     path = Path(path)
     manifest = read_manifest(path)
     verifier = None
@@ -320,7 +322,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         shape = tuple(meta["shape"])
         try:
             if int8_activations:
-                layer = W8A8Linear(QuantizedWeight.from_packed(parts, fmt, shape), bias)
+                qw = QuantizedWeight.from_packed(parts, fmt, shape)
+                layer = W4A8Linear(qw, bias) if w8a8.supports_w4a8(qw) else W8A8Linear(qw, bias)
             elif runtime == "packed":
                 layer = PackedLinear.from_packed(parts, fmt, shape, bias)
                 if layer.bias is not None:

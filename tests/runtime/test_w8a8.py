@@ -94,3 +94,68 @@ def test_a_4_bit_checkpoint_is_refused_int8_activations(tmp_path):
     save_checkpoint(model, None, tmp_path / "ck", {})
     with pytest.raises(CheckpointError, match="int8 activations need 8-bit per-channel symmetric"):
         load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True)
+
+
+def _w4a8_available() -> bool:
+    from lowbit import kernels
+
+    return kernels.available("qgemv") and kernels.load("qgemv").has_w4a8_path()
+
+
+needs_w4a8 = pytest.mark.skipif(not _w4a8_available(), reason="no AVX-512 VNNI for the W4A8 kernel")
+
+
+def w4_iscale_weight(out, n_in, gs, symmetric, seed, perm=False):
+    from lowbit.recipes import IntegerScaleConfig
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n_in, generator=g)
+    qw = rtn_quantize(w, 4, gs, symmetric=symmetric, iscale=IntegerScaleConfig(enabled=True, bits=8))
+    if perm:
+        qw = QuantizedWeight(qw.codes, qw.scales, qw.zeros, qw.fmt, torch.randperm(n_in, generator=g),
+                             scale_mult=qw.scale_mult)
+    return qw
+
+
+@needs_w4a8
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 20), groups=st.integers(1, 4), gs=st.sampled_from([64, 128]), out=st.sampled_from([3, 8, 36]),
+       symmetric=st.booleans(), perm=st.booleans(), bias=st.booleans(), seed=st.integers(0, 999))
+def test_w4a8_is_bit_identical_to_the_integer_reference(rows, groups, gs, out, symmetric, perm, bias, seed):
+    from lowbit.runtime.w8a8 import W4A8Linear, w4a8_reference
+
+    qw = w4_iscale_weight(out, gs * groups, gs, symmetric, seed, perm)
+    b = torch.randn(out) if bias else None
+    x = torch.randn(rows, gs * groups, generator=torch.Generator().manual_seed(seed + 1)) * 2
+    assert torch.equal(W4A8Linear(qw, b)(x), w4a8_reference(x, qw, b))
+
+
+@needs_w4a8
+def test_w4a8_stays_close_to_the_float_weight_and_refuses_float_scales():
+    from lowbit.runtime.w8a8 import W4A8Linear
+
+    qw = w4_iscale_weight(64, 256, 64, False, 0)
+    x = torch.randn(7, 256)
+    exact = x @ qw.dequantize().T
+    assert float((W4A8Linear(qw)(x) - exact).abs().max() / exact.abs().max()) < 0.03
+    with pytest.raises(ConfigError, match="Integer Scale"):
+        W4A8Linear(rtn_quantize(torch.randn(8, 128), 4, 64))
+
+
+@needs_w4a8
+def test_a_4_bit_integer_scale_checkpoint_runs_w4a8(tmp_path):
+    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.recipes import IntegerScaleConfig
+    from lowbit.runtime.w8a8 import W4A8Linear
+
+    model = build_tiny("qwen2")
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
+        qw = rtn_quantize(lin.weight.detach(), 4, 64, iscale=IntegerScaleConfig(enabled=True, bits=8))
+        model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
+    save_checkpoint(model, None, tmp_path / "ck", {})
+    w4 = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
+    assert sum(isinstance(m, W4A8Linear) for m in w4.modules()) == 14
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, got = model(ids).logits, w4(ids).logits
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8

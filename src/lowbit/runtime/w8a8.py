@@ -1,4 +1,7 @@
-"""W8A8Linear: 8-bit weights times 8-bit activations, the products summed in int32 by oneDNN.
+"""Integer-activation linears: W8A8Linear (8-bit weights, oneDNN's int8 GEMM) and W4A8Linear
+(4-bit group-wise weights with Integer Scale, lowbit's VNNI kernel).
+
+W8A8Linear: 8-bit weights times 8-bit activations, the products summed in int32 by oneDNN.
 
 Weights: 8-bit per output channel, symmetric (one float scale per row, codes c with the fixed
 zero 128, so c - 128 is an int8). Activations: quantized per token as the layer runs
@@ -13,6 +16,15 @@ fast path and the slow reference `w8a8_reference` agree to float32 rounding, and
 parts are identical. oneDNN takes one activation scale per call, which is why the per-token
 scales are applied outside it.
 
+W4A8Linear: 4-bit codes c with integer zero points z and integer group scales iscale (Integer
+Scale: `--integer-scale 8`) times a float per row, the same per-token int8 activations:
+
+    y_tn = s_t * mult_n * sum_g iscale_ng * sum_{k in g} (c_nk - z_ng) q_tk
+
+where everything right of mult_n is an exact integer (kernels/csrc/qgemv.cpp: w4a8_gemm, four
+products per int32 lane with vpdpbusd, group sums scaled by iscale in int32 lanes, added in
+int64), so it is bit-identical to `w4a8_reference`'s int64 matmul; the float scales come after.
+
 Quantizing activations changes what the model computes: evaluate a checkpoint run this way
 (`lowbit eval CKPT --activations int8`) before relying on it.
 """
@@ -22,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit import kernels
 from lowbit.errors import ConfigError
 from lowbit.qtensor import QuantizedWeight
 
@@ -65,7 +78,7 @@ class W8A8Linear(nn.Module):
                 f"int8 activations need 8-bit per-channel symmetric weights; this layer is {qw.fmt.bits}-bit, "
                 f"group {qw.fmt.group_size} of {qw.shape[1]}, {'symmetric' if qw.fmt.symmetric else 'asymmetric'}"
                 f"{', mixed widths' if qw.group_bits is not None else ''}. Quantize with --bits 8 --group-size "
-                "-1 --sym, or run without --activations int8")
+                "-1 --sym (W8A8), use 4 bits with --integer-scale 8 (W4A8), or run without --activations int8")
         self.out_features, self.in_features = qw.shape
         w = (qw.codes.to(torch.int16) - 128).to(torch.int8)
         self._packed = torch.ops.onednn.qlinear_prepack(w, None)  # oneDNN's layout; not a buffer
@@ -94,3 +107,85 @@ class W8A8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w8 per-channel sym, a8 per-token dynamic"
+
+
+def supports_w4a8(qw: QuantizedWeight) -> bool:
+    """W4A8 needs uniform 4-bit weights with integer group scales, groups a multiple of 64."""
+    out_f, in_f = qw.shape
+    return (qw.fmt.bits == 4 and qw.scale_mult is not None and qw.group_bits is None
+            and qw.fmt.group_size % 64 == 0 and in_f % qw.fmt.group_size == 0)
+
+
+def _integer_parts(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(iscale, zero points) as int32 [out, G]."""
+    return qw.scales.to(torch.int32), qw.zero_points().round().to(torch.int32)
+
+
+def w4a8_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The slow, obvious computation: the integer sum in int64, then the float scales (float32 out)."""
+    if not supports_w4a8(qw):
+        raise ConfigError("w4a8_reference needs a 4-bit weight with integer scales")
+    xs = x.reshape(-1, x.shape[-1])
+    if qw.perm is not None:
+        xs = xs[:, qw.perm]
+    q, s = quantize_per_token(xs)
+    iscale, zeros = _integer_parts(qw)
+    gs = qw.fmt.group_size
+    w_int = (qw.codes.long() - zeros.long().repeat_interleave(gs, 1)) * iscale.long().repeat_interleave(gs, 1)
+    t = q.long() @ w_int.T
+    y = (t.double() * s.double() * qw.scale_mult.double()).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*x.shape[:-1], qw.shape[0])
+
+
+class W4A8Linear(nn.Module):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        from lowbit.runtime.packed import INTERLEAVE, interleave_rows, pack_rows
+
+        if not supports_w4a8(qw):
+            raise ConfigError(
+                f"int8 activations with 4-bit weights need Integer Scale (--integer-scale 8) and groups a multiple "
+                f"of 64; this layer is {qw.fmt.bits}-bit, group {qw.fmt.group_size}, "
+                f"{'integer' if qw.scale_mult is not None else 'float'} scales")
+        self.ext = kernels.load("qgemv")
+        if not self.ext.has_w4a8_path():
+            raise ConfigError("the W4A8 kernel needs AVX-512 VNNI, which this CPU lacks; run without --activations int8")
+        self.out_features, self.in_features = qw.shape
+        self.group_size = qw.fmt.group_size
+        g = self.in_features // self.group_size
+        packed, offsets = pack_rows(qw.codes, self.group_size, [4] * g)
+        self.interleave = INTERLEAVE if self.out_features % INTERLEAVE == 0 else 1
+        if self.interleave != 1:
+            packed = interleave_rows(packed, offsets, [4] * g, self.group_size)
+        iscale, zeros = _integer_parts(qw)
+        self.register_buffer("packed", packed)
+        self.register_buffer("iscale", iscale.contiguous())
+        self.register_buffer("zeros", zeros.contiguous())
+        self.register_buffer("mult", qw.scale_mult.double())
+        self.register_buffer("perm", qw.perm)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        keep = self._buffers["mult"]  # the row multipliers stay float64 through model.to(dtype)
+        super()._apply(fn, recurse)
+        self._buffers["mult"] = keep.to(self.packed.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            xs = xs[:, self.perm]
+        q, s = quantize_per_token(xs)
+        t = self.ext.w4a8_gemm(q.to(torch.int8).contiguous(), self.packed, self.iscale, self.zeros, self.group_size,
+                               self.interleave)
+        y = (t.double() * s.double() * self.mult).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, w4 group {self.group_size} integer scales, "
+                "a8 per-token dynamic")
