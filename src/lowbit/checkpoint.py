@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from lowbit.errors import CheckpointError, ConfigError, ShapeError
 from lowbit.models.hashing import sha256_file
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
 
 FORMAT = "lowbit-checkpoint"
 FORMAT_VERSION = 1
@@ -308,6 +311,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    float_layers: list[str] = []  # int8_activations: layers whose format has no integer path
     by_layer: dict[str, list[str]] = {}
     for k in quant.keys:
         name, _, part = k.rpartition(".")
@@ -323,7 +327,13 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         try:
             if int8_activations:
                 qw = QuantizedWeight.from_packed(parts, fmt, shape)
-                layer = W4A8Linear(qw, bias) if w8a8.supports_w4a8(qw) else W8A8Linear(qw, bias)
+                if w8a8.supports_w4a8(qw):
+                    layer = W4A8Linear(qw, bias)
+                elif w8a8.supports(qw):
+                    layer = W8A8Linear(qw, bias)
+                else:  # e.g. an 8-bit group-wise output head: stays on the weight-only kernels
+                    layer = PackedLinear(qw, bias)
+                    float_layers.append(name)
             elif runtime == "packed":
                 layer = PackedLinear.from_packed(parts, fmt, shape, bias)
                 if layer.bias is not None:
@@ -335,6 +345,14 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         except (KeyError, ValueError, ShapeError) as e:
             raise CheckpointError(f"{path}: layer {name} is inconsistent with its manifest entry ({e})") from None
         model.set_submodule(name, layer)
+    if int8_activations and len(float_layers) == len(manifest["layers"]):
+        raise CheckpointError(
+            f"{path}: int8 activations need 8-bit per-channel symmetric layers (W8A8) or 4-bit layers with "
+            "integer scales (W4A8, --integer-scale 8); this checkpoint has neither. Quantize with --bits 8 "
+            "--group-size -1 --sym or --bits 4 --integer-scale 8, or run without --activations int8")
+    if float_layers:
+        log.warning("%d layer(s) have no int8-activation format and run weight-only: %s", len(float_layers),
+                    ", ".join(float_layers[:4]) + (" ..." if len(float_layers) > 4 else ""))
     state = {k: dense.get(k, dtype) for k in dense.keys}
     result = model.load_state_dict(state, strict=False, assign=True)
     del state

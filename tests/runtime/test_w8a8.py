@@ -92,7 +92,7 @@ def test_a_4_bit_checkpoint_is_refused_int8_activations(tmp_path):
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
         model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 4, 16), lin.bias))
     save_checkpoint(model, None, tmp_path / "ck", {})
-    with pytest.raises(CheckpointError, match="int8 activations need 8-bit per-channel symmetric"):
+    with pytest.raises(CheckpointError, match="int8 activations need 8-bit per-channel symmetric layers"):
         load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True)
 
 
@@ -159,3 +159,19 @@ def test_a_4_bit_integer_scale_checkpoint_runs_w4a8(tmp_path):
     with torch.inference_mode():
         ref, got = model(ids).logits, w4(ids).logits
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_layers_without_an_integer_format_stay_weight_only(tmp_path, caplog):
+    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.runtime.packed import PackedLinear
+
+    model = build_tiny("qwen2", tie=False)
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
+                                                             lin.bias))
+    model.lm_head = QuantLinear.from_quantized(rtn_quantize(model.lm_head.weight.detach(), 8, 32))  # group-wise
+    save_checkpoint(model, None, tmp_path / "ck", {})
+    loaded = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
+    assert isinstance(loaded.lm_head, PackedLinear)
+    assert sum(isinstance(m, W8A8Linear) for m in loaded.modules()) == 14
+    assert "run weight-only: lm_head" in caplog.text
