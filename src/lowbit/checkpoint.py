@@ -361,6 +361,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     model.tie_weights()
     if verifier is not None:
         verifier.result()  # a mismatch raises here, before the model is handed out
+    if runtime == "packed":
+        from lowbit.runtime.attention import use_fast_attention
+
+        use_fast_attention(model)  # single-query decode attention without torch's CPU flash kernel
     if runtime == "packed" and not int8_activations:
         from lowbit.runtime.packed import fuse_projections
 

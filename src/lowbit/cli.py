@@ -208,7 +208,10 @@ def cmd_generate(args) -> int:
         loaded = load_checkpoint(args.model, dtype=dtype, runtime=args.runtime,
                                  int8_activations=args.activations == "int8")
     else:
+        from lowbit.runtime.attention import use_fast_attention
+
         loaded = load_model(args.model, dtype=dtype, cache=args.cache, progress=not args.quiet)
+        use_fast_attention(loaded.model)
     model, tok = loaded.model, loaded.tokenizer
     model.eval()
     ids = torch.tensor(tok(prompt)["input_ids"])

@@ -107,7 +107,10 @@ def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from lowbit.models import load_model
 
+        from lowbit.runtime.attention import use_fast_attention
+
         model = load_model(spec["path"], dtype=torch.bfloat16, cache=spec.get("cache"), progress=False).model
+        use_fast_attention(model)  # lowbit's bf16 path: the same decode attention as the checkpoints
     model.eval()
     load_s = time.perf_counter() - t0
     generate(model, _prompt_ids(model.config.vocab_size, 16), 1)  # the first token of a short prompt
@@ -343,7 +346,7 @@ def _med(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def render(rec: dict[str, Any]) -> str:
-    bw = statistics.median(rec["bandwidth"])
+    bw = max(rec["bandwidth"])  # the best read rate seen: other tenants of the host only ever lower it
     runtimes = rec["runtimes"]
     base = next((n for n in runtimes if n.startswith("bf16")), None)
     base_decode = _med(runtimes[base], "decode_tok_s") if base else None
@@ -354,8 +357,8 @@ def render(rec: dict[str, Any]) -> str:
              f"Rounds: {rec['repeats']} (each runs every runtime once, in table order; medians shown). "
              f"Prompt: {rec['prompt_tokens']} tokens in one forward (time to first token); then "
              f"{rec['new_tokens']} greedy tokens (llama.cpp: llama-bench pp{rec['prompt_tokens']} and "
-             f"tg{rec['new_tokens']}). Read bandwidth measured in the same run (summing 1 GiB, best of 5, "
-             f"median over rounds): {bw / 1e9:.1f} GB/s (rounds: "
+             f"tg{rec['new_tokens']}). Read bandwidth measured in the same run (summing 1 GiB, best of 5 per "
+             f"round, best round): {bw / 1e9:.1f} GB/s (rounds: "
              f"{', '.join(f'{b / 1e9:.1f}' for b in rec['bandwidth'])}). Bytes/token: the weights one decode "
              "step reads (the embedding table counts one row unless the head shares it). lowbit runtimes "
              "run in bfloat16; checkpoints through the packed kernels. Load: files on disk to a model in "

@@ -680,7 +680,7 @@ def observing(model: torch.nn.Module, cache: Cache | None) -> Iterator[None]:
     saved = {k: c._attn_implementation for k, c in configs.items()}
     for m in modules:
         impl = saved[id(m.config)] or "sdpa"
-        if impl not in ("sdpa", "eager"):
+        if impl not in ("sdpa", "eager", "lowbit_sdpa"):
             raise ConfigError(f"attention {impl!r}: compressed caches with scores need 'sdpa' or 'eager' attention")
         m._lowbit_attn, m._lowbit_kv = impl, cache.layers[m.layer_idx]
     fused = [layer for layer in cache.layers if getattr(layer, "reads_codes", False)]
