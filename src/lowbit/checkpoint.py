@@ -267,6 +267,9 @@ class _Tensors:
             flat[i:i + part.numel()].copy_(part)
         return out
 
+    def close(self) -> None:
+        self._fh.close()
+
     def _read_into(self, dst: torch.Tensor, key: str) -> None:
         if dst.numel() and self._fh.readinto(memoryview(dst.numpy())) != dst.numel():
             raise CheckpointError(f"{self.path}: tensor {key} is cut short; the file is truncated")
@@ -294,8 +297,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     if int8_activations and runtime != "packed":
         raise CheckpointError("int8 activations run in the packed runtime; load with runtime='packed'")
     if runtime == "packed":
-        from lowbit.runtime.packed import PackedLinear
         from lowbit.runtime import w8a8
+        from lowbit.runtime.packed import PackedLinear
         from lowbit.runtime.w8a8 import W4A8Linear, W8A8Linear
     path = Path(path)
     manifest = read_manifest(path)
@@ -354,6 +357,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         log.warning("%d layer(s) have no int8-activation format and run weight-only: %s", len(float_layers),
                     ", ".join(float_layers[:4]) + (" ..." if len(float_layers) > 4 else ""))
     state = {k: dense.get(k, dtype) for k in dense.keys}
+    quant.close()
+    dense.close()
     result = model.load_state_dict(state, strict=False, assign=True)
     del state
     if result.unexpected_keys:

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_models import build_tiny
 
 from lowbit.bench.speed import bytes_per_token, read_bandwidth

@@ -190,8 +190,8 @@ def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp
     for name, m in direct_layers.items():
         a, b = dict(m.named_buffers()), dict(via_layers[name].named_buffers())
         assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+        for k, value in a.items():
+            assert torch.equal(value, b[k]), (name, k)
         assert (m.bias is None) == (via_layers[name].bias is None)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

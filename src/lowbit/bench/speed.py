@@ -106,7 +106,6 @@ def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
                                 int8_activations=spec.get("int8", False)).model
     else:
         from lowbit.models import load_model
-
         from lowbit.runtime.attention import use_fast_attention
 
         model = load_model(spec["path"], dtype=torch.bfloat16, cache=spec.get("cache"), progress=False).model
@@ -138,7 +137,7 @@ def _llamacpp_job(spec: dict[str, Any], queue) -> None:
     cmd = [spec["bench_bin"], "-m", spec["gguf"], "-p", str(spec["prompt_tokens"]), "-n", str(spec["new_tokens"]),
            "-t", str(spec["threads"]), "-r", "1", "-o", "json"]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         queue.put({"error": f"llama-bench exit {done.returncode}: {done.stderr.strip()[-400:]}"})
@@ -219,8 +218,11 @@ def kernel_table(shape: tuple[int, int], threads: int, repeats: int = 200) -> li
         return (time.perf_counter() - t0) / (max(1, repeats // len(items)) * len(items)), per
 
     rows = []
-    seconds, nbytes = cycled(lambda: (lambda w: (w, w.numel() * 2))(torch.randn(out_f, in_f, generator=g).bfloat16()),
-                             lambda w: F.linear(x, w))
+    def dense():
+        w = torch.randn(out_f, in_f, generator=g).bfloat16()
+        return w, w.numel() * 2
+
+    seconds, nbytes = cycled(dense, lambda w: F.linear(x, w))
     rows.append({"format": "bf16 F.linear", "bytes": nbytes, "seconds": seconds})
     if in_f % 128:
         return rows  # the quantized rows below use groups of 128
@@ -236,7 +238,7 @@ def kernel_table(shape: tuple[int, int], threads: int, repeats: int = 200) -> li
         for bits in (8, 4, 3, 2):
             hi = 1 << bits
 
-            def packed_linear():
+            def packed_linear(bits=bits, hi=hi):
                 qw = QuantizedWeight((torch.rand(out_f, in_f, generator=g) * hi).to(torch.uint8),
                                      (torch.rand(out_f, in_f // 128, generator=g) * 0.01).half(),
                                      (torch.rand(out_f, in_f // 128, generator=g) * hi).to(torch.uint8),

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import kernels
-from lowbit.formats import pack
 from lowbit.errors import ShapeError
+from lowbit.formats import pack
 from lowbit.qtensor import QuantFormat, QuantizedWeight, float_scales, zero_points
 from lowbit.runtime.qlinear import QuantLinear
 

@@ -111,7 +111,7 @@ class W8A8Linear(nn.Module):
 
 def supports_w4a8(qw: QuantizedWeight) -> bool:
     """W4A8 needs uniform 4-bit weights with integer group scales, groups a multiple of 64."""
-    out_f, in_f = qw.shape
+    in_f = qw.shape[1]
     return (qw.fmt.bits == 4 and qw.scale_mult is not None and qw.group_bits is None
             and qw.fmt.group_size % 64 == 0 and in_f % qw.fmt.group_size == 0)
 
