@@ -17,6 +17,7 @@
 
 #include "unpack.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -578,6 +579,80 @@ torch::Tensor w4a8_gemm(torch::Tensor q, torch::Tensor packed, torch::Tensor isc
   const int32_t* sp = iscale.data_ptr<int32_t>();
   const int32_t* zp = zeros.data_ptr<int32_t>();
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  if (M == 1 && N % 4 == 0) {  // decode: four rows per activation load, accumulators in registers
+    at::parallel_for(0, N / 4, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t n = 4 * blk;
+        __m512i row[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* src = group_ptr(wp, n, g, RB, off.data(), gbs.data(), il);
+          const int64_t rs = il == 4 ? gb : RB;
+          __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+          for (int64_t c = 0; c < group; c += 64) {
+            const __m512i qv = _mm512_loadu_si512(qr.data() + g * group + c);
+            for (int r = 0; r < 4; ++r) {
+              const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * rs + c / 2));
+              const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+              acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), qv);
+            }
+          }
+          for (int r = 0; r < 4; ++r)
+            row[r] = _mm512_add_epi32(row[r], _mm512_mullo_epi32(acc[r], _mm512_set1_epi32(sp[(n + r) * G + g])));
+        }
+        for (int r = 0; r < 4; ++r) {
+          const __m512i wide = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(row[r])),
+                                                _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(row[r], 1)));
+          int64_t t = _mm512_reduce_add_epi64(wide);
+          for (int64_t g = 0; g < G; ++g) t -= int64_t(sp[(n + r) * G + g]) * zp[(n + r) * G + g] * qsum[g];
+          op[n + r] = t;
+        }
+      }
+    });
+    return out;
+  }
+  if (N % 4 == 0) {  // prefill: tiles of 4 weight rows x 4 activation rows, 16 accumulators
+    const int64_t MT = (M + 3) / 4;
+    at::parallel_for(0, (N / 4) * MT, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = 4 * (t / MT), m0 = 4 * (t % MT), mc = std::min<int64_t>(4, M - m0);
+        __m512i row[4][4];
+        for (int r = 0; r < 4; ++r)
+          for (int i = 0; i < 4; ++i) row[r][i] = _mm512_setzero_si512();
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* src = group_ptr(wp, n, g, RB, off.data(), gbs.data(), il);
+          const int64_t rs = il == 4 ? gb : RB;
+          __m512i acc[4][4];
+          for (int r = 0; r < 4; ++r)
+            for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_si512();
+          for (int64_t c = 0; c < group; c += 64) {
+            __m512i qv[4];
+            for (int i = 0; i < 4; ++i)  // rows past M repeat the last one; their sums are dropped
+              qv[i] = _mm512_loadu_si512(qr.data() + (m0 + std::min<int64_t>(i, mc - 1)) * K + g * group + c);
+            for (int r = 0; r < 4; ++r) {
+              const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * rs + c / 2));
+              const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+              const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+              for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], codes, qv[i]);
+            }
+          }
+          for (int r = 0; r < 4; ++r) {
+            const __m512i sc = _mm512_set1_epi32(sp[(n + r) * G + g]);
+            for (int i = 0; i < 4; ++i) row[r][i] = _mm512_add_epi32(row[r][i], _mm512_mullo_epi32(acc[r][i], sc));
+          }
+        }
+        for (int r = 0; r < 4; ++r)
+          for (int i = 0; i < mc; ++i) {
+            const int64_t m = m0 + i;
+            const __m512i wide = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(row[r][i])),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(row[r][i], 1)));
+            int64_t v = _mm512_reduce_add_epi64(wide);
+            for (int64_t g = 0; g < G; ++g) v -= int64_t(sp[(n + r) * G + g]) * zp[(n + r) * G + g] * qsum[m * G + g];
+            op[m * N + n + r] = v;
+          }
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     std::vector<__m512i> row(M), acc(M);
     for (int64_t n = begin; n < end; ++n) {
