@@ -175,3 +175,20 @@ def test_layers_without_an_integer_format_stay_weight_only(tmp_path, caplog):
     assert isinstance(loaded.lm_head, PackedLinear)
     assert sum(isinstance(m, W8A8Linear) for m in loaded.modules()) == 14
     assert "run weight-only: lm_head" in caplog.text
+
+
+@pytest.mark.skipif(not __import__("lowbit.kernels", fromlist=["available"]).available("qgemv"), reason="no kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_row_quantization_and_epilogue_equal_the_torch_ops(dtype):
+    from lowbit import kernels
+
+    ext = kernels.load("qgemv")
+    x = (torch.randn(13, 300) * torch.logspace(-3, 2, 13).unsqueeze(1)).to(dtype)
+    x[3] = 0  # an all-zero token keeps the smallest positive scale
+    q, s = ext.quantize_rows(x)
+    q_ref, s_ref = quantize_per_token(x)
+    assert torch.equal(q.long(), q_ref.long()) and torch.equal(s, s_ref)
+    acc, ws, bias = torch.randn(13, 40) * 1e4, torch.rand(40), torch.randn(40)
+    want = acc * ws * s_ref + bias
+    got = ext.scale_rows(acc, ws, s, bias, dtype == torch.bfloat16)
+    assert torch.equal(got, want.to(dtype))

@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled from kernels/csrc on first use and cached.
 
 Each source is built once per (source, torch version, CPU) with torch's C++ extension builder
-(`-O3 -march=native -fopenmp`) into <cache>/kernels, so a fresh machine pays the build once (tens of
+(`-O3 -march=native -fopenmp -ffp-contract=off`: no fused multiply-adds the source does not
+write, so scalar float code computes what torch computes) into <cache>/kernels, so a fresh machine pays the build once (tens of
 seconds) and later processes load the shared object directly. `lowbit kernels` builds them
 ahead of time. Every kernel has a torch reference beside its caller; when a build is impossible
 (no C++ compiler), `load` raises KernelUnavailable and callers fall back to that reference with
@@ -45,7 +46,7 @@ class KernelUnavailable(LowbitError, RuntimeError):
 def _build_dir(name: str, source: Path, cache: str | os.PathLike | None = None) -> Path:
     headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
     key = hashlib.sha256(source.read_bytes() + headers + torch.__version__.encode() + platform.machine().encode()
-                         + _cpu_flags().encode()).hexdigest()[:16]
+                         + _cpu_flags().encode() + b"fp-contract=off").hexdigest()[:16]
     return cache_dir(cache) / "kernels" / f"{name}-{key}"
 
 
@@ -79,7 +80,7 @@ def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
 
             log.info("building native kernel %s in %s (once per machine)", name, build)
             mod = build_extension(name=f"lowbit_{name}", sources=[str(source)], build_directory=str(build),
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
             # compiler, ninja or headers missing, a failed build or link: all mean "use the reference"

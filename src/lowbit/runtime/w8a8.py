@@ -39,6 +39,16 @@ from lowbit.errors import ConfigError
 from lowbit.qtensor import QuantizedWeight
 
 ACT_MAX = 127
+_warned = False
+
+
+def _ext():
+    """The native per-token quantize and epilogue (kernels/csrc/qgemv.cpp), or None: torch ops."""
+    global _warned
+    try:
+        return kernels.load("qgemv")
+    except kernels.KernelUnavailable:
+        return None
 
 
 def supports(qw: QuantizedWeight) -> bool:
@@ -96,10 +106,19 @@ class W8A8Linear(nn.Module):
         xs = x.reshape(-1, self.in_features)
         if self.perm is not None:
             xs = xs[:, self.perm]
-        q, s = quantize_per_token(xs)
-        qx = (q + 128).to(torch.uint8)
+        ext = _ext()
+        if ext is None:
+            q, s = quantize_per_token(xs)
+            qx = (q + 128).to(torch.uint8)
+        else:  # one pass per row, the same codes and scales
+            q, s = ext.quantize_rows(xs.contiguous() if xs.dtype in (torch.float32, torch.bfloat16)
+                                     else xs.float().contiguous())
+            qx = (q.view(torch.uint8) ^ 0x80)  # int8 q + 128 as uint8, bit for bit
         acc = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self._packed, self._unit, self._zero, None, 1.0, 0,
                                                  torch.float32, "none", [], "")
+        if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
+            y = ext.scale_rows(acc, self.w_scale, s, self.bias, x.dtype == torch.bfloat16)
+            return y.reshape(*lead, self.out_features)
         y = acc * self.w_scale * s
         if self.bias is not None:
             y = y + self.bias
@@ -178,8 +197,12 @@ class W4A8Linear(nn.Module):
         xs = x.reshape(-1, self.in_features)
         if self.perm is not None:
             xs = xs[:, self.perm]
-        q, s = quantize_per_token(xs)
-        t = self.ext.w4a8_gemm(q.to(torch.int8).contiguous(), self.packed, self.iscale, self.zeros, self.group_size,
+        if xs.dtype in (torch.float32, torch.bfloat16):
+            q, s = self.ext.quantize_rows(xs.contiguous())
+        else:
+            q, s = quantize_per_token(xs)
+            q = q.to(torch.int8)
+        t = self.ext.w4a8_gemm(q.contiguous(), self.packed, self.iscale, self.zeros, self.group_size,
                                self.interleave)
         y = (t.double() * s.double() * self.mult).float()
         if self.bias is not None:

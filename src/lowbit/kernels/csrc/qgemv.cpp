@@ -18,6 +18,8 @@
 #include "unpack.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -691,6 +693,73 @@ bool has_w4a8_path() {
 #endif
 }
 
+// Per-token int8 quantization of activations for the integer-activation linears, one pass per
+// row in float32 with the very operations of runtime/w8a8.py's quantize_per_token (amax / 127,
+// x / s rounded half to even, clamped to +-127), so codes and scales are identical to it.
+// x [M, K] float32 or bfloat16 -> (q int8 [M, K], s float32 [M, 1]).
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16),
+              "quantize_rows: x must be contiguous float32 or bfloat16 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto sc = torch::empty({M, 1}, torch::dtype(torch::kFloat32));
+  const bool bf = x.dtype() == torch::kBFloat16;
+  const float* xf = bf ? nullptr : x.data_ptr<float>();
+  const at::BFloat16* xb = bf ? x.data_ptr<at::BFloat16>() : nullptr;
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = sc.data_ptr<float>();
+  const float tiny = std::numeric_limits<float>::min();
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> row(K);
+    for (int64_t m = b; m < e; ++m) {
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        row[k] = bf ? static_cast<float>(xb[m * K + k]) : xf[m * K + k];
+        amax = std::max(amax, std::fabs(row[k]));
+      }
+      const float s = std::max(amax / 127.f, tiny);
+      sp[m] = s;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::nearbyint(row[k] / s);
+        qp[m * K + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+      }
+    }
+  });
+  return {q, sc};
+}
+
+// y[m, n] = acc[m, n] * w_scale[n] * s[m] (+ bias[n]) in float32, written as `dtype` (float32 or
+// bfloat16) in one pass: the epilogue of the integer-activation linears.
+torch::Tensor scale_rows(torch::Tensor acc, torch::Tensor w_scale, torch::Tensor s, c10::optional<torch::Tensor> bias,
+                         bool bf16) {
+  TORCH_CHECK(acc.dtype() == torch::kFloat32 && acc.dim() == 2 && acc.is_contiguous(), "scale_rows: acc must be contiguous float32");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.numel() == N && s.dtype() == torch::kFloat32 && s.numel() == M,
+              "scale_rows: w_scale [N] and s [M] must be float32");
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous(), "scale_rows: bias must be float32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, acc.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const float* ap = acc.data_ptr<float>();
+  const float* wp = w_scale.contiguous().data_ptr<float>();
+  const float* spp = s.contiguous().data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      const float sm = spp[m];
+      if (bf16) {
+        at::BFloat16* o = y.data_ptr<at::BFloat16>() + m * N;
+        for (int64_t n = 0; n < N; ++n) o[n] = at::BFloat16(ap[m * N + n] * wp[n] * sm + (bp ? bp[n] : 0.f));
+      } else {
+        float* o = y.data_ptr<float>() + m * N;
+        for (int64_t n = 0; n < N; ++n) o[n] = ap[m * N + n] * wp[n] * sm + (bp ? bp[n] : 0.f);
+      }
+    }
+  });
+  return y;
+}
+
 bool has_bf16_path() {
 #ifdef LOWBIT_BF16_PATH
   return true;
@@ -747,6 +816,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "group-wise packed low-bit W -> float32 (or bfloat16) W");
   m.def("has_bf16_path", &has_bf16_path, "whether gemv_bf16 was compiled (AVX-512 BF16 and VBMI)");
   m.def("has_w4a8_path", &has_w4a8_path, "whether w4a8_gemm was compiled (AVX-512 VNNI)");
+  m.def("quantize_rows", &quantize_rows, "per-token int8 quantization (q, scale) of float32 / bfloat16 rows");
+  m.def("scale_rows", &scale_rows, "acc * w_scale[n] * s[m] (+ bias) -> float32 or bfloat16");
 #ifdef LOWBIT_W4A8_PATH
   m.def("w4a8_gemm", &w4a8_gemm, "exact int64 T = sum_g iscale * sum (c - z) q: 4-bit codes, int8 activations");
 #endif
