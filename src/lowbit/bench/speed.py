@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from lowbit.bench.accuracy import _write_section, machine
@@ -127,7 +128,13 @@ def _in_child(target, spec: dict[str, Any]) -> dict[str, Any]:
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=({**spec, "t_spawn": time.time()}, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies without reporting (a crash in native code) must not hang the run
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                return {"error": f"the measuring process exited with code {proc.exitcode} before reporting"}
     proc.join()
     return result
 
