@@ -60,8 +60,9 @@ def _peak_rss_bytes() -> int:
 
 
 def bytes_per_token(model) -> int:
-    """Bytes one decode step reads from the weights: every parameter and buffer once, except the
-    input embedding table, of which a step reads one row (unless the output head shares it)."""
+    """Bytes one decode step reads from the weights: every parameter and buffer once (and what a
+    module holds outside them), except the input embedding table, of which a step reads one row
+    (unless the output head shares it)."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     head_weight = getattr(head, "weight", None)  # a quantized head has packed codes instead
@@ -75,6 +76,8 @@ def bytes_per_token(model) -> int:
             total += emb.shape[1] * emb.element_size()
             continue
         total += t.numel() * t.element_size()
+    # weights a module keeps outside its parameters and buffers (W8A8Linear's oneDNN-packed int8)
+    total += sum(m.unregistered_nbytes() for m in model.modules() if hasattr(m, "unregistered_nbytes"))
     return total
 
 

@@ -39,12 +39,8 @@ from lowbit.errors import ConfigError
 from lowbit.qtensor import QuantizedWeight
 
 ACT_MAX = 127
-_warned = False
-
-
 def _ext():
     """The native per-token quantize and epilogue (kernels/csrc/qgemv.cpp), or None: torch ops."""
-    global _warned
     try:
         return kernels.load("qgemv")
     except kernels.KernelUnavailable:
@@ -65,14 +61,17 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _reference_rows(x: torch.Tensor, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The references' activations: x as rows in the weight's column order, quantized per token."""
+    xs = x.reshape(-1, x.shape[-1])
+    return quantize_per_token(xs if qw.perm is None else xs[:, qw.perm])
+
+
 def w8a8_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The slow, obvious computation: integer product in int64, then the scales (float32 out)."""
     if not supports(qw):
         raise ConfigError("w8a8_reference needs an 8-bit per-channel symmetric weight")
-    xs = x.reshape(-1, x.shape[-1])
-    if qw.perm is not None:
-        xs = xs[:, qw.perm]
-    q, s = quantize_per_token(xs)
+    q, s = _reference_rows(x, qw)
     acc = q.long() @ (qw.codes.long() - 128).T
     y = acc.float() * qw.float_scales()[:, 0].float() * s
     if bias is not None:
@@ -98,8 +97,9 @@ class W8A8Linear(nn.Module):
         self._unit = torch.ones(self.out_features)
         self._zero = torch.zeros(self.out_features, dtype=torch.int64)
 
-    def nbytes(self) -> int:
-        return self.out_features * self.in_features + self.w_scale.numel() * 4
+    def unregistered_nbytes(self) -> int:
+        """Bytes held outside the module's buffers: oneDNN's prepacked int8 weight."""
+        return self.out_features * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -144,10 +144,7 @@ def w4a8_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
     """The slow, obvious computation: the integer sum in int64, then the float scales (float32 out)."""
     if not supports_w4a8(qw):
         raise ConfigError("w4a8_reference needs a 4-bit weight with integer scales")
-    xs = x.reshape(-1, x.shape[-1])
-    if qw.perm is not None:
-        xs = xs[:, qw.perm]
-    q, s = quantize_per_token(xs)
+    q, s = _reference_rows(x, qw)
     iscale, zeros = _integer_parts(qw)
     gs = qw.fmt.group_size
     w_int = (qw.codes.long() - zeros.long().repeat_interleave(gs, 1)) * iscale.long().repeat_interleave(gs, 1)

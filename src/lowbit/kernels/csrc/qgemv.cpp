@@ -114,25 +114,41 @@ inline __m256 dot_group(const uint8_t* src, const float* xd, int bits, int64_t g
 
 }  // namespace
 
+// Checks a packed weight's layout (packed [N, RB] uint8, bits / offset [G] int64, scales / zeros
+// [N, G] float32, groups of `group` columns, row interleave il) and returns each group's bytes in
+// one row. Shared by every entry point that reads the layout.
+static std::vector<int64_t> checked_layout(const torch::Tensor& packed, const torch::Tensor& bits, const torch::Tensor& offset,
+                                    const torch::Tensor& scales, const torch::Tensor& zeros, int64_t group, int64_t il) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8 [N, row_bytes]");
+  TORCH_CHECK(bits.dtype() == torch::kInt64 && offset.dtype() == torch::kInt64 && bits.numel() == offset.numel(),
+              "qgemv: bits and offset must be int64 [G]");
+  const int64_t N = packed.size(0), RB = packed.size(1), G = bits.numel();
+  TORCH_CHECK(group % 8 == 0, "qgemv: groups must be a multiple of 8 wide");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous()
+              && zeros.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G
+              && zeros.sizes() == scales.sizes(), "qgemv: scales and zeros must be contiguous float32 [N, G]");
+  TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
+  const int64_t* bp = bits.data_ptr<int64_t>();
+  const int64_t* offp = offset.data_ptr<int64_t>();
+  std::vector<int64_t> gb(G);
+  for (int64_t g = 0; g < G; ++g) {
+    TORCH_CHECK(bp[g] >= 1 && bp[g] <= 8 && offp[g] >= 0 && offp[g] + group / 8 * bp[g] <= RB,
+                "qgemv: group layout exceeds the row");
+    gb[g] = group / 8 * bp[g];
+  }
+  return gb;
+}
+
 // x [M, K] float32; packed [N, row_bytes] uint8; bits, offset [G] int64; scales, zeros
 // [N, G] float32; group = K / G -> y [M, N] float32.
 torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
                    torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous float32 [M, K]");
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8 [N, row_bytes]");
-  TORCH_CHECK(bits.dtype() == torch::kInt64 && offset.dtype() == torch::kInt64, "qgemv: bits and offset must be int64");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous()
-              && zeros.is_contiguous(), "qgemv: scales and zeros must be contiguous float32");
+  const std::vector<int64_t> gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), RB = packed.size(1), G = bits.numel();
-  TORCH_CHECK(group % 8 == 0 && G * group == K, "qgemv: groups must be a multiple of 8 wide and cover K");
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && zeros.sizes() == scales.sizes(), "qgemv: scales and zeros must be [N, G]");
+  TORCH_CHECK(G * group == K, "qgemv: the groups must cover x's K columns");
   const int64_t* bp = bits.data_ptr<int64_t>();
   const int64_t* offp = offset.data_ptr<int64_t>();
-  for (int64_t g = 0; g < G; ++g)
-    TORCH_CHECK(bp[g] >= 1 && bp[g] <= 8 && offp[g] + group / 8 * bp[g] <= RB, "qgemv: group layout exceeds the row");
-  TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
-  std::vector<int64_t> gb(G);
-  for (int64_t g = 0; g < G; ++g) gb[g] = group / 8 * bp[g];
   // per-group sums of x
   std::vector<float> xsum(M * G, 0.f);
   const float* xp = x.data_ptr<float>();
@@ -459,21 +475,12 @@ void bf16_rows(const BF16Args& a) {
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
                         torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
   TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous bfloat16 [M, K]");
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8 [N, row_bytes]");
-  TORCH_CHECK(bits.dtype() == torch::kInt64 && offset.dtype() == torch::kInt64, "qgemv: bits and offset must be int64");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous()
-              && zeros.is_contiguous(), "qgemv: scales and zeros must be contiguous float32");
+  const std::vector<int64_t> gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), RB = packed.size(1), G = bits.numel();
   TORCH_CHECK(M >= 1 && M <= 8, "qgemv: the bfloat16 path takes 1 to 8 activation rows");
   TORCH_CHECK(group % 64 == 0 && G * group == K, "qgemv: the bfloat16 path needs groups a multiple of 64 wide covering K");
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && zeros.sizes() == scales.sizes(), "qgemv: scales and zeros must be [N, G]");
   const int64_t* bp = bits.data_ptr<int64_t>();
   const int64_t* offp = offset.data_ptr<int64_t>();
-  for (int64_t g = 0; g < G; ++g)
-    TORCH_CHECK(bp[g] >= 1 && bp[g] <= 8 && offp[g] + group / 8 * bp[g] <= RB, "qgemv: group layout exceeds the row");
-  TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
-  std::vector<int64_t> gb(G);
-  for (int64_t g = 0; g < G; ++g) gb[g] = group / 8 * bp[g];
   // activations in the order each group's path leaves its codes in, and per-group sums of the
   // same bfloat16 values
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -773,19 +780,8 @@ bool has_bf16_path() {
 // when `bf16` is set, so a bfloat16 model never materializes the float32 weight.
 torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor offset, torch::Tensor scales,
                          torch::Tensor zeros, int64_t group, bool bf16, int64_t il) {
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(), "qgemv: packed must be contiguous uint8");
+  const std::vector<int64_t> gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
   const int64_t N = packed.size(0), RB = packed.size(1), G = bits.numel(), K = G * group;
-  TORCH_CHECK(group % 8 == 0, "qgemv: groups must be a multiple of 8 wide");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous()
-              && zeros.is_contiguous() && scales.size(0) == N && scales.size(1) == G && zeros.sizes() == scales.sizes(),
-              "qgemv: scales and zeros must be contiguous float32 [N, G]");
-  for (int64_t g = 0; g < G; ++g)
-    TORCH_CHECK(bits.data_ptr<int64_t>()[g] >= 1 && bits.data_ptr<int64_t>()[g] <= 8
-                && offset.data_ptr<int64_t>()[g] + group / 8 * bits.data_ptr<int64_t>()[g] <= RB,
-                "qgemv: group layout exceeds the row");
-  TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
-  std::vector<int64_t> gb(G);
-  for (int64_t g = 0; g < G; ++g) gb[g] = group / 8 * bits.data_ptr<int64_t>()[g];
   auto w = torch::empty({N, K}, scales.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const int64_t* bp = bits.data_ptr<int64_t>();
