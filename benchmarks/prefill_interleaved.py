@@ -1,0 +1,57 @@
+"""Prefill of one prompt through several models loaded in one process, interleaved round by round.
+
+The ratio BENCHMARKS.md quotes for W8A8 prefill against bf16 comes from this script: loading all
+models in one process and alternating them removes the between-process noise `lowbit bench speed`
+sees on a shared host.
+
+    python benchmarks/prefill_interleaved.py out/qwen-w8a8@int8 out/qwen-w4g128-h8 \\
+        --reference qwen2.5-coder-1.5b --tokens 512 --rounds 4 --threads 2
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from lowbit.checkpoint import load_checkpoint
+from lowbit.models import load_model
+from lowbit.runtime.attention import use_fast_attention
+from lowbit.runtime.generate import prefill
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", help="checkpoint folders; CKPT@int8 runs it with int8 activations")
+    p.add_argument("--reference", help="an unquantized model (known name or folder) run in bf16 beside them")
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    models = {}
+    for spec in args.checkpoints:
+        path = spec.removesuffix("@int8")
+        models[spec] = load_checkpoint(path, dtype=torch.bfloat16, runtime="packed",
+                                       int8_activations=spec.endswith("@int8")).model
+    if args.reference:
+        ref = load_model(args.reference, dtype=torch.bfloat16, progress=False).model
+        use_fast_attention(ref)
+        models[f"{args.reference} (bf16)"] = ref
+    ids = torch.randint(100, 30000, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    seconds = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            prefill(model, ids, DynamicCache(), args.tokens)
+            seconds[name].append(time.perf_counter() - t0)
+    base = statistics.median(seconds[f"{args.reference} (bf16)"]) if args.reference else None
+    for name, s in seconds.items():
+        med = statistics.median(s)
+        ratio = f"  {base / med:.2f}x bf16" if base else ""
+        print(f"{name}: {args.tokens / med:.0f} tokens/s (rounds: {', '.join(f'{x:.2f}' for x in s)} s){ratio}")
+
+
+if __name__ == "__main__":
+    main()
