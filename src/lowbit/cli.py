@@ -230,7 +230,7 @@ def cmd_generate(args) -> int:
 
     out = generate(model, ids, args.max_new_tokens, cache, args.temperature, args.top_p, args.seed,
                    args.prefill_chunk, stop_ids={tok.eos_token_id} if tok.eos_token_id is not None else None,
-                   on_token=stream)
+                   on_token=stream, static=cache is None)
     stats = {"prompt_tokens": out.prompt_tokens, "new_tokens": len(out.tokens),
              "prefill_tokens_per_s": out.prompt_tokens / max(out.prefill_seconds, 1e-9),
              "decode_tokens_per_s": max(len(out.tokens) - 1, 0) / max(out.decode_seconds, 1e-9),

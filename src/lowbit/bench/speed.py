@@ -97,8 +97,6 @@ def _lowbit_job(spec: dict[str, Any], queue) -> None:
 
 def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from transformers import DynamicCache
-
     from lowbit.runtime.generate import generate
 
     torch.set_num_threads(spec["threads"])
@@ -119,7 +117,7 @@ def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
     generate(model, _prompt_ids(model.config.vocab_size, 16), 1)  # the first token of a short prompt
     start_to_first = time.time() - spec["t_spawn"]
     ids = _prompt_ids(model.config.vocab_size, spec["prompt_tokens"])
-    out = generate(model, ids, spec["new_tokens"], DynamicCache(), prefill_chunk=spec["prompt_tokens"])
+    out = generate(model, ids, spec["new_tokens"], prefill_chunk=spec["prompt_tokens"], static=True)
     return {"load_s": load_s, "start_to_first_token_s": start_to_first, "ttft_s": out.prefill_seconds,
             "prefill_tok_s": spec["prompt_tokens"] / out.prefill_seconds,
             "decode_tok_s": (len(out.tokens) - 1) / out.decode_seconds,

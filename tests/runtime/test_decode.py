@@ -1,0 +1,84 @@
+"""The lean decode step against the transformers forward it replaces: bit-identical logits step
+by step (float32 and bfloat16, plain, packed and fused linears), the same generated tokens, and
+a clear refusal of what it does not cover."""
+
+import pytest
+import torch
+from tiny_models import build_tiny
+from transformers import DynamicCache, StaticCache
+
+from lowbit.runtime.attention import use_fast_attention
+from lowbit.runtime.decode import LeanDecoder, unsupported_reason
+from lowbit.runtime.generate import generate, prefill
+
+
+def _packed(arch: str) -> torch.nn.Module:
+    from test_packed import random_qweight
+
+    from lowbit.runtime.packed import fuse_projections, pack_model
+    from lowbit.runtime.qlinear import QuantLinear
+
+    model = build_tiny(arch, tie=False)
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                qw = random_qweight(child.out_features, child.in_features, 4, 64, False, len(name))
+                setattr(mod, cname, QuantLinear.from_quantized(qw, child.bias))
+    model = pack_model(model).to(torch.bfloat16)
+    fuse_projections(model)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "packed"])
+def test_lean_steps_give_the_forwards_logits_bit_for_bit(arch, kind):
+    model = _packed(arch) if kind == "packed" else build_tiny(arch).to(getattr(torch, kind))
+    assert use_fast_attention(model)
+    ids = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(0))
+    ref_cache, lean_cache = (StaticCache(model.config, max_cache_len=40) for _ in range(2))
+    want = prefill(model, ids, ref_cache)
+    assert torch.equal(prefill(model, ids, lean_cache), want)
+    dec = LeanDecoder(model, lean_cache)
+    tok = int(want.argmax())
+    with torch.inference_mode():
+        for pos in range(23, 33):
+            a = model(input_ids=torch.tensor([[tok]]), past_key_values=ref_cache, use_cache=True).logits[0, -1].float()
+            b = dec.step(tok, pos)
+            assert torch.equal(a, b), f"position {pos}: max difference {float((a - b).abs().max())}"
+            tok = int(a.argmax())
+    for la, lb in zip(ref_cache.layers, lean_cache.layers):  # the cache holds the same keys and values
+        assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+        assert int(la.cumulative_length) == int(lb.cumulative_length) == 33
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_takes_the_lean_path_with_a_static_cache_and_keeps_its_tokens(arch, monkeypatch):
+    model = build_tiny(arch)
+    use_fast_attention(model)
+    ids = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(2))
+    calls = []
+    step = LeanDecoder.step
+    monkeypatch.setattr(LeanDecoder, "step", lambda self, t, p: calls.append(p) or step(self, t, p))
+    lean = generate(model, ids, 12, static=True, temperature=0.8, seed=3)
+    assert calls == list(range(30, 41))
+    plain = generate(model, ids, 12, static=True, lean=False, temperature=0.8, seed=3)
+    assert lean.tokens == plain.tokens and len(lean.tokens) == 12
+    assert generate(model, ids, 12).tokens == generate(model, ids, 12, static=True).tokens
+    assert len(calls) == 11 + 11  # the dynamic-cache run did not use it
+
+
+def test_what_lean_decode_does_not_cover_is_named():
+    gemma = build_tiny("gemma3")
+    use_fast_attention(gemma)
+    assert "gemma3" in unsupported_reason(gemma)
+    llama = build_tiny("llama")
+    assert "attention 'sdpa'" in unsupported_reason(llama)  # without lowbit's decode attention
+    use_fast_attention(llama)
+    assert unsupported_reason(llama) is None
+    assert "DynamicCache" in unsupported_reason(llama, DynamicCache())
+    with pytest.raises(ValueError, match="prefill the prompt"):
+        LeanDecoder(llama, StaticCache(llama.config, max_cache_len=8))
+    cache = StaticCache(llama.config, max_cache_len=8)
+    prefill(llama, torch.arange(5), cache)
+    with pytest.raises(ValueError, match="outside the cache"):
+        LeanDecoder(llama, cache).step(1, 8)
