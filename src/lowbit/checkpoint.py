@@ -16,6 +16,7 @@ is a CheckpointError, never a half-loaded model.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
 import logging
@@ -175,20 +176,22 @@ class _Background:
         import threading
 
         self._error: BaseException | None = None
+        self._value = None
 
         def run():
             try:
-                fn(*args)
+                self._value = fn(*args)
             except BaseException as e:  # handed to the caller by result()
                 self._error = e
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
 
-    def result(self) -> None:
+    def result(self):
         self._thread.join()
         if self._error is not None:
             raise self._error
+        return self._value
 
 
 def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
@@ -278,6 +281,16 @@ class _Tensors:
 RUNTIMES = ("reference", "packed")
 
 
+def release_freed_memory() -> None:
+    """Hand memory that loading freed (read buffers, conversion slices, pre-fusion copies) back
+    to the system: glibc keeps freed heap blocks mapped, which otherwise stay in the resident
+    size for the life of the process. A no-op where the C library has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True,
                     runtime: str = "reference", int8_activations: bool = False) -> LoadedCheckpoint:
     """Rebuild the quantized model. `dtype` converts the dense tensors (default: as saved).
@@ -314,6 +327,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # the tokenizer beside the weights (after the imports above, which a thread holding the GIL
+    # would slow): transformers parses tokenizer.json in Python, about a second for a 150k
+    # vocabulary, while the reads and conversions below let go of the GIL
+    tokenizer = _Background(AutoTokenizer.from_pretrained, path) if (path / "tokenizer_config.json").exists() else None
     float_layers: list[str] = []  # int8_activations: layers whose format has no integer path
     by_layer: dict[str, list[str]] = {}
     for k in quant.keys:
@@ -356,6 +373,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     if float_layers:
         log.warning("%d layer(s) have no int8-activation format and run weight-only: %s", len(float_layers),
                     ", ".join(float_layers[:4]) + (" ..." if len(float_layers) > 4 else ""))
+    release_freed_memory()
     state = {k: dense.get(k, dtype) for k in dense.keys}
     quant.close()
     dense.close()
@@ -378,7 +396,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     if still_empty:
         raise CheckpointError(f"{path}: no tensors for {still_empty[:5]}; the checkpoint is incomplete")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    tokenizer = tokenizer.result() if tokenizer is not None else None
+    release_freed_memory()
     return LoadedCheckpoint(model, tokenizer, manifest, path)
 
 

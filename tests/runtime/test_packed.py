@@ -16,6 +16,7 @@ from lowbit.runtime.packed import (
     PackedLinear,
     deinterleave_rows,
     interleave_rows,
+    interleave_uniform_,
     pack_model,
     pack_rows,
     unpack_rows,
@@ -242,3 +243,18 @@ def test_interleaving_puts_each_group_of_four_rows_side_by_side():
     assert torch.equal(block0[:32], packed[:4, :8].reshape(-1))     # group 0 of rows 0-3
     assert torch.equal(block0[32:48], packed[:4, 8:12].reshape(-1))  # then group 1 of rows 0-3
     assert torch.equal(deinterleave_rows(il, offsets, [4, 2], 16), packed)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([2, 3, 4, 8]), st.sampled_from([16, 64, 128]), st.integers(1, 5), st.integers(1, 9),
+       st.integers(1, 3), st.integers(0, 99))
+def test_in_place_interleave_of_equal_groups_is_interleave_rows(bits, gs, groups, blocks, chunk_blocks, seed):
+    """The loader's in-place, chunked interleave (no second copy of a large weight) gives
+    interleave_rows' bytes for any chunk size, including chunks that do not divide the rows."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (4 * blocks, gs * groups), generator=g, dtype=torch.uint8)
+    packed, offsets = pack_rows(codes, gs, [bits] * groups)
+    want = interleave_rows(packed, offsets, [bits] * groups, gs)
+    got = packed.clone()
+    assert interleave_uniform_(got, gs // 8 * bits, chunk_bytes=chunk_blocks * 4 * packed.shape[1]) is got
+    assert torch.equal(got, want)

@@ -60,6 +60,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed[..., :n].clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: each byte holds 8 / bits whole codes, lowest bits first
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., m, 8 / bits], in bytes
+        return codes.reshape(*lead, -1)[..., :n]
     b = packed.reshape(*lead, -1, bits).to(torch.int64)               # [..., n8, bits]
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(-1, keepdim=True)                    # [..., n8, 1]

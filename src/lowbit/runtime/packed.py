@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import kernels
+from lowbit.checkpoint import release_freed_memory
 from lowbit.errors import ShapeError
 from lowbit.formats import pack
 from lowbit.qtensor import QuantFormat, QuantizedWeight, float_scales, zero_points
@@ -77,6 +78,19 @@ def interleave_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.T
     for off, gb in zip(offsets.tolist(), _group_bytes(widths, group_size)):
         out[:, INTERLEAVE * off:INTERLEAVE * (off + gb)] = blocks[:, :, off:off + gb].reshape(n // INTERLEAVE, -1)
     return out.reshape(n, rb)
+
+
+def interleave_uniform_(packed: torch.Tensor, group_bytes: int, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """interleave_rows for groups of equal width (group_bytes each), in place: blocks of four rows
+    are rearranged a chunk at a time, so no second copy of a large weight (an output head) is
+    ever held. Returns `packed`."""
+    n, rb = packed.shape
+    blocks = packed.view(n // INTERLEAVE, INTERLEAVE * rb)
+    step = max(1, chunk_bytes // (INTERLEAVE * rb))
+    for i in range(0, blocks.shape[0], step):
+        part = blocks[i:i + step]
+        part.copy_(part.reshape(-1, INTERLEAVE, rb // group_bytes, group_bytes).transpose(1, 2).reshape(part.shape))
+    return packed
 
 
 def deinterleave_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.Tensor | list[int],
@@ -165,9 +179,10 @@ class PackedLinear(nn.Module):
         step = gs // 8 * fmt.bits
         widths, offsets = torch.full((g,), fmt.bits, dtype=torch.int64), torch.arange(g, dtype=torch.int64) * step
         m.interleave = INTERLEAVE if out_f % INTERLEAVE == 0 else 1
+        codes = codes.contiguous()
         if m.interleave != 1:
-            codes = interleave_rows(codes, offsets, widths, gs)
-        m.register_buffer("packed", codes.contiguous())
+            interleave_uniform_(codes, step)
+        m.register_buffer("packed", codes)
         m.register_buffer("widths", widths)
         m.register_buffer("offsets", offsets)
         m.register_buffer("scales", scales.float().contiguous())
@@ -312,6 +327,7 @@ def fuse_projections(model: nn.Module) -> int:
                     m._fused, m._rows = shared, (start, start + rows)
                     start += rows
                 fused += 1
+        release_freed_memory()  # the members' own copies, freed a block at a time
     return fused
 
 
