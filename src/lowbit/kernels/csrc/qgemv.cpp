@@ -224,26 +224,25 @@ namespace {
 // bfloat16 activations, any width 1..8 per group, groups a multiple of 64 wide. Per 64 codes:
 // a masked load of the 8*b bytes that hold them; vpermb puts each b-byte packing unit (8 codes)
 // into its own 64-bit lane; vpmultishiftqb pulls code i of the unit out of bits [i*b, i*b+8)
-// into byte i; a mask keeps b bits. Interleaving those bytes with 0x43 makes bfloat16 numbers
-// 0x43cc = 128 + c exactly (c < 128), so one vdpbf16ps multiplies 32 codes by 32 activations
-// with float32 sums, and 128 * sum(x) is taken off per group with the zero point:
+// into byte i. Read as 16-bit lanes, the low bytes are the even codes and the high bytes the odd
+// ones: one ternary-logic op keeps b bits of a lane and sets 0x4300, making the bfloat16 number
+// 0x43cc = 128 + c exactly (c < 128) with no shuffle, so one vdpbf16ps multiplies 32 codes by 32
+// activations with float32 sums, and 128 * sum(x) is taken off per group with the zero point:
 //   sum_k (c_k - z) x_k = sum_k (128 + c_k) x_k - (128 + z) sum_k x_k.
 // 8-bit codes go as two nibbles (c = lo + 16 hi, offset 128 * 17). The activations are put once
 // per call in the order each group's path leaves its codes in (see bf16_mode).
 struct WidthTables {
-  __m512i perm[9], shift[9], mask[9];
+  __m512i perm[9], shift[9];
   WidthTables() {
     for (int b = 1; b <= 8; ++b) {
-      alignas(64) uint8_t p[64], sh[64], mk[64];
+      alignas(64) uint8_t p[64], sh[64];
       for (int j = 0; j < 64; ++j) {
         const int q = j / 8, k = j % 8;
         p[j] = static_cast<uint8_t>(k < b ? q * b + k : q * b);
         sh[j] = static_cast<uint8_t>(k * b);
-        mk[j] = static_cast<uint8_t>(b == 8 ? 0x0F : (1 << b) - 1);
       }
       perm[b] = _mm512_load_si512(p);
       shift[b] = _mm512_load_si512(sh);
-      mask[b] = _mm512_load_si512(mk);
     }
   }
 };
@@ -358,16 +357,16 @@ void four_rows(const BF16Args& a, int64_t n) {
     } else if (MODE == kGeneric) {  // any width b < 8 through vpermb + vpmultishiftqb
       const int b = static_cast<int>(a.bits[g]);
       const WidthTables& T = tables();
-      const __m512i perm = T.perm[b], shift = T.shift[b], bmask = T.mask[b], magic = _mm512_set1_epi8(0x43);
+      const __m512i perm = T.perm[b], shift = T.shift[b], m16 = _mm512_set1_epi16((1 << b) - 1);
       const __mmask64 lmask = (__mmask64{1} << (8 * b)) - 1;
       for (int64_t c = 0; c < group; c += 64) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         for (int r = 0; r < R; ++r) {
           const uint8_t* p = src + r * rs + c / 8 * b;
           const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
-          const __m512i c8 = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw)), bmask);
-          lo[r] = _mm512_dpbf16_ps(lo[r], as_bh(_mm512_unpacklo_epi8(c8, magic)), x0);
-          hi[r] = _mm512_dpbf16_ps(hi[r], as_bh(_mm512_unpackhi_epi8(c8, magic)), x1);
+          const __m512i c8 = _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw));
+          lo[r] = _mm512_dpbf16_ps(lo[r], as_bh(_mm512_ternarylogic_epi32(c8, m16, magic16, 0xEA)), x0);
+          hi[r] = _mm512_dpbf16_ps(hi[r], as_bh(_mm512_ternarylogic_epi32(_mm512_srli_epi16(c8, 8), m16, magic16, 0xEA)), x1);
         }
       }
     } else {
@@ -393,7 +392,7 @@ template <int M, int GS>
 void bf16_rows(const BF16Args& a) {
   const int64_t group = GS ? GS : a.group;
   const WidthTables& T = tables();
-  const __m512i magic = _mm512_set1_epi8(0x43), magic16 = _mm512_set1_epi16(0x4300);
+  const __m512i magic16 = _mm512_set1_epi16(0x4300);
   const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(0x03);
   int uniform = bf16_mode(static_cast<int>(a.bits[0]), group);
   for (int64_t g = 1; g < a.G; ++g)
@@ -453,12 +452,12 @@ void bf16_rows(const BF16Args& a) {
             lo_acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(16.f), _mm512_add_ps(acc16[m], acc16b[m]), lo_acc[m]);
         } else {
           const __mmask64 lmask = (__mmask64{1} << (8 * b)) - 1;
-          const __m512i perm = T.perm[b], shift = T.shift[b], mask = T.mask[b];
+          const __m512i perm = T.perm[b], shift = T.shift[b], mb = _mm512_set1_epi16((1 << b) - 1);
           for (int64_t c = 0; c < group; c += 64) {
             const uint8_t* p = src + c / 8 * b;
             const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
-            const __m512i c8 = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw)), mask);
-            dot2(as_bh(_mm512_unpacklo_epi8(c8, magic)), as_bh(_mm512_unpackhi_epi8(c8, magic)), xg + c, lo_acc, hi_acc);
+            const __m512i c8 = _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw));
+            dot2(bf(c8, mb), bf(_mm512_srli_epi16(c8, 8), mb), xg + c, lo_acc, hi_acc);
           }
         }
         const __m512 vs = _mm512_set1_ps(a.scales[n * a.G + g]);
@@ -494,19 +493,13 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
     for (int64_t g = 0; g < G; ++g) {
       const uint16_t* src = xp + m * K + g * group;
       uint16_t* dst = xr.data() + m * K + g * group;
-      const int P = mode[g] == kFour ? 2 : mode[g] == kTwo ? 4 : 1;
-      if (mode[g] == kGeneric) {  // 64-code chunks: bytes 0-7, 16-23, .. low half; 8-15, .. high half
-        for (int64_t c = 0; c < group; c += 64)
-          for (int L = 0; L < 4; ++L)
-            for (int i = 0; i < 8; ++i) {
-              dst[c + L * 8 + i] = src[c + 16 * L + i];
-              dst[c + 32 + L * 8 + i] = src[c + 16 * L + 8 + i];
-            }
-      } else {  // chunks of 32 * P codes: phase p (code P * j + p of the chunk) in lanes 32p .. 32p + 31
-        for (int64_t c = 0; c < group; c += 32 * P)
-          for (int p = 0; p < P; ++p)
-            for (int j = 0; j < 32; ++j) dst[c + 32 * p + j] = src[c + P * j + p];
-      }
+      // chunks of 32 * P codes: phase p (code P * j + p of the chunk) in lanes 32p .. 32p + 31.
+      // 4 bits: low nibbles are the even codes, high nibbles the odd; the vpermb path leaves
+      // code j of 64 in byte j, so the low bytes of its 16-bit lanes are the even codes too
+      const int P = mode[g] == kTwo ? 4 : mode[g] == kEight ? 1 : 2;
+      for (int64_t c = 0; c < group; c += 32 * P)
+        for (int p = 0; p < P; ++p)
+          for (int j = 0; j < 32; ++j) dst[c + 32 * p + j] = src[c + P * j + p];
     }
     for (int64_t g = 0; g < G; ++g) {
       float s = 0.f;
