@@ -29,6 +29,12 @@ def _packed(arch: str) -> torch.nn.Module:
     return model
 
 
+def _bf16_kernel() -> bool:
+    from lowbit import kernels
+
+    return kernels.available("qgemv") and kernels.load("qgemv").has_bf16_path()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "packed"])
 def test_lean_steps_give_the_forwards_logits_bit_for_bit(arch, kind):
@@ -39,6 +45,8 @@ def test_lean_steps_give_the_forwards_logits_bit_for_bit(arch, kind):
     want = prefill(model, ids, ref_cache)
     assert torch.equal(prefill(model, ids, lean_cache), want)
     dec = LeanDecoder(model, lean_cache)
+    if kind == "packed" and _bf16_kernel():  # the fused products are called directly
+        assert all(p.qkv is not None and p.gate_up is not None and p.o is not p.down for p in dec.plans)
     tok = int(want.argmax())
     with torch.inference_mode():
         for pos in range(23, 33):

@@ -71,6 +71,8 @@ class LeanDecoder:
         self.max_len = cache.layers[0].max_cache_len
         self.positions = torch.arange(self.max_len)
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rotate_half = sys.modules[type(first).__module__].rotate_half
+        self.plans = [_LayerPlan(layer) for layer in self.layers]
 
     def _rope(self, like: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the rotary module's table for every position at once: each entry is the same float
@@ -89,18 +91,81 @@ class LeanDecoder:
         cos, sin = self._rope(h, pos)
         mask = (self.positions <= pos).view(1, 1, 1, -1)
         d = self.head_dim
-        for layer, kv in zip(self.layers, self.cache.layers):
+        cos1, sin1 = cos.unsqueeze(1), sin.unsqueeze(1)
+        for layer, plan, kv in zip(self.layers, self.plans, self.cache.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, 1, -1, d).transpose(1, 2)
-            k = attn.k_proj(x).view(1, 1, -1, d).transpose(1, 2)
-            v = attn.v_proj(x).view(1, 1, -1, d).transpose(1, 2)
-            q, k = self.rotary(q, k, cos, sin)
+            if plan.qkv is not None:  # one product for q, k and v; the rotation on q and k at once
+                y = plan.qkv(x)
+                qk = y[..., :plan.qk_rows].view(1, 1, -1, d).transpose(1, 2)
+                qk = (qk * cos1) + (self.rotate_half(qk) * sin1)
+                q, k = qk[:, :plan.q_heads], qk[:, plan.q_heads:]
+                v = y[..., plan.qk_rows:].view(1, 1, -1, d).transpose(1, 2)
+            else:
+                q = attn.q_proj(x).view(1, 1, -1, d).transpose(1, 2)
+                k = attn.k_proj(x).view(1, 1, -1, d).transpose(1, 2)
+                v = attn.v_proj(x).view(1, 1, -1, d).transpose(1, 2)
+                q, k = self.rotary(q, k, cos, sin)
             kv.keys[:, :, pos] = k[:, :, 0]
             kv.values[:, :, pos] = v[:, :, 0]
             kv.cumulative_length.fill_(pos + 1)
             o, _ = attention.decode_attention(attn, q, kv.keys, kv.values, mask, scaling=attn.scaling)
-            h = h + attn.o_proj(o.reshape(1, 1, -1))
+            h = h + plan.o(o.reshape(1, 1, -1))
             x = layer.post_attention_layernorm(h)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if plan.gate_up is not None:
+                y = plan.gate_up(x)
+                h = h + plan.down(mlp.act_fn(y[..., :plan.inter]) * y[..., plan.inter:])
+            else:
+                h = h + plan.down(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         return self.model.lm_head(self.body.norm(h))[0, -1].float()
+
+
+def _gemv(linears: list[torch.nn.Module]):
+    """One bfloat16 decode product for PackedLinears that share a fused GEMV (or for one
+    PackedLinear), x [1, 1, in] -> [1, 1, sum of outputs] bfloat16: the operations their forwards
+    run (the kernel's float32 result, plus each bias in float32, rounded once), without the
+    per-module calls. None where the members do not qualify; their forwards then run."""
+    from lowbit.runtime.packed import PackedLinear, _ext
+
+    ext = _ext()
+    if ext is None or not ext.has_bf16_path() or not all(isinstance(m, PackedLinear) for m in linears):
+        return None
+    first = linears[0]
+    if any(m.perm is not None or m.group_size % 64 for m in linears):
+        return None
+    if len(linears) > 1:
+        shared = first._fused
+        if shared is None or any(m._fused is not shared for m in linears) or len(shared.rows) != len(linears):
+            return None
+        src = shared
+    else:
+        if first._fused is not None:
+            return None
+        src = first
+    with_bias = [m.bias is not None for m in linears]
+    if any(with_bias) and not all(with_bias):
+        return None
+    bias = torch.cat([m.bias.float() for m in linears]) if all(with_bias) else None
+    args = (src.packed, src.widths, src.offsets, src.scales, src.zero_points, src.group_size, src.interleave)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = ext.gemv_bf16(x.reshape(1, -1).contiguous(), *args)
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype).reshape(1, 1, -1)
+
+    return run
+
+
+class _LayerPlan:
+    """The direct products of one decoder layer (None: call the modules)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _gemv([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.q_heads = attn.config.num_attention_heads
+        self.qk_rows = (attn.config.num_attention_heads + attn.config.num_key_value_heads) * attn.head_dim
+        self.o = _gemv([attn.o_proj]) or attn.o_proj
+        self.gate_up = _gemv([mlp.gate_proj, mlp.up_proj])
+        self.inter = mlp.gate_proj.out_features
+        self.down = _gemv([mlp.down_proj]) or mlp.down_proj
