@@ -12,7 +12,7 @@ from lowbit.runtime.decode import LeanDecoder, unsupported_reason
 from lowbit.runtime.generate import generate, prefill
 
 
-def _packed(arch: str) -> torch.nn.Module:
+def _packed(arch: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     from test_packed import random_qweight
 
     from lowbit.runtime.packed import fuse_projections, pack_model
@@ -24,7 +24,7 @@ def _packed(arch: str) -> torch.nn.Module:
             if isinstance(child, torch.nn.Linear):
                 qw = random_qweight(child.out_features, child.in_features, 4, 64, False, len(name))
                 setattr(mod, cname, QuantLinear.from_quantized(qw, child.bias))
-    model = pack_model(model).to(torch.bfloat16)
+    model = pack_model(model).to(dtype)
     fuse_projections(model)
     return model
 
@@ -36,9 +36,12 @@ def _bf16_kernel() -> bool:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "packed"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "packed", "packed-float32"])
 def test_lean_steps_give_the_forwards_logits_bit_for_bit(arch, kind):
-    model = _packed(arch) if kind == "packed" else build_tiny(arch).to(getattr(torch, kind))
+    if kind.startswith("packed"):
+        model = _packed(arch, torch.float32 if kind == "packed-float32" else torch.bfloat16)
+    else:
+        model = build_tiny(arch).to(getattr(torch, kind))
     assert use_fast_attention(model)
     ids = torch.randint(0, 256, (23,), generator=torch.Generator().manual_seed(0))
     ref_cache, lean_cache = (StaticCache(model.config, max_cache_len=40) for _ in range(2))
@@ -47,6 +50,8 @@ def test_lean_steps_give_the_forwards_logits_bit_for_bit(arch, kind):
     dec = LeanDecoder(model, lean_cache)
     if kind == "packed" and _bf16_kernel():  # the fused products are called directly
         assert all(p.qkv is not None and p.gate_up is not None and p.o is not p.down for p in dec.plans)
+    if kind == "packed-float32":  # float32 activations take the modules (the kernel's float32 path)
+        assert all(p.qkv is None and p.gate_up is None for p in dec.plans)
     tok = int(want.argmax())
     with torch.inference_mode():
         for pos in range(23, 33):

@@ -72,7 +72,8 @@ class LeanDecoder:
         self.positions = torch.arange(self.max_len)
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rotate_half = sys.modules[type(first).__module__].rotate_half
-        self.plans = [_LayerPlan(layer) for layer in self.layers]
+        bf16 = self.body.embed_tokens.weight.dtype == torch.bfloat16  # the kernels' direct path
+        self.plans = [_LayerPlan(layer, bf16) for layer in self.layers]
 
     def _rope(self, like: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the rotary module's table for every position at once: each entry is the same float
@@ -121,7 +122,7 @@ class LeanDecoder:
 
 
 def _gemv(linears: list[torch.nn.Module]):
-    """One bfloat16 decode product for PackedLinears that share a fused GEMV (or for one
+    """One bfloat16 decode product (the model runs bfloat16) for PackedLinears that share a fused GEMV (or for one
     PackedLinear), x [1, 1, in] -> [1, 1, sum of outputs] bfloat16: the operations their forwards
     run (the kernel's float32 result, plus each bias in float32, rounded once), without the
     per-module calls. None where the members do not qualify; their forwards then run."""
@@ -160,12 +161,13 @@ def _gemv(linears: list[torch.nn.Module]):
 class _LayerPlan:
     """The direct products of one decoder layer (None: call the modules)."""
 
-    def __init__(self, layer: torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, bf16: bool):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _gemv([attn.q_proj, attn.k_proj, attn.v_proj])
+        gemv = _gemv if bf16 else (lambda linears: None)
+        self.qkv = gemv([attn.q_proj, attn.k_proj, attn.v_proj])
         self.q_heads = attn.config.num_attention_heads
         self.qk_rows = (attn.config.num_attention_heads + attn.config.num_key_value_heads) * attn.head_dim
-        self.o = _gemv([attn.o_proj]) or attn.o_proj
-        self.gate_up = _gemv([mlp.gate_proj, mlp.up_proj])
+        self.o = gemv([attn.o_proj]) or attn.o_proj
+        self.gate_up = gemv([mlp.gate_proj, mlp.up_proj])
         self.inter = mlp.gate_proj.out_features
-        self.down = _gemv([mlp.down_proj]) or mlp.down_proj
+        self.down = gemv([mlp.down_proj]) or mlp.down_proj
