@@ -47,7 +47,7 @@ def test_lean_steps_give_the_forwards_logits_bit_for_bit(arch, kind):
     ref_cache, lean_cache = (StaticCache(model.config, max_cache_len=40) for _ in range(2))
     want = prefill(model, ids, ref_cache)
     assert torch.equal(prefill(model, ids, lean_cache), want)
-    dec = LeanDecoder(model, lean_cache)
+    dec = LeanDecoder(model, lean_cache, native=False)  # the native loop: test_native_small_ops_...
     if kind == "packed" and _bf16_kernel():  # the fused products are called directly
         assert all(p.qkv is not None and p.gate_up is not None and p.o is not p.down for p in dec.plans)
     if kind == "packed-float32":  # float32 activations take the modules (the kernel's float32 path)
@@ -95,3 +95,43 @@ def test_what_lean_decode_does_not_cover_is_named():
     prefill(llama, torch.arange(5), cache)
     with pytest.raises(ValueError, match="outside the cache"):
         LeanDecoder(llama, cache).step(1, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_native_small_ops_follow_the_torch_step(arch):
+    """The native loop (norms, rotary, cache write and attention in single calls) against the
+    torch lean step: logits within bfloat16 rounding, the same greedy tokens, the same cache."""
+    from lowbit import kernels
+
+    if not _bf16_kernel() or not kernels.available("decode_ops"):
+        pytest.skip("no native kernels with a bfloat16 path on this machine")
+    model = _packed(arch)
+    use_fast_attention(model)
+    ids = torch.randint(0, 256, (29,), generator=torch.Generator().manual_seed(4))
+    caches = [StaticCache(model.config, max_cache_len=64) for _ in range(2)]
+    logits = [prefill(model, ids, c) for c in caches]
+    ref, nat = LeanDecoder(model, caches[0], native=False), LeanDecoder(model, caches[1])
+    assert ref.ops is None and nat.ops is not None
+    tok = int(logits[0].argmax())
+    for pos in range(29, 60):
+        a, b = ref.step(tok, pos), nat.step(tok, pos)
+        torch.testing.assert_close(b, a, rtol=0.02, atol=0.02 * float(a.abs().max()))
+        assert int(b.argmax()) == int(a.argmax()), f"position {pos}"
+        tok = int(a.argmax())
+    for la, lb in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(lb.keys.float(), la.keys.float(), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(lb.values.float(), la.values.float(), rtol=0.02, atol=0.02)
+
+
+def test_native_ops_refuse_a_position_outside_the_cache():
+    from lowbit import kernels
+
+    if not kernels.available("decode_ops"):
+        pytest.skip("no C++ toolchain")
+    ops = kernels.load("decode_ops")
+    y, row = torch.zeros(1, 1, 8 * 16, dtype=torch.bfloat16), torch.zeros(1, 1, 16, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 2, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops.rope_attend(y, row, row, cache, cache.clone(), 4, 0.25, 4, 2)
+    with pytest.raises(RuntimeError, match="do not agree"):
+        ops.rope_attend(y[..., :-16].contiguous(), row, row, cache, cache.clone(), 1, 0.25, 4, 2)

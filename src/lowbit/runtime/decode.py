@@ -11,7 +11,13 @@ bit-identical to the transformers forward (tests/runtime/test_decode.py checks t
 
 It covers the Llama / Qwen2 layer (pre-norm attention and gated MLP, full attention, optional
 q/k/v bias) with lowbit's decode attention (runtime/attention.py) and a StaticCache; anything
-else (`LeanDecoder.supports` says why) keeps the transformers forward.
+else (`unsupported_reason` says why) keeps the transformers forward.
+
+For a bfloat16 model of packed layers it goes one step further (the native loop, the default):
+the fused products are called directly, and each RMSNorm and the rotary embedding, cache write
+and attention of a layer are one native call each (kernels/csrc/decode_ops.cpp). Those sum in
+another order than torch's kernels, so its logits agree with the transformers forward to
+bfloat16 rounding rather than bit for bit; `native=False` keeps the bit-identical torch loop.
 
     cache = StaticCache(model.config, max_cache_len=...)
     prefill(model, prompt, cache)                      # transformers forward, fills the cache
@@ -57,7 +63,7 @@ def unsupported_reason(model: torch.nn.Module, cache=None) -> str | None:
 class LeanDecoder:
     """Decode steps for `model` over `cache` (a StaticCache that prefill has filled)."""
 
-    def __init__(self, model: torch.nn.Module, cache: StaticCache):
+    def __init__(self, model: torch.nn.Module, cache: StaticCache, native: bool = True):
         reason = unsupported_reason(model, cache)
         if reason is not None:
             raise ValueError(f"lean decode does not cover {reason}; use the model's forward")
@@ -74,6 +80,7 @@ class LeanDecoder:
         self.rotate_half = sys.modules[type(first).__module__].rotate_half
         bf16 = self.body.embed_tokens.weight.dtype == torch.bfloat16  # the kernels' direct path
         self.plans = [_LayerPlan(layer, bf16) for layer in self.layers]
+        self.ops = _native_ops(model, self.plans) if native else None
 
     def _rope(self, like: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the rotary module's table for every position at once: each entry is the same float
@@ -91,6 +98,8 @@ class LeanDecoder:
         h = self.body.embed_tokens(torch.tensor([[token]]))
         cos, sin = self._rope(h, pos)
         mask = (self.positions <= pos).view(1, 1, 1, -1)
+        if self.ops is not None:
+            return self._native_step(h, cos, sin, pos)
         d = self.head_dim
         cos1, sin1 = cos.unsqueeze(1), sin.unsqueeze(1)
         for layer, plan, kv in zip(self.layers, self.plans, self.cache.layers):
@@ -119,6 +128,39 @@ class LeanDecoder:
             else:
                 h = h + plan.down(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         return self.model.lm_head(self.body.norm(h))[0, -1].float()
+
+
+    def _native_step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+        """The same step with the small operations of each layer as single native calls
+        (kernels/csrc/decode_ops.cpp) around the direct products."""
+        ops, config = self.ops, self.model.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        for layer, plan, kv in zip(self.layers, self.plans, self.cache.layers):
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            y = plan.qkv(ops.rms_norm(h, ln1.weight, ln1.variance_epsilon))
+            o = ops.rope_attend(y, cos, sin, kv.keys, kv.values, pos, layer.self_attn.scaling, heads, kv_heads)
+            kv.cumulative_length.fill_(pos + 1)
+            h = h + plan.o(o)
+            y = plan.gate_up(ops.rms_norm(h, ln2.weight, ln2.variance_epsilon))
+            h = h + plan.down(layer.mlp.act_fn(y[..., :plan.inter]) * y[..., plan.inter:])
+        return self.model.lm_head(self.body.norm(h))[0, -1].float()
+
+
+def _native_ops(model: torch.nn.Module, plans: list) -> object | None:
+    """decode_ops where every layer qualifies (bfloat16, fused direct products, RMSNorm, SiLU),
+    else None."""
+    from lowbit import kernels
+
+    if getattr(model.config, "hidden_act", None) != "silu" or any(p.qkv is None or p.gate_up is None for p in plans):
+        return None
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not hasattr(norm, "variance_epsilon") or norm.weight.dtype != torch.bfloat16:
+                return None
+    try:
+        return kernels.load("decode_ops")
+    except kernels.KernelUnavailable:
+        return None
 
 
 def _gemv(linears: list[torch.nn.Module]):
