@@ -324,13 +324,12 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     saved_dtype = getattr(torch, manifest["dtype"])
     dtype = dtype or saved_dtype
 
+    # the tokenizer first: the garbage of parsing tokenizer.json (transformers does it in Python)
+    # is gone before the weights arrive, so it does not add to the peak
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # the tokenizer beside the weights (after the imports above, which a thread holding the GIL
-    # would slow): transformers parses tokenizer.json in Python, about a second for a 150k
-    # vocabulary, while the reads and conversions below let go of the GIL
-    tokenizer = _Background(AutoTokenizer.from_pretrained, path) if (path / "tokenizer_config.json").exists() else None
     float_layers: list[str] = []  # int8_activations: layers whose format has no integer path
     by_layer: dict[str, list[str]] = {}
     for k in quant.keys:
@@ -396,7 +395,6 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     if still_empty:
         raise CheckpointError(f"{path}: no tensors for {still_empty[:5]}; the checkpoint is incomplete")
     model.eval()
-    tokenizer = tokenizer.result() if tokenizer is not None else None
     release_freed_memory()
     return LoadedCheckpoint(model, tokenizer, manifest, path)
 

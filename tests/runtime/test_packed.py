@@ -258,3 +258,27 @@ def test_in_place_interleave_of_equal_groups_is_interleave_rows(bits, gs, groups
     got = packed.clone()
     assert interleave_uniform_(got, gs // 8 * bits, chunk_bytes=chunk_blocks * 4 * packed.shape[1]) is got
     assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_prefill_weights_share_a_scratch_buffer_without_mixing_layers():
+    """Prefill dequantizes into one reused buffer: layers of different shapes run in turn give
+    exactly their own products; products autograd would keep, permuted and oversized weights get
+    their own tensor."""
+    from lowbit.runtime import packed as packed_mod
+
+    a = PackedLinear(random_qweight(96, 128, 4, 64, False, 1))
+    b = PackedLinear(random_qweight(40, 256, 3, 64, True, 2))
+    xa, xb = torch.randn(16, 128), torch.randn(16, 256)
+    want_a = torch.nn.functional.linear(xa, a.dequantized_weight())
+    want_b = torch.nn.functional.linear(xb, b.dequantized_weight())
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.equal(a(xa), want_a) and torch.equal(b(xb), want_b)
+    scratch = packed_mod._scratch[torch.float32]
+    with torch.inference_mode():
+        assert a._prefill_weight(xa).untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr()
+    x_grad = xa.clone().requires_grad_()
+    assert a._prefill_weight(x_grad).untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()
+    permuted = PackedLinear(random_qweight(96, 128, 4, 64, False, 3, perm=True))
+    assert permuted._prefill_weight(xa).untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()

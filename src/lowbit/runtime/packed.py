@@ -35,6 +35,8 @@ from lowbit.runtime.qlinear import QuantLinear
 log = logging.getLogger(__name__)
 
 DECODE_ROWS = 8     # up to this many activation rows go through the GEMV kernel
+SCRATCH_BYTES = 64 << 20  # prefill: weights up to this size dequantize into a shared buffer
+_scratch: dict[torch.dtype, torch.Tensor] = {}
 _warned = False
 
 
@@ -238,8 +240,26 @@ class PackedLinear(nn.Module):
                 y = y + self.bias.float()
             y = y.to(x.dtype)
         else:
-            y = F.linear(x2, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = F.linear(x2, self._prefill_weight(x), None if self.bias is None else self.bias.to(x.dtype))
         return y.reshape(*lead, self.out_features)
+
+    def _prefill_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """dequantized_weight for one product with x: layers up to SCRATCH_BYTES share one buffer
+        per dtype (a fresh tens-of-megabytes temporary per layer and step grows the heap and pays
+        page faults every time); larger ones (an output head), permuted ones and products that
+        autograd would keep the weight of get their own."""
+        ext, dtype = _ext(), x.dtype
+        n, k = self.out_features, self.in_features
+        if ext is None or self.unperm is not None or dtype not in (torch.float32, torch.bfloat16) \
+                or n * k * dtype.itemsize > SCRATCH_BYTES or (torch.is_grad_enabled() and x.requires_grad):
+            return self.dequantized_weight(dtype)
+        buf = _scratch.get(dtype)
+        if buf is None or buf.numel() < n * k:
+            buf = _scratch[dtype] = torch.empty(n * k, dtype=dtype)
+        w = buf[:n * k].view(n, k)
+        ext.dequantize_into(w, self.packed, self.widths, self.offsets, self.scales, self.zero_points, self.group_size,
+                            self.interleave)
+        return w
 
     def extra_repr(self) -> str:
         widths = sorted(set(self.widths.tolist()))

@@ -771,11 +771,14 @@ bool has_bf16_path() {
 // The float weight [N, K] of the same layout (for prefill: dequantize once, then a dense matmul),
 // as float32, or rounded to bfloat16 (round to nearest even, as torch's float -> bfloat16 cast)
 // when `bf16` is set, so a bfloat16 model never materializes the float32 weight.
-torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor offset, torch::Tensor scales,
-                         torch::Tensor zeros, int64_t group, bool bf16, int64_t il) {
+// into `w` [N, K] (float32 or bfloat16, contiguous): a caller's reusable buffer
+void dequantize_into(torch::Tensor w, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
+                     torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
   const std::vector<int64_t> gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
   const int64_t N = packed.size(0), RB = packed.size(1), G = bits.numel(), K = G * group;
-  auto w = torch::empty({N, K}, scales.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  const bool bf16 = w.dtype() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || w.dtype() == torch::kFloat32) && w.is_contiguous() && w.dim() == 2 && w.size(0) == N &&
+              w.size(1) == K, "qgemv: the output must be a contiguous float32 or bfloat16 [", N, ", ", K, "] tensor");
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const int64_t* bp = bits.data_ptr<int64_t>();
   const int64_t* offp = offset.data_ptr<int64_t>();
@@ -797,12 +800,21 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
         }
       }
   });
+}
+
+torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor offset, torch::Tensor scales,
+                         torch::Tensor zeros, int64_t group, bool bf16, int64_t il) {
+  TORCH_CHECK(packed.dim() == 2 && bits.numel() > 0, "qgemv: packed must be [N, row bytes]");
+  auto w = torch::empty({packed.size(0), bits.numel() * group},
+                        scales.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  dequantize_into(w, packed, bits, offset, scales, zeros, group, il);
   return w;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T with group-wise packed low-bit W");
   m.def("dequantize", &dequantize, "group-wise packed low-bit W -> float32 (or bfloat16) W");
+  m.def("dequantize_into", &dequantize_into, "dequantize into a given float32 / bfloat16 [N, K] tensor");
   m.def("has_bf16_path", &has_bf16_path, "whether gemv_bf16 was compiled (AVX-512 BF16 and VBMI)");
   m.def("has_w4a8_path", &has_w4a8_path, "whether w4a8_gemm was compiled (AVX-512 VNNI)");
   m.def("quantize_rows", &quantize_rows, "per-token int8 quantization (q, scale) of float32 / bfloat16 rows");
