@@ -80,7 +80,8 @@ def generate(
     full-precision cache: a DynamicCache, or with `static` a StaticCache allocated once for the
     prompt and every new token (no per-step growth). `on_token` sees each new token as it is chosen.
     With a StaticCache, decode steps run runtime/decode.py's LeanDecoder where it covers the model
-    (bit-identical logits, less per-step overhead); `lean=False` keeps the transformers forward."""
+    (less per-step overhead; logits bit-identical to the transformers forward, or equal to
+    bfloat16 rounding where its native loop runs); `lean=False` keeps the transformers forward."""
     import time
 
     if max_new_tokens < 0:
