@@ -280,6 +280,11 @@ def run_speed_bench(args) -> None:
     from lowbit.models import resolve_model
 
     threads = args.threads or os.cpu_count() or 1
+    # native kernels built (or found) here, once, so that no timed child process builds one
+    from lowbit import kernels
+
+    for name in kernels.NAMES:
+        kernels.available(name)
     int8 = [c.endswith("@int8") for c in args.checkpoints]
     ckpts = [Path(c.removesuffix("@int8")) for c in args.checkpoints]
     infos = [_checkpoint_source(c) for c in ckpts]
