@@ -67,6 +67,36 @@ def test_gptq_pipeline_quantizes_every_block_linear_and_beats_rtn(data_dir, arch
     assert errs["gptq"] < errs["rtn"]
 
 
+def test_bfloat16_calibration_forwards_run_under_autocast_and_still_beat_rtn(data_dir, monkeypatch):
+    """calibration.dtype bfloat16: the blocks run under CPU autocast while Hessians are collected
+    (they stay float32), the weights stay float32, and GPTQ still beats RTN."""
+    from lowbit.calibration import hessian
+
+    seen = []
+    add = hessian.HessianAccumulator.add
+    def recording_add(self, x):
+        add(self, x)
+        seen.append((torch.is_autocast_enabled("cpu"), self.H.dtype))
+
+    monkeypatch.setattr(hessian.HessianAccumulator, "add", recording_add)
+    ids = eval_tokens(ByteTokenizer(), "c4", 256, data_dir).reshape(4, 64)
+    ref = build_tiny("qwen2")
+    errs = {}
+    for method, dtype in (("rtn", "float32"), ("gptq", "bfloat16"), ("gptq", "float32")):
+        lm = loaded_tiny("qwen2")
+        seen.clear()
+        calib = CalibrationConfig(n_samples=16, seqlen=64, dtype=dtype)
+        res = quantize(lm, Recipe(method=method, bits=3, group_size=32, calibration=calib), data_dir=data_dir,
+                       progress=False)
+        if method == "gptq":
+            assert seen and {on for on, _ in seen} == {dtype == "bfloat16"} and res.calibration["dtype"] == dtype
+            assert {h for _, h in seen} == {torch.float32}
+            assert all(p.dtype == torch.float32 for p in lm.model.parameters())
+        errs[method, dtype] = _logit_err(lm.model, ref, ids)
+    assert errs["gptq", "bfloat16"] < errs["rtn", "float32"]
+    assert errs["gptq", "bfloat16"] != errs["gptq", "float32"]  # the option changes the calibration
+
+
 def test_dense_twin_computes_exactly_what_quantlinear_computes():
     lin = torch.nn.Linear(64, 24, bias=True)
     qw = rtn_quantize(lin.weight.detach(), 3, 16)
@@ -113,7 +143,8 @@ def test_save_writes_manifest_and_report(tmp_path, data_dir):
     out = save(res, tmp_path / "ck")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["method"] == "gptq"
-    assert manifest["calibration"] == {"dataset": "c4", "n_samples": 16, "seqlen": 64, "seed": 0, "n_tokens": 1024}
+    assert manifest["calibration"] == {"dataset": "c4", "n_samples": 16, "seqlen": 64, "seed": 0, "dtype": "float32",
+                                      "n_tokens": 1024}
     assert len(manifest["layers"]) == 14
     report = (out / "REPORT.md").read_text()
     assert "bits per weight" in report and "calibration: c4, 16 x 64 tokens, seed 0" in report

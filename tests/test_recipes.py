@@ -35,6 +35,7 @@ def test_toml_and_yaml_files(tmp_path):
     ({"gptq": {"damp": 0}}, "gptq.damp"),
     ({"gptq": {"blocksize": 3}}, "gptq.blocksize"),
     ({"calibration": {"n_samples": 0}}, "calibration.n_samples"),
+    ({"calibration": {"dtype": "float16"}}, "calibration.dtype"),
     ({"clip": {"max_shrink": 1.5}}, "clip.max_shrink"),
     ({"skip": "lm_head"}, "skip"),
     ({"skip": ["(unclosed"]}, "skip"),

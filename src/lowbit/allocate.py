@@ -110,7 +110,8 @@ def sensitivity(
                 errors[index[full], k] = float(((d @ H) * d).sum())
         return {}
 
-    run_sequential(model, ids, measure, true_sequential=False, progress=progress)
+    run_sequential(model, ids, measure, true_sequential=False, progress=progress,
+                   autocast=torch.bfloat16 if recipe.calibration.dtype == "bfloat16" else None)
     return errors
 
 

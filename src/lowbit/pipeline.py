@@ -181,6 +181,12 @@ def _dense_twin(lin: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> nn.L
     return twin
 
 
+
+def calibration_autocast(recipe: Recipe) -> torch.dtype | None:
+    """The autocast dtype of the calibration forwards (None: run them in the model's dtype)."""
+    return torch.bfloat16 if recipe.calibration.dtype == "bfloat16" else None
+
+
 def quantize(
     loaded: LoadedModel,
     recipe: Recipe,
@@ -224,7 +230,7 @@ def quantize(
         c = recipe.calibration
         ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
         calibration = {"dataset": c.dataset, "n_samples": c.n_samples, "seqlen": c.seqlen, "seed": c.seed,
-                       "n_tokens": int(ids.numel())}
+                       "dtype": c.dtype, "n_tokens": int(ids.numel())}
         quantize_group = prepare_block = None
         if recipe.method in GPTQ_METHODS:
 
@@ -273,7 +279,7 @@ def quantize(
                 return out
 
         run_sequential(model, ids, quantize_group, recipe.gptq.true_sequential, progress,
-                       prepare_block=prepare_block)
+                       prepare_block=prepare_block, autocast=calibration_autocast(recipe))
     if recipe.head_bits:
         name, lin = output_head(model)
         qw = rtn_quantize(lin.weight.detach(), recipe.head_bits, recipe.head_group_size, recipe.symmetric, clip)

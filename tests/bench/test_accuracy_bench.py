@@ -45,8 +45,10 @@ def test_jobs_parse_and_refuse_what_cannot_run():
 
 
 def test_old_records_keep_their_identity():
-    assert _key({"model": "m", "method": "gptq", "bits": 3, "group_size": 64}) == ("m", "gptq", "w3g64")
-    assert _key({"model": "m", "method": "slim", "setting": "w2.5g128"}) == ("m", "slim", "w2.5g128")
+    assert _key({"model": "m", "method": "gptq", "bits": 3, "group_size": 64}) == ("m", "gptq", "w3g64", "float32")
+    assert _key({"model": "m", "method": "slim", "setting": "w2.5g128"}) == ("m", "slim", "w2.5g128", "float32")
+    # bfloat16 calibration forwards are another result, not a rerun of the float32 one
+    assert _key({"model": "m", "method": "gptq", "setting": "w3g64", "calib_dtype": "bfloat16"})[3] == "bfloat16"
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -65,6 +67,7 @@ def test_render_writes_table_and_plot(tmp_path):
                 "peak_rss_bytes": 2**30, "calib_samples": 8, "calib_seqlen": 64,
                 "datasets": {"wikitext2": {"ppl": ppl, "kl": 0.1, "top1": 0.9}}}
     rows = [row("gptq", "w3g128", 3.16, 70.0), row("slim", "w3g128", 3.17, 50.0),
+            {**row("gptq", "w3g128", 3.16, 71.0), "calib_dtype": "bfloat16"},
             {**row("budget", "w3g128", 3.15, 60.0), "budget": {"target": "3.15 bits/weight", "counts": {"w3g64": 2},
                                                                "greedy_kl": 1.0, "final_kl": 0.8, "accepted": 3}},
             {"model": "m", "method": "llamacpp", "setting": "Q2_K", "error": "RuntimeError: no cmake"}]
@@ -72,5 +75,6 @@ def test_render_writes_table_and_plot(tmp_path):
     text = render(SimpleNamespace(models=["m"]), ["wikitext2"], results, work, plot_dir=tmp_path)
     assert "| slim | w3g128 | 3.170 | 50.000 |" in text and "failed: RuntimeError: no cmake" in text
     assert "size of w3g128: w3g64x2; search KL 1.000->0.800" in text
+    assert "| 8x64 (bfloat16 forwards) |" in text and "| 71.000 |" in text and "| 70.000 |" in text
     assert "| 8x64 |" in text and (tmp_path / "BENCHMARKS-pareto-m.png").stat().st_size > 1000
     assert "![wikitext2 perplexity against bits per weight, m](BENCHMARKS-pareto-m.png)" in text

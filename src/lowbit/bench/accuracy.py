@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import ConfigError, DataNotFoundError
+from lowbit.recipes import CALIB_DTYPES
 
 METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "budget", "hqq", "llamacpp")
 DEFAULT_METHODS = ("rtn", "gptq", "hqq")
@@ -108,9 +109,11 @@ def jobs_from_args(args) -> list[Job]:
     return [Job.parse(f"{m}:{s}") for s in args.settings.split(",") if s for m in methods]
 
 
-def _key(r: dict[str, Any]) -> tuple[str, str, str]:
-    """Result identity; records written before jobs had labels carry bits and group_size only."""
-    return r["model"], r["method"], r.get("setting") or f"w{r['bits']}g{r['group_size']}"
+def _key(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Result identity; records written before jobs had labels carry bits and group_size only,
+    and those written before calibration had a dtype calibrated in float32."""
+    return (r["model"], r["method"], r.get("setting") or f"w{r['bits']}g{r['group_size']}",
+            r.get("calib_dtype", "float32"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="float32",
+                   help="dtype of the calibration forwards (bfloat16: autocast, several times faster on CPUs with "
+                        "native bf16; weights and Hessians stay float32); a separate row from float32 results")
     p.add_argument("--work-dir", default="benchmarks/results", help="reference caches and raw JSON results (the "
                    "JSON is kept in git there; the caches are ignored)")
     p.add_argument("--output", default="BENCHMARKS.md", help="markdown file whose accuracy section is rewritten")
@@ -194,7 +200,8 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
         base, _, iscale = spec["setting"].partition("-is")
         setting = Setting.parse(base)
         bits, gs = setting.bits, setting.group_size
-        calib = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"])
+        calib = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"],
+                                  dtype=spec.get("calib_dtype", "float32"))
         t0 = time.perf_counter()
         if method == "hqq":
             from lowbit.peers import hqq_quantize_model
@@ -284,19 +291,21 @@ def run_accuracy_bench(args) -> None:
             refs = build_references(model, datasets, args, work)
             (work / f"reference-{model}.json").write_text(json.dumps(refs, indent=2))
             for job in tqdm(jobs, desc=f"{model} jobs", disable=args.quiet):
-                key = (model, job.method, job.setting)
+                key = (model, job.method, job.setting, args.calib_dtype)
                 if key in done and "error" not in done[key]:
                     continue
                 spec = {"model": model, "method": job.method, "setting": job.setting,
                         "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
                         "max_tokens": args.max_tokens, "seqlen": args.seqlen, "references": refs["paths"],
                         "cache": args.cache, "data_dir": args.data_dir, "work": str(work),
-                        "budget_generations": args.budget_generations}
+                        "budget_generations": args.budget_generations, "calib_dtype": args.calib_dtype}
                 if job.method != "llamacpp":
                     s = Setting.parse(job.setting.partition("-is")[0])
                     spec.update(bits=s.bits, group_size=s.group_size)
                 r = _run_in_child(spec)
-                done[key] = r
+                if job.method in CALIBRATED:
+                    r["calib_dtype"] = args.calib_dtype
+                done[_key(r)] = r
                 with open(results_path, "a") as f:
                     f.write(json.dumps(r) + "\n")
     if results_path.exists():  # another run may have added results meanwhile
@@ -335,7 +344,8 @@ def command_line(args) -> str:
         what = f"--settings {args.settings} --methods {args.methods}"
     return (f"lowbit bench accuracy {' '.join(args.models)} {what} "
             f"--data {args.data} --max-tokens {args.max_tokens} --seqlen {args.seqlen} "
-            f"--calib-samples {args.calib_samples} --calib-seqlen {args.calib_seqlen} --work-dir {args.work_dir}")
+            f"--calib-samples {args.calib_samples} --calib-seqlen {args.calib_seqlen} --work-dir {args.work_dir}"
+            + (f" --calib-dtype {args.calib_dtype}" if getattr(args, "calib_dtype", "float32") != "float32" else ""))
 
 
 CALIBRATED = ("gptq", "awq", "awq-gptq", "slim", "budget")
@@ -427,6 +437,8 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
                 f"{r['datasets'][d]['ppl']:.3f} | {r['datasets'][d]['kl']:.4f} | {r['datasets'][d]['top1']:.3f}"
                 if d in r["datasets"] else "- | - | -" for d in datasets)
             calib = f"{r['calib_samples']}x{r['calib_seqlen']}" if r["method"] in CALIBRATED else "none"
+            if r["method"] in CALIBRATED and r.get("calib_dtype", "float32") != "float32":
+                calib += f" ({r['calib_dtype']} forwards)"
             lines.append(f"| {r['method']} | {setting} | {r['bits_per_weight']:.3f} | {cells} | "
                          f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} | {_notes(r)} |"
                          + (f" {numbers[r.get('machine', LEGACY_MACHINE)]} |" if numbers else ""))

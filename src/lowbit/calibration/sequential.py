@@ -54,14 +54,22 @@ def run_sequential(
     progress: bool = True,
     batch_size: int = 8,
     prepare_block: BlockPreparer | None = None,
+    autocast: torch.dtype | None = None,
 ) -> None:
     """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
 
     `prepare_block`, if given, runs first on each block (AWQ smoothing); `quantize_group` may be
     None when the preparer quantizes the block itself.
     Samples go through each block `batch_size` at a time (the per-block arguments broadcast over
-    the batch), which keeps the matmuls large enough to run efficiently on a CPU.
+    the batch), which keeps the matmuls large enough to run efficiently on a CPU. `autocast`
+    (torch.bfloat16) runs the blocks' matrix products in that dtype; the weights, the residual
+    stream and every Hessian stay float32.
     """
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        _run(model, input_ids, quantize_group, true_sequential, progress, batch_size, prepare_block)
+
+
+def _run(model, input_ids, quantize_group, true_sequential, progress, batch_size, prepare_block) -> None:
     layers = decoder_layers(model)
     inputs = capture_block_inputs(model, layers, input_ids)
     x = inputs.hidden
