@@ -59,6 +59,8 @@ def test_bench_speed_measures_checkpoints_beside_the_bf16_model(checkpoint, caps
     assert len(rec["bandwidth"]) == 2 and rec["kernels"][0]["format"] == "bf16 F.linear"
     text = out.read_text()
     assert "<!-- bench:speed:begin -->" in text and "| ck2 |" in text and "| bf16 (unquantized) |" in text
+    ck2 = " / ".join(f"{r['decode_tok_s']:.1f}" for r in rec["runtimes"]["ck2"])
+    assert "round by round" in text and f"ck2 {ck2};" in text
 
 
 def test_bench_speed_refuses_what_is_not_a_checkpoint(tmp_path, capsys):

@@ -392,6 +392,8 @@ def render(rec: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {bpt / 1e6:.0f} MB | {load} | {first} | {_med(rows, 'ttft_s'):.2f} | {pre:.1f} | {dec:.2f} | "
             f"{ratios} | {dec * bpt / 1e9:.1f} | {dec * bpt / bw:.0%} | {max(r['peak_rss'] for r in rows) / 1e9:.2f} |")
+    lines += ["", "Decode tokens/s round by round (a median can hide a disturbed round): " + "; ".join(
+        f"{name} " + " / ".join(f"{r['decode_tok_s']:.1f}" for r in rows) for name, rows in runtimes.items()) + "."]
     for s in rec.get("skipped", []):
         lines += ["", f"- skipped: {s}"]
     if rec.get("kernels"):
