@@ -78,3 +78,16 @@ def test_render_writes_table_and_plot(tmp_path):
     assert "| 8x64 (bfloat16 forwards) |" in text and "| 71.000 |" in text and "| 70.000 |" in text
     assert "| 8x64 |" in text and (tmp_path / "BENCHMARKS-pareto-m.png").stat().st_size > 1000
     assert "![wikitext2 perplexity against bits per weight, m](BENCHMARKS-pareto-m.png)" in text
+
+
+def _dies(spec, queue):
+    import os
+
+    os._exit(3)
+
+
+def test_a_job_process_that_dies_gives_an_error_row_instead_of_hanging():
+    from lowbit.bench.accuracy import _run_in_child
+
+    r = _run_in_child({"model": "m", "method": "gptq", "setting": "w3g128"}, target=_dies)
+    assert _key(r)[:3] == ("m", "gptq", "w3g128") and "exited with code 3" in r["error"]

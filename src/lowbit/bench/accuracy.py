@@ -28,6 +28,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from lowbit.errors import ConfigError, DataNotFoundError
@@ -236,12 +237,20 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _run_in_child(spec: dict[str, Any]) -> dict[str, Any]:
+def _run_in_child(spec: dict[str, Any], target=None) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_job, args=(spec, queue))
+    proc = ctx.Process(target=target or _job, args=(spec, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a job killed without reporting (out of memory) is an error row, not a hung bench
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                return {"model": spec["model"], "method": spec["method"], "setting": spec["setting"],
+                        "error": f"the job's process exited with code {proc.exitcode} before reporting "
+                                 "(-9: killed, e.g. out of memory)"}
     proc.join()
     return result
 
