@@ -180,6 +180,9 @@ def _gemv(linears: list[torch.nn.Module]):
         shared = first._fused
         if shared is None or any(m._fused is not shared for m in linears) or len(shared.rows) != len(linears):
             return None
+        starts = [0] + [m._rows[1] for m in linears[:-1]]
+        if [m._rows[0] for m in linears] != starts:  # the fused rows must be in the order asked for
+            return None
         src = shared
     else:
         if first._fused is not None:
