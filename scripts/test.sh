@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench,peers]'
 if [[ -z ${LOWBIT_DATA:-} && -d ../shared/data ]]; then
   export LOWBIT_DATA=$(cd ../shared/data && pwd)
 fi

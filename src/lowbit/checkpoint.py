@@ -324,9 +324,11 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     saved_dtype = getattr(torch, manifest["dtype"])
     dtype = dtype or saved_dtype
 
-    # the tokenizer first: the garbage of parsing tokenizer.json (transformers does it in Python)
-    # is gone before the weights arrive, so it does not add to the peak
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    # the tokenizer in a thread beside the weights: transformers parses tokenizer.json in Python
+    # (about a second for a 150k vocabulary) while the loop below mostly waits on reads and copies
+    # that let go of the GIL
+    tokenizer = (_Background(AutoTokenizer.from_pretrained, path)
+                 if (path / "tokenizer_config.json").exists() else None)
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -383,6 +385,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     model.tie_weights()
     if verifier is not None:
         verifier.result()  # a mismatch raises here, before the model is handed out
+    if tokenizer is not None:
+        tokenizer = tokenizer.result()
     if runtime == "packed":
         from lowbit.runtime.attention import use_fast_attention
 

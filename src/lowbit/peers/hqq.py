@@ -85,7 +85,7 @@ def _hqq_settings(bits: int, group_size: int) -> tuple[type, dict]:
     try:
         from hqq.core.quantize import BaseQuantizeConfig, Quantizer
     except ImportError as e:
-        raise ImportError("the HQQ peer needs the hqq package: pip install 'lowbit[bench]'") from e
+        raise ImportError("the HQQ peer needs the hqq package: pip install 'lowbit[peers]'") from e
     params = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)["weight_quant_params"]
     # Packing is lossless, and HQQ packs along the group count, which silently needs it to be a
     # multiple of 2, 4 or 8; unpacked codes give the same weight without that constraint.

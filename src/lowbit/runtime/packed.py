@@ -82,10 +82,15 @@ def interleave_rows(packed: torch.Tensor, offsets: torch.Tensor, widths: torch.T
     return out.reshape(n, rb)
 
 
-def interleave_uniform_(packed: torch.Tensor, group_bytes: int, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+def interleave_uniform_(packed: torch.Tensor, group_bytes: int, chunk_bytes: int = 16 << 20,
+                        native: bool = True) -> torch.Tensor:
     """interleave_rows for groups of equal width (group_bytes each), in place: blocks of four rows
     are rearranged a chunk at a time, so no second copy of a large weight (an output head) is
-    ever held. Returns `packed`."""
+    ever held (the native kernel does the same a block at a time). Returns `packed`."""
+    ext = _ext() if native else None
+    if ext is not None and packed.is_contiguous():
+        ext.interleave_uniform(packed, group_bytes)
+        return packed
     n, rb = packed.shape
     blocks = packed.view(n // INTERLEAVE, INTERLEAVE * rb)
     step = max(1, chunk_bytes // (INTERLEAVE * rb))

@@ -811,10 +811,34 @@ torch::Tensor dequantize(torch::Tensor packed, torch::Tensor bits, torch::Tensor
   return w;
 }
 
+// interleave_rows for groups of equal width, in place: each block of four rows [4, RB] becomes
+// group 0 of the four rows, then group 1 of the four, and so on (group_ptr with il 4). The same
+// bytes as runtime/packed.py's interleave_uniform_, without its strided torch copies.
+void interleave_uniform(torch::Tensor packed, int64_t group_bytes) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 && packed.is_contiguous(),
+              "interleave: packed must be contiguous uint8 [N, row_bytes]");
+  const int64_t N = packed.size(0), RB = packed.size(1);
+  TORCH_CHECK(N % 4 == 0, "interleave: rows must be a multiple of 4");
+  TORCH_CHECK(group_bytes > 0 && RB % group_bytes == 0, "interleave: group bytes must tile the row");
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  const int64_t G = RB / group_bytes;
+  at::parallel_for(0, N / 4, 64, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> tmp(4 * RB);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      uint8_t* b = p + blk * 4 * RB;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t r = 0; r < 4; ++r)
+          std::memcpy(tmp.data() + (g * 4 + r) * group_bytes, b + r * RB + g * group_bytes, group_bytes);
+      std::memcpy(b, tmp.data(), 4 * RB);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x W^T with group-wise packed low-bit W");
   m.def("dequantize", &dequantize, "group-wise packed low-bit W -> float32 (or bfloat16) W");
   m.def("dequantize_into", &dequantize_into, "dequantize into a given float32 / bfloat16 [N, K] tensor");
+  m.def("interleave_uniform", &interleave_uniform, "rows in blocks of four, group by group, in place (equal widths)");
   m.def("has_bf16_path", &has_bf16_path, "whether gemv_bf16 was compiled (AVX-512 BF16 and VBMI)");
   m.def("has_w4a8_path", &has_w4a8_path, "whether w4a8_gemm was compiled (AVX-512 VNNI)");
   m.def("quantize_rows", &quantize_rows, "per-token int8 quantization (q, scale) of float32 / bfloat16 rows");
