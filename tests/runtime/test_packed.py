@@ -39,7 +39,7 @@ def random_qweight(out, n_in, bits, gs, symmetric, seed, perm=False, mixed=False
 
 
 @settings(max_examples=25, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 5, 8]), gs=st.sampled_from([8, 32, 64]), groups=st.integers(1, 4),
+@given(bits=st.sampled_from([2, 3, 4, 5, 8]), gs=st.sampled_from([8, 32, 64, 128]), groups=st.integers(1, 4),
        out=st.integers(1, 40), symmetric=st.booleans(), perm=st.booleans(), mixed=st.booleans(), seed=st.integers(0, 999))
 def test_packed_rows_round_trip_and_prefill_is_bit_identical(bits, gs, groups, out, symmetric, perm, mixed, seed):
     qw = random_qweight(out, gs * groups, bits, gs, symmetric, seed, perm, mixed)
@@ -77,7 +77,8 @@ needs_bf16_path = pytest.mark.skipif(not _bf16_path(), reason="the qgemv kernel 
 @given(bits=st.integers(1, 8), gs=st.sampled_from([64, 128, 256]), groups=st.integers(1, 3), rows=st.integers(1, 8),
        symmetric=st.booleans(), mixed=st.booleans(), seed=st.integers(0, 999))
 def test_bf16_decode_kernel_matches_the_exact_product(bits, gs, groups, rows, symmetric, mixed, seed):
-    """Every width and inner loop (4, 2 and 8 bits have their own; 2 bits only for groups of 128k),
+    """Every width and inner loop (4, 2 and 8 bits have their own, and 2, 3 and 4 bits one for
+    groups of 128k),
     mixed widths per group: the float32 result of the bfloat16 activations times the exact weight,
     to float32 summation error."""
     qw = random_qweight(40, gs * groups, bits, gs, symmetric, seed, mixed=mixed)

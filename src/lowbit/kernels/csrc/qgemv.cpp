@@ -252,17 +252,47 @@ inline const WidthTables& tables() {
   return t;
 }
 
+// 3 bits in groups of 128: formats/pack.py packs 8 codes in a 3-byte unit, codes 0-3 in its low
+// 12 bits and codes 4-7 in its high 12. vpermb gives lane 2u bytes (3u, 3u + 1) and lane 2u + 1
+// bytes (3u + 1, 3u + 2), so lane j holds codes 4j .. 4j + 3 from bit 0 (even lanes) or bit 4
+// (odd lanes); phase p is a per-lane shift by 3p or 3p + 4. 128 codes: 48 bytes, one shuffle.
+struct ThreeWide {
+  __m512i perm, shift[4];
+  __mmask64 lmask = (__mmask64{1} << 48) - 1;
+  ThreeWide() {
+    alignas(64) uint8_t pm[64];
+    alignas(64) uint16_t sh[4][32];
+    for (int j = 0; j < 32; ++j) {
+      const int u = j / 2, odd = j % 2;
+      pm[2 * j] = static_cast<uint8_t>(3 * u + odd);
+      pm[2 * j + 1] = static_cast<uint8_t>(3 * u + odd + 1);
+      for (int p = 0; p < 4; ++p) sh[p][j] = static_cast<uint16_t>(3 * p + 4 * odd);
+    }
+    perm = _mm512_load_si512(pm);
+    for (int p = 0; p < 4; ++p) shift[p] = _mm512_load_si512(sh[p]);
+  }
+};
+
+inline const ThreeWide& three_wide() {
+  static const ThreeWide t;
+  return t;
+}
+
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-enum { kGeneric = 0, kFour = 1, kTwo = 2, kEight = 3 };
+enum { kGeneric = 0, kFour = 1, kTwo = 2, kEight = 3, kFourWide = 4, kThreeWide = 5 };
 
-// Which inner loop a group of width b takes: 4, 2 and 8 bits widen 32 code bytes to 16-bit lanes
-// (one shuffle) and shift the codes out of them in place; the others go through vpermb +
-// vpmultishiftqb, which handles any width at two more shuffles per 64 codes.
+// Which inner loop a group of width b takes: 2 and 8 bits (and 4 bits in groups of 64) widen 32
+// code bytes to 16-bit lanes (one shuffle) and shift the codes out of them in place; in groups a
+// multiple of 128, 4 bits read 64 bytes as 32 lanes of four codes (no shuffle at all) and 3 bits
+// put the four codes of each 12-bit half of a 3-byte unit into a lane (one shuffle per 128
+// codes); the others go through vpermb + vpmultishiftqb, which handles any width at two
+// shuffles per 64 codes.
 inline int bf16_mode(int b, int64_t group) {
-  if (b == 4) return kFour;
+  if (b == 4) return group % 128 == 0 ? kFourWide : kFour;
+  if (b == 3 && group % 128 == 0) return kThreeWide;
   if (b == 2 && group % 128 == 0) return kTwo;
   if (b == 8) return kEight;
   return kGeneric;
@@ -309,7 +339,7 @@ void four_rows(const BF16Args& a, int64_t n) {
   constexpr int R = 4;
   const int64_t group = GS ? GS : a.group;
   const __m512i magic16 = _mm512_set1_epi16(0x4300);
-  const __m512i mask = _mm512_set1_epi16(MODE == kTwo ? 0x03 : 0x0F);
+  const __m512i mask = _mm512_set1_epi16(MODE == kTwo ? 0x03 : MODE == kThreeWide ? 0x07 : 0x0F);
   auto bf = [&](__m512i lanes) { return as_bh(_mm512_ternarylogic_epi32(lanes, mask, magic16, 0xEA)); };
   __m512 row[R];
   for (int r = 0; r < R; ++r) row[r] = _mm512_setzero_ps();
@@ -329,7 +359,35 @@ void four_rows(const BF16Args& a, int64_t n) {
         for (int64_t off = 0; off < gbytes; off += 64)
           _mm_prefetch(reinterpret_cast<const char*>(src + PREFETCH_BLOCKS * ahead + r * rs + off), _MM_HINT_T0);
     }
-    if (MODE == kFour) {
+    if (MODE == kFourWide) {  // lane j of 64 bytes: codes 4j .. 4j + 3 at bits 0, 4, 8, 12
+      for (int64_t c = 0; c < group; c += 128) {
+        const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
+        const __m512bh x2 = as_bh(_mm512_loadu_si512(xg + c + 64)), x3 = as_bh(_mm512_loadu_si512(xg + c + 96));
+        for (int r = 0; r < R; ++r) {
+          const __m512i w = _mm512_loadu_si512(src + r * rs + c / 2);
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 4)), x1);
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(_mm512_srli_epi16(w, 8)), x2);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 12)), x3);
+        }
+      }
+    } else if (MODE == kThreeWide) {  // lane j: codes 4j .. 4j + 3, 3 bits apart (three_lanes)
+      const ThreeWide& T3 = three_wide();
+      for (int64_t c = 0; c < group; c += 128) {
+        const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
+        const __m512bh x2 = as_bh(_mm512_loadu_si512(xg + c + 64)), x3 = as_bh(_mm512_loadu_si512(xg + c + 96));
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* p = src + r * rs + c / 8 * 3;
+          const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(T3.lmask, p);
+          __m512i w = _mm512_permutexvar_epi8(T3.perm, raw);
+          w = _mm512_mask_srli_epi16(w, 0xAAAAAAAAu, w, 4);  // odd lanes: their codes from bit 0 too
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 3)), x1);
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(_mm512_srli_epi16(w, 6)), x2);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 9)), x3);
+        }
+      }
+    } else if (MODE == kFour) {
       for (int64_t c = 0; c < group; c += 64) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         for (int r = 0; r < R; ++r) {
@@ -393,7 +451,7 @@ void bf16_rows(const BF16Args& a) {
   const int64_t group = GS ? GS : a.group;
   const WidthTables& T = tables();
   const __m512i magic16 = _mm512_set1_epi16(0x4300);
-  const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(0x03);
+  const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(0x03), m3 = _mm512_set1_epi16(0x07);
   int uniform = bf16_mode(static_cast<int>(a.bits[0]), group);
   for (int64_t g = 1; g < a.G; ++g)
     if (a.bits[g] != a.bits[0]) uniform = -1;
@@ -403,6 +461,8 @@ void bf16_rows(const BF16Args& a) {
     for (int64_t blk = begin; blk < end; ++blk) {
       switch (uniform) {
         case kFour: four_rows<GS, kFour>(a, 4 * blk); break;
+        case kFourWide: four_rows<GS, kFourWide>(a, 4 * blk); break;
+        case kThreeWide: four_rows<GS, kThreeWide>(a, 4 * blk); break;
         case kTwo: four_rows<GS, kTwo>(a, 4 * blk); break;
         case kEight: four_rows<GS, kEight>(a, 4 * blk); break;
         default: four_rows<GS, kGeneric>(a, 4 * blk); break;
@@ -428,7 +488,24 @@ void bf16_rows(const BF16Args& a) {
             acc1[m] = _mm512_dpbf16_ps(acc1[m], w1, as_bh(_mm512_loadu_si512(xm + m * a.K + 32)));
           }
         };
-        if (md == kFour) {  // 32 bytes -> 32 lanes; low nibbles are the even codes, high the odd
+        if (md == kFourWide) {  // 64 bytes as 32 lanes of four codes (bits 0, 4, 8, 12)
+          for (int64_t c = 0; c < group; c += 128) {
+            const __m512i w = _mm512_loadu_si512(src + c / 2);
+            dot2(bf(w, m4), bf(_mm512_srli_epi16(w, 4), m4), xg + c, lo_acc, hi_acc);
+            dot2(bf(_mm512_srli_epi16(w, 8), m4), bf(_mm512_srli_epi16(w, 12), m4), xg + c + 64, lo_acc, hi_acc);
+          }
+        } else if (md == kThreeWide) {  // 48 bytes as 32 lanes of four 3-bit codes
+          const ThreeWide& T3 = three_wide();
+          for (int64_t c = 0; c < group; c += 128) {
+            const uint8_t* p = src + c / 8 * 3;
+            const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(T3.lmask, p);
+            const __m512i w = _mm512_permutexvar_epi8(T3.perm, raw);
+            dot2(bf(_mm512_srlv_epi16(w, T3.shift[0]), m3), bf(_mm512_srlv_epi16(w, T3.shift[1]), m3), xg + c,
+                 lo_acc, hi_acc);
+            dot2(bf(_mm512_srlv_epi16(w, T3.shift[2]), m3), bf(_mm512_srlv_epi16(w, T3.shift[3]), m3), xg + c + 64,
+                 lo_acc, hi_acc);
+          }
+        } else if (md == kFour) {  // 32 bytes -> 32 lanes; low nibbles are the even codes, high the odd
           for (int64_t c = 0; c < group; c += 64) {
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c / 2)));
             dot2(bf(w, m4), bf(_mm512_srli_epi16(w, 4), m4), xg + c, lo_acc, hi_acc);
@@ -494,9 +571,10 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
       const uint16_t* src = xp + m * K + g * group;
       uint16_t* dst = xr.data() + m * K + g * group;
       // chunks of 32 * P codes: phase p (code P * j + p of the chunk) in lanes 32p .. 32p + 31.
-      // 4 bits: low nibbles are the even codes, high nibbles the odd; the vpermb path leaves
+      // 4 bits in groups of 64: low nibbles are the even codes, high nibbles the odd; 2 bits, and
+      // 4 and 3 bits in groups of 128: lane j holds codes 4j .. 4j + 3; the vpermb path leaves
       // code j of 64 in byte j, so the low bytes of its 16-bit lanes are the even codes too
-      const int P = mode[g] == kTwo ? 4 : mode[g] == kEight ? 1 : 2;
+      const int P = mode[g] == kTwo || mode[g] == kFourWide || mode[g] == kThreeWide ? 4 : mode[g] == kEight ? 1 : 2;
       for (int64_t c = 0; c < group; c += 32 * P)
         for (int p = 0; p < P; ++p)
           for (int j = 0; j < 32; ++j) dst[c + 32 * p + j] = src[c + P * j + p];
