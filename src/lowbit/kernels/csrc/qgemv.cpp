@@ -255,21 +255,19 @@ inline const WidthTables& tables() {
 // 3 bits in groups of 128: formats/pack.py packs 8 codes in a 3-byte unit, codes 0-3 in its low
 // 12 bits and codes 4-7 in its high 12. vpermb gives lane 2u bytes (3u, 3u + 1) and lane 2u + 1
 // bytes (3u + 1, 3u + 2), so lane j holds codes 4j .. 4j + 3 from bit 0 (even lanes) or bit 4
-// (odd lanes); phase p is a per-lane shift by 3p or 3p + 4. 128 codes: 48 bytes, one shuffle.
+// (odd lanes, shifted down once under a mask); phase p then sits at bit 3p. 128 codes: 48 bytes,
+// one shuffle.
 struct ThreeWide {
-  __m512i perm, shift[4];
+  __m512i perm;
   __mmask64 lmask = (__mmask64{1} << 48) - 1;
   ThreeWide() {
     alignas(64) uint8_t pm[64];
-    alignas(64) uint16_t sh[4][32];
     for (int j = 0; j < 32; ++j) {
       const int u = j / 2, odd = j % 2;
       pm[2 * j] = static_cast<uint8_t>(3 * u + odd);
       pm[2 * j + 1] = static_cast<uint8_t>(3 * u + odd + 1);
-      for (int p = 0; p < 4; ++p) sh[p][j] = static_cast<uint16_t>(3 * p + 4 * odd);
     }
     perm = _mm512_load_si512(pm);
-    for (int p = 0; p < 4; ++p) shift[p] = _mm512_load_si512(sh[p]);
   }
 };
 
@@ -499,11 +497,10 @@ void bf16_rows(const BF16Args& a) {
           for (int64_t c = 0; c < group; c += 128) {
             const uint8_t* p = src + c / 8 * 3;
             const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(T3.lmask, p);
-            const __m512i w = _mm512_permutexvar_epi8(T3.perm, raw);
-            dot2(bf(_mm512_srlv_epi16(w, T3.shift[0]), m3), bf(_mm512_srlv_epi16(w, T3.shift[1]), m3), xg + c,
-                 lo_acc, hi_acc);
-            dot2(bf(_mm512_srlv_epi16(w, T3.shift[2]), m3), bf(_mm512_srlv_epi16(w, T3.shift[3]), m3), xg + c + 64,
-                 lo_acc, hi_acc);
+            __m512i w = _mm512_permutexvar_epi8(T3.perm, raw);
+            w = _mm512_mask_srli_epi16(w, 0xAAAAAAAAu, w, 4);
+            dot2(bf(w, m3), bf(_mm512_srli_epi16(w, 3), m3), xg + c, lo_acc, hi_acc);
+            dot2(bf(_mm512_srli_epi16(w, 6), m3), bf(_mm512_srli_epi16(w, 9), m3), xg + c + 64, lo_acc, hi_acc);
           }
         } else if (md == kFour) {  // 32 bytes -> 32 lanes; low nibbles are the even codes, high the odd
           for (int64_t c = 0; c < group; c += 64) {
