@@ -17,6 +17,7 @@ from lowbit.runtime.packed import (
     deinterleave_rows,
     interleave_rows,
     interleave_uniform_,
+    kernel_scales,
     pack_model,
     pack_rows,
     unpack_rows,
@@ -75,16 +76,17 @@ needs_bf16_path = pytest.mark.skipif(not _bf16_path(), reason="the qgemv kernel 
 @needs_bf16_path
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(1, 8), gs=st.sampled_from([64, 128, 256]), groups=st.integers(1, 3), rows=st.integers(1, 8),
-       symmetric=st.booleans(), mixed=st.booleans(), seed=st.integers(0, 999))
-def test_bf16_decode_kernel_matches_the_exact_product(bits, gs, groups, rows, symmetric, mixed, seed):
+       symmetric=st.booleans(), mixed=st.booleans(), f32_scales=st.booleans(), seed=st.integers(0, 999))
+def test_bf16_decode_kernel_matches_the_exact_product(bits, gs, groups, rows, symmetric, mixed, f32_scales, seed):
     """Every width and inner loop (4, 2 and 8 bits have their own, and 2, 3 and 4 bits one for
     groups of 128k),
-    mixed widths per group: the float32 result of the bfloat16 activations times the exact weight,
-    to float32 summation error."""
+    mixed widths per group, float16 or float32 scales: the float32 result of the bfloat16
+    activations times the exact weight, to float32 summation error."""
     qw = random_qweight(40, gs * groups, bits, gs, symmetric, seed, mixed=mixed)
     m = PackedLinear(qw)
     x = torch.randn(rows, gs * groups, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
-    got = kernels.load("qgemv").gemv_bf16(x, m.packed, m.widths, m.offsets, m.scales, m.zero_points, gs, m.interleave)
+    scales, zeros = (m.scales.float(), m.zero_points.float()) if f32_scales else (m.scales, m.zero_points)
+    got = kernels.load("qgemv").gemv_bf16(x, m.packed, m.widths, m.offsets, scales, zeros, gs, m.interleave)
     want = x.double() @ qw.dequantize(torch.float64).T
     assert got.dtype == torch.float32 and got.shape == want.shape
     scale = float((x.double().abs() @ qw.dequantize(torch.float64).abs().T).max())
@@ -108,7 +110,8 @@ def test_packed_is_smaller_than_one_byte_per_code():
     qw = random_qweight(64, 256, 4, 64, False, 0)
     m = PackedLinear(qw)
     assert m.packed.numel() == 64 * 256 // 2
-    assert m.nbytes() == 64 * 256 // 2 + 64 * 4 * (4 + 4) + 2 * 4 * 8  # codes, float32 scales + zeros, layout
+    assert m.scales.dtype == m.zero_points.dtype == torch.float16  # float16 scales, integer zeros: exact
+    assert m.nbytes() == 64 * 256 // 2 + 64 * 4 * (2 + 2) + 2 * 4 * 8  # codes, float16 scales + zeros, layout
 
 
 def test_integer_scales_fold_into_the_float_scales():
@@ -116,8 +119,21 @@ def test_integer_scales_fold_into_the_float_scales():
     qw = rtn_quantize(w, 4, 32, iscale=IntegerScaleConfig(enabled=True, bits=8))
     assert qw.scale_mult is not None
     ref = QuantLinear.from_quantized(qw)
+    m = PackedLinear(qw)
+    assert m.scales.dtype == torch.float32  # folded scales that float16 does not hold exactly stay float32
     x = torch.randn(20, 128)
-    assert torch.equal(PackedLinear(qw)(x), ref(x))
+    assert torch.equal(m(x), ref(x))
+
+
+def test_kernel_scales_are_float16_only_when_exact():
+    s = torch.tensor([[0.01, 0.5]]).half().float()
+    z = torch.tensor([[3.0, 200.0]])
+    hs, hz = kernel_scales(s, z)
+    assert hs.dtype == hz.dtype == torch.float16 and torch.equal(hs.float(), s) and torch.equal(hz.float(), z)
+    s2 = s.clone()
+    s2[0, 0] = 0.1 + 1e-7  # not a float16 value
+    assert kernel_scales(s2, z)[0].dtype == torch.float32
+    assert kernel_scales(s, z + 0.5 ** 12)[1].dtype == torch.float32  # a zero point float16 cannot hold at 200
 
 
 def test_groups_the_kernel_cannot_tile_are_refused():

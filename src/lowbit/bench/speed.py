@@ -22,6 +22,7 @@ int4 kernel and a bfloat16 F.linear on the model's largest projection shape.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import resource
@@ -330,7 +331,8 @@ def run_speed_bench(args) -> None:
     record = {"machine": machine(), "threads": threads, "source": source["spec"], "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth": bandwidth,
               "runtimes": results, "kernels": kernel_rows, "kernel_shape": list(shape) if kernel_rows else None,
-              "skipped": skipped, "command": command_line(args), "time": time.strftime("%Y-%m-%d %H:%M")}
+              "skipped": skipped, "command": command_line(args), "time": time.strftime("%Y-%m-%d %H:%M"),
+              "hqq_installed": importlib.util.find_spec("hqq") is not None}
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "speed.jsonl", "a") as f:
@@ -378,7 +380,10 @@ def render(rec: dict[str, Any]) -> str:
              "step reads (the embedding table counts one row unless the head shares it). lowbit runtimes "
              "run in bfloat16; checkpoints through the packed kernels. Load: files on disk to a model in "
              "memory (checkpoints: hashes verified); start to first token: from starting a fresh process "
-             "(interpreter, imports, load) to the first token of a 16-token prompt; peak RSS of that process.", "",
+             "(interpreter, imports, load) to the first token of a 16-token prompt"
+             + ({True: " (the hqq package was installed, which transformers imports at every start: about a "
+                       "second more)", False: " (without the hqq package, lowbit[peers])"}.get(rec.get("hqq_installed"), ""))
+             + "; peak RSS of that process.", "",
              "| runtime | bytes/token | load (s) | start to first token (s) | time to first token, "
              f"{rec['prompt_tokens']}-token prompt (s) | prefill tok/s | decode tok/s | "
              "decode vs bf16 | prefill vs bf16 | decode GB/s | of bandwidth | peak RSS (GB) |",

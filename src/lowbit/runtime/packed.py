@@ -4,7 +4,8 @@ QuantLinear (runtime/qlinear.py) is the reference: one byte per code, dequantize
 PackedLinear holds the codes packed (bits/8 bytes per weight) in the layout of
 kernels/csrc/qgemv.cpp: each row is its column groups back to back, group g packed at its own
 width (uniform formats, SliM-LLM's mixed widths and Integer Scale all fit; integer scales are
-folded into float32 scales, which are the very numbers the reference uses). It dispatches by shape:
+folded into float32 scales, which are the very numbers the reference uses; scales and zero points
+that float16 holds exactly are kept as float16). It dispatches by shape:
 
 - decode (at most DECODE_ROWS activation rows): the packed GEMV kernel, reading the packed codes;
   bfloat16 activations take its AVX-512 BF16 path where the CPU has one (groups a multiple of 64
@@ -63,6 +64,18 @@ def pack_rows(codes: torch.Tensor, group_size: int, widths: list[int]) -> tuple[
 
 
 INTERLEAVE = 4  # rows per block in the interleaved layout (kernels/csrc/qgemv.cpp: group_ptr)
+
+
+def kernel_scales(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points [N, G] as the kernels read them: float16 when every value is one
+    exactly (checkpoints store float16 scales and integer zero points, so the numbers are the
+    reference's; a decode step then reads 4 bytes per group instead of 8), else float32
+    (Integer Scale's folded scales)."""
+    s, z = scales.float().contiguous(), zeros.float().contiguous()
+    hs, hz = s.half(), z.half()
+    if torch.equal(hs.float(), s) and torch.equal(hz.float(), z):
+        return hs, hz
+    return s, z
 
 
 def _group_bytes(widths: torch.Tensor | list[int], group_size: int) -> list[int]:
@@ -141,16 +154,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("widths", torch.tensor(widths, dtype=torch.int64))
         self.register_buffer("offsets", offsets)
-        self.register_buffer("scales", qw.float_scales().contiguous())
-        self.register_buffer("zero_points", qw.zero_points().float().contiguous())
+        scales, zeros = kernel_scales(qw.float_scales(), qw.zero_points())
+        self.register_buffer("scales", scales)
+        self.register_buffer("zero_points", zeros)
         self.register_buffer("perm", qw.perm)
         self.register_buffer("unperm", None if qw.perm is None else torch.argsort(qw.perm))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._fused: _Fused | None = None  # set by fuse_projections
 
     def _apply(self, fn, recurse=True):
-        """model.to(dtype) casts floating buffers; the kernels' float32 scales and zero points stay
-        float32 (only their device follows)."""
+        """model.to(dtype) casts floating buffers; the kernels' scales and zero points keep their
+        dtype (only their device follows)."""
         keep = {k: self._buffers[k] for k in ("scales", "zero_points")}
         super()._apply(fn, recurse)
         for k, v in keep.items():
@@ -192,8 +206,9 @@ class PackedLinear(nn.Module):
         m.register_buffer("packed", codes)
         m.register_buffer("widths", widths)
         m.register_buffer("offsets", offsets)
-        m.register_buffer("scales", scales.float().contiguous())
-        m.register_buffer("zero_points", zero_points(zeros, scales, fmt.bits, None).float().expand(out_f, g).contiguous())
+        scales, zeros = kernel_scales(scales, zero_points(zeros, scales, fmt.bits, None).expand(out_f, g))
+        m.register_buffer("scales", scales)
+        m.register_buffer("zero_points", zeros)
         perm = tensors.get("perm")
         perm = None if perm is None else perm.to(torch.int64)
         m.register_buffer("perm", perm)
@@ -203,7 +218,7 @@ class PackedLinear(nn.Module):
         return m
 
     def nbytes(self) -> int:
-        """Bytes held (packed codes, float32 scales and zero points, permutation, bias)."""
+        """Bytes held (packed codes, scales and zero points, permutation, bias)."""
         return sum(t.numel() * t.element_size() for t in self.buffers()) + (
             0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 

@@ -124,9 +124,10 @@ static std::vector<int64_t> checked_layout(const torch::Tensor& packed, const to
               "qgemv: bits and offset must be int64 [G]");
   const int64_t N = packed.size(0), RB = packed.size(1), G = bits.numel();
   TORCH_CHECK(group % 8 == 0, "qgemv: groups must be a multiple of 8 wide");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32 && scales.is_contiguous()
-              && zeros.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == G
-              && zeros.sizes() == scales.sizes(), "qgemv: scales and zeros must be contiguous float32 [N, G]");
+  TORCH_CHECK((scales.dtype() == torch::kFloat32 || scales.dtype() == torch::kFloat16) && zeros.dtype() == scales.dtype()
+              && scales.is_contiguous() && zeros.is_contiguous() && scales.dim() == 2 && scales.size(0) == N
+              && scales.size(1) == G && zeros.sizes() == scales.sizes(),
+              "qgemv: scales and zeros must be contiguous float32 (or both float16) [N, G]");
   TORCH_CHECK(il == 1 || (il == 4 && N % 4 == 0), "qgemv: interleave must be 1, or 4 with rows a multiple of 4");
   const int64_t* bp = bits.data_ptr<int64_t>();
   const int64_t* offp = offset.data_ptr<int64_t>();
@@ -145,6 +146,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, to
                    torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous float32 [M, K]");
   const std::vector<int64_t> gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
+  scales = scales.to(torch::kFloat32);  // float16 scales and zeros: exact in float32
+  zeros = zeros.to(torch::kFloat32);
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), RB = packed.size(1), G = bits.numel();
   TORCH_CHECK(G * group == K, "qgemv: the groups must cover x's K columns");
   const int64_t* bp = bits.data_ptr<int64_t>();
@@ -302,8 +305,10 @@ struct BF16Args {
   const uint8_t* wp;
   const int64_t* bits;
   const int64_t* offset;
-  const float* scales;
+  const float* scales;     // float32 scales and zeros, or
   const float* zeros;
+  const at::Half* scales16;  // float16 ones (the other pair null)
+  const at::Half* zeros16;
   float* y;
   int64_t K, N, RB, G, group;
   const uint8_t* end;  // one past the packed codes
@@ -312,12 +317,31 @@ struct BF16Args {
   int64_t il;          // row interleave (group_ptr)
 };
 
+// The float32 scales and zeros of rows n .. n + rows - 1 ([rows, G], contiguous): the tensors'
+// own when they are float32, else converted from float16 into `buf` (exact: every float16 is a float32).
+inline void row_scales(const BF16Args& a, int64_t n, int64_t rows, std::vector<float>& buf, const float** s,
+                       const float** z) {
+  if (a.scales != nullptr) {
+    *s = a.scales + n * a.G;
+    *z = a.zeros + n * a.G;
+    return;
+  }
+  const int64_t cnt = rows * a.G;
+  buf.resize(2 * cnt);
+  const at::Half* hs = a.scales16 + n * a.G;
+  const at::Half* hz = a.zeros16 + n * a.G;
+  for (int64_t i = 0; i < cnt; ++i) {
+    buf[i] = static_cast<float>(hs[i]);
+    buf[cnt + i] = static_cast<float>(hz[i]);
+  }
+  *s = buf.data();
+  *z = buf.data() + cnt;
+}
+
 // M activation rows at once (a compile-time count, so the accumulators stay in registers).
 // GS: the group width when it is 128 (the common case, loops unrolled at compile time), else 0.
 // The row's correction sum_g s_g (off_g + z_g) sum(x_g), all groups at once, taken off `acc`.
-inline __m512 corrected(const BF16Args& a, int64_t n, int m, __m512 acc) {
-  const float* srow = a.scales + n * a.G;
-  const float* zrow = a.zeros + n * a.G;
+inline __m512 corrected(const BF16Args& a, const float* srow, const float* zrow, int m, __m512 acc) {
   for (int64_t g0 = 0; g0 < a.G; g0 += 16) {
     const __mmask16 k = a.G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.G - g0)) - 1);
     const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + g0),
@@ -339,6 +363,9 @@ void four_rows(const BF16Args& a, int64_t n) {
   const __m512i magic16 = _mm512_set1_epi16(0x4300);
   const __m512i mask = _mm512_set1_epi16(MODE == kTwo ? 0x03 : MODE == kThreeWide ? 0x07 : 0x0F);
   auto bf = [&](__m512i lanes) { return as_bh(_mm512_ternarylogic_epi32(lanes, mask, magic16, 0xEA)); };
+  thread_local std::vector<float> sbuf;
+  const float *srows, *zrows;  // [R, G]
+  row_scales(a, n, R, sbuf, &srows, &zrows);
   __m512 row[R];
   for (int r = 0; r < R; ++r) row[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < a.G; ++g) {
@@ -439,9 +466,9 @@ void four_rows(const BF16Args& a, int64_t n) {
       }
     }
     for (int r = 0; r < R; ++r)
-      row[r] = _mm512_fmadd_ps(_mm512_set1_ps(a.scales[(n + r) * a.G + g]), _mm512_add_ps(lo[r], hi[r]), row[r]);
+      row[r] = _mm512_fmadd_ps(_mm512_set1_ps(srows[r * a.G + g]), _mm512_add_ps(lo[r], hi[r]), row[r]);
   }
-  for (int r = 0; r < R; ++r) a.y[n + r] = hsum512(corrected(a, n + r, 0, row[r]));
+  for (int r = 0; r < R; ++r) a.y[n + r] = hsum512(corrected(a, srows + r * a.G, zrows + r * a.G, 0, row[r]));
 }
 
 template <int M, int GS>
@@ -468,7 +495,10 @@ void bf16_rows(const BF16Args& a) {
     }
   });
   at::parallel_for(4 * blocks, a.N, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> sbuf;
     for (int64_t n = begin; n < end; ++n) {
+      const float *srow, *zrow;
+      row_scales(a, n, 1, sbuf, &srow, &zrow);
       __m512 row[M];
       for (int m = 0; m < M; ++m) row[m] = _mm512_setzero_ps();
       for (int64_t g = 0; g < a.G; ++g) {
@@ -534,10 +564,10 @@ void bf16_rows(const BF16Args& a) {
             dot2(bf(c8, mb), bf(_mm512_srli_epi16(c8, 8), mb), xg + c, lo_acc, hi_acc);
           }
         }
-        const __m512 vs = _mm512_set1_ps(a.scales[n * a.G + g]);
+        const __m512 vs = _mm512_set1_ps(srow[g]);
         for (int m = 0; m < M; ++m) row[m] = _mm512_fmadd_ps(vs, _mm512_add_ps(lo_acc[m], hi_acc[m]), row[m]);
       }
-      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum512(corrected(a, n, m, row[m]));
+      for (int m = 0; m < M; ++m) a.y[m * a.N + n] = hsum512(corrected(a, srow, zrow, m, row[m]));
     }
   });
 }
@@ -587,9 +617,12 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
       xsum[m * G + g] = s;
     }
   }
-  auto y = torch::empty({M, N}, scales.options());
-  BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bp, offp, scales.data_ptr<float>(),
-             zeros.data_ptr<float>(), y.data_ptr<float>(), K, N, RB, G, group,
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  const bool half = scales.dtype() == torch::kFloat16;
+  BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bp, offp,
+             half ? nullptr : scales.data_ptr<float>(), half ? nullptr : zeros.data_ptr<float>(),
+             half ? scales.data_ptr<at::Half>() : nullptr, half ? zeros.data_ptr<at::Half>() : nullptr,
+             y.data_ptr<float>(), K, N, RB, G, group,
              packed.data_ptr<uint8_t>() + N * RB, off.data(), gb.data(), il};
   // one instantiation per row count (accumulators in registers) and for groups of 128 or other
 #define LOWBIT_ROWS(GS)                      \
@@ -850,6 +883,8 @@ bool has_bf16_path() {
 void dequantize_into(torch::Tensor w, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
                      torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
   const std::vector<int64_t> gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
+  scales = scales.to(torch::kFloat32);  // float16 scales and zeros: exact in float32
+  zeros = zeros.to(torch::kFloat32);
   const int64_t N = packed.size(0), RB = packed.size(1), G = bits.numel(), K = G * group;
   const bool bf16 = w.dtype() == torch::kBFloat16;
   TORCH_CHECK((bf16 || w.dtype() == torch::kFloat32) && w.is_contiguous() && w.dim() == 2 && w.size(0) == N &&
