@@ -245,8 +245,13 @@ class _Tensors:
         self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
         self.keys = list(self._meta)
 
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor `key`, converted to `dtype` when given and it is a float tensor."""
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        meta = self._meta.get(key)
+        return None if meta is None else tuple(meta["shape"])
+
+    def get(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key`, converted to `dtype` when given and it is a float tensor; `out`: a
+        contiguous tensor of its stored dtype and shape to read it into."""
         try:
             meta = self._meta[key]
             stored = _ST_DTYPES[meta["dtype"]]
@@ -255,7 +260,9 @@ class _Tensors:
         except KeyError as e:
             raise CheckpointError(f"{self.path}: tensor {key} is missing or has an unknown dtype ({e})") from None
         out_dtype = dtype if dtype is not None and stored.is_floating_point else stored
-        out = torch.empty(shape, dtype=out_dtype)
+        if out is not None and (out.dtype != stored or tuple(out.shape) != shape or not out.is_contiguous()):
+            raise ValueError(f"{key}: a {stored} {shape} buffer is needed")
+        out = torch.empty(shape, dtype=out_dtype) if out is None else out
         if out.numel() * stored.itemsize != end - start:
             raise CheckpointError(f"{self.path}: tensor {key} has {end - start} bytes for shape {shape}")
         self._fh.seek(self._base + start)
@@ -289,6 +296,34 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _fusion_buffers(layers: dict[str, Any], by_layer: dict[str, list[str]], quant: _Tensors) -> dict[str, torch.Tensor]:
+    """For each group of a block's projections that read one input (models.arch.LAYOUTS) and are
+    stored alike (one uniform format, the same packed row length): one uint8 buffer holding all
+    their packed codes, as a view per layer name."""
+    from lowbit.models.arch import LAYOUTS
+
+    views: dict[str, torch.Tensor] = {}
+    blocks = {name.rsplit(".", 2)[0] for name in layers if name.count(".") >= 2}
+    for block in blocks:
+        for layout in LAYOUTS.values():
+            for group in layout:
+                names = [f"{block}.{member}" for member in group]
+                if len(names) < 2 or not all(n in layers and "codes" in by_layer.get(n, []) for n in names):
+                    continue
+                metas = [layers[n] for n in names]
+                shapes = [quant.shape(f"{n}.codes") for n in names]
+                fmts = {(m.get("bits"), m.get("group_size"), m.get("symmetric"), m.get("scale_bits", 0)) for m in metas}
+                if len(fmts) != 1 or any(len(sh) != 2 for sh in shapes) or len({sh[1] for sh in shapes}) != 1 \
+                        or any("group_bits" in by_layer.get(n, []) for n in names):
+                    continue
+                buf = torch.empty(sum(sh[0] for sh in shapes), shapes[0][1], dtype=torch.uint8)
+                start = 0
+                for n, sh in zip(names, shapes):
+                    views[n] = buf[start:start + sh[0]]
+                    start += sh[0]
+    return views
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True,
@@ -340,9 +375,13 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
             name, _, kind = name.rpartition(".")
             part = f"{kind}.{part}"
         by_layer.setdefault(name, []).append(part)
+    # packed runtime: the codes of projections that will share one decode GEMV (runtime/packed.py:
+    # fuse_projections) are read into one buffer, so fusing them later copies nothing
+    into = _fusion_buffers(manifest["layers"], by_layer, quant) if runtime == "packed" and not int8_activations else {}
     for name, meta in manifest["layers"].items():
         fmt = QuantFormat.from_dict(meta)
-        parts = {p: quant.get(f"{name}.{p}") for p in by_layer.get(name, []) if _PART.fullmatch(p)}
+        parts = {p: quant.get(f"{name}.{p}", out=into.get(name) if p == "codes" else None)
+                 for p in by_layer.get(name, []) if _PART.fullmatch(p)}
         bias = quant.get(f"{name}.bias") if "bias" in by_layer.get(name, []) else None
         shape = tuple(meta["shape"])
         try:

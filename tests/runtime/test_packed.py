@@ -252,6 +252,35 @@ def test_fused_projections_decode_what_the_separate_ones_do(arch):
     torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * float(a.abs().max()))
 
 
+@needs_bf16_path
+def test_a_loaded_checkpoint_fuses_projections_without_copying_their_codes(tmp_path):
+    """load_checkpoint(runtime="packed") reads the codes of q/k/v (and of gate/up) into one
+    buffer, so the fused GEMV runs on those very bytes; it decodes what a model packed and fused
+    after loading does."""
+    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.runtime.packed import fuse_projections
+
+    model = build_tiny("qwen2")
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and cname != "lm_head" and child.in_features % 64 == 0:
+                qw = random_qweight(child.out_features, child.in_features, 4, 64, False, len(name))
+                setattr(mod, cname, QuantLinear.from_quantized(qw, child.bias))
+    save_checkpoint(model, None, tmp_path / "ck", {})
+    loaded = load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16, runtime="packed").model
+    attn = loaded.model.layers[0].self_attn
+    fused = attn.q_proj._fused
+    assert fused is not None and fused is attn.k_proj._fused is attn.v_proj._fused
+    assert fused.packed.data_ptr() == attn.q_proj.packed.data_ptr()
+    assert attn.k_proj.packed.data_ptr() == attn.q_proj.packed.data_ptr() + attn.q_proj.packed.numel()
+    after = pack_model(load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16).model)
+    fuse_projections(after)
+    assert torch.equal(fused.packed, after.model.layers[0].self_attn.q_proj._fused.packed)
+    step = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(loaded(step).logits, after(step).logits)
+
+
 def test_interleaving_puts_each_group_of_four_rows_side_by_side():
     codes = torch.arange(8 * 32, dtype=torch.int64).remainder(4).to(torch.uint8).reshape(8, 32)
     packed, offsets = pack_rows(codes, 16, [4, 2])  # group bytes: 8 and 4; row bytes 12

@@ -305,7 +305,9 @@ class _Fused:
 
     def __init__(self, members: list[PackedLinear]):
         self.rows = [m.out_features for m in members]
-        self.packed = torch.cat([m.packed for m in members]).contiguous()
+        self.packed = _adjacent([m.packed for m in members])
+        if self.packed is None:
+            self.packed = torch.cat([m.packed for m in members]).contiguous()
         self.scales = torch.cat([m.scales for m in members]).contiguous()
         self.zero_points = torch.cat([m.zero_points for m in members]).contiguous()
         self.widths, self.offsets, self.group_size = members[0].widths, members[0].offsets, members[0].group_size
@@ -328,6 +330,20 @@ class _Fused:
         if self._taken == len(self.rows):  # every member has its slice: let go of the input
             self._x = self._y = None
         return y
+
+
+def _adjacent(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The rows of `parts` as one tensor when they already lie one after another in one buffer
+    (load_checkpoint reads fusable projections that way), else None."""
+    first = parts[0]
+    at = first.storage_offset()
+    for t in parts:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
+                or t.storage_offset() != at or t.shape[1:] != first.shape[1:]:
+            return None
+        at += t.numel()
+    rows = sum(t.shape[0] for t in parts)
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
 
 
 def _fusable(members: list[nn.Module]) -> bool:
