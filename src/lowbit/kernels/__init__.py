@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -50,6 +51,25 @@ def _build_dir(name: str, source: Path, cache: str | os.PathLike | None = None) 
     return cache_dir(cache) / "kernels" / f"{name}-{key}"
 
 
+STALE_LOCK_SECONDS = 600  # a build takes well under a minute; a lock this old was left by a killed one
+
+
+def _clear_stale_lock(build: Path, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove the lock file torch's extension builder leaves in `build` when a build is killed
+    (the next build would otherwise wait on it forever); only one older than `max_age` seconds.
+    Whether one was removed."""
+    lock = build / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < max_age:
+        return False
+    log.warning("removing %s, left %.0f s ago by a kernel build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -75,6 +95,7 @@ def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
         source = SOURCES / f"{name}.cpp"
         build = _build_dir(name, source, cache)
         build.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(build)
         try:
             from torch.utils.cpp_extension import load as build_extension
 
