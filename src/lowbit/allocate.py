@@ -111,7 +111,7 @@ def sensitivity(
         return {}
 
     run_sequential(model, ids, measure, true_sequential=False, progress=progress,
-                   autocast=torch.bfloat16 if recipe.calibration.dtype == "bfloat16" else None)
+                   dtype=recipe.calibration.dtype)
     return errors
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import ConfigError, LowbitError
+from lowbit.recipes import CALIB_DTYPES
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -411,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, help="calibration samples (default 128)")
     q.add_argument("--calib-seqlen", type=int, help="tokens per calibration sample (default 512)")
     q.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
-    q.add_argument("--calib-dtype", choices=["float32", "bfloat16"],
+    q.add_argument("--calib-dtype", choices=CALIB_DTYPES,
                    help="dtype of the calibration forward passes (default float32; bfloat16 runs them under "
                         "autocast, several times faster on CPUs with native bf16, while weights, Hessians and "
                         "the quantization stay float32)")

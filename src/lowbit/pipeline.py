@@ -181,12 +181,6 @@ def _dense_twin(lin: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> nn.L
     return twin
 
 
-
-def calibration_autocast(recipe: Recipe) -> torch.dtype | None:
-    """The autocast dtype of the calibration forwards (None: run them in the model's dtype)."""
-    return torch.bfloat16 if recipe.calibration.dtype == "bfloat16" else None
-
-
 def quantize(
     loaded: LoadedModel,
     recipe: Recipe,
@@ -279,7 +273,7 @@ def quantize(
                 return out
 
         run_sequential(model, ids, quantize_group, recipe.gptq.true_sequential, progress,
-                       prepare_block=prepare_block, autocast=calibration_autocast(recipe))
+                       prepare_block=prepare_block, dtype=recipe.calibration.dtype)
     if recipe.head_bits:
         name, lin = output_head(model)
         qw = rtn_quantize(lin.weight.detach(), recipe.head_bits, recipe.head_group_size, recipe.symmetric, clip)

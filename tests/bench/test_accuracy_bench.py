@@ -49,6 +49,9 @@ def test_old_records_keep_their_identity():
     assert _key({"model": "m", "method": "slim", "setting": "w2.5g128"}) == ("m", "slim", "w2.5g128", "float32")
     # bfloat16 calibration forwards are another result, not a rerun of the float32 one
     assert _key({"model": "m", "method": "gptq", "setting": "w3g64", "calib_dtype": "bfloat16"})[3] == "bfloat16"
+    # uncalibrated methods: one result, whatever dtype the run's calibration forwards had
+    assert _key({"model": "m", "method": "hqq", "setting": "w3g64", "calib_dtype": "bfloat16"}) == \
+        _key({"model": "m", "method": "hqq", "setting": "w3g64"})
 
 
 def test_pareto_front_keeps_only_undominated_points():

@@ -112,9 +112,10 @@ def jobs_from_args(args) -> list[Job]:
 
 def _key(r: dict[str, Any]) -> tuple[str, str, str, str]:
     """Result identity; records written before jobs had labels carry bits and group_size only,
-    and those written before calibration had a dtype calibrated in float32."""
+    and those written before calibration had a dtype calibrated in float32. Methods without
+    calibration (RTN, HQQ, llama.cpp) have one result whatever --calib-dtype said."""
     return (r["model"], r["method"], r.get("setting") or f"w{r['bits']}g{r['group_size']}",
-            r.get("calib_dtype", "float32"))
+            r.get("calib_dtype", "float32") if r["method"] in CALIBRATED else "float32")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -300,7 +301,8 @@ def run_accuracy_bench(args) -> None:
             refs = build_references(model, datasets, args, work)
             (work / f"reference-{model}.json").write_text(json.dumps(refs, indent=2))
             for job in tqdm(jobs, desc=f"{model} jobs", disable=args.quiet):
-                key = (model, job.method, job.setting, args.calib_dtype)
+                key = _key({"model": model, "method": job.method, "setting": job.setting,
+                            "calib_dtype": args.calib_dtype})
                 if key in done and "error" not in done[key]:
                     continue
                 spec = {"model": model, "method": job.method, "setting": job.setting,

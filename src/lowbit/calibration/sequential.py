@@ -54,18 +54,18 @@ def run_sequential(
     progress: bool = True,
     batch_size: int = 8,
     prepare_block: BlockPreparer | None = None,
-    autocast: torch.dtype | None = None,
+    dtype: str = "float32",
 ) -> None:
     """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
 
     `prepare_block`, if given, runs first on each block (AWQ smoothing); `quantize_group` may be
     None when the preparer quantizes the block itself.
     Samples go through each block `batch_size` at a time (the per-block arguments broadcast over
-    the batch), which keeps the matmuls large enough to run efficiently on a CPU. `autocast`
-    (torch.bfloat16) runs the blocks' matrix products in that dtype; the weights, the residual
-    stream and every Hessian stay float32.
+    the batch), which keeps the matmuls large enough to run efficiently on a CPU. `dtype`
+    (recipes.CalibrationConfig.dtype) "bfloat16" runs the blocks under CPU autocast, matrix
+    products in bfloat16; the weights, the residual stream and every Hessian stay float32.
     """
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         _run(model, input_ids, quantize_group, true_sequential, progress, batch_size, prepare_block)
 
 
