@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -81,6 +82,55 @@ def test_tampered_file_is_rejected(saved):
         load_checkpoint(saved)
 
 
+def _age(path, seconds=60):
+    old = path.stat().st_mtime - seconds
+    os.utime(path, (old, old))
+
+
+def test_hashes_are_remembered_until_a_file_changes(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    stamps = tmp_path / "cache" / "stamps"
+    load_checkpoint(saved)
+    assert not stamps.exists()  # files written just now are hashed but not stamped
+    for f in (QUANT_FILE, DENSE_FILE):
+        _age(saved / f)
+    load_checkpoint(saved)
+    assert len(list(stamps.glob("*.json"))) == 2
+    # stamped: a second load does not hash again
+    calls = []
+    monkeypatch.setattr("lowbit.models.hashing.sha256_file", lambda p: calls.append(p) or "0" * 64)
+    load_checkpoint(saved)
+    assert calls == []
+    # a file rewritten with the same size (new modification time) is hashed again and rejected
+    monkeypatch.undo()
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    f = saved / DENSE_FILE
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    _age(f, 30)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(saved)
+
+
+def test_full_verification_ignores_stamps(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    f = saved / DENSE_FILE
+    _age(f)
+    _age(saved / QUANT_FILE)
+    load_checkpoint(saved)  # stamps both
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # a change that keeps size and time
+    load_checkpoint(saved)  # the stamp is trusted (documented)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(saved, verify="full")
+    with pytest.raises(Exception, match="verify='sometimes'"):
+        load_checkpoint(saved, verify="sometimes")
+
+
 def test_missing_file_and_manifest_problems(saved, tmp_path):
     with pytest.raises(CheckpointError, match="not a lowbit checkpoint"):
         load_checkpoint(tmp_path / "nowhere")
@@ -147,3 +197,18 @@ def test_tensors_are_read_without_mapping_and_converted_in_slices(tmp_path, monk
     with pytest.raises(CheckpointError, match="truncated"):
         for k in cut.keys:  # whichever tensor was stored last loses its end
             cut.get(k)
+
+
+def test_info_verify_hashes_every_file(saved, tmp_path, monkeypatch, capsys):
+    from lowbit.cli import main
+
+    assert main(["info", str(saved), "--verify"]) == 0
+    assert "verified: 2 files" in capsys.readouterr().err
+    f = saved / QUANT_FILE
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0x01
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert main(["info", str(saved), "--verify"]) == 2
+    assert "sha256" in capsys.readouterr().err

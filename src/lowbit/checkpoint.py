@@ -34,7 +34,8 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import CheckpointError, ConfigError, ShapeError
-from lowbit.models.hashing import sha256_file
+from lowbit.paths import cache_dir
+from lowbit.models.hashing import external_stamp, sha256_file, stamped_sha256
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -194,8 +195,12 @@ class _Background:
         return self._value
 
 
-def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
-    """Every file the manifest lists is there with its size and (with `hashes`) its sha256."""
+def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True, cache: Path | None = None) -> None:
+    """Every file the manifest lists is there with its size and (with `hashes`) its sha256.
+
+    With a `cache` folder, a file's hash is remembered there (models.hashing: a stamp keyed by its
+    path, trusted while its size and modification time are unchanged), so a checkpoint loaded
+    again is not read twice; without one, every file is hashed."""
     for fname, meta in manifest["files"].items():
         f = path / fname
         if not f.is_file():
@@ -206,7 +211,10 @@ def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> N
                 f"{f} is {size} bytes but the manifest says {meta['bytes']}: the file is truncated or "
                 "was replaced; re-run `lowbit quantize` or copy the checkpoint again"
             )
-        if hashes and sha256_file(f) != meta["sha256"]:
+        if not hashes:
+            continue
+        sha = sha256_file(f) if cache is None else stamped_sha256(f, external_stamp(f, cache))
+        if sha != meta["sha256"]:
             raise CheckpointError(
                 f"{f} does not match the sha256 in {MANIFEST}: it was modified after saving; "
                 "re-run `lowbit quantize` or copy the checkpoint again"
@@ -326,9 +334,14 @@ def _fusion_buffers(layers: dict[str, Any], by_layer: dict[str, list[str]], quan
     return views
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True,
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool | str = True,
                     runtime: str = "reference", int8_activations: bool = False) -> LoadedCheckpoint:
     """Rebuild the quantized model. `dtype` converts the dense tensors (default: as saved).
+
+    `verify`: True checks every file's size and sha256 against the manifest, the hash taken from
+    a stamp in lowbit's cache (paths.cache_dir) when the file is unchanged since it was last
+    hashed (same size and modification time); "full" hashes every file regardless; False checks
+    sizes only.
 
     runtime "reference": every quantized layer a QuantLinear (one byte per code, dequantize then
     matmul). "packed": a PackedLinear built straight from the stored packed codes (runtime/packed.py,
@@ -342,6 +355,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
 
     if runtime not in RUNTIMES:
         raise CheckpointError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if verify not in (True, False, "full"):
+        raise ConfigError(f"verify={verify!r}: use True (hashes, remembered while files are unchanged), "
+                          "'full' (hash every file) or False (sizes only)")
     if int8_activations and runtime != "packed":
         raise CheckpointError("int8 activations run in the packed runtime; load with runtime='packed'")
     if runtime == "packed":
@@ -353,7 +369,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     verifier = None
     if verify:  # sizes now; the sha256 of every file in a thread beside the load (hashlib lets go of the GIL)
         verify_files(path, manifest, hashes=False)
-        verifier = _Background(verify_files, path, manifest)
+        verifier = _Background(verify_files, path, manifest, True, None if verify == "full" else cache_dir())
     quant = _Tensors(path / QUANT_FILE)
     dense = _Tensors(path / DENSE_FILE)
     saved_dtype = getattr(torch, manifest["dtype"])

@@ -297,10 +297,15 @@ def cmd_eval(args) -> int:
 
 # ---------------------------------------------------------------- info
 def cmd_info(args) -> int:
-    from lowbit.checkpoint import read_manifest
+    from pathlib import Path
+
+    from lowbit.checkpoint import read_manifest, verify_files
     from lowbit.report import info_text, per_layer_summary
 
     manifest = read_manifest(args.checkpoint)
+    if args.verify:  # every byte hashed now, whatever the stamps from earlier loads say
+        verify_files(Path(args.checkpoint), manifest)
+        print(f"verified: {len(manifest['files'])} files match the sizes and sha256 in the manifest", file=sys.stderr)
     if args.json:
         print(json.dumps({**per_layer_summary(manifest), **manifest}, indent=2))
     else:
@@ -470,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="recipe, per-layer formats, size and provenance of a checkpoint")
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--verify", action="store_true", help="hash every file and check it against the manifest "
+                   "(loading trusts a file unchanged since it was last hashed)")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="benchmarks that write BENCHMARKS.md")

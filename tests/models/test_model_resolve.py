@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -70,6 +71,10 @@ def test_folder_without_config(tmp_path):
 def test_gguf_file(tmp_path):
     gguf = tmp_path / "Some-Model.Q4_0.gguf"
     gguf.write_bytes(b"GGUF" + bytes(100))
+    source = resolve_model(str(gguf), cache=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "stamps").exists()  # modified just now: hashed, not stamped
+    old = gguf.stat().st_mtime - 60
+    os.utime(gguf, (old, old))
     source = resolve_model(str(gguf), cache=tmp_path / "cache")
     assert source.kind == "gguf"
     assert source.path == gguf.resolve()

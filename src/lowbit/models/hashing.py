@@ -1,7 +1,10 @@
 """sha256 of model files, with a stamp so a large file is hashed once, not on every call.
 
 A stamp is a small JSON file {"sha256", "size", "mtime_ns"}. It is trusted only while the file
-still has the recorded size and modification time; otherwise the file is hashed again.
+still has the recorded size and modification time; otherwise the file is hashed again. A file
+modified in the last STAMP_MIN_AGE seconds is hashed but not stamped: file times advance in clock
+ticks, so a write in the same tick as the hash could leave size and time unchanged (git's "racily
+clean" entries; it re-checks them the same way).
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 CHUNK = 1 << 20  # read files 1 MiB at a time
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # files that make up a folder's weights
+STAMP_MIN_AGE = 2.0  # seconds since a file's last modification before its hash is stamped
 
 
 def sha256_file(path: Path) -> str:
@@ -40,7 +45,8 @@ def _read_stamp(path: Path, stamp: Path) -> str | None:
 
 
 def write_stamp(path: Path, stamp: Path, sha256: str) -> None:
-    """Record that `path`, at its current size and mtime, has this sha256 (atomic write)."""
+    """Record that `path`, at its current size and mtime, has this sha256 (atomic write). For a
+    file the caller has just written itself and whose bytes it hashed as it wrote them."""
     st = path.stat()
     record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     stamp.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +59,12 @@ def stamped_sha256(path: Path, stamp: Path) -> str:
     """sha256 of `path`, read from `stamp` when still valid, else computed and stamped."""
     sha = _read_stamp(path, stamp)
     if sha is None:
+        before = path.stat()
         sha = sha256_file(path)
-        write_stamp(path, stamp, sha)
+        # stamped only if the file was not modified while it was read, nor within the last
+        # STAMP_MIN_AGE seconds (a later write in the same clock tick would go unnoticed)
+        if path.stat().st_mtime_ns == before.st_mtime_ns and time.time_ns() - before.st_mtime_ns > STAMP_MIN_AGE * 1e9:
+            write_stamp(path, stamp, sha)
     return sha
 
 
