@@ -20,6 +20,7 @@ import ctypes
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -285,6 +286,24 @@ class _Tensors:
             flat[i:i + part.numel()].copy_(part)
         return out
 
+    def mapped(self, key: str) -> torch.Tensor:
+        """The tensor `key` as a view of the file, memory-mapped (copy-on-write: writing to it never
+        changes the file): its pages are read from disk when they are first touched."""
+        import numpy as np
+
+        meta = self._meta.get(key)
+        if meta is None or meta.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} is missing or has an unknown dtype")
+        stored = _ST_DTYPES[meta["dtype"]]
+        start, end = meta["data_offsets"]
+        shape = tuple(meta["shape"])
+        if math.prod(shape) * stored.itemsize != end - start or (self._base + start) % stored.itemsize:
+            raise CheckpointError(f"{self.path}: tensor {key} has {end - start} bytes for shape {shape}")
+        if self._base + end > self.path.stat().st_size:
+            raise CheckpointError(f"{self.path}: tensor {key} is cut short; the file is truncated")
+        raw = np.memmap(self.path, dtype=np.uint8, mode="c", offset=self._base + start, shape=(end - start,))
+        return torch.from_numpy(raw).view(stored).reshape(shape)
+
     def close(self) -> None:
         self._fh.close()
 
@@ -332,6 +351,25 @@ def _fusion_buffers(layers: dict[str, Any], by_layer: dict[str, list[str]], quan
                     views[n] = buf[start:start + sh[0]]
                     start += sh[0]
     return views
+
+
+def _mapped_embedding(model: nn.Module, dense: _Tensors, dtype: torch.dtype) -> tuple[str, nn.Module] | None:
+    """(name, MappedEmbedding) for the model's input embedding read from `dense` on demand
+    (runtime/embedding.py), or None where it is tied to the output head or is not a plain
+    nn.Embedding (e.g. Gemma's scaled one)."""
+    from lowbit.runtime.embedding import MappedEmbedding
+
+    emb = model.get_input_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if type(emb) is not nn.Embedding or getattr(config, "tie_word_embeddings", False):
+        return None
+    name = next((n for n, m in model.named_modules() if m is emb), None)
+    if name is None or dense.shape(f"{name}.weight") is None:
+        return None
+    table = dense.mapped(f"{name}.weight")
+    if not table.is_floating_point() or tuple(table.shape) != (emb.num_embeddings, emb.embedding_dim):
+        return None
+    return name, MappedEmbedding(table, dtype, emb.padding_idx)
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool | str = True,
@@ -430,7 +468,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
         log.warning("%d layer(s) have no int8-activation format and run weight-only: %s", len(float_layers),
                     ", ".join(float_layers[:4]) + (" ..." if len(float_layers) > 4 else ""))
     release_freed_memory()
-    state = {k: dense.get(k, dtype) for k in dense.keys}
+    # packed runtime: an input embedding that is not the output head stays in the file, mapped
+    mapped = _mapped_embedding(model, dense, dtype) if runtime == "packed" else None
+    state = {k: dense.get(k, dtype) for k in dense.keys if mapped is None or k != f"{mapped[0]}.weight"}
     quant.close()
     dense.close()
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -438,6 +478,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, v
     if result.unexpected_keys:
         raise CheckpointError(f"{path}: tensors {result.unexpected_keys[:5]} do not belong to the model")
     model.tie_weights()
+    if mapped is not None:
+        model.set_submodule(*mapped)
     if verifier is not None:
         verifier.result()  # a mismatch raises here, before the model is handed out
     if tokenizer is not None:

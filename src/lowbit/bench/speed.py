@@ -63,12 +63,17 @@ def _peak_rss_bytes() -> int:
 def bytes_per_token(model) -> int:
     """Bytes one decode step reads from the weights: every parameter and buffer once (and what a
     module holds outside them), except the input embedding table, of which a step reads one row
-    (unless the output head shares it)."""
-    emb = model.get_input_embeddings().weight
+    (unless the output head shares it; a memory-mapped table, runtime/embedding.py, is not held
+    as a parameter and counts one row too)."""
+    from lowbit.runtime.embedding import MappedEmbedding
+
+    emb_module = model.get_input_embeddings()
+    emb = emb_module.weight
+    total = emb.shape[1] * emb.element_size() if isinstance(emb_module, MappedEmbedding) else 0
     head = model.get_output_embeddings()
     head_weight = getattr(head, "weight", None)  # a quantized head has packed codes instead
     tied = head_weight is not None and head_weight.data_ptr() == emb.data_ptr()
-    seen, total = set(), 0
+    seen = set()
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() in seen:
             continue

@@ -33,6 +33,7 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from lowbit.runtime import attention
+from lowbit.runtime.embedding import embedding_dtype
 
 LAYER_TYPES = ("llama", "qwen2")
 
@@ -78,7 +79,7 @@ class LeanDecoder:
         self.positions = torch.arange(self.max_len)
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rotate_half = sys.modules[type(first).__module__].rotate_half
-        bf16 = self.body.embed_tokens.weight.dtype == torch.bfloat16  # the kernels' direct path
+        bf16 = embedding_dtype(self.body.embed_tokens) == torch.bfloat16  # the kernels' direct path
         self.plans = [_LayerPlan(layer, bf16) for layer in self.layers]
         self.ops = _native_ops(model, self.plans) if native else None
 
