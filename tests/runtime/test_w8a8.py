@@ -188,6 +188,11 @@ def test_native_row_quantization_and_epilogue_equal_the_torch_ops(dtype):
     q, s = ext.quantize_rows(x)
     q_ref, s_ref = quantize_per_token(x)
     assert torch.equal(q.long(), q_ref.long()) and torch.equal(s, s_ref)
+    u, s2 = ext.quantize_rows(x, shifted=True)  # oneDNN's unsigned activations
+    assert u.dtype == torch.uint8 and torch.equal(u.long(), q_ref.long() + 128) and torch.equal(s2, s_ref)
+    # half-way values round to even, as torch.round does
+    half = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5] + [0.0] * 9], dtype=dtype)
+    assert torch.equal(ext.quantize_rows(half)[0].long(), quantize_per_token(half)[0].long())
     acc, ws, bias = torch.randn(13, 40) * 1e4, torch.rand(40), torch.randn(40)
     want = acc * ws * s_ref + bias
     got = ext.scale_rows(acc, ws, s, bias, dtype == torch.bfloat16)

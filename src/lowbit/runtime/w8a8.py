@@ -110,10 +110,9 @@ class W8A8Linear(nn.Module):
         if ext is None:
             q, s = quantize_per_token(xs)
             qx = (q + 128).to(torch.uint8)
-        else:  # one pass per row, the same codes and scales
-            q, s = ext.quantize_rows(xs.contiguous() if xs.dtype in (torch.float32, torch.bfloat16)
-                                     else xs.float().contiguous())
-            qx = (q.view(torch.uint8) ^ 0x80)  # int8 q + 128 as uint8, bit for bit
+        else:  # one pass per row, the same codes and scales, written as q + 128
+            qx, s = ext.quantize_rows(xs.contiguous() if xs.dtype in (torch.float32, torch.bfloat16)
+                                      else xs.float().contiguous(), shifted=True)
         acc = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self._packed, self._unit, self._zero, None, 1.0, 0,
                                                  torch.float32, "none", [], "")
         if ext is not None and x.dtype in (torch.float32, torch.bfloat16):

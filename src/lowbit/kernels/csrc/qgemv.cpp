@@ -22,6 +22,7 @@
 #include <limits>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -805,31 +806,69 @@ bool has_w4a8_path() {
 // row in float32 with the very operations of runtime/w8a8.py's quantize_per_token (amax / 127,
 // x / s rounded half to even, clamped to +-127), so codes and scales are identical to it.
 // x [M, K] float32 or bfloat16 -> (q int8 [M, K], s float32 [M, 1]).
-std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
+// One token: s = max(max_k |x_k| / 127, smallest normal float), q_k = clamp(round(x_k / s), -127, 127)
+// (exact division, rounding half to even: torch.round(x / s) of w8a8.quantize_per_token), written
+// as int8, or with `shifted` as uint8 q + 128 (oneDNN's unsigned activations).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+template <typename T>
+inline __m512 load16(const T* p, __mmask16 k) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else {  // bfloat16: the high half of a float32
+    const __m256i h = _mm256_maskz_loadu_epi16(k, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename T>
+inline void quantize_row(const T* x, int64_t K, uint8_t* q, float* s_out, bool shifted) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + k, m)));
+  }
+  const float s = std::max(_mm512_reduce_max_ps(amax) / 127.f, std::numeric_limits<float>::min());
+  *s_out = s;
+  const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m128i flip = _mm_set1_epi8(shifted ? char(0x80) : 0);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(load16(x + k, m), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    const __m128i b = _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)), flip);
+    _mm_mask_storeu_epi8(q + k, m, b);
+  }
+}
+#else
+template <typename T>
+inline void quantize_row(const T* x, int64_t K, uint8_t* q, float* s_out, bool shifted) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(x[k])));
+  const float s = std::max(amax / 127.f, std::numeric_limits<float>::min());
+  *s_out = s;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(x[k]) / s)));
+    q[k] = static_cast<uint8_t>(static_cast<int8_t>(v)) ^ (shifted ? 0x80 : 0);
+  }
+}
+#endif
+
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool shifted) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16),
               "quantize_rows: x must be contiguous float32 or bfloat16 [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
-  auto q = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto q = torch::empty({M, K}, torch::dtype(shifted ? torch::kUInt8 : torch::kInt8));
   auto sc = torch::empty({M, 1}, torch::dtype(torch::kFloat32));
   const bool bf = x.dtype() == torch::kBFloat16;
-  const float* xf = bf ? nullptr : x.data_ptr<float>();
-  const at::BFloat16* xb = bf ? x.data_ptr<at::BFloat16>() : nullptr;
-  int8_t* qp = q.data_ptr<int8_t>();
+  uint8_t* qp = static_cast<uint8_t*>(q.data_ptr());
   float* sp = sc.data_ptr<float>();
-  const float tiny = std::numeric_limits<float>::min();
-  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> row(K);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // small rows: fewer, larger tasks
+  at::parallel_for(0, M, grain, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; ++m) {
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        row[k] = bf ? static_cast<float>(xb[m * K + k]) : xf[m * K + k];
-        amax = std::max(amax, std::fabs(row[k]));
-      }
-      const float s = std::max(amax / 127.f, tiny);
-      sp[m] = s;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = std::nearbyint(row[k] / s);
-        qp[m * K + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
+      if (bf) {
+        quantize_row(reinterpret_cast<const at::BFloat16*>(x.data_ptr<at::BFloat16>()) + m * K, K, qp + m * K, sp + m, shifted);
+      } else {
+        quantize_row(x.data_ptr<float>() + m * K, K, qp + m * K, sp + m, shifted);
       }
     }
   });
@@ -951,7 +990,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("interleave_uniform", &interleave_uniform, "rows in blocks of four, group by group, in place (equal widths)");
   m.def("has_bf16_path", &has_bf16_path, "whether gemv_bf16 was compiled (AVX-512 BF16 and VBMI)");
   m.def("has_w4a8_path", &has_w4a8_path, "whether w4a8_gemm was compiled (AVX-512 VNNI)");
-  m.def("quantize_rows", &quantize_rows, "per-token int8 quantization (q, scale) of float32 / bfloat16 rows");
+  m.def("quantize_rows", &quantize_rows, "per-token int8 quantization (q, scale) of float32 / bfloat16 rows; "
+        "shifted: q + 128 as uint8", py::arg("x"), py::arg("shifted") = false);
   m.def("scale_rows", &scale_rows, "acc * w_scale[n] * s[m] (+ bias) -> float32 or bfloat16");
 #ifdef LOWBIT_W4A8_PATH
   m.def("w4a8_gemm", &w4a8_gemm, "exact int64 T = sum_g iscale * sum (c - z) q: 4-bit codes, int8 activations");
