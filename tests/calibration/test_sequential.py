@@ -94,3 +94,24 @@ def test_hessian_accumulator_is_a_running_mean():
     allx = torch.cat([x.reshape(-1, 5) for x in xs])
     torch.testing.assert_close(acc.H, 2 * allx.T @ allx / allx.shape[0])
     assert acc.n_tokens == 21
+
+
+@pytest.mark.parametrize("in_features", [7, 16, 37])
+def test_wide_hessians_accumulate_upper_blocks_and_read_symmetric(monkeypatch, in_features):
+    monkeypatch.setattr(HessianAccumulator, "BLOCK", 8)  # several blocks, a partial last one
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 9, in_features, generator=g) for _ in range(3)]
+    acc = HessianAccumulator(in_features)
+    acc.add(xs[0])
+    first = acc.H.clone()  # read between adds: the sum goes on from where it was
+    x0 = xs[0].reshape(-1, in_features)
+    torch.testing.assert_close(first, 2 * x0.T @ x0 / x0.shape[0])
+    for x in xs[1:]:
+        acc.add(x)
+    allx = torch.cat([x.reshape(-1, in_features) for x in xs])
+    H = acc.H
+    torch.testing.assert_close(H, 2 * allx.T @ allx / allx.shape[0])
+    torch.testing.assert_close(H, H.T)
+    assert acc.n_tokens == 54
+    assert acc.H is H  # reading twice does not scale twice
+    torch.testing.assert_close(acc.H, 2 * allx.T @ allx / allx.shape[0])

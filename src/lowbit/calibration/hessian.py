@@ -7,19 +7,44 @@ from torch import nn
 
 
 class HessianAccumulator:
-    """Forward hook on an nn.Linear that accumulates H (float32, [in, in]) over every token seen."""
+    """Forward hook on an nn.Linear that accumulates H (float32, [in, in]) over every token seen.
+
+    H is symmetric, so for wide inputs only the blocks on and above the diagonal are accumulated
+    (row blocks of BLOCK columns: about half the multiply-adds of the full x^T x when in_features
+    is several blocks, e.g. 8960 for a 1.5B model's down_proj, the largest cost of calibration),
+    and the lower triangle is filled in from them when H is read. The sum is kept unscaled and
+    divided by the token count once, on reading."""
+
+    BLOCK = 1024
 
     def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float32)
         self.n_tokens = 0
+        self._final = True  # _sum holds the finished H (mirrored and scaled), or zeros
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()          # [tokens, in]
-        n = x.shape[0]
-        total = self.n_tokens + n
-        self.H.mul_(self.n_tokens / total)
-        self.H.addmm_(x.T, x, alpha=2.0 / total)
-        self.n_tokens = total
+        if self._final and self.n_tokens:  # read before: back to the unscaled sum
+            self._sum.mul_(self.n_tokens / 2.0)
+        k, b = x.shape[1], self.BLOCK
+        if k <= b:
+            self._sum.addmm_(x.T, x)
+        else:
+            for i in range(0, k, b):
+                self._sum[i:i + b, i:].addmm_(x[:, i:i + b].T, x[:, i:])
+        self.n_tokens += x.shape[0]
+        self._final = False
+
+    @property
+    def H(self) -> torch.Tensor:
+        if not self._final:
+            k, b = self._sum.shape[0], self.BLOCK
+            if k > b:
+                for i in range(0, k - b, b):
+                    self._sum[i + b:, i:i + b] = self._sum[i:i + b, i + b:].T
+            self._sum.mul_(2.0 / self.n_tokens)
+            self._final = True
+        return self._sum
 
     def hook(self, module: nn.Module, args: tuple, output) -> None:
         self.add(args[0])
