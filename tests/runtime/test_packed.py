@@ -94,6 +94,24 @@ def test_bf16_decode_kernel_matches_the_exact_product(bits, gs, groups, rows, sy
 
 
 @needs_bf16_path
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e30])
+def test_the_wide_loops_give_the_exact_product_at_any_activation_scale(bits, rows, magnitude):
+    """The 2, 3 and 4-bit loops for groups of 128 (several groups, 40 rows), for one activation
+    row (four weight rows at a time) and several, with activations from 1e-30 to 1e30."""
+    qw = random_qweight(40, 384, bits, 128, False, 7)
+    m = PackedLinear(qw)
+    x = (torch.randn(rows, 384, generator=torch.Generator().manual_seed(3)) * magnitude).bfloat16()
+    got = kernels.load("qgemv").gemv_bf16(x, m.packed, m.widths, m.offsets, m.scales, m.zero_points, 128,
+                                          m.interleave)
+    w = qw.dequantize(torch.float64)
+    want = x.double() @ w.T
+    scale = float((x.double().abs() @ w.abs().T).max())
+    assert float((got.double() - want).abs().max()) < 1e-5 * scale
+
+
+@needs_bf16_path
 def test_a_bf16_packed_linear_decodes_through_the_kernel_and_prefills_through_torch():
     qw = random_qweight(48, 256, 3, 128, False, 0, perm=True)
     m, ref = PackedLinear(qw), QuantLinear.from_quantized(qw)
