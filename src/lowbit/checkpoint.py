@@ -35,8 +35,8 @@ from torch import nn
 
 import lowbit
 from lowbit.errors import CheckpointError, ConfigError, ShapeError
-from lowbit.paths import cache_dir
 from lowbit.models.hashing import external_stamp, sha256_file, stamped_sha256
+from lowbit.paths import cache_dir
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.runtime.qlinear import QuantLinear
 

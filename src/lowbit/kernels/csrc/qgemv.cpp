@@ -802,13 +802,11 @@ bool has_w4a8_path() {
 #endif
 }
 
-// Per-token int8 quantization of activations for the integer-activation linears, one pass per
-// row in float32 with the very operations of runtime/w8a8.py's quantize_per_token (amax / 127,
-// x / s rounded half to even, clamped to +-127), so codes and scales are identical to it.
-// x [M, K] float32 or bfloat16 -> (q int8 [M, K], s float32 [M, 1]).
-// One token: s = max(max_k |x_k| / 127, smallest normal float), q_k = clamp(round(x_k / s), -127, 127)
-// (exact division, rounding half to even: torch.round(x / s) of w8a8.quantize_per_token), written
-// as int8, or with `shifted` as uint8 q + 128 (oneDNN's unsigned activations).
+// Per-token int8 quantization of activations for the integer-activation linears, with the very
+// operations of runtime/w8a8.py's quantize_per_token, so codes and scales are identical to it:
+// s = max(max_k |x_k| / 127, smallest normal float), q_k = clamp(round(x_k / s), -127, 127) (exact
+// division, rounding half to even), written as int8, or with `shifted` as uint8 q + 128 (oneDNN's
+// unsigned activations). AVX-512 where compiled for it, else the scalar loop.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 template <typename T>
 inline __m512 load16(const T* p, __mmask16 k) {
@@ -853,6 +851,7 @@ inline void quantize_row(const T* x, int64_t K, uint8_t* q, float* s_out, bool s
 }
 #endif
 
+// x [M, K] float32 or bfloat16 -> (q [M, K] int8, or uint8 q + 128 when shifted; s float32 [M, 1]).
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool shifted) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16),
               "quantize_rows: x must be contiguous float32 or bfloat16 [M, K]");
