@@ -331,9 +331,12 @@ inline void row_scales(const BF16Args& a, int64_t n, int64_t rows, std::vector<f
   buf.resize(2 * cnt);
   const at::Half* hs = a.scales16 + n * a.G;
   const at::Half* hz = a.zeros16 + n * a.G;
-  for (int64_t i = 0; i < cnt; ++i) {
-    buf[i] = static_cast<float>(hs[i]);
-    buf[cnt + i] = static_cast<float>(hz[i]);
+  // 16 at a time with vcvtph2ps (at::Half's scalar conversion is a bit-manipulation routine:
+  // converting one block's scales that way cost 15% of a decode product at groups of 128)
+  for (int64_t i = 0; i < cnt; i += 16) {
+    const __mmask16 k = cnt - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (cnt - i)) - 1);
+    _mm512_mask_storeu_ps(buf.data() + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, hs + i)));
+    _mm512_mask_storeu_ps(buf.data() + cnt + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, hz + i)));
   }
   *s = buf.data();
   *z = buf.data() + cnt;
