@@ -372,33 +372,21 @@ void four_rows(const BF16Args& a, int64_t n) {
   row_scales(a, n, R, sbuf, &srows, &zrows);
   __m512 row[R];
   for (int r = 0; r < R; ++r) row[r] = _mm512_setzero_ps();
-  // interleaved rows of one width in groups of 128 (the common case): group g of the block
-  // lies at a fixed stride, so the pointer and the prefetch need no per-group table lookups
-  constexpr int BITS = MODE == kFourWide ? 4 : MODE == kThreeWide ? 3 : MODE == kTwo ? 2 : MODE == kEight ? 8 : 0;
-  constexpr int64_t GBYTES = GS && BITS ? GS / 8 * BITS : 0;
-  const bool strided = GBYTES && a.il == 4;
-  const uint8_t* block = a.wp + (n / 4) * 4 * a.RB;
-  const bool prefetch = n + (PREFETCH_BLOCKS + 1) * R <= a.N;
   for (int64_t g = 0; g < a.G; ++g) {
     const uint16_t* xg = a.xr + g * group;
     // row r of the block: src + r * rs (interleaved: the four rows' group g are adjacent)
-    const uint8_t* src = strided ? block + g * 4 * GBYTES : group_ptr(a.wp, n, g, a.RB, a.offset, a.gb, a.il);
-    const int64_t rs = strided ? GBYTES : a.il == 4 ? a.gb[g] : a.RB;
+    const uint8_t* src = group_ptr(a.wp, n, g, a.RB, a.offset, a.gb, a.il);
+    const int64_t rs = a.il == 4 ? a.gb[g] : a.RB;
     const int64_t ahead = a.il == 4 ? 4 * a.RB : R * a.RB;  // bytes from one block to the next
     __m512 lo[R], hi[R];
     for (int r = 0; r < R; ++r) { lo[r] = _mm512_setzero_ps(); hi[r] = _mm512_setzero_ps(); }
     // software prefetch of the same group PREFETCH_BLOCKS blocks of rows ahead: the rows are read
     // group by group across four rows, a pattern the hardware prefetchers follow late
-    if (prefetch) {
-      if (strided) {  // the block's four rows of this group are 4 * GBYTES contiguous bytes
-        for (int64_t off = 0; off < 4 * GBYTES; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(src + PREFETCH_BLOCKS * ahead + off), _MM_HINT_T0);
-      } else {
-        const int64_t gbytes = group / 8 * a.bits[g];
-        for (int r = 0; r < R; ++r)
-          for (int64_t off = 0; off < gbytes; off += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(src + PREFETCH_BLOCKS * ahead + r * rs + off), _MM_HINT_T0);
-      }
+    if (n + (PREFETCH_BLOCKS + 1) * R <= a.N) {
+      const int64_t gbytes = group / 8 * a.bits[g];
+      for (int r = 0; r < R; ++r)
+        for (int64_t off = 0; off < gbytes; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(src + PREFETCH_BLOCKS * ahead + r * rs + off), _MM_HINT_T0);
     }
     if (MODE == kFourWide) {  // lane j of 64 bytes: codes 4j .. 4j + 3 at bits 0, 4, 8, 12
       for (int64_t c = 0; c < group; c += 128) {
