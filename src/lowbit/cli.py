@@ -297,8 +297,6 @@ def cmd_eval(args) -> int:
 
 # ---------------------------------------------------------------- info
 def cmd_info(args) -> int:
-    from pathlib import Path
-
     from lowbit.checkpoint import read_manifest, verify_files
     from lowbit.report import info_text, per_layer_summary
 
