@@ -32,6 +32,11 @@ def test_missing_eval_data(capsys, tmp_path):
     assert code == 2 and "ptb-test.txt" in err
 
 
+def test_datasets_may_be_separated_by_commas(capsys, tmp_path):
+    code, err = run(capsys, "eval", "smollm2-135m", "--data", "wikitext2,ptb", "--data-dir", str(tmp_path))
+    assert code == 2 and "wikitext2" in err and "unknown dataset" not in err  # split, then found missing
+
+
 def test_existing_output_needs_force(capsys, tmp_path):
     (tmp_path / "o").mkdir()
     code, err = run(capsys, "quantize", "smollm2-135m", "-o", str(tmp_path / "o"), "--method", "rtn")

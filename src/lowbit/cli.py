@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", help="regex of module names to keep in full precision (repeatable)")
     q.add_argument("--dtype", default="fp32", choices=["auto", *sorted(DTYPES)],
                    help="compute dtype for calibration and evaluation (default fp32; auto = bf16 where the CPU has it natively)")
-    q.add_argument("--eval", nargs="+", metavar="DATASET", help="after quantizing, evaluate against the reference")
+    q.add_argument("--eval", nargs="+", metavar="DATASET", help="after quantizing, evaluate against the reference "
+                   "(datasets separated by spaces or commas)")
     q.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens")
     q.add_argument("--seqlen", type=int, default=None, help="evaluation window (default min(2048, context))")
     q.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -504,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for dest in ("eval", "data"):  # datasets may be given as "wikitext2 c4" or "wikitext2,c4"
+        if isinstance(getattr(args, dest, None), list):
+            setattr(args, dest, [d for item in getattr(args, dest) for d in item.split(",") if d])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -75,9 +75,13 @@ def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
         b = info["budget"]
         out += ["## Budget", f"- target {b['target']}: {b['used_bytes']} of {b['budget_bytes']} bytes for the "
                 f"quantized layers ({b['bits_per_weight']:.3f} bits/weight)"]
-        if b.get("greedy_kl") is not None:
-            out.append(f"- search: KL on held-out calibration windows {b['greedy_kl']:.4f} after the sensitivity "
-                       f"greedy, {b['final_kl']:.4f} after the evolutionary search ({b['accepted']} improvements)")
+        if b.get("start_kl") is not None:
+            starts = ", ".join(f"{k} {v:.4f}" for k, v in b["starts"].items())
+            out.append(f"- search: KL on held-out calibration windows {b['start_kl']:.4f} at the best start "
+                       f"({b['start']}), {b['final_kl']:.4f} after the evolutionary search ({b['accepted']} "
+                       f"improvements); starts scored: {starts}")
+            out.append(f"- on unseen calibration windows: start {b['confirm']['start']:.4f}, searched "
+                       f"{b['confirm']['searched']:.4f}; kept the {b['kept']}")
         out.append("")
     out += ["## Provenance", *_provenance(info), "", "## Recipe", "```", _recipe_lines(r), "```", ""]
     if info.get("skipped"):

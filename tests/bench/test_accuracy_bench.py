@@ -72,12 +72,17 @@ def test_render_writes_table_and_plot(tmp_path):
     rows = [row("gptq", "w3g128", 3.16, 70.0), row("slim", "w3g128", 3.17, 50.0),
             {**row("gptq", "w3g128", 3.16, 71.0), "calib_dtype": "bfloat16"},
             {**row("budget", "w3g128", 3.15, 60.0), "budget": {"target": "3.15 bits/weight", "counts": {"w3g64": 2},
-                                                               "greedy_kl": 1.0, "final_kl": 0.8, "accepted": 3}},
+                                                               "start": "uniform w3g128",
+                                                               "starts": {"greedy": 1.3, "uniform w3g128": 1.0},
+                                                               "start_kl": 1.0, "final_kl": 0.8, "accepted": 3,
+                                                               "confirm": {"start": 1.1, "searched": 1.2},
+                                                               "kept": "start"}},
             {"model": "m", "method": "llamacpp", "setting": "Q2_K", "error": "RuntimeError: no cmake"}]
     results = {_key(r): r for r in rows}
     text = render(SimpleNamespace(models=["m"]), ["wikitext2"], results, work, plot_dir=tmp_path)
     assert "| slim | w3g128 | 3.170 | 50.000 |" in text and "failed: RuntimeError: no cmake" in text
-    assert "size of w3g128: w3g64x2; search KL 1.000->0.800" in text
+    assert ("size of w3g128: w3g64x2; search from uniform w3g128 (best of 2 starts), KL 1.000->0.800, "
+            "unseen 1.100->1.200: kept the start") in text
     assert "| 8x64 (bfloat16 forwards) |" in text and "| 71.000 |" in text and "| 70.000 |" in text
     assert "| 8x64 |" in text and (tmp_path / "BENCHMARKS-pareto-m.png").stat().st_size > 1000
     assert "![wikitext2 perplexity against bits per weight, m](BENCHMARKS-pareto-m.png)" in text

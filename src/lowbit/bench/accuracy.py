@@ -216,7 +216,7 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
                 names, _ = target_layers(loaded.model, Recipe())
                 target = _uniform_bpw(loaded.model, names, setting)
                 budget = BudgetConfig(target_bpw=target, generations=spec.get("budget_generations", 10),
-                                      offspring=2, search_tokens=1024)
+                                      offspring=2, search_tokens=2048)
                 recipe = Recipe(method="gptq", calibration=calib, budget=budget)
             else:
                 recipe = Recipe(method=method, bits=bits, group_size=gs, calibration=calib,
@@ -225,7 +225,8 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
             bpw = quantized_size(loaded.model).bits_per_weight
             if "budget" in res.extra:
                 b = res.extra["budget"]
-                extra["budget"] = {k: b[k] for k in ("target", "counts", "greedy_kl", "final_kl", "accepted")}
+                extra["budget"] = {k: b[k] for k in ("target", "counts", "start", "starts", "start_kl", "final_kl",
+                                                     "accepted", "confirm", "kept")}
     seconds = time.perf_counter() - t0
     peak = _peak_rss()
     out = {**spec, **extra, "bits_per_weight": bpw, "quant_seconds": seconds, "peak_rss_bytes": peak,
@@ -366,7 +367,11 @@ def _notes(r: dict[str, Any]) -> str:
     if r["method"] == "budget" and "budget" in r:
         b = r["budget"]
         counts = " ".join(f"{k}x{v}" for k, v in sorted(b["counts"].items()))
-        kl = f"; search KL {b['greedy_kl']:.3f}->{b['final_kl']:.3f}" if b.get("greedy_kl") is not None else ""
+        kl = ""
+        if b.get("start_kl") is not None:
+            kl = (f"; search from {b['start']} (best of {len(b['starts'])} starts), KL {b['start_kl']:.3f}->"
+                  f"{b['final_kl']:.3f}, unseen {b['confirm']['start']:.3f}->{b['confirm']['searched']:.3f}: "
+                  f"kept the {b['kept']}")
         return f"size of {r['setting']}: {counts}{kl}"
     if r["method"] == "llamacpp":
         types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
