@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import lowbit.allocate
-from lowbit.allocate import BudgetError, budget_bytes, greedy, held_out_ids, layer_bytes, start_candidates
+from lowbit.allocate import (BudgetError, budget_bytes, clearly_better, greedy, held_out_ids, layer_bytes,
+                             start_candidates)
 from lowbit.checkpoint import load_checkpoint
 from lowbit.eval.size import quantized_size
 from lowbit.models.load import LoadedModel, ModelSource
@@ -187,3 +188,12 @@ def test_a_search_result_that_does_not_hold_on_unseen_windows_is_dropped(data_di
     rep = res.extra["budget"]
     assert rep["kept"] == "start" and rep["confirm"]["searched"] > rep["confirm"]["start"]
     assert rep["bits_per_weight"] >= 0.99 * 3.0  # the start's allocation, not the searched one
+
+
+def test_clearly_better_is_a_paired_test_over_windows():
+    old = [1.0, 2.0, 3.0, 4.0]
+    assert clearly_better([x - 0.1 for x in old], old)            # lower on every window by the same amount
+    assert not clearly_better(old, old)
+    assert not clearly_better([x + 0.1 for x in old], old)
+    # lower on average, but by less than the spread of the per-window differences
+    assert not clearly_better([0.5, 2.4, 2.5, 4.4], old)
