@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lowbit.allocate
-from lowbit.allocate import (BudgetError, budget_bytes, clearly_better, greedy, held_out_ids, layer_bytes,
-                             start_candidates)
+from lowbit.allocate import (BudgetError, budget_bytes, clearly_better, greedy, held_out_ids, kl_scaled, layer_bytes,
+                             probe_level, start_candidates)
 from lowbit.checkpoint import load_checkpoint
 from lowbit.eval.size import quantized_size
 from lowbit.models.load import LoadedModel, ModelSource
@@ -91,7 +91,7 @@ def test_target_bpw_is_met_within_one_percent(method, data_dir, tmp_path):  # no
     rep = res.extra["budget"]
     assert rep["bits_per_weight"] == pytest.approx(bpw)
     assert rep["final_kl"] <= rep["start_kl"] == min(rep["starts"].values())
-    assert "greedy" in rep["starts"] and rep["start"] in rep["starts"]
+    assert {"greedy", "kl-greedy"} <= set(rep["starts"]) and rep["start"] in rep["starts"]
     assert len(set(rep["choice"].values())) > 1  # not a uniform allocation
     # the checkpoint records each layer's resolved format and the budget report
     out = save(res, tmp_path / "ck")
@@ -197,3 +197,21 @@ def test_clearly_better_is_a_paired_test_over_windows():
     assert not clearly_better([x + 0.1 for x in old], old)
     # lower on average, but by less than the spread of the per-window differences
     assert not clearly_better([0.5, 2.4, 2.5, 4.4], old)
+
+
+def test_kl_scaling_keeps_each_layers_ranking_and_matches_the_probe():
+    errors = torch.tensor([[100.0, 10, 1], [10, 5, 4]])
+    probe = torch.tensor([0.01, 2.0])  # layer 1 matters far more at the model's output
+    scaled = kl_scaled(errors, probe, k=1)
+    assert torch.allclose(scaled[:, 1], probe)
+    assert torch.equal(scaled.argsort(1), errors.argsort(1))
+    costs = torch.tensor([[10, 20, 30]] * 2)
+    assert greedy(costs, errors, 40) == [2, 0]        # the raw output error spends on layer 0
+    assert greedy(costs, scaled, 40) == [0, 2]        # the probe moves the bytes to layer 1
+    cands = start_candidates(costs, errors, 40, [(2, 32), (3, 32), (4, 32)], kl_errors=scaled)
+    assert cands["kl-greedy"] == [0, 2] and cands["greedy"] == [2, 0]
+
+
+def test_the_probe_level_is_the_widest_that_fits_everywhere():
+    costs = torch.tensor([[10, 20, 30]] * 3)
+    assert probe_level(costs, 75) == 1 and probe_level(costs, 90) == 2 and probe_level(costs, 20) == 0

@@ -8,7 +8,9 @@ that the model meets a size budget (average bits per weight, or total bytes) wit
    fits), repeatedly take the upgrade with the best error reduction per byte (lower convex hull
    per layer) while it fits the budget.
 4. Start of the search: the greedy allocation from the smallest level, each uniform level that
-   fits topped up greedily, and each uniform level that alone meets the budget are all scored by
+   fits topped up greedily (both again with each layer's errors rescaled to the model KL measured
+   with that layer alone quantized, a probe of one forward pass per layer), and each uniform level
+   that alone meets the budget are all scored by
    the KL divergence of the whole model's next-token distribution (layers fake-quantized at their
    levels) to the unquantized model on held-out calibration windows; the best is the start. The
    per-layer error of step 2 does not say how much a layer's error costs at the model's output,
@@ -242,10 +244,11 @@ class _FakeQuantModel:
             return w
         return self.cache[key]
 
-    def set(self, choice: list[int]) -> None:
+    def set(self, choice: list[int | None]) -> None:
+        """Each layer at its level; None keeps the layer's original weight."""
         for name, k in zip(self.names, choice):
             if self.current[name] != k:
-                self.model.get_submodule(name).weight.data = self.weight(name, k)
+                self.model.get_submodule(name).weight.data = self.orig[name] if k is None else self.weight(name, k)
                 self.current[name] = k
 
     def restore(self) -> None:
@@ -287,6 +290,18 @@ class _Scorer:
         kls = self.windows(choice, on)
         return sum(kls) / len(kls)
 
+    def probe(self, k: int, tokens: int, progress: bool = True) -> torch.Tensor:
+        """[L] KL with one layer at a time quantized at level k, the others unquantized, on the
+        first `tokens` tokens of the search set."""
+        ids, ref_logp = self.sets["search"]
+        n = max(1, min(len(ids), tokens // ids.shape[1]))
+        names = self.fq.names
+        out = torch.empty(len(names))
+        for i in tqdm(range(len(names)), desc="budget probes", unit="layer", disable=not progress):
+            self.fq.set([k if j == i else None for j in range(len(names))])
+            out[i] = sum(_window_kls(self.model, ids[:n], ref_logp[:n])) / n
+        return out
+
     def windows(self, choice: list[int], on: str = "search") -> list[float]:
         self.fq.set(choice)
         ids, ref_logp = self.sets[on]
@@ -296,20 +311,39 @@ class _Scorer:
         self.fq.restore()
 
 
-def start_candidates(costs: torch.Tensor, errors: torch.Tensor, budget: int, levels) -> dict[str, list[int]]:
+def probe_level(costs: torch.Tensor, budget: int) -> int:
+    """The widest level that fits the budget everywhere (the cheapest if none does)."""
+    totals = costs.sum(0)
+    fitting = [k for k in range(costs.shape[1]) if int(totals[k]) <= budget]
+    return max(fitting, key=lambda k: int(totals[k])) if fitting else int(totals.argmin())
+
+
+def kl_scaled(errors: torch.Tensor, probe_kl: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-layer output errors put in units of model KL: layer i's row scaled so that its error at
+    level k equals the KL measured with layer i alone quantized at k. The output error ranks a
+    layer's levels; the probe says what that layer's error costs at the model's output."""
+    scale = probe_kl.clamp_min(1e-12) / errors[:, k].clamp_min(1e-30)
+    return errors * scale[:, None]
+
+
+def start_candidates(costs: torch.Tensor, errors: torch.Tensor, budget: int, levels,
+                     kl_errors: torch.Tensor | None = None) -> dict[str, list[int]]:
     """Allocations to start the search from: the greedy from the smallest level; for each level
     that fits uniformly, that level everywhere topped up greedily; and each uniform level that
-    alone gets within WITHIN of the budget. Duplicates are dropped (first name kept)."""
+    alone gets within WITHIN of the budget. With `kl_errors` (kl_scaled), the greedy allocations
+    again on those. Duplicates are dropped (first name kept)."""
     L, K = costs.shape
     lower = math.ceil(budget * (1 - WITHIN))
-    out: dict[str, list[int]] = {"greedy": greedy(costs, errors, budget)}
+    proxies = {"greedy": errors} if kl_errors is None else {"greedy": errors, "kl-greedy": kl_errors}
+    out: dict[str, list[int]] = {p: greedy(costs, e, budget) for p, e in proxies.items()}
     for k in sorted(range(K), key=lambda k: int(costs[:, k].sum())):
         total = int(costs[:, k].sum())
         if total > budget:
             continue
         if total >= lower:
             out[f"uniform {level_name(levels[k])}"] = [k] * L
-        out[f"{level_name(levels[k])} + greedy"] = greedy(costs, errors, budget, floor=[k] * L)
+        for p, e in proxies.items():
+            out[f"{level_name(levels[k])} + {p}"] = greedy(costs, e, budget, floor=[k] * L)
     seen, unique = set(), {}
     for name, choice in out.items():
         if tuple(choice) not in seen:
@@ -393,7 +427,11 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
         score = _Scorer(model, names, levels, recipe, search=held_out_ids(loaded, recipe, data_dir, 1),
                         confirm=held_out_ids(loaded, recipe, data_dir, 2))
         try:
-            candidates = start_candidates(costs, errors, budget, levels)
+            kl_errors = None
+            if cfg.probe_tokens > 0:
+                k = probe_level(costs, budget)
+                kl_errors = kl_scaled(errors, score.probe(k, cfg.probe_tokens, progress), k)
+            candidates = start_candidates(costs, errors, budget, levels, kl_errors)
             starts = {name: score(choice) for name, choice in
                       tqdm(candidates.items(), desc="budget starts", unit="start", disable=not progress)}
             start = min(starts, key=starts.get)

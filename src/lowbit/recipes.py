@@ -142,6 +142,7 @@ class BudgetConfig:
     generations: int = 30                  # evolutionary search steps (0: the sensitivity greedy alone)
     offspring: int = 4                     # candidates per generation
     search_tokens: int = 2048              # held-out calibration tokens that score candidates (KL)
+    probe_tokens: int = 512                # of those (at most), the tokens that measure each layer's KL alone (0: no probe)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +158,7 @@ class BudgetConfig:
         _require(self.generations >= 0 and self.offspring >= 1, "budget.generations",
                  "generations must be >= 0 and offspring >= 1")
         _require(self.search_tokens >= 64, "budget.search_tokens", f"must be >= 64, got {self.search_tokens}")
+        _require(self.probe_tokens >= 0, "budget.probe_tokens", f"must be >= 0, got {self.probe_tokens}")
 
     def parsed_levels(self) -> list[tuple[int, int]]:
         return [tuple(int(x) for x in re.fullmatch(r"w(\d)g(-?\d+)", lv).groups()) for lv in self.levels]
