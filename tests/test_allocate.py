@@ -6,17 +6,25 @@ import json
 
 import pytest
 import torch
+from test_pipeline import ByteTokenizer, data_dir  # noqa: F401 (fixture)
 
 import lowbit.allocate
-from lowbit.allocate import (BudgetError, budget_bytes, clearly_better, greedy, held_out_ids, kl_scaled, layer_bytes,
-                             probe_level, start_candidates)
+from lowbit.allocate import (
+    BudgetError,
+    budget_bytes,
+    clearly_better,
+    greedy,
+    held_out_ids,
+    kl_scaled,
+    layer_bytes,
+    probe_level,
+    start_candidates,
+)
 from lowbit.checkpoint import load_checkpoint
 from lowbit.eval.size import quantized_size
 from lowbit.models.load import LoadedModel, ModelSource
 from lowbit.pipeline import quantize, save, target_layers
 from lowbit.recipes import BudgetConfig, CalibrationConfig, ClipConfig, Recipe
-from test_pipeline import ByteTokenizer, data_dir  # noqa: F401 (fixture)
-from tiny_models import build_tiny
 
 
 def test_greedy_meets_the_budget_and_spends_it_where_error_falls_most():

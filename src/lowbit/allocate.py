@@ -447,8 +447,8 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
                 choice = candidates[start]
         finally:
             score.restore()
-        report_kls = dict(start=start, starts=starts, start_kl=starts[start], final_kl=final_kl,
-                          accepted=accepted, history=history, confirm=confirm, kept=kept)
+        report_kls = {"start": start, "starts": starts, "start_kl": starts[start], "final_kl": final_kl,
+                      "accepted": accepted, "history": history, "confirm": confirm, "kept": kept}
     else:
         choice = greedy(costs, errors, budget)
     used = sum(int(costs[i, k]) for i, k in enumerate(choice))
