@@ -223,3 +223,21 @@ def test_kl_scaling_keeps_each_layers_ranking_and_matches_the_probe():
 def test_the_probe_level_is_the_widest_that_fits_everywhere():
     costs = torch.tensor([[10, 20, 30]] * 3)
     assert probe_level(costs, 75) == 1 and probe_level(costs, 90) == 2 and probe_level(costs, 20) == 0
+
+
+def test_bfloat16_scoring_ranks_the_starts_as_float32_does(data_dir):  # noqa: F811
+    """--calib-dtype bfloat16 also runs the probe and the KL scoring under autocast: the scores
+    stay within a few percent of float32's and pick the same start."""
+    reps = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = deep_tiny()
+        calib = CalibrationConfig(n_samples=8, seqlen=64, dtype=dtype)
+        budget = BudgetConfig(target_bpw=3.0, levels=LEVELS, generations=1, offspring=1, search_tokens=128)
+        res = quantize(lm, Recipe(method="rtn", calibration=calib, clip=ClipConfig(grid=4), budget=budget),
+                       data_dir=data_dir, progress=False)
+        reps[dtype] = res.extra["budget"]
+    f32, bf16 = reps["float32"], reps["bfloat16"]
+    assert f32["starts"].keys() == bf16["starts"].keys() and f32["start"] == bf16["start"]
+    for k, v in f32["starts"].items():
+        assert bf16["starts"][k] == pytest.approx(v, rel=0.05)
+    assert f32["starts"] != bf16["starts"]  # autocast really ran

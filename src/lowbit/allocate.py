@@ -256,12 +256,18 @@ class _FakeQuantModel:
             self.model.get_submodule(name).weight.data = self.orig[name]
 
 
-@torch.inference_mode()
-def _window_kls(model: nn.Module, ids: torch.Tensor, ref_logp: list[torch.Tensor]) -> list[float]:
+def _log_probs(model: nn.Module, row: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Next-token log-probabilities of one window; dtype "bfloat16" runs it under CPU autocast
+    (the calibration's dtype: recipes.CalibrationConfig.dtype)."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        return F.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1)
+
+
+def _window_kls(model: nn.Module, ids: torch.Tensor, ref_logp: list[torch.Tensor], dtype: str) -> list[float]:
     """Mean KL per token of each window."""
     out = []
     for row, ref in zip(ids, ref_logp):
-        logp = F.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1)
+        logp = _log_probs(model, row, dtype)
         out.append(float((ref.exp() * (ref - logp)).sum()) / row.numel())
     return out
 
@@ -280,9 +286,8 @@ class _Scorer:
     """KL(model || model with each layer fake-quantized at its level) on sets of held-out windows."""
 
     def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe, **sets: torch.Tensor):
-        with torch.inference_mode():
-            self.sets = {k: (ids, [F.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1) for row in ids])
-                         for k, ids in sets.items()}
+        self.dtype = recipe.calibration.dtype
+        self.sets = {k: (ids, [_log_probs(model, row, self.dtype) for row in ids]) for k, ids in sets.items()}
         self.model = model
         self.fq = _FakeQuantModel(model, names, levels, recipe)
 
@@ -299,13 +304,13 @@ class _Scorer:
         out = torch.empty(len(names))
         for i in tqdm(range(len(names)), desc="budget probes", unit="layer", disable=not progress):
             self.fq.set([k if j == i else None for j in range(len(names))])
-            out[i] = sum(_window_kls(self.model, ids[:n], ref_logp[:n])) / n
+            out[i] = sum(_window_kls(self.model, ids[:n], ref_logp[:n], self.dtype)) / n
         return out
 
     def windows(self, choice: list[int], on: str = "search") -> list[float]:
         self.fq.set(choice)
         ids, ref_logp = self.sets[on]
-        return _window_kls(self.model, ids, ref_logp)
+        return _window_kls(self.model, ids, ref_logp, self.dtype)
 
     def restore(self) -> None:
         self.fq.restore()
