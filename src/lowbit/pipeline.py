@@ -246,8 +246,9 @@ def quantize(
                         sr = slim_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,
                                            r.symmetric, recipe.gptq, clip, recipe.slim, recipe.integer_scale)
                         res = sr.gptq
-                        info.update(slim_k=sr.allocation.k, slim_error=sr.allocation.error,
-                                    slim_base_error=sr.allocation.base_error,
+                        info.update(slim_k=sr.allocation.k if sr.chosen.startswith("table") else 0,
+                                    slim_error=sr.allocation.error,
+                                    slim_base_error=sr.allocation.base_error, slim_choice=sr.chosen,
                                     average_bits=res.qweight.average_bits())
                     else:
                         res = gptq_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,

@@ -74,6 +74,8 @@ class SlimConfig:
     below, at or above the average's integer part (2/3/4 around 3; 1/2/3/4 around 2.5)."""
 
     salience_clip: bool = True   # salience-weighted clipping search for each group's scale/zero
+    measure: bool = True         # run GPTQ per candidate (table / unmoved widths x salience / plain clip), keep
+                                 # the lowest measured output error (algorithms/slim.py)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ so that the widths average exactly to the budget while the groups that matter mo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -85,6 +85,7 @@ class Allocation:
     k: int                     # groups moved up (and down) from the base allocation
     error: float               # estimated output error (sum of the per-group table entries)
     base_error: float          # the same for k = 0
+    base_bits: torch.Tensor | None = None  # uint8 [G], the allocation for k = 0
 
 
 def allocate_bits(salience: torch.Tensor, table: torch.Tensor, avg_bits: float) -> Allocation:
@@ -108,7 +109,7 @@ def allocate_bits(salience: torch.Tensor, table: torch.Tensor, avg_bits: float) 
     def error(bits: torch.Tensor) -> float:
         return float(table.gather(1, (bits - lo).unsqueeze(1)).sum())
 
-    best = Allocation(base.to(torch.uint8), 0, error(base), error(base))
+    best = Allocation(base.to(torch.uint8), 0, error(base), error(base), base.to(torch.uint8))
     for k in range(1, G // 2 + 1):
         bits = base.clone()
         bits[order[:k]] += 1
@@ -117,7 +118,7 @@ def allocate_bits(salience: torch.Tensor, table: torch.Tensor, avg_bits: float) 
             break
         e = error(bits)
         if e < best.error:
-            best = Allocation(bits.to(torch.uint8), k, e, best.base_error)
+            best = Allocation(bits.to(torch.uint8), k, e, best.base_error, best.base_bits)
     return best
 
 
@@ -133,6 +134,14 @@ def salience_clip_weight(values: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 class SlimResult:
     gptq: GPTQResult
     allocation: Allocation
+    chosen: str = "table"                                   # which candidate was kept (see slim_quantize)
+    errors: dict[str, float] = field(default_factory=dict)  # candidate -> measured output error
+
+
+def output_error(w: torch.Tensor, dequantized: torch.Tensor, H: torch.Tensor) -> float:
+    """The layer's output error on the calibration inputs, tr(D H D^T) with D = dequantized - w."""
+    d = dequantized.float() - w.float()
+    return float(((d @ H) * d).sum())
 
 
 def slim_quantize(
@@ -146,13 +155,41 @@ def slim_quantize(
     slim: SlimConfig = SlimConfig(),
     iscale: IntegerScaleConfig | None = None,
 ) -> SlimResult:
-    """w [out, in], H [in, in] -> GPTQ with salience-allocated widths per column group."""
+    """w [out, in], H [in, in] -> GPTQ with salience-allocated widths per column group.
+
+    The allocation comes from a table of per-group round-to-nearest errors, which ignores what
+    GPTQ's error feedback does across groups; and the salience-weighted clipping search does not
+    minimize GPTQ's own objective. On smollm2-135m at 2 bits either one alone made a third of the
+    layers' output errors 10-80% worse than uniform GPTQ's, and a few 2-5x better. So with
+    slim.measure (the default) GPTQ runs for each candidate (the table's allocation and the
+    salience-ordered one with no groups moved, each with and without the salience-weighted
+    clipping) and the lowest measured output error tr(D H D^T) is kept. Every candidate has the
+    same widths in total, so the budget is unchanged; at an integer average one candidate is
+    exactly uniform GPTQ, so the result's output error never exceeds GPTQ's.
+    """
     gs = affine.resolve_group_size(w.shape[1], group_size)
     lo, hi = width_range(avg_bits)
     salience = group_salience(w, hessian_inverse_diagonal(H, config.damp), gs)
     table = group_error_table(w, H, gs, list(range(lo, hi + 1)), symmetric)
     alloc = allocate_bits(salience, table, avg_bits)
     weight_fn = salience_clip_weight if slim.salience_clip and clip is not None else None
-    res = gptq_quantize(w, H, hi, gs, symmetric, config, clip, group_bits=alloc.group_bits, clip_weight=weight_fn,
-                        iscale=iscale)
-    return SlimResult(res, alloc)
+
+    def run(bits: torch.Tensor, fn) -> GPTQResult:
+        return gptq_quantize(w, H, hi, gs, symmetric, config, clip, group_bits=bits, clip_weight=fn, iscale=iscale)
+
+    if not slim.measure:
+        return SlimResult(run(alloc.group_bits, weight_fn), alloc)
+    allocations = {"table": alloc.group_bits}
+    if alloc.k > 0:
+        allocations["unmoved"] = alloc.base_bits
+    clips = {"salience clip": weight_fn, "plain clip": None} if weight_fn is not None else {"plain clip": None}
+    best = None
+    errors: dict[str, float] = {}
+    for a_name, bits in allocations.items():
+        for c_name, fn in clips.items():
+            res = run(bits, fn)
+            name = f"{a_name}, {c_name}"
+            errors[name] = output_error(w, res.qweight.dequantize(), H)
+            if best is None or errors[name] < errors[best[0]]:
+                best = (name, res)
+    return SlimResult(best[1], alloc, best[0], errors)
