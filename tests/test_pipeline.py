@@ -204,6 +204,9 @@ def test_slim_pipeline_meets_the_average_and_round_trips(data_dir, tmp_path, cap
     assert len(qmods) == 14 and all(m.group_bits is not None for m in qmods)
     for m in qmods:
         assert m.quantized_weight().average_bits() == pytest.approx(2.5)
+    for name, lr in res.layers.items():  # each layer says which measured candidate it kept
+        assert lr.extra["slim_choice"].split(", ")[0] in ("table", "unmoved"), name
+        assert lr.extra["slim_k"] == 0 or lr.extra["slim_choice"].startswith("table")
     out = save(res, tmp_path / "ck")
     manifest = json.loads((out / "manifest.json").read_text())
     layer = manifest["layers"]["model.layers.0.mlp.down_proj"]

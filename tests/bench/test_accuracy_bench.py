@@ -69,7 +69,8 @@ def test_render_writes_table_and_plot(tmp_path):
         return {"model": "m", "method": method, "setting": setting, "bits_per_weight": bpw, "quant_seconds": 1.0,
                 "peak_rss_bytes": 2**30, "calib_samples": 8, "calib_seqlen": 64,
                 "datasets": {"wikitext2": {"ppl": ppl, "kl": 0.1, "top1": 0.9}}}
-    rows = [row("gptq", "w3g128", 3.16, 70.0), row("slim", "w3g128", 3.17, 50.0),
+    rows = [row("gptq", "w3g128", 3.16, 70.0),
+            {**row("slim", "w3g128", 3.17, 50.0), "slim_choices": {"table, plain clip": 3, "unmoved, salience clip": 4}},
             {**row("gptq", "w3g128", 3.16, 71.0), "calib_dtype": "bfloat16"},
             {**row("budget", "w3g128", 3.15, 60.0), "budget": {"target": "3.15 bits/weight", "counts": {"w3g64": 2},
                                                                "start": "uniform w3g128",
@@ -81,6 +82,7 @@ def test_render_writes_table_and_plot(tmp_path):
     results = {_key(r): r for r in rows}
     text = render(SimpleNamespace(models=["m"]), ["wikitext2"], results, work, plot_dir=tmp_path)
     assert "| slim | w3g128 | 3.170 | 50.000 |" in text and "failed: RuntimeError: no cmake" in text
+    assert "layers kept: table, plain clip x3, unmoved, salience clip x4 |" in text
     assert ("size of w3g128: w3g64x2; search from uniform w3g128 (best of 2 starts), KL 1.000->0.800, "
             "unseen 1.100->1.200: kept the start") in text
     assert "| 8x64 (bfloat16 forwards) |" in text and "| 71.000 |" in text and "| 70.000 |" in text

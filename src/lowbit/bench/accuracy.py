@@ -227,6 +227,9 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
                 b = res.extra["budget"]
                 extra["budget"] = {k: b[k] for k in ("target", "counts", "start", "starts", "start_kl", "final_kl",
                                                      "accepted", "confirm", "kept")}
+            choices = [lr.extra["slim_choice"] for lr in res.layers.values() if "slim_choice" in lr.extra]
+            if choices:
+                extra["slim_choices"] = {c: choices.count(c) for c in sorted(set(choices))}
     seconds = time.perf_counter() - t0
     peak = _peak_rss()
     out = {**spec, **extra, "bits_per_weight": bpw, "quant_seconds": seconds, "peak_rss_bytes": peak,
@@ -378,6 +381,8 @@ def _notes(r: dict[str, Any]) -> str:
         return f"llama.cpp {r['setting']} of the same reference; block tensors stored as {types}"
     if r["method"] == "hqq":
         return "hqq 0.2.8, float zero"
+    if r["method"] == "slim" and r.get("slim_choices"):
+        return "layers kept: " + ", ".join(f"{k} x{v}" for k, v in r["slim_choices"].items())
     return ""
 
 
