@@ -7,16 +7,16 @@ that the model meets a size budget (average bits per weight, or total bytes) wit
 3. Greedy allocations: from a floor (the smallest level everywhere, or one uniform level that
    fits), repeatedly take the upgrade with the best error reduction per byte (lower convex hull
    per layer) while it fits the budget.
-4. Start of the search: the greedy allocation from the smallest level, each uniform level that
-   fits topped up greedily (both again with each layer's errors rescaled to the model KL measured
-   with that layer alone quantized, a probe of one forward pass per layer), and each uniform level
-   that alone meets the budget are all scored by
-   the KL divergence of the whole model's next-token distribution (layers fake-quantized at their
-   levels) to the unquantized model on held-out calibration windows; the best is the start. The
-   per-layer error of step 2 does not say how much a layer's error costs at the model's output,
-   so on real models the greedy from the smallest level can be far worse than a uniform format
-   of the same size (smollm2-135m at the size of w3g128: KL 2.26 against about 0.8); starting
-   from the best candidate means the search never ends worse than a uniform level that fits.
+4. Start of the search: several allocations are scored by the KL divergence of the whole
+   model's next-token distribution (layers fake-quantized at their levels) to the unquantized
+   model on held-out calibration windows, and the best is the start: the greedy from the smallest
+   level; each uniform level that fits, topped up greedily; both again on errors rescaled into
+   model KL by a probe (one forward pass per layer with that layer alone quantized); and each
+   uniform level that alone meets the budget. The output error of step 2 ranks one layer's levels
+   but does not say what a layer's error costs at the model's output: on smollm2-135m at the size
+   of w3g128 (RTN) the plain greedy scored KL 2.37, uniform w3g128 1.58, and the probed greedy
+   from w2g64 1.16. With the uniform levels among the starts the search never ends worse than a
+   uniform level that fits, on the windows it is scored on.
 5. Evolutionary search (EvoPress style): offspring of the current allocation switch levels in a
    few layers (one up, one down, keeping the budget), scored by the same KL; the best offspring
    replaces the parent when it is better.
