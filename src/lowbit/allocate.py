@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
+from lowbit.algorithms.slim import output_error
 from lowbit.calibration.sequential import run_sequential
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
@@ -119,8 +120,8 @@ def sensitivity(
             w = lin.weight.detach().float()
             H = hessians[name]
             for k, (b, g) in enumerate(levels):
-                d = rtn_quantize(w, b, g, recipe.symmetric, clip, iscale=recipe.integer_scale).dequantize() - w
-                errors[index[full], k] = float(((d @ H) * d).sum())
+                q = rtn_quantize(w, b, g, recipe.symmetric, clip, iscale=recipe.integer_scale).dequantize()
+                errors[index[full], k] = output_error(w, q, H)
         return {}
 
     run_sequential(model, ids, measure, true_sequential=False, progress=progress,
