@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from tiny_models import build_tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

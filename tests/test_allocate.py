@@ -86,7 +86,7 @@ def deep_tiny(seed=0):
 
 LEVELS = ("w2g16", "w2g32", "w3g16", "w3g32", "w4g16", "w4g32", "w5g32", "w6g32", "w8g32")
 CALIB = CalibrationConfig(n_samples=8, seqlen=64)
-FAST = dict(calibration=CALIB, clip=ClipConfig(grid=4))  # a coarse clip search keeps these tests quick
+FAST = {"calibration": CALIB, "clip": ClipConfig(grid=4)}  # a coarse clip search keeps these tests quick
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

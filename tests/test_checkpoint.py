@@ -3,15 +3,21 @@ import os
 
 import pytest
 import torch
-
+from safetensors.torch import save_file
 from tiny_models import build_tiny
+
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
-from lowbit.checkpoint import DENSE_FILE, MANIFEST, QUANT_FILE, load_checkpoint, save_checkpoint
+from lowbit.checkpoint import (
+    DENSE_FILE,
+    MANIFEST,
+    QUANT_FILE,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lowbit.errors import CheckpointError
 from lowbit.recipes import GPTQConfig
 from lowbit.runtime.qlinear import QuantLinear
-from safetensors.torch import save_file
 
 
 def quantize_all(model, bits=3, group_size=16, act_order_every=3):

@@ -5,17 +5,17 @@ import json
 
 import pytest
 import torch
+from tiny_models import TINY_VOCAB, build_tiny
 
-from lowbit.data import eval_tokens
+from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.checkpoint import load_checkpoint
+from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.eval.size import quantized_size
 from lowbit.models.load import LoadedModel, ModelSource
 from lowbit.pipeline import _dense_twin, quantize, save, target_layers
 from lowbit.recipes import CalibrationConfig, Recipe
 from lowbit.runtime.qlinear import QuantLinear
-from lowbit.algorithms.rtn import rtn_quantize
-from tiny_models import TINY_VOCAB, build_tiny
 
 
 class ByteTokenizer:

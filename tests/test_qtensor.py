@@ -3,7 +3,8 @@ is stored, bad widths are refused."""
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.errors import ShapeError
 from lowbit.formats import affine

@@ -26,7 +26,7 @@ _API = {
     "QuantizedWeight": "lowbit.qtensor",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", *_API]  # noqa: PLE0604 - the keys of _API are strings
 
 
 def __getattr__(name: str):

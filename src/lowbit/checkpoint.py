@@ -183,7 +183,7 @@ class _Background:
         def run():
             try:
                 self._value = fn(*args)
-            except BaseException as e:  # handed to the caller by result()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller by result()
                 self._error = e
 
         self._thread = threading.Thread(target=run, daemon=True)
@@ -242,7 +242,7 @@ class _Tensors:
     def __init__(self, f: Path):
         self.path = f
         try:
-            self._fh = open(f, "rb")
+            self._fh = open(f, "rb")  # noqa: SIM115 - held open for reads; closed by close()
             n = int.from_bytes(self._fh.read(8), "little")
             if not 0 < n <= f.stat().st_size - 8:
                 raise ValueError(f"header length {n} does not fit the file")

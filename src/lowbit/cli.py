@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -143,12 +143,11 @@ def _recipe_from_args(args):
 
 
 def cmd_quantize(args) -> int:
+    from lowbit.data import calibration_documents, eval_text
     from lowbit.eval.size import quantized_size
     from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table, reference_result
     from lowbit.models import load_model
     from lowbit.pipeline import check_shapes, estimate, quantize, save, target_layers
-
-    from lowbit.data import calibration_documents, eval_text
 
     recipe = _recipe_from_args(args)
     out = Path(args.output)
@@ -251,7 +250,13 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from lowbit.checkpoint import is_checkpoint, load_checkpoint
     from lowbit.data import eval_text
-    from lowbit.evaluate import REFERENCE_NOTE, check_no_overlap, evaluate, format_table, load_reference_for
+    from lowbit.evaluate import (
+        REFERENCE_NOTE,
+        check_no_overlap,
+        evaluate,
+        format_table,
+        load_reference_for,
+    )
     from lowbit.models import load_model
 
     dtype = resolve_dtype(args.dtype)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.algorithms.gptq import gptq_quantize
-from lowbit.allocate import plan_budget
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
+from lowbit.allocate import plan_budget
 from lowbit.calibration.sequential import run_sequential
 from lowbit.checkpoint import layer_entries, save_checkpoint
 from lowbit.data import calibration_samples
@@ -35,9 +35,9 @@ from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import GPTQ_METHODS, SMOOTHING_METHODS, Recipe
-from lowbit.smoothing import awq_rtn_quantize, smooth_block
 from lowbit.report import quantize_report
 from lowbit.runtime.qlinear import QuantLinear
+from lowbit.smoothing import awq_rtn_quantize, smooth_block
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from lowbit.errors import ShapeError
 from lowbit.formats import affine, integer_scale, pack
 
 
-
 @dataclass(frozen=True)
 class QuantFormat:
     """The format of one quantized weight: what a reader needs besides the tensors."""
@@ -54,7 +53,7 @@ class QuantFormat:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantFormat":
+    def from_dict(cls, d: dict) -> QuantFormat:
         return cls(d["bits"], d["group_size"], d["symmetric"], d.get("scale_bits", 0))
 
 
@@ -235,7 +234,7 @@ class QuantizedWeight:
         return t
 
     @classmethod
-    def from_packed(cls, tensors: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int]) -> "QuantizedWeight":
+    def from_packed(cls, tensors: dict[str, torch.Tensor], fmt: QuantFormat, shape: tuple[int, int]) -> QuantizedWeight:
         out, n_in = shape
         g = affine.n_groups(n_in, fmt.group_size)
         perm = tensors.get("perm")
@@ -275,7 +274,7 @@ class QuantizedWeight:
         perm: torch.Tensor | None = None,
         group_bits: torch.Tensor | None = None,
         scale_mult: torch.Tensor | None = None,
-    ) -> "QuantizedWeight":
+    ) -> QuantizedWeight:
         """Build from the float32 scale / zero that formats.affine returns (with integer scales:
         scales already on the grid of scale_mult, see formats/integer_scale.py)."""
         if scale_mult is not None:

@@ -229,14 +229,14 @@ class Recipe:
             return f"{self.method} mixed per layer ({len(self.rules)} rules) {sym}{iscale}"
         return f"{self.method} w{self.bits} {g} {sym}{iscale}"
 
-    def for_layer_rule(self, rule: Rule | None) -> "Recipe":
+    def for_layer_rule(self, rule: Rule | None) -> Recipe:
         if rule is None:
             return self
         changes = {k: v for k, v in (("bits", rule.bits), ("group_size", rule.group_size),
                                      ("symmetric", rule.symmetric), ("method", rule.method)) if v is not None}
         return dataclasses.replace(self, rules=(), budget=None, **changes)
 
-    def for_layer(self, module_name: str) -> "Recipe":
+    def for_layer(self, module_name: str) -> Recipe:
         """The settings for one layer: the first rule whose pattern matches, else the recipe's."""
         return self.for_layer_rule(next((r for r in self.rules if re.search(r.pattern, module_name)), None))
 
@@ -255,11 +255,11 @@ class Recipe:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
         return _build(cls, d, "")
 
     @classmethod
-    def load(cls, file_or_preset: str | Path) -> "Recipe":
+    def load(cls, file_or_preset: str | Path) -> Recipe:
         """A recipe file (.toml / .yaml), or the name of a built-in preset (see presets())."""
         path = Path(file_or_preset)
         if path.suffix in (".toml", ".yaml", ".yml") or path.exists():
@@ -271,7 +271,7 @@ class Recipe:
         return cls.from_file(preset)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Recipe":
+    def from_file(cls, path: str | Path) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe file {path} does not exist")

@@ -66,15 +66,15 @@ def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
     ]
     if evals:
         out += ["## Accuracy against the reference", "", format_table(evals), "",
-                f"Windows of {next(iter(evals[0].datasets.values())).seqlen} tokens, dtype {evals[0].dtype}. "
-                f"{REFERENCE_NOTE}", ""]
+                (f"Windows of {next(iter(evals[0].datasets.values())).seqlen} tokens, dtype {evals[0].dtype}. "
+                f"{REFERENCE_NOTE}"), ""]
     else:
         out += ["No evaluation was run; use `lowbit eval CHECKPOINT --data wikitext2`.", ""]
     out += ["## Layer formats", *_formats_summary(info.get("layers", {})), ""] if info.get("layers") else []
     if info.get("budget"):
         b = info["budget"]
-        out += ["## Budget", f"- target {b['target']}: {b['used_bytes']} of {b['budget_bytes']} bytes for the "
-                f"quantized layers ({b['bits_per_weight']:.3f} bits/weight)"]
+        out += ["## Budget", (f"- target {b['target']}: {b['used_bytes']} of {b['budget_bytes']} bytes for the "
+                f"quantized layers ({b['bits_per_weight']:.3f} bits/weight)")]
         if b.get("start_kl") is not None:
             starts = ", ".join(f"{k} {v:.4f}" for k, v in b["starts"].items())
             out.append(f"- search: KL on held-out calibration windows {b['start_kl']:.4f} at the best start "

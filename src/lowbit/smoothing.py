@@ -7,8 +7,9 @@ numerics live in algorithms/awq.py, the module layout in models/arch.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +17,11 @@ from torch import nn
 from lowbit.algorithms import awq
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.calibration.activations import record_inputs
-from lowbit.models.arch import norm_weight_offset, sequential_linear_groups, smoothing_groups
+from lowbit.models.arch import (
+    norm_weight_offset,
+    sequential_linear_groups,
+    smoothing_groups,
+)
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import Recipe
 

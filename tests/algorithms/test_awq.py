@@ -3,10 +3,10 @@ outlier input channels, output-error clipping beats the unclipped range."""
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 from lowbit.algorithms import awq
 from lowbit.models.arch import decoder_layers, norm_weight_offset, smoothing_groups
-from tiny_models import build_tiny
 
 
 def outlier_layer(seed=0, n=512, d_in=256, d_out=128, n_outliers=4, boost=30.0):

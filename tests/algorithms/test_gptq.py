@@ -59,7 +59,7 @@ def test_identity_hessian_reduces_to_rtn():
 
 
 def test_act_order_without_static_groups_stores_a_permutation():
-    w, x, H = _layer()
+    w, _x, H = _layer()
     qw = gptq_quantize(w, H, 4, 32, config=GPTQConfig(act_order=True)).qweight
     assert qw.perm is not None
     assert torch.equal(qw.perm, torch.argsort(torch.diag(H), descending=True))
@@ -88,7 +88,7 @@ def test_hopeless_hessian_falls_back_to_rtn_with_a_warning(caplog):
 
 
 def test_dead_inputs_get_zero_weight():
-    w, x, H = _layer()
+    w, _x, H = _layer()
     H[5, :] = 0
     H[:, 5] = 0
     qw = gptq_quantize(w, H, 4, 32).qweight.dequantize()

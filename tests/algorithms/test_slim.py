@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from lowbit.algorithms.gptq import gptq_quantize
-from lowbit.algorithms.slim import (allocate_bits, group_error_table, group_salience, hessian_inverse_diagonal,
-                                    output_error, slim_quantize, width_range)
+from lowbit.algorithms.slim import (
+    allocate_bits,
+    group_error_table,
+    group_salience,
+    hessian_inverse_diagonal,
+    output_error,
+    slim_quantize,
+    width_range,
+)
 from lowbit.recipes import ClipConfig, GPTQConfig, SlimConfig
 
 
@@ -62,7 +69,7 @@ def test_slim_beats_uniform_gptq_at_the_same_average(avg):
 
 
 def test_mixed_widths_with_static_act_order():
-    w, H, x = salient_layer(seed=1)
+    w, H, _x = salient_layer(seed=1)
     cfg = GPTQConfig(act_order=True, static_groups=True)
     res = slim_quantize(w, H, 2.5, 32, config=cfg)
     qw = res.gptq.qweight

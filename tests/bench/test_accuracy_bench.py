@@ -1,10 +1,19 @@
-import pytest
-
 import json
 from types import SimpleNamespace
 
-from lowbit.bench.accuracy import (MARK_BEGIN, MARK_END, Job, Setting, _key, _write_section, jobs_from_args,
-                                   pareto_front, render)
+import pytest
+
+from lowbit.bench.accuracy import (
+    MARK_BEGIN,
+    MARK_END,
+    Job,
+    Setting,
+    _key,
+    _write_section,
+    jobs_from_args,
+    pareto_front,
+    render,
+)
 from lowbit.errors import ConfigError
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from lowbit.bench.kv import _load_done, _settings, add_arguments, render
 from lowbit.bench.accuracy import _write_section
+from lowbit.bench.kv import _load_done, _settings, add_arguments, render
 
 
 def args_for(tmp_path, *extra):

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from tiny_models import build_tiny
 
 from lowbit.calibration.capture import base_model, capture_block_inputs

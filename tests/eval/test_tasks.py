@@ -2,10 +2,17 @@
 
 import pytest
 import torch
+from tiny_models import build_tiny
 
 from lowbit.errors import ConfigError
-from lowbit.eval.tasks import INTRO, NEEDLE, QUESTION, lambada_eval, needle_cases, needle_eval
-from tiny_models import build_tiny
+from lowbit.eval.tasks import (
+    INTRO,
+    NEEDLE,
+    QUESTION,
+    lambada_eval,
+    needle_cases,
+    needle_eval,
+)
 
 
 class ByteTokenizer:

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.errors import ShapeError
 from lowbit.formats import affine
@@ -37,7 +38,7 @@ def test_values_on_the_grid_are_exact(bits, sym):
 
 
 def test_scales_are_float16_representable():
-    codes, scale, zero = affine.quantize(_w(4, 128), 4, 32)
+    _codes, scale, _zero = affine.quantize(_w(4, 128), 4, 32)
     assert torch.equal(scale, scale.half().float())
 
 

@@ -3,12 +3,13 @@ bounded accuracy cost against float16 scales."""
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.errors import ConfigError
-from lowbit.formats import affine, integer_scale
+from lowbit.formats import integer_scale
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import ClipConfig, IntegerScaleConfig
 
@@ -60,7 +61,7 @@ def test_coarse_integer_scales_cost_accuracy():
     w = torch.randn(64, 256, generator=g) * torch.exp(torch.randn(1, 256, generator=g))
     fine = rtn_quantize(w, 4, 16, iscale=IntegerScaleConfig(True, 8))
     coarse = rtn_quantize(w, 4, 16, iscale=IntegerScaleConfig(True, 3))
-    err = lambda q: float((q.dequantize() - w).pow(2).mean())  # noqa: E731
+    err = lambda q: float((q.dequantize() - w).pow(2).mean())
     assert err(coarse) > 1.1 * err(fine)
 
 
@@ -73,5 +74,5 @@ def test_gptq_with_integer_scales_keeps_every_scale_on_the_grid():
     qw = res.qweight
     assert qw.scale_mult is not None and qw.scales.dtype == torch.uint8 and int(qw.scales.min()) >= 1
     plain = gptq_quantize(w, H, 3, 32).qweight
-    err = lambda q: float((x @ (q.dequantize() - w).T).pow(2).mean())  # noqa: E731
+    err = lambda q: float((x @ (q.dequantize() - w).T).pow(2).mean())
     assert err(qw) < 1.1 * err(plain)

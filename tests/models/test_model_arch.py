@@ -1,6 +1,8 @@
 """arch: decoder blocks and linear groups of tiny Llama / Qwen2 / Gemma3 models (the `tiny`
 fixture of tests/conftest.py), checked against the order in which a forward pass uses them."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -52,7 +54,7 @@ def test_groups_follow_the_forward_pass(tiny):
     first_call = {name: i for i, (name, _) in reversed(list(enumerate(calls)))}
     inputs = dict(calls)
     groups = sequential_linear_groups(block)
-    for earlier, later in zip(groups, groups[1:]):
+    for earlier, later in itertools.pairwise(groups):
         assert max(first_call[n] for n in earlier) < min(first_call[n] for n in later)
     for group in groups:
         for name in group[1:]:

@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 
 from lowbit.errors import FetchError, ModelNotFoundError
-from lowbit.models import KNOWN_MODELS, resolve_model
+from lowbit.models import KNOWN_MODELS, hashing, resolve_model
 from lowbit.models import fetch as fetch_module
-from lowbit.models import hashing
-from lowbit.models.fetch import fetch_known_model, fetch_model, is_present, known_model_path
+from lowbit.models.fetch import (
+    fetch_known_model,
+    fetch_model,
+    is_present,
+    known_model_path,
+)
 from lowbit.models.registry import KnownModel
 
 PAYLOAD = bytes(range(256)) * 13 + b"tail"  # 3332 bytes standing in for a .gguf

@@ -28,7 +28,7 @@ def real(request):
 
 
 def test_loads_as_a_plain_tied_model(real):
-    loaded, cls, n_layers = real
+    loaded, cls, _n_layers = real
     model = loaded.model
     assert type(model) is cls
     assert not model.training

@@ -12,7 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from lowbit.errors import ConfigError, ModelNotFoundError
 from lowbit.models import KNOWN_MODELS, ModelSource, load_model, resolve_model
 from lowbit.models import convert as convert_module
-from lowbit.models.convert import SOURCE_RECORD, converted_dir, without_quantization_config
+from lowbit.models.convert import (
+    SOURCE_RECORD,
+    converted_dir,
+    without_quantization_config,
+)
 
 WORDS = ["<unk>", "<s>", "</s>", "hello", "world", "the", "cat", "sat"]
 

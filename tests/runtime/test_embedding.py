@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from tiny_models import build_tiny
+
 from lowbit.bench.speed import bytes_per_token
 from lowbit.checkpoint import DENSE_FILE, load_checkpoint, save_checkpoint
 from lowbit.runtime.embedding import MappedEmbedding

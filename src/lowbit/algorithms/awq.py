@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.formats import affine
 from lowbit.errors import ShapeError
+from lowbit.formats import affine
 
 
 def compress_inputs(x: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,14 @@ needs no stored permutation) and block-wise lazy updates.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from lowbit.algorithms.rtn import group_qparams, integer_scale_grid, resolve_format
-from lowbit.formats import affine
 from lowbit.errors import ConfigError
+from lowbit.formats import affine
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import ClipConfig, GPTQConfig, IntegerScaleConfig
 
@@ -71,7 +71,7 @@ def gptq_quantize(
     bits: int,
     group_size: int,
     symmetric: bool = False,
-    config: GPTQConfig = GPTQConfig(),
+    config: GPTQConfig = GPTQConfig(),  # noqa: B008 - frozen
     clip: ClipConfig | None = None,
     group_bits: torch.Tensor | None = None,
     clip_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,

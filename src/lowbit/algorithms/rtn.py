@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
+
+import torch
 
 from lowbit.formats import affine, integer_scale
 from lowbit.qtensor import QuantFormat, QuantizedWeight

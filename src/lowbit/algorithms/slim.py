@@ -150,9 +150,9 @@ def slim_quantize(
     avg_bits: float,
     group_size: int,
     symmetric: bool = False,
-    config: GPTQConfig = GPTQConfig(),
+    config: GPTQConfig = GPTQConfig(),  # noqa: B008 - frozen
     clip: ClipConfig | None = None,
-    slim: SlimConfig = SlimConfig(),
+    slim: SlimConfig = SlimConfig(),  # noqa: B008 - frozen
     iscale: IntegerScaleConfig | None = None,
 ) -> SlimResult:
     """w [out, in], H [in, in] -> GPTQ with salience-allocated widths per column group.

@@ -58,7 +58,7 @@ class Setting:
     group_size: int
 
     @classmethod
-    def parse(cls, text: str) -> "Setting":
+    def parse(cls, text: str) -> Setting:
         try:
             b, g = text.lower().removeprefix("w").split("g")
             bits = float(b)
@@ -76,7 +76,7 @@ class Job:
     setting: str   # w<bits>g<group>, or a llama.cpp type
 
     @classmethod
-    def parse(cls, text: str) -> "Job":
+    def parse(cls, text: str) -> Job:
         method, _, setting = text.partition(":")
         if method not in METHODS or not setting:
             raise ConfigError(f"job {text!r}: use METHOD:SETTING with METHOD one of {', '.join(METHODS)} "
@@ -150,7 +150,7 @@ def _job(spec: dict[str, Any], queue) -> None:
     """Child process: load, quantize, compare to the cached reference; put a result dict."""
     try:
         queue.put(_run_job(spec))
-    except Exception as e:  # reported in the table, never silently dropped
+    except Exception as e:  # noqa: BLE001 - reported in the table, never silently dropped
         queue.put({**spec, "error": f"{type(e).__name__}: {e}"})
 
 
@@ -176,7 +176,12 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     from lowbit.eval.size import quantized_size
     from lowbit.models import load_model
     from lowbit.pipeline import quantize, target_layers
-    from lowbit.recipes import BudgetConfig, CalibrationConfig, IntegerScaleConfig, Recipe
+    from lowbit.recipes import (
+        BudgetConfig,
+        CalibrationConfig,
+        IntegerScaleConfig,
+        Recipe,
+    )
 
     torch.manual_seed(0)
     method = spec["method"]
@@ -185,7 +190,11 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     if method == "llamacpp":
         from lowbit.models import resolve_model
         from lowbit.models.convert import ensure_converted
-        from lowbit.peers.llamacpp import ensure_llamacpp, load_llamacpp_quant, quantize_with_llamacpp
+        from lowbit.peers.llamacpp import (
+            ensure_llamacpp,
+            load_llamacpp_quant,
+            quantize_with_llamacpp,
+        )
 
         source = resolve_model(spec["model"], cache=spec.get("cache"), progress=False)
         folder = (ensure_converted(source.path, source.sha256, cache=spec.get("cache"), progress=False)
@@ -416,7 +425,7 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         "",
         *[f"    {c}" for c in commands],
         "",
-        f"{machines} Compute dtype float32. Evaluation: the first N tokens of each dataset "
+        (f"{machines} Compute dtype float32. Evaluation: the first N tokens of each dataset "
         "(N and the window length are given per model) in non-overlapping windows (C4: documents "
         "1000-1999 of c4-validation-2k.jsonl); KL(reference || model) in nats per token and top-1 "
         "agreement on the same token ids. Calibration: the `calib` column, samples x tokens drawn from C4 "
@@ -431,11 +440,11 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         "converter and quantizer (from the llama-cpp-python source release) on the same reference, loaded back "
         "through transformers' GGUF dequantization. Bits per weight count scales and zeros (llama.cpp: the "
         "decoder-block weight tensors' bytes). Quantization time and peak RSS are of a fresh child process per "
-        "job (model load included in the RSS).",
+        "job (model load included in the RSS)."),
         "",
-        "The reference is the GGUF model dequantized to float32: it was already quantized upstream "
+        ("The reference is the GGUF model dequantized to float32: it was already quantized upstream "
         "(SmolLM2: Q4_1, asymmetric 4-bit g32; Qwen2.5-Coder: Q4_K/Q6_K), so these numbers measure "
-        "the cost of re-quantizing it, not of quantizing an original bf16 checkpoint.",
+        "the cost of re-quantizing it, not of quantizing an original bf16 checkpoint."),
         "",
     ]
     for model in models:
@@ -445,8 +454,8 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         if numbers:
             head += " machine |"
         lines += [f"### {model}", "",
-                  f"Evaluation: first {ref['max_tokens']} tokens per dataset, windows of {ref['seqlen']}; "
-                  f"reference sha256 {ref['sha256'][:16]}...", "", head, "|" + "---|" * (3 + 3 * len(datasets) + 4 + bool(numbers))]
+                  (f"Evaluation: first {ref['max_tokens']} tokens per dataset, windows of {ref['seqlen']}; "
+                  f"reference sha256 {ref['sha256'][:16]}..."), "", head, "|" + "---|" * (3 + 3 * len(datasets) + 4 + bool(numbers))]
         lines.append("| reference | fp32 | 32 | " + " | ".join(f"{ref['ppl'][d]:.3f} | 0 | 1" for d in datasets)
                      + " | - | - | - | |" + (" |" if numbers else ""))
         rows = sorted((r for k, r in results.items() if k[0] == model),

@@ -97,12 +97,13 @@ def _prompt_ids(vocab: int, n: int):
 def _lowbit_job(spec: dict[str, Any], queue) -> None:
     try:
         queue.put(_lowbit_run(spec))
-    except Exception as e:  # report, do not hang the parent
+    except Exception as e:  # noqa: BLE001 - reported, so the parent does not hang
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
 def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
+
     from lowbit.runtime.generate import generate
 
     torch.set_num_threads(spec["threads"])
@@ -389,9 +390,9 @@ def render(rec: dict[str, Any]) -> str:
              + ({True: " (the hqq package was installed, which transformers imports at every start: about a "
                        "second more)", False: " (without the hqq package, lowbit[peers])"}.get(rec.get("hqq_installed"), ""))
              + "; peak RSS of that process.", "",
-             "| runtime | bytes/token | load (s) | start to first token (s) | time to first token, "
+             ("| runtime | bytes/token | load (s) | start to first token (s) | time to first token, "
              f"{rec['prompt_tokens']}-token prompt (s) | prefill tok/s | decode tok/s | "
-             "decode vs bf16 | prefill vs bf16 | decode GB/s | of bandwidth | peak RSS (GB) |",
+             "decode vs bf16 | prefill vs bf16 | decode GB/s | of bandwidth | peak RSS (GB) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in runtimes.items():
         dec, pre = _med(rows, "decode_tok_s"), _med(rows, "prefill_tok_s")
@@ -409,9 +410,9 @@ def render(rec: dict[str, Any]) -> str:
     if rec.get("kernels"):
         out_f, in_f = rec["kernel_shape"]
         ref = rec["kernels"][0]["seconds"]
-        lines += ["", f"Decode matrix-vector product, one bfloat16 activation row times a {out_f}x{in_f} weight "
+        lines += ["", (f"Decode matrix-vector product, one bfloat16 activation row times a {out_f}x{in_f} weight "
                   f"(the model's largest projection), {rec['threads']} threads; each format cycles through copies "
-                  "of its weight totalling over 512 MB, so the weights come from DRAM as in a model:", "",
+                  "of its weight totalling over 512 MB, so the weights come from DRAM as in a model:"), "",
                   "| format | weight bytes | time (us) | vs bf16 | GB/s | of bandwidth |", "|---|---|---|---|---|---|"]
         for k in rec["kernels"]:
             lines.append(f"| {k['format']} | {k['bytes'] / 1e6:.1f} MB | {k['seconds'] * 1e6:.0f} | "

@@ -50,6 +50,6 @@ class HessianAccumulator:
         self.add(args[0])
 
     @classmethod
-    def attach(cls, linear: nn.Linear) -> tuple["HessianAccumulator", torch.utils.hooks.RemovableHandle]:
+    def attach(cls, linear: nn.Linear) -> tuple[HessianAccumulator, torch.utils.hooks.RemovableHandle]:
         acc = cls(linear.in_features)
         return acc, linear.register_forward_hook(acc.hook)

@@ -12,9 +12,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -197,7 +197,7 @@ class ReferenceLogits:
             yield _Scored(logp=logp, top1=torch.from_numpy(top1[w]), nll=self.window_nll[w])
 
 
-Reference = Union[torch.nn.Module, ReferenceLogits]
+Reference = torch.nn.Module | ReferenceLogits
 
 
 def _reference_windows(

@@ -8,8 +8,8 @@ token t + 1, so the first token of each window is context only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,12 @@ def window_logits(
 
 
 def _chunked_logits(model: torch.nn.Module, ids: torch.Tensor, kv: str, chunk: int, kv_stats: dict | None):
-    from lowbit.runtime.kvcache import cache_nbytes, full_cache_nbytes, kv_cache_for, observing
+    from lowbit.runtime.kvcache import (
+        cache_nbytes,
+        full_cache_nbytes,
+        kv_cache_for,
+        observing,
+    )
 
     cache = kv_cache_for(model.config, kv)
     parts = []

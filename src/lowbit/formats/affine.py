@@ -24,7 +24,7 @@ whole number of groups; a zero never changes a group's range (asymmetric ranges 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,6 +8,7 @@ then each new token attends to the compressed cache.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, chunk: int 
         starts.pop()  # a short tail joins the previous chunk (SnapKV's window lies in the last one)
     bounds = starts + [ids.shape[0]]
     with observing(model, cache):
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             out = model(input_ids=ids[a:b].unsqueeze(0), past_key_values=cache, use_cache=True, logits_to_keep=1)
     compress(cache)
     return out.logits[0, -1].float()
