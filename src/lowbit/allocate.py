@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.rtn import resolve_format, rtn_quantize
+from lowbit.algorithms.rtn import resolve_format, rtn_quantize, rtn_shrink
 from lowbit.algorithms.slim import output_error
 from lowbit.calibration.sequential import run_sequential
 from lowbit.data import calibration_samples
@@ -101,14 +101,42 @@ def budget_bytes(model: nn.Module, names: list[str], budget: BudgetConfig) -> in
     return budget.target_bytes - dense
 
 
+class ShrinkStore:
+    """The clipping search's range factors of each (layer, level), kept so that a layer can be
+    re-quantized at a level without searching again (rtn_shrink / rtn_quantize(shrink=...)).
+    The factors take few distinct values (the search's grid): stored as one byte each."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def put(self, name: str, k: int, shrink: torch.Tensor | None) -> None:
+        if shrink is None:
+            self._items[(name, k)] = None
+            return
+        values, index = torch.unique(shrink, return_inverse=True)
+        self._items[(name, k)] = (values, index.to(torch.uint8)) if len(values) <= 256 else (shrink, None)
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self._items
+
+    def get(self, name: str, k: int) -> torch.Tensor | None:
+        item = self._items[(name, k)]
+        if item is None:
+            return None
+        values, index = item
+        return values if index is None else values[index.long()]
+
+
 def sensitivity(
     loaded: LoadedModel, names: list[str], levels: list[tuple[int, int]], recipe: Recipe, ids: torch.Tensor,
     progress: bool = True,
-) -> torch.Tensor:
-    """[L, K] output error tr(D H D^T) of each layer's round-to-nearest error D at each level."""
+) -> tuple[torch.Tensor, ShrinkStore]:
+    """[L, K] output error tr(D H D^T) of each layer's round-to-nearest error D at each level, and
+    the clipping factors the round-to-nearest found (so that scoring need not search again)."""
     model = loaded.model
     index = {n: i for i, n in enumerate(names)}
     errors = torch.full((len(names), len(levels)), float("nan"))
+    shrinks = ShrinkStore()
     clip = recipe.clip if recipe.clip.enabled else None
     prefixes = _block_prefixes(model, names)
 
@@ -120,13 +148,15 @@ def sensitivity(
             w = lin.weight.detach().float()
             H = hessians[name]
             for k, (b, g) in enumerate(levels):
-                q = rtn_quantize(w, b, g, recipe.symmetric, clip, iscale=recipe.integer_scale).dequantize()
+                shrink = rtn_shrink(w, b, g, recipe.symmetric, clip, recipe.integer_scale)
+                shrinks.put(full, k, shrink)
+                q = rtn_quantize(w, b, g, recipe.symmetric, clip, shrink, recipe.integer_scale).dequantize()
                 errors[index[full], k] = output_error(w, q, H)
         return {}
 
     run_sequential(model, ids, measure, true_sequential=False, progress=progress,
                    dtype=recipe.calibration.dtype)
-    return errors
+    return errors, shrinks
 
 
 def _block_prefixes(model: nn.Module, names: list[str]) -> dict[int, str]:
@@ -224,8 +254,10 @@ class BudgetReport:
 class _FakeQuantModel:
     """The model with each layer's weight replaced by its round-to-nearest weight at a level."""
 
-    def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe, cache_bytes: int = 2 << 30):
+    def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe, cache_bytes: int = 2 << 30,
+                 shrinks: ShrinkStore | None = None):
         self.model, self.names, self.levels, self.recipe = model, names, levels, recipe
+        self.shrinks = shrinks if shrinks is not None else ShrinkStore()
         self.orig = {n: model.get_submodule(n).weight.detach().clone() for n in names}
         self.current: dict[str, int | None] = {n: None for n in names}
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -235,9 +267,12 @@ class _FakeQuantModel:
         key = (name, k)
         if key not in self.cache:
             b, g = self.levels[k]
-            clip = self.recipe.clip if self.recipe.clip.enabled else None
-            w = rtn_quantize(self.orig[name], b, g, self.recipe.symmetric, clip,
-                             iscale=self.recipe.integer_scale).dequantize(self.orig[name].dtype)
+            r = self.recipe
+            clip = r.clip if r.clip.enabled else None
+            if key not in self.shrinks:  # searched once; re-quantizing with the factors is exact and fast
+                self.shrinks.put(name, k, rtn_shrink(self.orig[name], b, g, r.symmetric, clip, r.integer_scale))
+            w = rtn_quantize(self.orig[name], b, g, r.symmetric, clip, self.shrinks.get(name, k),
+                             r.integer_scale).dequantize(self.orig[name].dtype)
             size = w.numel() * w.element_size()
             if self.cached + size <= self.cache_bytes:
                 self.cache[key] = w
@@ -286,11 +321,12 @@ def clearly_better(new: list[float], old: list[float], z: float = 2.0) -> bool:
 class _Scorer:
     """KL(model || model with each layer fake-quantized at its level) on sets of held-out windows."""
 
-    def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe, **sets: torch.Tensor):
+    def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe,
+                 shrinks: ShrinkStore | None = None, **sets: torch.Tensor):
         self.dtype = recipe.calibration.dtype
         self.sets = {k: (ids, [_log_probs(model, row, self.dtype) for row in ids]) for k, ids in sets.items()}
         self.model = model
-        self.fq = _FakeQuantModel(model, names, levels, recipe)
+        self.fq = _FakeQuantModel(model, names, levels, recipe, shrinks=shrinks)
 
     def __call__(self, choice: list[int], on: str = "search") -> float:
         kls = self.windows(choice, on)
@@ -427,10 +463,10 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
                           f"takes only {top} ({8 * top / n_q:.2f} bits/weight); lower the target or add wider levels")
     c = recipe.calibration
     ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
-    errors = sensitivity(loaded, names, levels, recipe, ids, progress)
+    errors, shrinks = sensitivity(loaded, names, levels, recipe, ids, progress)
     report_kls: dict[str, Any] = {}
     if cfg.generations > 0:
-        score = _Scorer(model, names, levels, recipe, search=held_out_ids(loaded, recipe, data_dir, 1),
+        score = _Scorer(model, names, levels, recipe, shrinks, search=held_out_ids(loaded, recipe, data_dir, 1),
                         confirm=held_out_ids(loaded, recipe, data_dir, 2))
         try:
             kl_errors = None

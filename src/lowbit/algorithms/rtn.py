@@ -59,14 +59,27 @@ def group_qparams(
 
     `weight` [out, G, gs] weights each element's error in the clipping search (default 1).
     """
-    shrink = 1.0
-    if clip is not None and clip.enabled:
-        out, g, gs = wg.shape  # (zero padding of a short last group adds no error: 0 is exact)
-        shrink = affine.search_shrink(
-            wg.reshape(out, g * gs), bits, gs, symmetric, clip.grid, clip.max_shrink, clip.norm,
-            None if weight is None else weight.reshape(out, g * gs), scale_round,
-        )
-    return affine.choose_qparams(wg, bits, symmetric, shrink, scale_round)
+    shrink = clip_shrink(wg, bits, symmetric, clip, weight, scale_round)
+    return affine.choose_qparams(wg, bits, symmetric, 1.0 if shrink is None else shrink, scale_round)
+
+
+def clip_shrink(
+    wg: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    clip: ClipConfig | None,
+    weight: torch.Tensor | None = None,
+    scale_round: ScaleRound | None = None,
+) -> torch.Tensor | None:
+    """The clipping search's range factors [out, G] for grouped values wg [out, G, gs]; None
+    when `clip` is off (the full range)."""
+    if clip is None or not clip.enabled:
+        return None
+    out, g, gs = wg.shape  # (zero padding of a short last group adds no error: 0 is exact)
+    return affine.search_shrink(
+        wg.reshape(out, g * gs), bits, gs, symmetric, clip.grid, clip.max_shrink, clip.norm,
+        None if weight is None else weight.reshape(out, g * gs), scale_round,
+    )
 
 
 def rtn_quantize(
@@ -81,16 +94,34 @@ def rtn_quantize(
     """w [out, in] -> QuantizedWeight by round-to-nearest.
 
     Ranges are clipped by the weight-error search when `clip` is enabled, or by given per-group
-    `shrink` factors [out, G] (e.g. from AWQ's output-error search).
+    `shrink` factors [out, G] (e.g. from AWQ's output-error search, or `rtn_shrink`'s earlier
+    search: the same shrink gives the same codes without searching again).
     """
     fmt = resolve_format(w.shape[1], bits, group_size, symmetric, iscale)
     wg = affine.group_view(w.float(), fmt.group_size)
     mult = scale_round = None
     if fmt.scale_bits:
         mult, scale_round = integer_scale_grid(w, bits, fmt.group_size, symmetric, clip, iscale)
-    if shrink is not None:
-        scale, zero = affine.choose_qparams(wg, bits, symmetric, shrink, scale_round)
-    else:
-        scale, zero = group_qparams(wg, bits, symmetric, clip, scale_round=scale_round)
+    if shrink is None:
+        shrink = clip_shrink(wg, bits, symmetric, clip, scale_round=scale_round)
+    scale, zero = affine.choose_qparams(wg, bits, symmetric, 1.0 if shrink is None else shrink, scale_round)
     codes = affine.ungroup(affine.quantize_groups(wg, scale, zero, bits), w.shape[1])
     return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt, scale_mult=mult)
+
+
+def rtn_shrink(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    clip: ClipConfig | None = None,
+    iscale: IntegerScaleConfig | None = None,
+) -> torch.Tensor | None:
+    """The range factors [out, G] that `rtn_quantize` with these arguments finds by its clipping
+    search (None with no search). Passed back as `shrink`, they reproduce its codes exactly."""
+    fmt = resolve_format(w.shape[1], bits, group_size, symmetric, iscale)
+    wg = affine.group_view(w.float(), fmt.group_size)
+    scale_round = None
+    if fmt.scale_bits:
+        _, scale_round = integer_scale_grid(w, bits, fmt.group_size, symmetric, clip, iscale)
+    return clip_shrink(wg, bits, symmetric, clip, scale_round=scale_round)
