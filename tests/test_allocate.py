@@ -9,6 +9,7 @@ import torch
 from test_pipeline import ByteTokenizer, data_dir  # noqa: F401 (fixture)
 
 import lowbit.allocate
+from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.allocate import (
     BudgetError,
     budget_bytes,
@@ -241,3 +242,35 @@ def test_bfloat16_scoring_ranks_the_starts_as_float32_does(data_dir):  # noqa: F
     for k, v in f32["starts"].items():
         assert bf16["starts"][k] == pytest.approx(v, rel=0.05)
     assert f32["starts"] != bf16["starts"]  # autocast really ran
+
+
+def test_the_scorer_measures_against_the_unquantized_model_whenever_a_set_is_first_used(data_dir):  # noqa: F811
+    """The reference log-probabilities of a window set are computed on first use, possibly while
+    layers are fake-quantized: they must still be the unquantized model's; a dropped set comes
+    back the same; scoring leaves the original weights untouched."""
+    from lowbit.allocate import _Scorer
+
+    lm = deep_tiny()
+    ref = deep_tiny().model
+    recipe = Recipe(method="rtn", **FAST, budget=BudgetConfig(target_bpw=3.0, levels=LEVELS, search_tokens=128))
+    names, _ = target_layers(lm.model, recipe)
+    levels = recipe.budget.parsed_levels()
+    search, confirm = held_out_ids(lm, recipe, data_dir, 1), held_out_ids(lm, recipe, data_dir, 2)
+    score = _Scorer(lm.model, names, levels, recipe, search=search, confirm=confirm)
+    low = [0] * len(names)
+    first = score(low)  # the search reference is built first, then every layer goes to w2g16
+    kls = score.windows(low, "confirm")  # built while every layer is at w2g16
+    score.restore()
+    by_hand = [  # the model at w2g16, built independently
+        rtn_quantize(lm.model.get_submodule(n).weight.detach(), 2, 16, False, FAST["clip"]).dequantize()
+        for n in names]
+    quantized = deep_tiny().model
+    for n, q in zip(names, by_hand):
+        quantized.get_submodule(n).weight.data = q
+    assert sum(kls) / len(kls) == pytest.approx(_held_out_kl(ref, quantized, confirm), rel=1e-4)
+    assert first == pytest.approx(_held_out_kl(ref, quantized, search), rel=1e-4)
+    score.drop("search")
+    assert score(low) == pytest.approx(first, rel=1e-6)
+    score.restore()
+    for n in names:
+        assert torch.equal(lm.model.get_submodule(n).weight, ref.get_submodule(n).weight)

@@ -258,7 +258,8 @@ class _FakeQuantModel:
                  shrinks: ShrinkStore | None = None):
         self.model, self.names, self.levels, self.recipe = model, names, levels, recipe
         self.shrinks = shrinks if shrinks is not None else ShrinkStore()
-        self.orig = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+        # set() swaps whole tensors in and never writes into one: the originals need no copy
+        self.orig = {n: model.get_submodule(n).weight.detach() for n in names}
         self.current: dict[str, int | None] = {n: None for n in names}
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
         self.cache_bytes, self.cached = cache_bytes, 0
@@ -324,9 +325,24 @@ class _Scorer:
     def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe,
                  shrinks: ShrinkStore | None = None, **sets: torch.Tensor):
         self.dtype = recipe.calibration.dtype
-        self.sets = {k: (ids, [_log_probs(model, row, self.dtype) for row in ids]) for k, ids in sets.items()}
+        self.ids = sets
+        self._ref: dict[str, list[torch.Tensor]] = {}
         self.model = model
         self.fq = _FakeQuantModel(model, names, levels, recipe, shrinks=shrinks)
+
+    def _set(self, on: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The windows of set `on` and the unquantized model's log-probabilities on them, computed
+        on first use: a set's reference takes windows x tokens x vocabulary floats (1.2 GB for
+        2048 tokens of a 150k vocabulary), so only the sets in use are held (see drop)."""
+        if on not in self._ref:
+            keep = [self.fq.current[n] for n in self.fq.names]
+            self.fq.set([None] * len(keep))
+            self._ref[on] = [_log_probs(self.model, row, self.dtype) for row in self.ids[on]]
+            self.fq.set(keep)
+        return self.ids[on], self._ref[on]
+
+    def drop(self, on: str) -> None:
+        self._ref.pop(on, None)
 
     def __call__(self, choice: list[int], on: str = "search") -> float:
         kls = self.windows(choice, on)
@@ -335,7 +351,7 @@ class _Scorer:
     def probe(self, k: int, tokens: int, progress: bool = True) -> torch.Tensor:
         """[L] KL with one layer at a time quantized at level k, the others unquantized, on the
         first `tokens` tokens of the search set."""
-        ids, ref_logp = self.sets["search"]
+        ids, ref_logp = self._set("search")
         n = max(1, min(len(ids), tokens // ids.shape[1]))
         names = self.fq.names
         out = torch.empty(len(names))
@@ -345,8 +361,8 @@ class _Scorer:
         return out
 
     def windows(self, choice: list[int], on: str = "search") -> list[float]:
+        ids, ref_logp = self._set(on)
         self.fq.set(choice)
-        ids, ref_logp = self.sets[on]
         return _window_kls(self.model, ids, ref_logp, self.dtype)
 
     def restore(self) -> None:
@@ -482,6 +498,7 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
                                                          budget, cfg, progress)
             # A few windows can be fitted: the search's result must also beat its start, clearly,
             # on windows it never saw, or the start is kept.
+            score.drop("search")
             before, after = score.windows(candidates[start], "confirm"), score.windows(choice, "confirm")
             confirm = {"start": sum(before) / len(before), "searched": sum(after) / len(after)}
             kept = "searched" if accepted and clearly_better(after, before) else "start"
