@@ -66,6 +66,8 @@ def test_old_records_keep_their_identity():
 def test_pareto_front_keeps_only_undominated_points():
     pts = [(4.2, 30.0), (3.2, 70.0), (3.3, 90.0), (2.3, 400.0), (4.5, 29.0), (4.3, 31.0)]
     assert pareto_front(pts) == [(2.3, 400.0), (3.2, 70.0), (4.2, 30.0), (4.5, 29.0)]
+    # the same size, once rounded (3.148) and once exact (3.1484375): only the better is on the front
+    assert pareto_front([(3.148, 20.9), (3.1484375, 17.6), (2.28, 41.7)]) == [(2.28, 41.7), (3.1484375, 17.6)]
 
 
 def test_render_writes_table_and_plot(tmp_path):

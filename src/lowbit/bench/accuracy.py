@@ -483,9 +483,10 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both size and perplexity, by increasing size."""
+    """The points no other point beats on both size and perplexity, by increasing size. Sizes
+    equal to 3 decimals count as equal (rows rebuilt from rendered tables carry rounded sizes)."""
     front: list[tuple[float, float]] = []
-    for x, y in sorted(points):
+    for x, y in sorted(points, key=lambda p: (round(p[0], 3), p[1])):
         if not front or y < front[-1][1]:
             front.append((x, y))
     return front
