@@ -97,11 +97,7 @@ def rtn_quantize(
     `shrink` factors [out, G] (e.g. from AWQ's output-error search, or `rtn_shrink`'s earlier
     search: the same shrink gives the same codes without searching again).
     """
-    fmt = resolve_format(w.shape[1], bits, group_size, symmetric, iscale)
-    wg = affine.group_view(w.float(), fmt.group_size)
-    mult = scale_round = None
-    if fmt.scale_bits:
-        mult, scale_round = integer_scale_grid(w, bits, fmt.group_size, symmetric, clip, iscale)
+    fmt, wg, mult, scale_round = _rtn_grid(w, bits, group_size, symmetric, clip, iscale)
     if shrink is None:
         shrink = clip_shrink(wg, bits, symmetric, clip, scale_round=scale_round)
     scale, zero = affine.choose_qparams(wg, bits, symmetric, 1.0 if shrink is None else shrink, scale_round)
@@ -119,9 +115,19 @@ def rtn_shrink(
 ) -> torch.Tensor | None:
     """The range factors [out, G] that `rtn_quantize` with these arguments finds by its clipping
     search (None with no search). Passed back as `shrink`, they reproduce its codes exactly."""
+    _, wg, _, scale_round = _rtn_grid(w, bits, group_size, symmetric, clip, iscale)
+    return clip_shrink(wg, bits, symmetric, clip, scale_round=scale_round)
+
+
+def _rtn_grid(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: ClipConfig | None,
+    iscale: IntegerScaleConfig | None,
+) -> tuple[QuantFormat, torch.Tensor, torch.Tensor | None, ScaleRound | None]:
+    """The format, the grouped weight and, for Integer Scale, the row multipliers and the rounding
+    of scales onto their grid: what rtn_quantize and rtn_shrink both start from."""
     fmt = resolve_format(w.shape[1], bits, group_size, symmetric, iscale)
     wg = affine.group_view(w.float(), fmt.group_size)
-    scale_round = None
+    mult = scale_round = None
     if fmt.scale_bits:
-        _, scale_round = integer_scale_grid(w, bits, fmt.group_size, symmetric, clip, iscale)
-    return clip_shrink(wg, bits, symmetric, clip, scale_round=scale_round)
+        mult, scale_round = integer_scale_grid(w, bits, fmt.group_size, symmetric, clip, iscale)
+    return fmt, wg, mult, scale_round
