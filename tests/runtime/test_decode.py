@@ -98,12 +98,11 @@ def test_what_lean_decode_does_not_cover_is_named():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_native_small_ops_follow_the_torch_step(arch):
-    """The native loop (norms, rotary, cache write and attention in single calls) against the
-    torch lean step: logits within bfloat16 rounding, the same greedy tokens, the same cache."""
-    from lowbit import kernels
-
-    if not _bf16_kernel() or not kernels.available("decode_ops"):
+def test_native_layers_follow_the_torch_step(arch):
+    """The native loop (every layer in one call: products with their bias and residual, norms,
+    rotary, cache write and attention) against the torch lean step: logits within bfloat16
+    rounding, the same greedy tokens, the same cache."""
+    if not _bf16_kernel():
         pytest.skip("no native kernels with a bfloat16 path on this machine")
     model = _packed(arch)
     use_fast_attention(model)
@@ -111,7 +110,7 @@ def test_native_small_ops_follow_the_torch_step(arch):
     caches = [StaticCache(model.config, max_cache_len=64) for _ in range(2)]
     logits = [prefill(model, ids, c) for c in caches]
     ref, nat = LeanDecoder(model, caches[0], native=False), LeanDecoder(model, caches[1])
-    assert ref.ops is None and nat.ops is not None
+    assert ref.native is None and nat.native is not None and len(nat.native) == model.config.num_hidden_layers
     tok = int(logits[0].argmax())
     for pos in range(29, 60):
         a, b = ref.step(tok, pos), nat.step(tok, pos)
@@ -121,17 +120,24 @@ def test_native_small_ops_follow_the_torch_step(arch):
     for la, lb in zip(caches[0].layers, caches[1].layers):
         torch.testing.assert_close(lb.keys.float(), la.keys.float(), rtol=0.02, atol=0.02)
         torch.testing.assert_close(lb.values.float(), la.values.float(), rtol=0.02, atol=0.02)
+        assert int(lb.cumulative_length) == int(la.cumulative_length) == 60
 
 
-def test_native_ops_refuse_a_position_outside_the_cache():
-    from lowbit import kernels
-
-    if not kernels.available("decode_ops"):
-        pytest.skip("no C++ toolchain")
-    ops = kernels.load("decode_ops")
-    y, row = torch.zeros(1, 1, 8 * 16, dtype=torch.bfloat16), torch.zeros(1, 1, 16, dtype=torch.bfloat16)
-    cache = torch.zeros(1, 2, 4, 16, dtype=torch.bfloat16)
+def test_the_native_loop_refuses_a_position_outside_the_cache_and_layers_that_do_not_agree():
+    if not _bf16_kernel():
+        pytest.skip("no native kernels with a bfloat16 path on this machine")
+    model = _packed("llama")
+    use_fast_attention(model)
+    cache = StaticCache(model.config, max_cache_len=32)
+    prefill(model, torch.arange(4), cache)
+    dec = LeanDecoder(model, cache)
+    h = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
+    cos, sin = dec._rope(h, 0)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        ops.rope_attend(y, row, row, cache, cache.clone(), 4, 0.25, 4, 2)
-    with pytest.raises(RuntimeError, match="do not agree"):
-        ops.rope_attend(y[..., :-16].contiguous(), row, row, cache, cache.clone(), 1, 0.25, 4, 2)
+        dec.native.step(h, cos[:, 0:1], sin[:, 0:1], 32)
+    plan, layer, kv = dec.plans[0], model.model.layers[0], cache.layers[0]
+    ln = layer.input_layernorm.weight.detach()
+    with pytest.raises(RuntimeError, match="shapes do not agree"):  # q/k/v in the place of gate/up
+        dec.native.add_layer(ln, 1e-6, plan.qkv_p, plan.o_p, ln, 1e-6, plan.qkv_p, plan.down_p, kv.keys, kv.values,
+                             kv.cumulative_length, 1.0, model.config.num_attention_heads,
+                             model.config.num_key_value_heads)

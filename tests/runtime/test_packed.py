@@ -112,6 +112,46 @@ def test_the_wide_loops_give_the_exact_product_at_any_activation_scale(bits, row
 
 
 @needs_bf16_path
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 5, 8]), gs=st.sampled_from([64, 128]), rows=st.integers(1, 8),
+       bias=st.booleans(), residual=st.booleans(), seed=st.integers(0, 999))
+def test_a_product_rounds_bias_and_residual_as_torch_does(bits, gs, rows, bias, residual, seed):
+    """Product(x, residual) against the torch operations it replaces, bit for bit: the kernel's
+    float32 product, `+ bias.float()`, `.to(bfloat16)`, then `residual + y` in bfloat16."""
+    m = PackedLinear(random_qweight(44, 2 * gs, bits, gs, False, seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(rows, 2 * gs, generator=gen).bfloat16()
+    b = torch.randn(44, generator=gen).bfloat16() if bias else None
+    res = (torch.randn(rows, 44, generator=gen) * 4).bfloat16() if residual else None
+    ext = kernels.load("qgemv")
+    args = (m.packed, m.widths, m.offsets, m.scales, m.zero_points, gs, m.interleave)
+    want = ext.gemv_bf16(x, *args)
+    if b is not None:
+        want = want + b.float()
+    want = want.bfloat16()
+    if res is not None:
+        want = res + want
+    got = ext.Product(*args, b)(x, res)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@needs_bf16_path
+def test_a_product_refuses_what_does_not_fit():
+    m = PackedLinear(random_qweight(8, 128, 4, 64, False, 0))
+    ext = kernels.load("qgemv")
+    args = (m.packed, m.widths, m.offsets, m.scales, m.zero_points, 64, m.interleave)
+    with pytest.raises(RuntimeError, match="one value per output"):
+        ext.Product(*args, torch.zeros(7))
+    p = ext.Product(*args)
+    with pytest.raises(RuntimeError, match=r"contiguous bfloat16 \[\.\.\., 128\]"):
+        p(torch.zeros(1, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="1 to 8 activation rows"):
+        p(torch.zeros(9, 128, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="residual"):
+        p(torch.zeros(1, 128, dtype=torch.bfloat16), torch.zeros(1, 7, dtype=torch.bfloat16))
+
+
+@needs_bf16_path
 def test_a_bf16_packed_linear_decodes_through_the_kernel_and_prefills_through_torch():
     qw = random_qweight(48, 256, 3, 128, False, 0, perm=True)
     m, ref = PackedLinear(qw), QuantLinear.from_quantized(qw)

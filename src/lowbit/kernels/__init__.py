@@ -32,7 +32,7 @@ from lowbit.paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent / "csrc"
-NAMES = ("decode_ops", "kv_attention", "qgemv")
+NAMES = ("kv_attention", "qgemv")
 DISABLE_ENV = "LOWBIT_NO_KERNELS"   # set to 1 to use the torch references everywhere
 
 _loaded: dict[str, ModuleType] = {}

@@ -14,10 +14,12 @@ q/k/v bias) with lowbit's decode attention (runtime/attention.py) and a StaticCa
 else (`unsupported_reason` says why) keeps the transformers forward.
 
 For a bfloat16 model of packed layers it goes one step further (the native loop, the default):
-the fused products are called directly, and each RMSNorm and the rotary embedding, cache write
-and attention of a layer are one native call each (kernels/csrc/decode_ops.cpp). Those sum in
-another order than torch's kernels, so its logits agree with the transformers forward to
-bfloat16 rounding rather than bit for bit; `native=False` keeps the bit-identical torch loop.
+every decoder layer runs inside one native call (qgemv.cpp's Decoder: the packed products, with
+their bias and residual additions, and RMSNorm, rotary embedding, cache write and attention from
+kernels/csrc/decode_ops.h, SiLU through torch's own kernel), so a step is the embedding, one call
+and the head. Its norms and attention sum in another order than torch's kernels, so its logits
+agree with the transformers forward to bfloat16 rounding rather than bit for bit;
+`native=False` keeps the bit-identical torch loop.
 
     cache = StaticCache(model.config, max_cache_len=...)
     prefill(model, prompt, cache)                      # transformers forward, fills the cache
@@ -81,7 +83,7 @@ class LeanDecoder:
         self.rotate_half = sys.modules[type(first).__module__].rotate_half
         bf16 = embedding_dtype(self.body.embed_tokens) == torch.bfloat16  # the kernels' direct path
         self.plans = [_LayerPlan(layer, bf16) for layer in self.layers]
-        self.ops = _native_ops(model, self.plans) if native else None
+        self.native = _native_decoder(model, self.plans, cache) if native else None
 
     def _rope(self, like: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the rotary module's table for every position at once: each entry is the same float
@@ -98,9 +100,11 @@ class LeanDecoder:
             raise ValueError(f"position {pos} is outside the cache ({self.max_len} positions)")
         h = self.body.embed_tokens(torch.tensor([[token]]))
         cos, sin = self._rope(h, pos)
+        if self.native is not None:
+            h = h.contiguous()
+            self.native.step(h, cos, sin, pos)  # every layer, h in place
+            return self.model.lm_head(self.body.norm(h))[0, -1].float()
         mask = (self.positions <= pos).view(1, 1, 1, -1)
-        if self.ops is not None:
-            return self._native_step(h, cos, sin, pos)
         d = self.head_dim
         cos1, sin1 = cos.unsqueeze(1), sin.unsqueeze(1)
         for layer, plan, kv in zip(self.layers, self.plans, self.cache.layers):
@@ -131,44 +135,35 @@ class LeanDecoder:
         return self.model.lm_head(self.body.norm(h))[0, -1].float()
 
 
-    def _native_step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
-        """The same step with the small operations of each layer as single native calls
-        (kernels/csrc/decode_ops.cpp) around the direct products."""
-        ops, config = self.ops, self.model.config
-        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-        for layer, plan, kv in zip(self.layers, self.plans, self.cache.layers):
-            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
-            y = plan.qkv(ops.rms_norm(h, ln1.weight, ln1.variance_epsilon))
-            o = ops.rope_attend(y, cos, sin, kv.keys, kv.values, pos, layer.self_attn.scaling, heads, kv_heads)
-            kv.cumulative_length.fill_(pos + 1)
-            h = h + plan.o(o)
-            y = plan.gate_up(ops.rms_norm(h, ln2.weight, ln2.variance_epsilon))
-            h = h + plan.down(layer.mlp.act_fn(y[..., :plan.inter]) * y[..., plan.inter:])
-        return self.model.lm_head(self.body.norm(h))[0, -1].float()
+def _native_decoder(model: torch.nn.Module, plans: list, cache: StaticCache) -> object | None:
+    """qgemv's Decoder over every layer where each qualifies (bfloat16 RMSNorms, SiLU, all four
+    products packed for the bfloat16 path), else None."""
+    from lowbit.runtime.packed import _ext
 
-
-def _native_ops(model: torch.nn.Module, plans: list) -> object | None:
-    """decode_ops where every layer qualifies (bfloat16, fused direct products, RMSNorm, SiLU),
-    else None."""
-    from lowbit import kernels
-
-    if getattr(model.config, "hidden_act", None) != "silu" or any(p.qkv is None or p.gate_up is None for p in plans):
+    ext = _ext()
+    config = model.config
+    if ext is None or not hasattr(ext, "Decoder") or getattr(config, "hidden_act", None) != "silu" \
+            or any(None in (p.qkv_p, p.o_p, p.gate_up_p, p.down_p) for p in plans):
         return None
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if not hasattr(norm, "variance_epsilon") or norm.weight.dtype != torch.bfloat16:
                 return None
-    try:
-        return kernels.load("decode_ops")
-    except kernels.KernelUnavailable:
-        return None
+    dec = ext.Decoder()
+    for layer, plan, kv in zip(model.model.layers, plans, cache.layers):
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        dec.add_layer(ln1.weight.detach().contiguous(), ln1.variance_epsilon, plan.qkv_p, plan.o_p,
+                      ln2.weight.detach().contiguous(), ln2.variance_epsilon, plan.gate_up_p, plan.down_p,
+                      kv.keys, kv.values, kv.cumulative_length, layer.self_attn.scaling,
+                      config.num_attention_heads, config.num_key_value_heads)
+    return dec
 
 
-def _gemv(linears: list[torch.nn.Module]):
-    """One bfloat16 decode product (the model runs bfloat16) for PackedLinears that share a fused GEMV (or for one
-    PackedLinear), x [1, 1, in] -> [1, 1, sum of outputs] bfloat16: the operations their forwards
-    run (the kernel's float32 result, plus each bias in float32, rounded once), without the
-    per-module calls. None where the members do not qualify; their forwards then run."""
+def _product(linears: list[torch.nn.Module]):
+    """qgemv's Product for PackedLinears that share a fused GEMV (or for one PackedLinear), in
+    the order given: x [1, in] bfloat16 -> bf16(x W^T + bias) [1, sum of outputs], the operations
+    their forwards run (the kernel's float32 result, plus each bias in float32, rounded once),
+    without the per-module calls. None where the members do not qualify; their forwards then run."""
     from lowbit.runtime.packed import PackedLinear, _ext
 
     ext = _ext()
@@ -193,15 +188,15 @@ def _gemv(linears: list[torch.nn.Module]):
     if any(with_bias) and not all(with_bias):
         return None
     bias = torch.cat([m.bias.float() for m in linears]) if all(with_bias) else None
-    args = (src.packed, src.widths, src.offsets, src.scales, src.zero_points, src.group_size, src.interleave)
+    return ext.Product(src.packed, src.widths, src.offsets, src.scales, src.zero_points, src.group_size,
+                       src.interleave, bias)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        y = ext.gemv_bf16(x.reshape(1, -1).contiguous(), *args)
-        if bias is not None:
-            y = y + bias
-        return y.to(x.dtype).reshape(1, 1, -1)
 
-    return run
+def _call(product) -> object | None:
+    """x [1, 1, in] -> product(x) [1, 1, out] bfloat16 (None for no product)."""
+    if product is None:
+        return None
+    return lambda x: product(x.reshape(1, -1).contiguous()).reshape(1, 1, -1)
 
 
 class _LayerPlan:
@@ -209,11 +204,13 @@ class _LayerPlan:
 
     def __init__(self, layer: torch.nn.Module, bf16: bool):
         attn, mlp = layer.self_attn, layer.mlp
-        gemv = _gemv if bf16 else (lambda linears: None)
-        self.qkv = gemv([attn.q_proj, attn.k_proj, attn.v_proj])
+        product = _product if bf16 else (lambda linears: None)
+        self.qkv_p = product([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_p = product([attn.o_proj])
+        self.gate_up_p = product([mlp.gate_proj, mlp.up_proj])
+        self.down_p = product([mlp.down_proj])
+        self.qkv, self.gate_up = _call(self.qkv_p), _call(self.gate_up_p)
+        self.o, self.down = _call(self.o_p) or attn.o_proj, _call(self.down_p) or mlp.down_proj
         self.q_heads = attn.config.num_attention_heads
         self.qk_rows = (attn.config.num_attention_heads + attn.config.num_key_value_heads) * attn.head_dim
-        self.o = gemv([attn.o_proj]) or attn.o_proj
-        self.gate_up = gemv([mlp.gate_proj, mlp.up_proj])
         self.inter = mlp.gate_proj.out_features
-        self.down = gemv([mlp.down_proj]) or mlp.down_proj

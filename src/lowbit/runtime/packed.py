@@ -251,14 +251,15 @@ class PackedLinear(nn.Module):
         if ext is not None:
             xs = x2 if self.perm is None else x2[:, self.perm]
             if x.dtype == torch.bfloat16 and self.group_size % 64 == 0 and ext.has_bf16_path():
-                y = ext.gemv_bf16(xs.contiguous(), self.packed, self.widths, self.offsets, self.scales,
-                                  self.zero_points, self.group_size, self.interleave)
+                # the float32 product, + bias.float(), rounded to bfloat16 once: all in one call
+                y = ext.Product(self.packed, self.widths, self.offsets, self.scales, self.zero_points,
+                                self.group_size, self.interleave, self.bias)(xs.contiguous())
             else:
                 y = ext.gemv(xs.float().contiguous(), self.packed, self.widths, self.offsets, self.scales,
                              self.zero_points, self.group_size, self.interleave)
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x.dtype)
+                if self.bias is not None:
+                    y = y + self.bias.float()
+                y = y.to(x.dtype)
         else:
             y = F.linear(x2, self._prefill_weight(x), None if self.bias is None else self.bias.to(x.dtype))
         return y.reshape(*lead, self.out_features)

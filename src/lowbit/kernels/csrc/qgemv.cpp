@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "decode_ops.h"
 #include "unpack.h"
 
 #include <algorithm>
@@ -576,59 +577,96 @@ void bf16_rows(const BF16Args& a) {
   });
 }
 
-}  // namespace
-
-// x [M, K] bfloat16 -> y [M, N] float32; the rest as gemv. Groups must be a multiple of 64 wide.
-torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
-                        torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous bfloat16 [M, K]");
-  const std::vector<int64_t> gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), RB = packed.size(1), G = bits.numel();
-  TORCH_CHECK(M >= 1 && M <= 8, "qgemv: the bfloat16 path takes 1 to 8 activation rows");
-  TORCH_CHECK(group % 64 == 0 && G * group == K, "qgemv: the bfloat16 path needs groups a multiple of 64 wide covering K");
-  const int64_t* bp = bits.data_ptr<int64_t>();
-  const int64_t* offp = offset.data_ptr<int64_t>();
-  // activations in the order each group's path leaves its codes in, and per-group sums of the
-  // same bfloat16 values
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  std::vector<uint16_t> xr(M * K);
-  std::vector<float> xsum(M * G, 0.f);
-  std::vector<int> mode(G);
-  std::vector<float> off(G);
-  for (int64_t g = 0; g < G; ++g) off[g] = bp[g] == 8 ? 128.f * 17.f : 128.f;
-  for (int64_t g = 0; g < G; ++g) mode[g] = bf16_mode(static_cast<int>(bp[g]), group);
+// The activations as the bfloat16 loops read them: each group's values in the order its inner
+// loop leaves its codes in, and each group's float32 sum. Chunks of 32 * P values (P phases:
+// code P * j + p of the chunk goes to lane 32p + j): 4 bits in groups of 64 leave the even codes
+// in the low nibbles and the odd in the high (P = 2); 2 bits, and 4 and 3 bits in groups of 128,
+// leave codes 4j .. 4j + 3 in lane j (P = 4); the vpermb path leaves code j of 64 in byte j, so
+// the low bytes of its 16-bit lanes are the even codes too (P = 2); 8 bits keep the order.
+void prepare_bf16(const uint16_t* xp, int64_t M, int64_t K, int64_t G, int64_t group, const int* mode, uint16_t* xr,
+                  float* xsum) {
+  alignas(64) static const struct Idx {
+    uint16_t even[32], odd[32], four[4][32];
+    Idx() {
+      for (int j = 0; j < 32; ++j) {
+        even[j] = static_cast<uint16_t>(2 * j);
+        odd[j] = static_cast<uint16_t>(2 * j + 1);
+        for (int p = 0; p < 4; ++p) four[p][j] = static_cast<uint16_t>(j < 16 ? 4 * j + p : 0);
+      }
+    }
+  } idx;
+  const __m512i ev = _mm512_loadu_si512(idx.even), od = _mm512_loadu_si512(idx.odd);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
       const uint16_t* src = xp + m * K + g * group;
-      uint16_t* dst = xr.data() + m * K + g * group;
-      // chunks of 32 * P codes: phase p (code P * j + p of the chunk) in lanes 32p .. 32p + 31.
-      // 4 bits in groups of 64: low nibbles are the even codes, high nibbles the odd; 2 bits, and
-      // 4 and 3 bits in groups of 128: lane j holds codes 4j .. 4j + 3; the vpermb path leaves
-      // code j of 64 in byte j, so the low bytes of its 16-bit lanes are the even codes too
-      const int P = mode[g] == kTwo || mode[g] == kFourWide || mode[g] == kThreeWide ? 4 : mode[g] == kEight ? 1 : 2;
-      for (int64_t c = 0; c < group; c += 32 * P)
-        for (int p = 0; p < P; ++p)
-          for (int j = 0; j < 32; ++j) dst[c + 32 * p + j] = src[c + P * j + p];
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.f;
-      for (int64_t k = 0; k < group; ++k) {
-        uint32_t u = static_cast<uint32_t>(xp[m * K + g * group + k]) << 16;
-        float f;
-        std::memcpy(&f, &u, 4);
-        s += f;
+      uint16_t* dst = xr + m * K + g * group;
+      const int md = mode[g];
+      if (md == kEight) {
+        std::memcpy(dst, src, group * sizeof(uint16_t));
+      } else if (md == kTwo || md == kFourWide || md == kThreeWide) {
+        for (int64_t c = 0; c < group; c += 128) {
+          const __m512i r0 = _mm512_loadu_si512(src + c), r1 = _mm512_loadu_si512(src + c + 32);
+          const __m512i r2 = _mm512_loadu_si512(src + c + 64), r3 = _mm512_loadu_si512(src + c + 96);
+          for (int p = 0; p < 4; ++p) {
+            const __m512i ix = _mm512_loadu_si512(idx.four[p]);
+            const __m512i lo = _mm512_permutex2var_epi16(r0, ix, r1), hi = _mm512_permutex2var_epi16(r2, ix, r3);
+            _mm512_storeu_si512(dst + c + 32 * p, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+          }
+        }
+      } else {
+        for (int64_t c = 0; c < group; c += 64) {
+          const __m512i r0 = _mm512_loadu_si512(src + c), r1 = _mm512_loadu_si512(src + c + 32);
+          _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi16(r0, ev, r1));
+          _mm512_storeu_si512(dst + c + 32, _mm512_permutex2var_epi16(r0, od, r1));
+        }
       }
-      xsum[m * G + g] = s;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group; k += 16) acc = _mm512_add_ps(acc, lowbit_decode::load16(src + k));
+      xsum[m * G + g] = _mm512_reduce_add_ps(acc);
     }
   }
-  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
-  const bool half = scales.dtype() == torch::kFloat16;
-  BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bp, offp,
-             half ? nullptr : scales.data_ptr<float>(), half ? nullptr : zeros.data_ptr<float>(),
-             half ? scales.data_ptr<at::Half>() : nullptr, half ? zeros.data_ptr<at::Half>() : nullptr,
-             y.data_ptr<float>(), K, N, RB, G, group,
-             packed.data_ptr<uint8_t>() + N * RB, off.data(), gb.data(), il};
-  // one instantiation per row count (accumulators in registers) and for groups of 128 or other
+}
+
+// One packed weight for the bfloat16 path (a linear, or the fused rows of several that read the
+// same input), checked once: y = x W^T (+ bias) for 1 to 8 bfloat16 activation rows.
+struct Product {
+  torch::Tensor packed, bits, offset, scales, zeros, bias;  // bias: float32 [N], or undefined
+  int64_t group, il, N, K, RB, G;
+  std::vector<int64_t> gb;
+  std::vector<float> off;
+  std::vector<int> mode;
+
+  Product(torch::Tensor packed_, torch::Tensor bits_, torch::Tensor offset_, torch::Tensor scales_,
+          torch::Tensor zeros_, int64_t group_, int64_t il_, std::optional<torch::Tensor> bias_)
+      : packed(packed_), bits(bits_), offset(offset_), scales(scales_), zeros(zeros_), group(group_), il(il_) {
+    gb = checked_layout(packed, bits, offset, scales, zeros, group, il);
+    N = packed.size(0), RB = packed.size(1), G = bits.numel(), K = G * group;
+    TORCH_CHECK(group % 64 == 0, "qgemv: the bfloat16 path needs groups a multiple of 64 wide");
+    if (bias_.has_value() && bias_->defined()) {
+      bias = bias_->to(torch::kFloat32).contiguous();
+      TORCH_CHECK(bias.numel() == N, "qgemv: the bias must have one value per output (", N, ")");
+    }
+    const int64_t* bp = bits.data_ptr<int64_t>();
+    for (int64_t g = 0; g < G; ++g) {
+      off.push_back(bp[g] == 8 ? 128.f * 17.f : 128.f);
+      mode.push_back(bf16_mode(static_cast<int>(bp[g]), group));
+    }
+  }
+
+  const float* bias_ptr() const { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
+
+  // x [M, K] (raw bfloat16) -> y [M, N] float32, the bias not added; xr and xsum are scratch
+  void run(const uint16_t* x, int64_t M, float* y, std::vector<uint16_t>& xr, std::vector<float>& xsum) const {
+    TORCH_CHECK(M >= 1 && M <= 8, "qgemv: the bfloat16 path takes 1 to 8 activation rows");
+    xr.resize(M * K);
+    xsum.resize(M * G);
+    prepare_bf16(x, M, K, G, group, mode.data(), xr.data(), xsum.data());
+    const bool half = scales.dtype() == torch::kFloat16;
+    BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bits.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
+               half ? nullptr : scales.data_ptr<float>(), half ? nullptr : zeros.data_ptr<float>(),
+               half ? scales.data_ptr<at::Half>() : nullptr, half ? zeros.data_ptr<at::Half>() : nullptr,
+               y, K, N, RB, G, group, packed.data_ptr<uint8_t>() + N * RB, off.data(), gb.data(), il};
+    // one instantiation per row count (accumulators in registers) and for groups of 128 or other
 #define LOWBIT_ROWS(GS)                      \
   switch (M) {                               \
     case 1: bf16_rows<1, GS>(a); break;      \
@@ -640,12 +678,138 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bit
     case 7: bf16_rows<7, GS>(a); break;      \
     default: bf16_rows<8, GS>(a); break;     \
   }
-  if (group == 128) {
-    LOWBIT_ROWS(128)
-  } else {
-    LOWBIT_ROWS(0)
-  }
+    if (group == 128) {
+      LOWBIT_ROWS(128)
+    } else {
+      LOWBIT_ROWS(0)
+    }
 #undef LOWBIT_ROWS
+  }
+
+  int64_t rows_of(const torch::Tensor& x) const {
+    TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.is_contiguous() && x.dim() >= 1 && x.size(-1) == K,
+                "qgemv: x must be contiguous bfloat16 [..., ", K, "]");
+    return x.numel() / K;
+  }
+
+  // x [..., K] bfloat16 -> bf16(bf16(x W^T + bias) + residual) [M, N] bfloat16: what the float32
+  // product, `+ bias.float()`, `.to(bfloat16)` and `residual + y` compute in torch, in one call
+  torch::Tensor call(const torch::Tensor& x, std::optional<torch::Tensor> residual) const {
+    const int64_t M = rows_of(x);
+    const uint16_t* res = nullptr;
+    if (residual.has_value() && residual->defined()) {
+      TORCH_CHECK(residual->dtype() == torch::kBFloat16 && residual->is_contiguous() && residual->numel() == M * N,
+                  "qgemv: the residual must be contiguous bfloat16 with ", M * N, " values");
+      res = reinterpret_cast<const uint16_t*>(residual->data_ptr<at::BFloat16>());
+    }
+    std::vector<uint16_t> xr;
+    std::vector<float> xsum, y(M * N);
+    run(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, y.data(), xr, xsum);
+    auto out = torch::empty({M, N}, x.options());
+    uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; ++m)
+      lowbit_decode::finish_row(y.data() + m * N, bias_ptr(), res == nullptr ? nullptr : res + m * N, op + m * N, N);
+    return out;
+  }
+};
+
+// Every decoder layer of a bfloat16 Llama / Qwen2 model whose projections are packed, one decode
+// step in one call: per layer RMSNorm, the fused q/k/v product (+ bias), rotary embedding, cache
+// write and attention, the output product added to the residual, RMSNorm, the fused gate/up
+// product, SiLU(gate) * up (torch's own kernels, called from here), the down product added to
+// the residual. The same operations, in the same order and roundings, as runtime/decode.py's
+// native loop, without a Python call between them.
+class Decoder {
+  struct Layer {
+    torch::Tensor ln1, ln2, keys, values, cumlen;
+    float eps1, eps2, scale;
+    int64_t heads, kv_heads;
+    std::shared_ptr<Product> qkv, o, gate_up, down;
+  };
+  std::vector<Layer> layers_;
+  int64_t hidden_ = 0;
+  std::vector<uint16_t> xr_, x_, qkv_, att_;
+  std::vector<float> xsum_, y_;
+  torch::Tensor gu_, act_, silu_;
+
+ public:
+  void add_layer(torch::Tensor ln1, double eps1, std::shared_ptr<Product> qkv, std::shared_ptr<Product> o,
+                 torch::Tensor ln2, double eps2, std::shared_ptr<Product> gate_up, std::shared_ptr<Product> down,
+                 torch::Tensor keys, torch::Tensor values, torch::Tensor cumlen, double scale, int64_t heads,
+                 int64_t kv_heads) {
+    for (const torch::Tensor* t : {&ln1, &ln2, &keys, &values})
+      TORCH_CHECK(t->dtype() == torch::kBFloat16 && t->is_contiguous(), "Decoder: norm weights and caches must be contiguous bfloat16");
+    const int64_t hid = ln1.numel();
+    TORCH_CHECK(layers_.empty() || hid == hidden_, "Decoder: every layer must have the same hidden size");
+    TORCH_CHECK(keys.dim() == 4 && keys.size(0) == 1 && keys.size(1) == kv_heads && keys.sizes() == values.sizes()
+                && kv_heads > 0 && heads % kv_heads == 0, "Decoder: caches must be [1, KV, T, D]");
+    const int64_t D = keys.size(3), inter = down->K;
+    TORCH_CHECK(ln2.numel() == hid && qkv->K == hid && qkv->N == (heads + 2 * kv_heads) * D && o->K == heads * D
+                && o->N == hid && gate_up->K == hid && gate_up->N == 2 * inter && down->N == hid && D % 2 == 0,
+                "Decoder: the layer's shapes do not agree (hidden ", hid, ", heads ", heads, "/", kv_heads, " of ", D,
+                ", gate/up ", gate_up->N, ", down ", down->K, "x", down->N, ")");
+    hidden_ = hid;
+    layers_.push_back({ln1, ln2, keys, values, cumlen, static_cast<float>(eps1), static_cast<float>(eps2),
+                       static_cast<float>(scale), heads, kv_heads, qkv, o, gate_up, down});
+  }
+
+  // h [1, 1, hidden] bfloat16, updated in place through every layer; cos, sin [D] for `pos`
+  void step(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, int64_t pos) {
+    TORCH_CHECK(!layers_.empty(), "Decoder: no layers");
+    TORCH_CHECK(h.dtype() == torch::kBFloat16 && h.is_contiguous() && h.numel() == hidden_,
+                "Decoder: h must be one contiguous bfloat16 row of ", hidden_);
+    const int64_t T = layers_[0].keys.size(2), D = layers_[0].keys.size(3);
+    TORCH_CHECK(pos >= 0 && pos < T, "Decoder: position ", pos, " outside the cache (", T, ")");
+    TORCH_CHECK(cos.dtype() == torch::kBFloat16 && sin.dtype() == torch::kBFloat16 && cos.is_contiguous()
+                && sin.is_contiguous() && cos.numel() == D && sin.numel() == D, "Decoder: cos and sin must be bfloat16 [D]");
+    auto bf = [](const torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+    uint16_t* hp = bf(h);
+    x_.resize(hidden_);
+    for (Layer& L : layers_) {
+      const int64_t inter = L.down->K;
+      y_.resize(std::max({L.qkv->N, L.gate_up->N, hidden_}));
+      qkv_.resize(L.qkv->N);
+      att_.resize(L.o->K);
+      if (!gu_.defined() || gu_.numel() != 2 * inter) {
+        gu_ = torch::empty({2 * inter}, h.options());
+        act_ = torch::empty({inter}, h.options());
+        silu_ = torch::empty({inter}, h.options());
+      }
+      lowbit_decode::rms_norm_row(hp, bf(L.ln1), hidden_, L.eps1, x_.data());
+      L.qkv->run(x_.data(), 1, y_.data(), xr_, xsum_);
+      lowbit_decode::finish_row(y_.data(), L.qkv->bias_ptr(), nullptr, qkv_.data(), L.qkv->N);
+      lowbit_decode::rope_attend_row(qkv_.data(), bf(cos), bf(sin), bf(L.keys), bf(L.values), T, D, pos, L.scale,
+                                     L.heads, L.kv_heads, att_.data());
+      L.cumlen.fill_(pos + 1);
+      L.o->run(att_.data(), 1, y_.data(), xr_, xsum_);
+      lowbit_decode::finish_row(y_.data(), L.o->bias_ptr(), hp, hp, hidden_);
+      lowbit_decode::rms_norm_row(hp, bf(L.ln2), hidden_, L.eps2, x_.data());
+      L.gate_up->run(x_.data(), 1, y_.data(), xr_, xsum_);
+      lowbit_decode::finish_row(y_.data(), L.gate_up->bias_ptr(), nullptr, bf(gu_), 2 * inter);
+      at::silu_out(silu_, gu_.narrow(0, 0, inter));
+      at::mul_out(act_, silu_, gu_.narrow(0, inter, inter));
+      L.down->run(bf(act_), 1, y_.data(), xr_, xsum_);
+      lowbit_decode::finish_row(y_.data(), L.down->bias_ptr(), hp, hp, hidden_);
+    }
+  }
+
+  int64_t layers() const { return static_cast<int64_t>(layers_.size()); }
+};
+
+}  // namespace
+
+// x [M, K] bfloat16 -> y [M, N] float32; the rest as gemv. Groups must be a multiple of 64 wide.
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
+                        torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "qgemv: x must be contiguous bfloat16 [M, K]");
+  const Product p(packed, bits, offset, scales, zeros, group, il, std::nullopt);
+  TORCH_CHECK(x.size(1) == p.K, "qgemv: the bfloat16 path needs groups a multiple of 64 wide covering K");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8, "qgemv: the bfloat16 path takes 1 to 8 activation rows");
+  auto y = torch::empty({M, p.N}, x.options().dtype(torch::kFloat32));
+  std::vector<uint16_t> xr;
+  std::vector<float> xsum;
+  p.run(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, y.data_ptr<float>(), xr, xsum);
   return y;
 }
 #endif
@@ -1000,5 +1164,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef LOWBIT_BF16_PATH
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T, bfloat16 x, group-wise packed low-bit W, float32 y");
+  py::class_<Product, std::shared_ptr<Product>>(m, "Product", "one packed weight for bfloat16 decode, checked once")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
+                    std::optional<torch::Tensor>>(),
+           py::arg("packed"), py::arg("bits"), py::arg("offset"), py::arg("scales"), py::arg("zeros"),
+           py::arg("group"), py::arg("il"), py::arg("bias") = py::none())
+      .def("__call__", &Product::call, py::arg("x"), py::arg("residual") = py::none(),
+           "bf16(bf16(x W^T + bias) + residual), bfloat16 [M, N]")
+      .def_readonly("in_features", &Product::K)
+      .def_readonly("out_features", &Product::N);
+  py::class_<Decoder>(m, "Decoder", "every packed decoder layer of a bfloat16 model, one decode step per call")
+      .def(py::init<>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("step", &Decoder::step, "h [1, 1, hidden] updated in place through every layer")
+      .def("__len__", &Decoder::layers);
 #endif
 }
