@@ -356,15 +356,27 @@ inline __m512 corrected(const BF16Args& a, const float* srow, const float* zrow,
   return acc;
 }
 
+constexpr int PREFETCH_BLOCKS = 2;    // rows not interleaved: blocks of four rows ahead
+constexpr int64_t PREFETCH_BYTES = 8192;  // interleaved rows: bytes ahead in the stream
+
+// Bytes of one row's group for a width's own loop at a compile-time group width (0: not known).
+constexpr int64_t fixed_group_bytes(int gs, int mode) {
+  return gs == 0 ? 0 : mode == kFour || mode == kFourWide ? gs / 2 : mode == kThreeWide ? gs / 8 * 3
+       : mode == kTwo ? gs / 4 : mode == kEight ? gs : 0;
+}
+
 // One activation row, R = 4 weight rows at a time, every group of one width (MODE: that
 // width's inner loop): each activation chunk is loaded once for the four rows, and four
-// independent code streams keep more loads in flight.
-constexpr int PREFETCH_BLOCKS = 2;
-
-template <int GS, int MODE>
+// independent code streams keep more loads in flight. IL4: rows interleaved by four (group_ptr).
+template <int GS, int MODE, bool IL4>
 void four_rows(const BF16Args& a, int64_t n) {
   constexpr int R = 4;
   const int64_t group = GS ? GS : a.group;
+  // every group has one width here: with rows interleaved, group g of the block starts at
+  // g * 4 * gbytes and its rows are gbytes apart (a constant for a known width and group)
+  constexpr int64_t CB = fixed_group_bytes(GS, MODE);
+  const int64_t gbytes = CB ? CB : a.gb[0];
+  const uint8_t* block = a.wp + n * a.RB;
   const __m512i magic16 = _mm512_set1_epi16(0x4300);
   const __m512i mask = _mm512_set1_epi16(MODE == kTwo ? 0x03 : MODE == kThreeWide ? 0x07 : 0x0F);
   auto bf = [&](__m512i lanes) { return as_bh(_mm512_ternarylogic_epi32(lanes, mask, magic16, 0xEA)); };
@@ -376,15 +388,21 @@ void four_rows(const BF16Args& a, int64_t n) {
   for (int64_t g = 0; g < a.G; ++g) {
     const uint16_t* xg = a.xr + g * group;
     // row r of the block: src + r * rs (interleaved: the four rows' group g are adjacent)
-    const uint8_t* src = group_ptr(a.wp, n, g, a.RB, a.offset, a.gb, a.il);
-    const int64_t rs = a.il == 4 ? a.gb[g] : a.RB;
-    const int64_t ahead = a.il == 4 ? 4 * a.RB : R * a.RB;  // bytes from one block to the next
+    const uint8_t* src = IL4 ? block + g * R * gbytes : group_ptr(a.wp, n, g, a.RB, a.offset, a.gb, a.il);
+    const int64_t rs = IL4 ? gbytes : a.RB;
+    const int64_t ahead = R * a.RB;  // bytes from one block to the next
     __m512 lo[R], hi[R];
     for (int r = 0; r < R; ++r) { lo[r] = _mm512_setzero_ps(); hi[r] = _mm512_setzero_ps(); }
-    // software prefetch of the same group PREFETCH_BLOCKS blocks of rows ahead: the rows are read
-    // group by group across four rows, a pattern the hardware prefetchers follow late
-    if (n + (PREFETCH_BLOCKS + 1) * R <= a.N) {
-      const int64_t gbytes = group / 8 * a.bits[g];
+    if (IL4) {
+      // the block is one sequential stream: prefetch the lines PREFETCH_BYTES ahead of this
+      // group's, non-temporal (each weight is read once per step; keeping them out of the
+      // outer caches measured 5-10% faster from DRAM than a T0 prefetch, and 2-3x less
+      // prefetch work than one prefetch per row per group)
+      const char* q = reinterpret_cast<const char*>(src) + PREFETCH_BYTES;
+      if (reinterpret_cast<const uint8_t*>(q) + R * gbytes <= a.end)
+        for (int64_t off = 0; off < R * gbytes; off += 64) _mm_prefetch(q + off, _MM_HINT_NTA);
+    } else if (n + (PREFETCH_BLOCKS + 1) * R <= a.N) {
+      // rows apart: the same group PREFETCH_BLOCKS blocks of rows ahead, row by row
       for (int r = 0; r < R; ++r)
         for (int64_t off = 0; off < gbytes; off += 64)
           _mm_prefetch(reinterpret_cast<const char*>(src + PREFETCH_BLOCKS * ahead + r * rs + off), _MM_HINT_T0);
@@ -489,13 +507,24 @@ void bf16_rows(const BF16Args& a) {
   const int64_t blocks = M == 1 && uniform >= 0 ? a.N / 4 : 0;
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      switch (uniform) {
-        case kFour: four_rows<GS, kFour>(a, 4 * blk); break;
-        case kFourWide: four_rows<GS, kFourWide>(a, 4 * blk); break;
-        case kThreeWide: four_rows<GS, kThreeWide>(a, 4 * blk); break;
-        case kTwo: four_rows<GS, kTwo>(a, 4 * blk); break;
-        case kEight: four_rows<GS, kEight>(a, 4 * blk); break;
-        default: four_rows<GS, kGeneric>(a, 4 * blk); break;
+      if (a.il == 4) {
+        switch (uniform) {
+          case kFour: four_rows<GS, kFour, true>(a, 4 * blk); break;
+          case kFourWide: four_rows<GS, kFourWide, true>(a, 4 * blk); break;
+          case kThreeWide: four_rows<GS, kThreeWide, true>(a, 4 * blk); break;
+          case kTwo: four_rows<GS, kTwo, true>(a, 4 * blk); break;
+          case kEight: four_rows<GS, kEight, true>(a, 4 * blk); break;
+          default: four_rows<GS, kGeneric, true>(a, 4 * blk); break;
+        }
+      } else {
+        switch (uniform) {
+          case kFour: four_rows<GS, kFour, false>(a, 4 * blk); break;
+          case kFourWide: four_rows<GS, kFourWide, false>(a, 4 * blk); break;
+          case kThreeWide: four_rows<GS, kThreeWide, false>(a, 4 * blk); break;
+          case kTwo: four_rows<GS, kTwo, false>(a, 4 * blk); break;
+          case kEight: four_rows<GS, kEight, false>(a, 4 * blk); break;
+          default: four_rows<GS, kGeneric, false>(a, 4 * blk); break;
+        }
       }
     }
   });
