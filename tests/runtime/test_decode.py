@@ -123,6 +123,32 @@ def test_native_layers_follow_the_torch_step(arch):
         assert int(lb.cumulative_length) == int(la.cumulative_length) == 60
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_attention_over_a_long_cache_follows_the_torch_step(threads):
+    """Past 256 cached positions the tiny model's KV heads split across threads (16384 products
+    per step); a softmax over hundreds of positions runs the vectorized exp on full and partial
+    vectors. Same bounds as above, with one thread and with two."""
+    if not _bf16_kernel():
+        pytest.skip("no native kernels with a bfloat16 path on this machine")
+    model = _packed("qwen2")
+    use_fast_attention(model)
+    ids = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(5))
+    caches = [StaticCache(model.config, max_cache_len=320) for _ in range(2)]
+    logits = [prefill(model, ids, c) for c in caches]
+    ref, nat = LeanDecoder(model, caches[0], native=False), LeanDecoder(model, caches[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tok = int(logits[0].argmax())
+        for pos in range(300, 317):
+            a, b = ref.step(tok, pos), nat.step(tok, pos)
+            torch.testing.assert_close(b, a, rtol=0.02, atol=0.02 * float(a.abs().max()))
+            assert int(b.argmax()) == int(a.argmax()), f"position {pos}"
+            tok = int(a.argmax())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_native_loop_refuses_a_position_outside_the_cache_and_layers_that_do_not_agree():
     if not _bf16_kernel():
         pytest.skip("no native kernels with a bfloat16 path on this machine")

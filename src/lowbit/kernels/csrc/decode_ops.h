@@ -15,6 +15,7 @@
 // bounds that and checks generation against the transformers forward.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -139,8 +140,61 @@ inline void rms_norm_row(const uint16_t* xp, const uint16_t* wp, int64_t H, floa
   for (; i < H; ++i) yp[i] = bf16(f32(wp[i]) * rbf(f32(xp[i]) * r));
 }
 
+#if defined(__AVX512F__)
+// exp of 16 floats: 2^k * e^r with k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts), e^r
+// by a degree-7 polynomial (Cephes' expf coefficients: within about one float32 ulp of
+// std::exp, far below the bfloat16 rounding the softmax ends in); scalef keeps underflow exact.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is 0 in float32 (scalef underflows to it)
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+// p[0..n) <- bf16(softmax(p)), in float32
+inline void softmax_row(float* p, int64_t n) {
+  float mx = -INFINITY, sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  __m512 vm = _mm512_set1_ps(-INFINITY);
+  for (; t < n; t += 16) vm = _mm512_max_ps(vm, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail16(n - t), p + t));
+  mx = _mm512_reduce_max_ps(vm);
+  __m512 vs = _mm512_setzero_ps();
+  for (t = 0; t < n; t += 16) {
+    const __mmask16 k = tail16(n - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + t), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(p + t, k, e);
+    vs = _mm512_add_ps(vs, _mm512_maskz_mov_ps(k, e));
+  }
+  sum = _mm512_reduce_add_ps(vs);
+  for (t = 0; t < n; t += 16) {
+    const __mmask16 k = tail16(n - t);
+    const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(k, p + t), _mm512_set1_ps(sum));
+    _mm512_mask_storeu_ps(p + t, k, widen16(bf16x16(q)));
+  }
+  return;
+#endif
+  for (; t < n; ++t) mx = std::max(mx, p[t]);
+  for (t = 0; t < n; ++t) {
+    p[t] = std::exp(p[t] - mx);
+    sum += p[t];
+  }
+  for (t = 0; t < n; ++t) p[t] = rbf(p[t] / sum);
+}
+
 // y: the q/k/v projection [H*D | KV*D | KV*D] (bias added); cp, sp: cos and sin [D] for `pos`;
-// kp, vp: key and value caches [KV, T, D], written at pos; op: the output [H*D].
+// kp, vp: key and value caches [KV, T, D], written at pos; op: the output [H*D]. The KV heads
+// run in parallel (each reads only its own cache rows) once there is enough work to split.
 inline void rope_attend_row(const uint16_t* yp, const uint16_t* cp, const uint16_t* sp, uint16_t* kp, uint16_t* vp,
                             int64_t T, int64_t D, int64_t pos, float scale, int64_t H, int64_t KV, uint16_t* op) {
   const int64_t half = D / 2, G = H / KV;
@@ -164,31 +218,25 @@ inline void rope_attend_row(const uint16_t* yp, const uint16_t* cp, const uint16
   const int64_t n = pos + 1;
   // per kv head: the scores of its G query heads (one pass over the keys), their softmax, then
   // one pass over the values accumulating all G outputs
-  std::vector<float> p(G * n), acc(G * D);
-  for (int64_t j = 0; j < KV; ++j) {
-    const float* qj = q.data() + j * G * D;
-    for (int64_t t = 0; t < n; ++t) {
-      const uint16_t* kt = kp + (j * T + t) * D;
-      for (int64_t g = 0; g < G; ++g) p[g * n + t] = rbf(dot(qj + g * D, kt, D)) * scale;
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      float* pg = p.data() + g * n;
-      float mx = -INFINITY, sum = 0.f;
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, pg[t]);
+  const int64_t grain = n * H * D >= (1 << 14) ? 1 : KV;
+  at::parallel_for(0, KV, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(G * n), acc(G * D);
+    for (int64_t j = begin; j < end; ++j) {
+      const float* qj = q.data() + j * G * D;
       for (int64_t t = 0; t < n; ++t) {
-        pg[t] = std::exp(pg[t] - mx);
-        sum += pg[t];
+        const uint16_t* kt = kp + (j * T + t) * D;
+        for (int64_t g = 0; g < G; ++g) p[g * n + t] = rbf(dot(qj + g * D, kt, D)) * scale;
       }
-      for (int64_t t = 0; t < n; ++t) pg[t] = rbf(pg[t] / sum);
+      for (int64_t g = 0; g < G; ++g) softmax_row(p.data() + g * n, n);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const uint16_t* vt = vp + (j * T + t) * D;
+        for (int64_t g = 0; g < G; ++g) axpy(p[g * n + t], vt, acc.data() + g * D, D);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i) op[(j * G + g) * D + i] = bf16(acc[g * D + i]);
     }
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t t = 0; t < n; ++t) {
-      const uint16_t* vt = vp + (j * T + t) * D;
-      for (int64_t g = 0; g < G; ++g) axpy(p[g * n + t], vt, acc.data() + g * D, D);
-    }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t i = 0; i < D; ++i) op[(j * G + g) * D + i] = bf16(acc[g * D + i]);
-  }
+  });
 }
 
 }  // namespace lowbit_decode
