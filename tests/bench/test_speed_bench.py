@@ -2,6 +2,7 @@
 and the byte accounting it reports bandwidth fractions with."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,10 +58,14 @@ def test_bench_speed_measures_checkpoints_beside_the_bf16_model(checkpoint, caps
     bpt = {k: v[0]["bytes_per_token"] for k, v in rec["runtimes"].items()}
     assert bpt["ck2"] < bpt["ck4"] < bpt["bf16 (unquantized)"]
     assert len(rec["bandwidth"]) == 2 and rec["kernels"][0]["format"] == "bf16 F.linear"
+    assert all(r["bandwidth_beside"] > 1e8 for rows in rec["runtimes"].values() for r in rows)
     text = out.read_text()
     assert "<!-- bench:speed:begin -->" in text and "| ck2 |" in text and "| bf16 (unquantized) |" in text
     ck2 = " / ".join(f"{r['decode_tok_s']:.1f}" for r in rec["runtimes"]["ck2"])
     assert "round by round" in text and f"ck2 {ck2};" in text
+    beside = statistics.median(r["decode_tok_s"] * bpt["ck2"] / r["bandwidth_beside"] for r in rec["runtimes"]["ck2"])
+    row = next(line for line in text.splitlines() if line.startswith("| ck2 |")).split(" | ")
+    assert row[11] == f"{beside:.0%}"  # the "beside" column
 
 
 def test_bench_speed_refuses_what_is_not_a_checkpoint(tmp_path, capsys):

@@ -12,8 +12,10 @@ Each lowbit runtime runs in a fresh child process (so its load time and peak RSS
 load, prefill a prompt of --prompt-tokens in one forward (time to first token), then greedy
 decode of --new-tokens from there. llama-bench runs its pp<prompt> and tg<new> tests once per
 round with the same thread count. Every round also measures the read bandwidth this process
-sees (summing a 1 GiB tensor with the same threads), and decode speed is also given as bytes/s:
-the bytes a token reads (`bytes_per_token`) times tokens/s, and as a fraction of that bandwidth.
+sees (summing a 1 GiB tensor with the same threads), and so does every run, just before it
+starts (the host's rate swings within a round); decode speed is also given as bytes/s: the bytes
+a token reads (`bytes_per_token`) times tokens/s, and as a fraction of the best round's
+bandwidth and of the rate measured beside the run.
 
 A second table times one decode matrix-vector product per weight format against torch's own
 int4 kernel and a bfloat16 F.linear on the model's largest projection shape.
@@ -325,9 +327,11 @@ def run_speed_bench(args) -> None:
         bandwidth.append(read_bandwidth(threads))
         for name, job, spec in runtimes:
             print(f"round {r + 1}/{args.repeats}: {name}", flush=True)
+            beside = read_bandwidth(threads, gib=0.5, repeats=3)  # the host's rate just before this run
             res = _in_child(job, spec)
             if "error" in res:
                 raise ConfigError(f"{name}: {res['error']}")
+            res["bandwidth_beside"] = beside
             results[name].append(res)
     kernel_rows = []
     if not args.no_kernels:
@@ -368,6 +372,13 @@ def _med(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def _beside(rows: list[dict[str, Any]], bpt: float) -> str:
+    """Median over rounds of decode bytes/s over the read rate measured just before that run."""
+    if not all("bandwidth_beside" in r for r in rows):
+        return "-"  # a record from before it was measured
+    return f"{statistics.median(r['decode_tok_s'] * bpt / r['bandwidth_beside'] for r in rows):.0%}"
+
+
 def render(rec: dict[str, Any]) -> str:
     bw = max(rec["bandwidth"])  # the best read rate seen: other tenants of the host only ever lower it
     runtimes = rec["runtimes"]
@@ -382,7 +393,9 @@ def render(rec: dict[str, Any]) -> str:
              f"{rec['new_tokens']} greedy tokens (llama.cpp: llama-bench pp{rec['prompt_tokens']} and "
              f"tg{rec['new_tokens']}). Read bandwidth measured in the same run (summing 1 GiB, best of 5 per "
              f"round, best round): {bw / 1e9:.1f} GB/s (rounds: "
-             f"{', '.join(f'{b / 1e9:.1f}' for b in rec['bandwidth'])}). Bytes/token: the weights one decode "
+             f"{', '.join(f'{b / 1e9:.1f}' for b in rec['bandwidth'])}); \"of bandwidth\" divides by that best "
+             "round, \"beside\" by the rate measured just before each run (summing 0.5 GiB, best of 3; the "
+             "median over rounds), which follows the host's swings. Bytes/token: the weights one decode "
              "step reads (the embedding table counts one row unless the head shares it). lowbit runtimes "
              "run in bfloat16; checkpoints through the packed kernels. Load: files on disk to a model in "
              "memory (checkpoints: hashes verified); start to first token: from starting a fresh process "
@@ -392,8 +405,8 @@ def render(rec: dict[str, Any]) -> str:
              + "; peak RSS of that process.", "",
              ("| runtime | bytes/token | load (s) | start to first token (s) | time to first token, "
              f"{rec['prompt_tokens']}-token prompt (s) | prefill tok/s | decode tok/s | "
-             "decode vs bf16 | prefill vs bf16 | decode GB/s | of bandwidth | peak RSS (GB) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "decode vs bf16 | prefill vs bf16 | decode GB/s | of bandwidth | beside | peak RSS (GB) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in runtimes.items():
         dec, pre = _med(rows, "decode_tok_s"), _med(rows, "prefill_tok_s")
         bpt = rows[0]["bytes_per_token"]
@@ -402,7 +415,8 @@ def render(rec: dict[str, Any]) -> str:
         ratios = (f"{dec / base_decode:.2f}x | {pre / base_prefill:.2f}x" if base else "- | -")
         lines.append(
             f"| {name} | {bpt / 1e6:.0f} MB | {load} | {first} | {_med(rows, 'ttft_s'):.2f} | {pre:.1f} | {dec:.2f} | "
-            f"{ratios} | {dec * bpt / 1e9:.1f} | {dec * bpt / bw:.0%} | {max(r['peak_rss'] for r in rows) / 1e9:.2f} |")
+            f"{ratios} | {dec * bpt / 1e9:.1f} | {dec * bpt / bw:.0%} | {_beside(rows, bpt)} | "
+            f"{max(r['peak_rss'] for r in rows) / 1e9:.2f} |")
     lines += ["", "Decode tokens/s round by round (a median can hide a disturbed round): " + "; ".join(
         f"{name} " + " / ".join(f"{r['decode_tok_s']:.1f}" for r in rows) for name, rows in runtimes.items()) + "."]
     for s in rec.get("skipped", []):

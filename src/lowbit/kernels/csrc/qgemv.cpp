@@ -358,6 +358,7 @@ inline __m512 corrected(const BF16Args& a, const float* srow, const float* zrow,
 
 constexpr int PREFETCH_BLOCKS = 2;    // rows not interleaved: blocks of four rows ahead
 constexpr int64_t PREFETCH_BYTES = 8192;  // interleaved rows: bytes ahead in the stream
+constexpr int64_t SCALE_AHEAD = 4;        // scales and zero points: blocks of four rows ahead
 
 // Bytes of one row's group for a width's own loop at a compile-time group width (0: not known).
 constexpr int64_t fixed_group_bytes(int gs, int mode) {
@@ -382,6 +383,18 @@ void four_rows(const BF16Args& a, int64_t n) {
   auto bf = [&](__m512i lanes) { return as_bh(_mm512_ternarylogic_epi32(lanes, mask, magic16, 0xEA)); };
   thread_local std::vector<float> sbuf;
   const float *srows, *zrows;  // [R, G]
+  // the scales and zero points are a second stream, [N, G] each: fetch the block's that is
+  // SCALE_AHEAD blocks on (their first use, below, otherwise waits on DRAM every block)
+  if (n + (SCALE_AHEAD + 1) * R <= a.N) {
+    const int64_t esz = a.scales != nullptr ? 4 : 2;
+    const char* sp = a.scales != nullptr ? reinterpret_cast<const char*>(a.scales) : reinterpret_cast<const char*>(a.scales16);
+    const char* zp = a.zeros != nullptr ? reinterpret_cast<const char*>(a.zeros) : reinterpret_cast<const char*>(a.zeros16);
+    const int64_t from = (n + SCALE_AHEAD * R) * a.G * esz, bytes = R * a.G * esz;
+    for (int64_t off = from & ~int64_t{63}; off < from + bytes; off += 64) {
+      _mm_prefetch(sp + off, _MM_HINT_T0);
+      _mm_prefetch(zp + off, _MM_HINT_T0);
+    }
+  }
   row_scales(a, n, R, sbuf, &srows, &zrows);
   __m512 row[R];
   for (int r = 0; r < R; ++r) row[r] = _mm512_setzero_ps();
