@@ -16,7 +16,7 @@ else (`unsupported_reason` says why) keeps the transformers forward.
 For a bfloat16 model of packed layers it goes one step further (the native loop, the default):
 every decoder layer runs inside one native call (qgemv.cpp's Decoder: the packed products, with
 their bias and residual additions, and RMSNorm, rotary embedding, cache write and attention from
-kernels/csrc/decode_ops.h, SiLU through torch's own kernel), so a step is the embedding, one call
+kernels/csrc/decode_ops.h, with SiLU), so a step is the embedding, one call
 and the head. Its norms and attention sum in another order than torch's kernels, so its logits
 agree with the transformers forward to bfloat16 rounding rather than bit for bit;
 `native=False` keeps the bit-identical torch loop.

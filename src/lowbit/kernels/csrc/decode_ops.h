@@ -10,6 +10,7 @@
 //                    scale over positions 0..pos, a float32 softmax rounded to bf16, and
 //                    bf16(sum p v)
 //   finish_row:      bf16(bf16(y + bias) + residual), a product's float32 result to bfloat16
+//   silu_mul_row:    bf16(bf16(silu(g)) * u), the gated MLP's activation
 // Sums run in float32 in another order than torch's kernels, so results can differ from the
 // torch operations in the last bit of a bfloat16 now and then; tests/runtime/test_decode.py
 // bounds that and checks generation against the transformers forward.
@@ -199,7 +200,19 @@ inline void rope_attend_row(const uint16_t* yp, const uint16_t* cp, const uint16
                             int64_t T, int64_t D, int64_t pos, float scale, int64_t H, int64_t KV, uint16_t* op) {
   const int64_t half = D / 2, G = H / KV;
   auto rotate = [&](const uint16_t* src, float* dst) {  // bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))
-    for (int64_t i = 0; i < D; ++i) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (half % 16 == 0) {
+      const __m512 neg = _mm512_set1_ps(-0.f);
+      for (; i < D; i += 16) {
+        const __m512 rot = i < half ? _mm512_xor_ps(load16(src + i + half), neg) : load16(src + i - half);
+        const __m512 a = widen16(bf16x16(_mm512_mul_ps(load16(src + i), load16(cp + i))));
+        const __m512 b = widen16(bf16x16(_mm512_mul_ps(rot, load16(sp + i))));
+        _mm512_storeu_ps(dst + i, widen16(bf16x16(_mm512_add_ps(a, b))));
+      }
+    }
+#endif
+    for (; i < D; ++i) {
       const float rot = i < half ? -f32(src[i + half]) : f32(src[i - half]);
       dst[i] = rbf(rbf(f32(src[i]) * f32(cp[i])) + rbf(rot * f32(sp[i])));
     }
@@ -237,6 +250,25 @@ inline void rope_attend_row(const uint16_t* yp, const uint16_t* cp, const uint16
         for (int64_t i = 0; i < D; ++i) op[(j * G + g) * D + i] = bf16(acc[g * D + i]);
     }
   });
+}
+
+// gu: [gate (I) | up (I)] -> out [I] = bf16(bf16(silu(gate)) * up), silu(g) = g / (1 + e^-g) in
+// float32 (exp16: within about one ulp of the exp torch's SiLU kernel uses)
+inline void silu_mul_row(const uint16_t* gu, int64_t I, uint16_t* out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i < I; i += 16) {
+    const __mmask16 k = tail16(I - i);
+    const __m512 g = load16m(gu + i, k);
+    const __m512 e = exp16(_mm512_xor_ps(g, _mm512_set1_ps(-0.f)));
+    const __m512 silu = widen16(bf16x16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e))));
+    _mm512_mask_cvtepi32_storeu_epi16(out + i, k, bf16x16(_mm512_mul_ps(silu, load16m(gu + I + i, k))));
+  }
+#endif
+  for (; i < I; ++i) {
+    const float g = f32(gu[i]);
+    out[i] = bf16(rbf(g / (1.f + std::exp(-g))) * f32(gu[I + i]));
+  }
 }
 
 }  // namespace lowbit_decode

@@ -758,9 +758,10 @@ struct Product {
 // Every decoder layer of a bfloat16 Llama / Qwen2 model whose projections are packed, one decode
 // step in one call: per layer RMSNorm, the fused q/k/v product (+ bias), rotary embedding, cache
 // write and attention, the output product added to the residual, RMSNorm, the fused gate/up
-// product, SiLU(gate) * up (torch's own kernels, called from here), the down product added to
+// product, SiLU(gate) * up, the down product added to
 // the residual. The same operations, in the same order and roundings, as runtime/decode.py's
-// native loop, without a Python call between them.
+// torch loop, without a Python call between them (norms, attention and SiLU sum and take exp in
+// their own way: within bfloat16 rounding of it, see decode_ops.h).
 class Decoder {
   struct Layer {
     torch::Tensor ln1, ln2, keys, values, cumlen;
@@ -770,9 +771,8 @@ class Decoder {
   };
   std::vector<Layer> layers_;
   int64_t hidden_ = 0;
-  std::vector<uint16_t> xr_, x_, qkv_, att_;
+  std::vector<uint16_t> xr_, x_, qkv_, att_, gu_, act_;
   std::vector<float> xsum_, y_;
-  torch::Tensor gu_, act_, silu_;
 
  public:
   void add_layer(torch::Tensor ln1, double eps1, std::shared_ptr<Product> qkv, std::shared_ptr<Product> o,
@@ -812,11 +812,8 @@ class Decoder {
       y_.resize(std::max({L.qkv->N, L.gate_up->N, hidden_}));
       qkv_.resize(L.qkv->N);
       att_.resize(L.o->K);
-      if (!gu_.defined() || gu_.numel() != 2 * inter) {
-        gu_ = torch::empty({2 * inter}, h.options());
-        act_ = torch::empty({inter}, h.options());
-        silu_ = torch::empty({inter}, h.options());
-      }
+      gu_.resize(2 * inter);
+      act_.resize(inter);
       lowbit_decode::rms_norm_row(hp, bf(L.ln1), hidden_, L.eps1, x_.data());
       L.qkv->run(x_.data(), 1, y_.data(), xr_, xsum_);
       lowbit_decode::finish_row(y_.data(), L.qkv->bias_ptr(), nullptr, qkv_.data(), L.qkv->N);
@@ -827,10 +824,9 @@ class Decoder {
       lowbit_decode::finish_row(y_.data(), L.o->bias_ptr(), hp, hp, hidden_);
       lowbit_decode::rms_norm_row(hp, bf(L.ln2), hidden_, L.eps2, x_.data());
       L.gate_up->run(x_.data(), 1, y_.data(), xr_, xsum_);
-      lowbit_decode::finish_row(y_.data(), L.gate_up->bias_ptr(), nullptr, bf(gu_), 2 * inter);
-      at::silu_out(silu_, gu_.narrow(0, 0, inter));
-      at::mul_out(act_, silu_, gu_.narrow(0, inter, inter));
-      L.down->run(bf(act_), 1, y_.data(), xr_, xsum_);
+      lowbit_decode::finish_row(y_.data(), L.gate_up->bias_ptr(), nullptr, gu_.data(), 2 * inter);
+      lowbit_decode::silu_mul_row(gu_.data(), inter, act_.data());
+      L.down->run(act_.data(), 1, y_.data(), xr_, xsum_);
       lowbit_decode::finish_row(y_.data(), L.down->bias_ptr(), hp, hp, hidden_);
     }
   }
