@@ -836,6 +836,27 @@ class Decoder {
 
 }  // namespace
 
+// The Decoder's elementwise pieces on their own, for tests against the torch operations.
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.dtype() == torch::kBFloat16 && gu.is_contiguous() && gu.dim() == 1 && gu.numel() % 2 == 0,
+              "silu_mul: gu must be one contiguous bfloat16 row [gate | up]");
+  const int64_t I = gu.numel() / 2;
+  auto out = torch::empty({I}, gu.options());
+  lowbit_decode::silu_mul_row(reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()), I,
+                              reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  return out;
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && w.dtype() == torch::kBFloat16 && x.is_contiguous() && w.is_contiguous()
+              && x.numel() == w.numel(), "rms_norm: x and the weight must be contiguous bfloat16 rows of one size");
+  auto y = torch::empty_like(x);
+  lowbit_decode::rms_norm_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()),
+                              reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.numel(),
+                              static_cast<float>(eps), reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  return y;
+}
+
 // x [M, K] bfloat16 -> y [M, N] float32; the rest as gemv. Groups must be a multiple of 64 wide.
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor packed, torch::Tensor bits, torch::Tensor offset,
                         torch::Tensor scales, torch::Tensor zeros, int64_t group, int64_t il) {
@@ -1202,6 +1223,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef LOWBIT_BF16_PATH
   m.def("gemv_bf16", &gemv_bf16, "y = x W^T, bfloat16 x, group-wise packed low-bit W, float32 y");
+  m.def("silu_mul", &silu_mul, "bf16(bf16(silu(gate)) * up) of one row [gate | up] (the Decoder's)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of one bfloat16 row (the Decoder's)");
   py::class_<Product, std::shared_ptr<Product>>(m, "Product", "one packed weight for bfloat16 decode, checked once")
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
                     std::optional<torch::Tensor>>(),
