@@ -408,9 +408,8 @@ void four_rows(const BF16Args& a, int64_t n) {
     for (int r = 0; r < R; ++r) { lo[r] = _mm512_setzero_ps(); hi[r] = _mm512_setzero_ps(); }
     if (IL4) {
       // the block is one sequential stream: prefetch the lines PREFETCH_BYTES ahead of this
-      // group's, non-temporal (each weight is read once per step; keeping them out of the
-      // outer caches measured 5-10% faster from DRAM than a T0 prefetch, and 2-3x less
-      // prefetch work than one prefetch per row per group)
+      // group's, non-temporal (each weight is read once per step; from DRAM this measured
+      // 5-10% faster than the T0 hint, and faster than 2 or 4 KB ahead: BENCHMARKS.md)
       const char* q = reinterpret_cast<const char*>(src) + PREFETCH_BYTES;
       if (reinterpret_cast<const uint8_t*>(q) + R * gbytes <= a.end)
         for (int64_t off = 0; off < R * gbytes; off += 64) _mm_prefetch(q + off, _MM_HINT_NTA);
@@ -758,10 +757,10 @@ struct Product {
 // Every decoder layer of a bfloat16 Llama / Qwen2 model whose projections are packed, one decode
 // step in one call: per layer RMSNorm, the fused q/k/v product (+ bias), rotary embedding, cache
 // write and attention, the output product added to the residual, RMSNorm, the fused gate/up
-// product, SiLU(gate) * up, the down product added to
-// the residual. The same operations, in the same order and roundings, as runtime/decode.py's
-// torch loop, without a Python call between them (norms, attention and SiLU sum and take exp in
-// their own way: within bfloat16 rounding of it, see decode_ops.h).
+// product, SiLU(gate) * up, the down product added to the residual. The same operations, in the
+// same order and roundings, as runtime/decode.py's torch loop, without a Python call between
+// them (norms, attention and SiLU sum and take exp in their own way: within bfloat16 rounding
+// of it, see decode_ops.h).
 class Decoder {
   struct Layer {
     torch::Tensor ln1, ln2, keys, values, cumlen;
@@ -785,6 +784,8 @@ class Decoder {
     TORCH_CHECK(layers_.empty() || hid == hidden_, "Decoder: every layer must have the same hidden size");
     TORCH_CHECK(keys.dim() == 4 && keys.size(0) == 1 && keys.size(1) == kv_heads && keys.sizes() == values.sizes()
                 && kv_heads > 0 && heads % kv_heads == 0, "Decoder: caches must be [1, KV, T, D]");
+    TORCH_CHECK(layers_.empty() || keys.sizes() == layers_[0].keys.sizes(),
+                "Decoder: every layer's cache must have the first one's shape");
     const int64_t D = keys.size(3), inter = down->K;
     TORCH_CHECK(ln2.numel() == hid && qkv->K == hid && qkv->N == (heads + 2 * kv_heads) * D && o->K == heads * D
                 && o->N == hid && gate_up->K == hid && gate_up->N == 2 * inter && down->N == hid && D % 2 == 0,
