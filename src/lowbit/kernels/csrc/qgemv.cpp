@@ -519,25 +519,20 @@ void bf16_rows(const BF16Args& a) {
   const int64_t blocks = M == 1 && uniform >= 0 ? a.N / 4 : 0;
   at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      if (a.il == 4) {
+      // interleaved rows (a compile-time stride) or not
+      auto run = [&](auto il4) {
+        constexpr bool IL4 = decltype(il4)::value;
         switch (uniform) {
-          case kFour: four_rows<GS, kFour, true>(a, 4 * blk); break;
-          case kFourWide: four_rows<GS, kFourWide, true>(a, 4 * blk); break;
-          case kThreeWide: four_rows<GS, kThreeWide, true>(a, 4 * blk); break;
-          case kTwo: four_rows<GS, kTwo, true>(a, 4 * blk); break;
-          case kEight: four_rows<GS, kEight, true>(a, 4 * blk); break;
-          default: four_rows<GS, kGeneric, true>(a, 4 * blk); break;
+          case kFour: four_rows<GS, kFour, IL4>(a, 4 * blk); break;
+          case kFourWide: four_rows<GS, kFourWide, IL4>(a, 4 * blk); break;
+          case kThreeWide: four_rows<GS, kThreeWide, IL4>(a, 4 * blk); break;
+          case kTwo: four_rows<GS, kTwo, IL4>(a, 4 * blk); break;
+          case kEight: four_rows<GS, kEight, IL4>(a, 4 * blk); break;
+          default: four_rows<GS, kGeneric, IL4>(a, 4 * blk); break;
         }
-      } else {
-        switch (uniform) {
-          case kFour: four_rows<GS, kFour, false>(a, 4 * blk); break;
-          case kFourWide: four_rows<GS, kFourWide, false>(a, 4 * blk); break;
-          case kThreeWide: four_rows<GS, kThreeWide, false>(a, 4 * blk); break;
-          case kTwo: four_rows<GS, kTwo, false>(a, 4 * blk); break;
-          case kEight: four_rows<GS, kEight, false>(a, 4 * blk); break;
-          default: four_rows<GS, kGeneric, false>(a, 4 * blk); break;
-        }
-      }
+      };
+      if (a.il == 4) run(std::true_type{});
+      else run(std::false_type{});
     }
   });
   at::parallel_for(4 * blocks, a.N, 16, [&](int64_t begin, int64_t end) {
