@@ -1,7 +1,9 @@
 // The bf16 kernel's 4-bit inner loop (qgemv.cpp four_rows, kFourWide, groups of 128, rows
 // interleaved by four) on its own, without the op's set-up (activation reorder, group sums,
 // float16 scale conversion, dispatch), to separate the loop's rate from everything around it.
-// Variants: 0 as in qgemv.cpp; 1 one accumulator per row and group (no lo + hi add); 2 no
+// Variants: 0 as qgemv.cpp's loop was in session 11 (session 12 gave it this file's constant
+// group stride and one prefetch per cache line, non-temporal, 8 KB ahead, and prefetches the
+// scales, which closed most of the gap below); 1 one accumulator per row and group (no lo + hi add); 2 no
 // per-group scale step at all (wrong result, timing only). Arguments: rows, columns, copies of
 // the weight cycled through (copies x rows x columns / 2 bytes > L3 puts the weight in DRAM).
 //

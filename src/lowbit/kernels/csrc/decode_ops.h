@@ -183,14 +183,14 @@ inline void softmax_row(float* p, int64_t n) {
     const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(k, p + t), _mm512_set1_ps(sum));
     _mm512_mask_storeu_ps(p + t, k, widen16(bf16x16(q)));
   }
-  return;
-#endif
+#else
   for (; t < n; ++t) mx = std::max(mx, p[t]);
   for (t = 0; t < n; ++t) {
     p[t] = std::exp(p[t] - mx);
     sum += p[t];
   }
   for (t = 0; t < n; ++t) p[t] = rbf(p[t] / sum);
+#endif
 }
 
 // y: the q/k/v projection [H*D | KV*D | KV*D] (bias added); cp, sp: cos and sin [D] for `pos`;
