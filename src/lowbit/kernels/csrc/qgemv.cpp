@@ -303,7 +303,8 @@ inline int bf16_mode(int b, int64_t group) {
 
 struct BF16Args {
   const uint16_t* xr;
-  const float* xsum;
+  const float* xsum;   // [M, G] per activation row and group: sum x_k
+  const float* xoff;   // [M, G]: sum over the group of the offset each code carries times x'_k
   const uint8_t* wp;
   const int64_t* bits;
   const int64_t* offset;
@@ -314,7 +315,6 @@ struct BF16Args {
   float* y;
   int64_t K, N, RB, G, group;
   const uint8_t* end;  // one past the packed codes
-  const float* off;    // per group: the 128 (8 bits: 128 * 17) that the bfloat16 codes carry
   const int64_t* gb;   // per group: bytes in one row
   int64_t il;          // row interleave (group_ptr)
 };
@@ -345,15 +345,23 @@ inline void row_scales(const BF16Args& a, int64_t n, int64_t rows, std::vector<f
 
 // M activation rows at once (a compile-time count, so the accumulators stay in registers).
 // GS: the group width when it is 128 (the common case, loops unrolled at compile time), else 0.
-// The row's correction sum_g s_g (off_g + z_g) sum(x_g), all groups at once, taken off `acc`.
+// The row's correction sum_g s_g (xoff_g + z_g sum(x_g)), all groups at once, taken off `acc`.
 inline __m512 corrected(const BF16Args& a, const float* srow, const float* zrow, int m, __m512 acc) {
   for (int64_t g0 = 0; g0 < a.G; g0 += 16) {
     const __mmask16 k = a.G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.G - g0)) - 1);
-    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, srow + g0),
-                                    _mm512_add_ps(_mm512_maskz_loadu_ps(k, a.off + g0), _mm512_maskz_loadu_ps(k, zrow + g0)));
-    acc = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(k, a.xsum + m * a.G + g0), acc);
+    const __m512 t = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zrow + g0), _mm512_maskz_loadu_ps(k, a.xsum + m * a.G + g0),
+                                     _mm512_maskz_loadu_ps(k, a.xoff + m * a.G + g0));
+    acc = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, srow + g0), t, acc);
   }
   return acc;
+}
+
+// The sums of four rows' accumulators, as four floats in row order (by value: an array argument
+// made GCC keep the accumulators on the stack through the whole group loop).
+inline __attribute__((always_inline)) __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  auto half = [](__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); };
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(half(v0), half(v1)), _mm256_hadd_ps(half(v2), half(v3)));
+  return _mm_add_ps(_mm256_castps256_ps128(b), _mm256_extractf128_ps(b, 1));
 }
 
 constexpr int PREFETCH_BLOCKS = 2;    // rows not interleaved: blocks of four rows ahead
@@ -369,7 +377,9 @@ constexpr int64_t fixed_group_bytes(int gs, int mode) {
 // One activation row, R = 4 weight rows at a time, every group of one width (MODE: that
 // width's inner loop): each activation chunk is loaded once for the four rows, and four
 // independent code streams keep more loads in flight. IL4: rows interleaved by four (group_ptr).
-template <int GS, int MODE, bool IL4>
+// TAIL: the block is the last whose 64-byte loads could reach past the packed codes (the 3-bit
+// and vpermb loops read 48 or 8 * b bytes with a 64-byte load): those loads are masked there.
+template <int GS, int MODE, bool IL4, bool TAIL>
 void four_rows(const BF16Args& a, int64_t n) {
   constexpr int R = 4;
   const int64_t group = GS ? GS : a.group;
@@ -380,7 +390,15 @@ void four_rows(const BF16Args& a, int64_t n) {
   const uint8_t* block = a.wp + n * a.RB;
   const __m512i magic16 = _mm512_set1_epi16(0x4300);
   const __m512i mask = _mm512_set1_epi16(MODE == kTwo ? 0x03 : MODE == kThreeWide ? 0x07 : 0x0F);
+  // the second code of a lane left in place (bits 2-3 for 2 bits, 3-5 for 3): 128 + 4c or 128 + 8c
+  const __m512i mask_up = _mm512_set1_epi16(MODE == kTwo ? 0x0C : 0x38);
   auto bf = [&](__m512i lanes) { return as_bh(_mm512_ternarylogic_epi32(lanes, mask, magic16, 0xEA)); };
+  auto bf_up = [&](__m512i lanes) { return as_bh(_mm512_ternarylogic_epi32(lanes, mask_up, magic16, 0xEA)); };
+  // the width tables, fetched before the group loop: their first-use guard inside it is a call
+  // path, around which GCC kept the row accumulators on the stack
+  const ThreeWide& T3 = three_wide();
+  const __m512i perm3 = T3.perm;
+  const WidthTables& T = tables();
   thread_local std::vector<float> sbuf;
   const float *srows, *zrows;  // [R, G]
   // the scales and zero points are a second stream, [N, G] each: fetch the block's that is
@@ -431,20 +449,21 @@ void four_rows(const BF16Args& a, int64_t n) {
           hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 12)), x3);
         }
       }
-    } else if (MODE == kThreeWide) {  // lane j: codes 4j .. 4j + 3, 3 bits apart (three_lanes)
-      const ThreeWide& T3 = three_wide();
+    } else if (MODE == kThreeWide) {  // lane j: codes 4j .. 4j + 3 at bits 0, 3, 6, 9 (ThreeWide)
       for (int64_t c = 0; c < group; c += 128) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         const __m512bh x2 = as_bh(_mm512_loadu_si512(xg + c + 64)), x3 = as_bh(_mm512_loadu_si512(xg + c + 96));
         for (int r = 0; r < R; ++r) {
           const uint8_t* p = src + r * rs + c / 8 * 3;
-          const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(T3.lmask, p);
-          __m512i w = _mm512_permutexvar_epi8(T3.perm, raw);
+          const __m512i raw = !TAIL || p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(T3.lmask, p);
+          __m512i w = _mm512_permutexvar_epi8(perm3, raw);
           w = _mm512_mask_srli_epi16(w, 0xAAAAAAAAu, w, 4);  // odd lanes: their codes from bit 0 too
+          const __m512i w6 = _mm512_srli_epi16(w, 6);
+          // codes 1 and 3 of a lane stay at bits 3-5 (x1, x3 carry x / 8: prepare_bf16)
           lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
-          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 3)), x1);
-          lo[r] = _mm512_dpbf16_ps(lo[r], bf(_mm512_srli_epi16(w, 6)), x2);
-          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 9)), x3);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf_up(w), x1);
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(w6), x2);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf_up(w6), x3);
         }
       }
     } else if (MODE == kFour) {
@@ -474,14 +493,13 @@ void four_rows(const BF16Args& a, int64_t n) {
       for (int r = 0; r < R; ++r) lo[r] = _mm512_fmadd_ps(_mm512_set1_ps(16.f), _mm512_add_ps(lo16[r], hi16[r]), lo[r]);
     } else if (MODE == kGeneric) {  // any width b < 8 through vpermb + vpmultishiftqb
       const int b = static_cast<int>(a.bits[g]);
-      const WidthTables& T = tables();
       const __m512i perm = T.perm[b], shift = T.shift[b], m16 = _mm512_set1_epi16((1 << b) - 1);
       const __mmask64 lmask = (__mmask64{1} << (8 * b)) - 1;
       for (int64_t c = 0; c < group; c += 64) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         for (int r = 0; r < R; ++r) {
           const uint8_t* p = src + r * rs + c / 8 * b;
-          const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
+          const __m512i raw = !TAIL || p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(lmask, p);
           const __m512i c8 = _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(perm, raw));
           lo[r] = _mm512_dpbf16_ps(lo[r], as_bh(_mm512_ternarylogic_epi32(c8, m16, magic16, 0xEA)), x0);
           hi[r] = _mm512_dpbf16_ps(hi[r], as_bh(_mm512_ternarylogic_epi32(_mm512_srli_epi16(c8, 8), m16, magic16, 0xEA)), x1);
@@ -491,27 +509,31 @@ void four_rows(const BF16Args& a, int64_t n) {
       for (int64_t c = 0; c < group; c += 128) {
         const __m512bh x0 = as_bh(_mm512_loadu_si512(xg + c)), x1 = as_bh(_mm512_loadu_si512(xg + c + 32));
         const __m512bh x2 = as_bh(_mm512_loadu_si512(xg + c + 64)), x3 = as_bh(_mm512_loadu_si512(xg + c + 96));
-        for (int r = 0; r < R; ++r) {
+        for (int r = 0; r < R; ++r) {  // codes 1 and 3 of a lane at bits 2-3 (x1, x3 carry x / 4)
           const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * rs + c / 4)));
+          const __m512i w4 = _mm512_srli_epi16(w, 4);
           lo[r] = _mm512_dpbf16_ps(lo[r], bf(w), x0);
-          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 2)), x1);
-          lo[r] = _mm512_dpbf16_ps(lo[r], bf(_mm512_srli_epi16(w, 4)), x2);
-          hi[r] = _mm512_dpbf16_ps(hi[r], bf(_mm512_srli_epi16(w, 6)), x3);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf_up(w), x1);
+          lo[r] = _mm512_dpbf16_ps(lo[r], bf(w4), x2);
+          hi[r] = _mm512_dpbf16_ps(hi[r], bf_up(w4), x3);
         }
       }
     }
     for (int r = 0; r < R; ++r)
       row[r] = _mm512_fmadd_ps(_mm512_set1_ps(srows[r * a.G + g]), _mm512_add_ps(lo[r], hi[r]), row[r]);
   }
-  for (int r = 0; r < R; ++r) a.y[n + r] = hsum512(corrected(a, srows + r * a.G, zrows + r * a.G, 0, row[r]));
+  for (int r = 0; r < R; ++r) row[r] = corrected(a, srows + r * a.G, zrows + r * a.G, 0, row[r]);
+  _mm_storeu_ps(a.y + n, hsum4(row[0], row[1], row[2], row[3]));
 }
 
 template <int M, int GS>
 void bf16_rows(const BF16Args& a) {
   const int64_t group = GS ? GS : a.group;
   const WidthTables& T = tables();
+  const ThreeWide& T3 = three_wide();
   const __m512i magic16 = _mm512_set1_epi16(0x4300);
   const __m512i m4 = _mm512_set1_epi16(0x0F), m2 = _mm512_set1_epi16(0x03), m3 = _mm512_set1_epi16(0x07);
+  const __m512i m0c = _mm512_set1_epi16(0x0C), m38 = _mm512_set1_epi16(0x38);
   int uniform = bf16_mode(static_cast<int>(a.bits[0]), group);
   for (int64_t g = 1; g < a.G; ++g)
     if (a.bits[g] != a.bits[0]) uniform = -1;
@@ -522,13 +544,21 @@ void bf16_rows(const BF16Args& a) {
       // interleaved rows (a compile-time stride) or not
       auto run = [&](auto il4) {
         constexpr bool IL4 = decltype(il4)::value;
+        // only the last blocks' 64-byte loads can reach past the codes (TAIL)
+        const bool tail = a.wp + (4 * blk + 4) * a.RB + 64 > a.end;
         switch (uniform) {
-          case kFour: four_rows<GS, kFour, IL4>(a, 4 * blk); break;
-          case kFourWide: four_rows<GS, kFourWide, IL4>(a, 4 * blk); break;
-          case kThreeWide: four_rows<GS, kThreeWide, IL4>(a, 4 * blk); break;
-          case kTwo: four_rows<GS, kTwo, IL4>(a, 4 * blk); break;
-          case kEight: four_rows<GS, kEight, IL4>(a, 4 * blk); break;
-          default: four_rows<GS, kGeneric, IL4>(a, 4 * blk); break;
+          case kFour: four_rows<GS, kFour, IL4, false>(a, 4 * blk); break;
+          case kFourWide: four_rows<GS, kFourWide, IL4, false>(a, 4 * blk); break;
+          case kThreeWide:
+            if (tail) four_rows<GS, kThreeWide, IL4, true>(a, 4 * blk);
+            else four_rows<GS, kThreeWide, IL4, false>(a, 4 * blk);
+            break;
+          case kTwo: four_rows<GS, kTwo, IL4, false>(a, 4 * blk); break;
+          case kEight: four_rows<GS, kEight, IL4, false>(a, 4 * blk); break;
+          default:
+            if (tail) four_rows<GS, kGeneric, IL4, true>(a, 4 * blk);
+            else four_rows<GS, kGeneric, IL4, false>(a, 4 * blk);
+            break;
         }
       };
       if (a.il == 4) run(std::true_type{});
@@ -564,14 +594,14 @@ void bf16_rows(const BF16Args& a) {
             dot2(bf(_mm512_srli_epi16(w, 8), m4), bf(_mm512_srli_epi16(w, 12), m4), xg + c + 64, lo_acc, hi_acc);
           }
         } else if (md == kThreeWide) {  // 48 bytes as 32 lanes of four 3-bit codes
-          const ThreeWide& T3 = three_wide();
           for (int64_t c = 0; c < group; c += 128) {
             const uint8_t* p = src + c / 8 * 3;
             const __m512i raw = p + 64 <= a.end ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(T3.lmask, p);
             __m512i w = _mm512_permutexvar_epi8(T3.perm, raw);
             w = _mm512_mask_srli_epi16(w, 0xAAAAAAAAu, w, 4);
-            dot2(bf(w, m3), bf(_mm512_srli_epi16(w, 3), m3), xg + c, lo_acc, hi_acc);
-            dot2(bf(_mm512_srli_epi16(w, 6), m3), bf(_mm512_srli_epi16(w, 9), m3), xg + c + 64, lo_acc, hi_acc);
+            const __m512i w6 = _mm512_srli_epi16(w, 6);  // codes 1 and 3 stay at bits 3-5 (as in four_rows)
+            dot2(bf(w, m3), bf(w, m38), xg + c, lo_acc, hi_acc);
+            dot2(bf(w6, m3), bf(w6, m38), xg + c + 64, lo_acc, hi_acc);
           }
         } else if (md == kFour) {  // 32 bytes -> 32 lanes; low nibbles are the even codes, high the odd
           for (int64_t c = 0; c < group; c += 64) {
@@ -581,8 +611,9 @@ void bf16_rows(const BF16Args& a) {
         } else if (md == kTwo) {  // 32 bytes -> 32 lanes -> four phases of 2 bits
           for (int64_t c = 0; c < group; c += 128) {
             const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + c / 4)));
-            dot2(bf(w, m2), bf(_mm512_srli_epi16(w, 2), m2), xg + c, lo_acc, hi_acc);
-            dot2(bf(_mm512_srli_epi16(w, 4), m2), bf(_mm512_srli_epi16(w, 6), m2), xg + c + 64, lo_acc, hi_acc);
+            const __m512i w4 = _mm512_srli_epi16(w, 4);  // codes 1 and 3 stay at bits 2-3 (as in four_rows)
+            dot2(bf(w, m2), bf(w, m0c), xg + c, lo_acc, hi_acc);
+            dot2(bf(w4, m2), bf(w4, m0c), xg + c + 64, lo_acc, hi_acc);
           }
         } else if (md == kEight) {  // code = lo + 16 hi: the high nibbles go to their own sums
           __m512 acc16[M], acc16b[M];
@@ -613,14 +644,34 @@ void bf16_rows(const BF16Args& a) {
   });
 }
 
+// x * 2^-e for 32 bfloat16 values, exactly: the exponent field lowered by e. Values whose result
+// would be subnormal become signed zero, as vdpbf16ps reads subnormal inputs; infinities and NaN
+// stay as they are.
+inline __m512i bf16_scaled_down(__m512i v, int e) {
+  const __m512i ex = _mm512_and_si512(_mm512_srli_epi16(v, 7), _mm512_set1_epi16(0xFF));
+  const __mmask32 normal = _mm512_cmpgt_epi16_mask(ex, _mm512_set1_epi16(static_cast<int16_t>(e)));
+  const __mmask32 special = _mm512_cmpeq_epi16_mask(ex, _mm512_set1_epi16(0xFF));
+  const __m512i zero = _mm512_and_si512(v, _mm512_set1_epi16(static_cast<int16_t>(0x8000)));
+  const __m512i low = _mm512_mask_sub_epi16(zero, normal, v, _mm512_set1_epi16(static_cast<int16_t>(e << 7)));
+  return _mm512_mask_mov_epi16(low, special, v);
+}
+
+inline __m512 bf16_sum32(const uint16_t* p) {  // 32 bfloat16 values, summed in float32 (16 lanes)
+  return _mm512_add_ps(lowbit_decode::load16(p), lowbit_decode::load16(p + 16));
+}
+
 // The activations as the bfloat16 loops read them: each group's values in the order its inner
 // loop leaves its codes in, and each group's float32 sum. Chunks of 32 * P values (P phases:
 // code P * j + p of the chunk goes to lane 32p + j): 4 bits in groups of 64 leave the even codes
 // in the low nibbles and the odd in the high (P = 2); 2 bits, and 4 and 3 bits in groups of 128,
 // leave codes 4j .. 4j + 3 in lane j (P = 4); the vpermb path leaves code j of 64 in byte j, so
 // the low bytes of its 16-bit lanes are the even codes too (P = 2); 8 bits keep the order.
-void prepare_bf16(const uint16_t* xp, int64_t M, int64_t K, int64_t G, int64_t group, const int* mode, uint16_t* xr,
-                  float* xsum) {
+// The 2 and 3-bit loops for groups of 128 leave codes 1 and 3 of a lane where they are, 2 or 3
+// bits up (the bfloat16 number becomes 128 + 4c or 128 + 8c): their activations are stored
+// divided by 4 or 8, exactly. xsum [M, G] gets each group's sum of x; xoff [M, G] the sum of the
+// offset each code carries (off[g]: 128, or 128 * 17 for 8 bits) times the activation it meets.
+void prepare_bf16(const uint16_t* xp, int64_t M, int64_t K, int64_t G, int64_t group, const int* mode, const float* off,
+                  uint16_t* xr, float* xsum, float* xoff) {
   alignas(64) static const struct Idx {
     uint16_t even[32], odd[32], four[4][32];
     Idx() {
@@ -640,13 +691,16 @@ void prepare_bf16(const uint16_t* xp, int64_t M, int64_t K, int64_t G, int64_t g
       if (md == kEight) {
         std::memcpy(dst, src, group * sizeof(uint16_t));
       } else if (md == kTwo || md == kFourWide || md == kThreeWide) {
+        const int up = md == kTwo ? 2 : md == kThreeWide ? 3 : 0;  // codes 1 and 3: bits left in place
         for (int64_t c = 0; c < group; c += 128) {
           const __m512i r0 = _mm512_loadu_si512(src + c), r1 = _mm512_loadu_si512(src + c + 32);
           const __m512i r2 = _mm512_loadu_si512(src + c + 64), r3 = _mm512_loadu_si512(src + c + 96);
           for (int p = 0; p < 4; ++p) {
             const __m512i ix = _mm512_loadu_si512(idx.four[p]);
             const __m512i lo = _mm512_permutex2var_epi16(r0, ix, r1), hi = _mm512_permutex2var_epi16(r2, ix, r3);
-            _mm512_storeu_si512(dst + c + 32 * p, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+            __m512i v = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+            if (up != 0 && p % 2 == 1) v = bf16_scaled_down(v, up);
+            _mm512_storeu_si512(dst + c + 32 * p, v);
           }
         }
       } else {
@@ -656,9 +710,13 @@ void prepare_bf16(const uint16_t* xp, int64_t M, int64_t K, int64_t G, int64_t g
           _mm512_storeu_si512(dst + c + 32, _mm512_permutex2var_epi16(r0, od, r1));
         }
       }
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < group; k += 16) acc = _mm512_add_ps(acc, lowbit_decode::load16(src + k));
+      __m512 acc = _mm512_setzero_ps(), acc_r = _mm512_setzero_ps();
+      for (int64_t k = 0; k < group; k += 32) {
+        acc = _mm512_add_ps(acc, bf16_sum32(src + k));
+        acc_r = _mm512_add_ps(acc_r, bf16_sum32(dst + k));
+      }
       xsum[m * G + g] = _mm512_reduce_add_ps(acc);
+      xoff[m * G + g] = off[g] * _mm512_reduce_add_ps(acc_r);
     }
   }
 }
@@ -695,13 +753,13 @@ struct Product {
   void run(const uint16_t* x, int64_t M, float* y, std::vector<uint16_t>& xr, std::vector<float>& xsum) const {
     TORCH_CHECK(M >= 1 && M <= 8, "qgemv: the bfloat16 path takes 1 to 8 activation rows");
     xr.resize(M * K);
-    xsum.resize(M * G);
-    prepare_bf16(x, M, K, G, group, mode.data(), xr.data(), xsum.data());
+    xsum.resize(2 * M * G);  // the sums of x, then the offsets' sums (prepare_bf16)
+    prepare_bf16(x, M, K, G, group, mode.data(), off.data(), xr.data(), xsum.data(), xsum.data() + M * G);
     const bool half = scales.dtype() == torch::kFloat16;
-    BF16Args a{xr.data(), xsum.data(), packed.data_ptr<uint8_t>(), bits.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
+    BF16Args a{xr.data(), xsum.data(), xsum.data() + M * G, packed.data_ptr<uint8_t>(), bits.data_ptr<int64_t>(), offset.data_ptr<int64_t>(),
                half ? nullptr : scales.data_ptr<float>(), half ? nullptr : zeros.data_ptr<float>(),
                half ? scales.data_ptr<at::Half>() : nullptr, half ? zeros.data_ptr<at::Half>() : nullptr,
-               y, K, N, RB, G, group, packed.data_ptr<uint8_t>() + N * RB, off.data(), gb.data(), il};
+               y, K, N, RB, G, group, packed.data_ptr<uint8_t>() + N * RB, gb.data(), il};
     // one instantiation per row count (accumulators in registers) and for groups of 128 or other
 #define LOWBIT_ROWS(GS)                      \
   switch (M) {                               \
