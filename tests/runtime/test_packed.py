@@ -12,6 +12,7 @@ from lowbit import kernels
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.recipes import IntegerScaleConfig
+from lowbit.runtime.attention import use_fast_attention
 from lowbit.runtime.packed import (
     PackedLinear,
     deinterleave_rows,
@@ -260,6 +261,7 @@ def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp
     save_checkpoint(model, None, tmp_path / "ck", {})
     direct = load_checkpoint(tmp_path / "ck", runtime="packed").model
     via = pack_model(load_checkpoint(tmp_path / "ck").model)
+    use_fast_attention(via)  # as runtime="packed" does: the same attention on both sides
     direct_layers = {n: m for n, m in direct.named_modules() if isinstance(m, PackedLinear)}
     via_layers = {n: m for n, m in via.named_modules() if isinstance(m, PackedLinear)}
     assert direct_layers.keys() == via_layers.keys() and direct_layers
