@@ -98,8 +98,8 @@ def test_no_mask_is_causal_from_the_top_left_as_sdpa():
 
 
 def test_what_the_prefill_blocks_do_not_take_goes_to_sdpa(monkeypatch):
-    """A float mask, a row that sees no key and a non-causal module all reach sdpa (the stand-in
-    records the call)."""
+    """A float mask, a row that sees no key, a non-causal module and a per-head mask all reach
+    sdpa (the stand-in records the call)."""
     import transformers.integrations.sdpa_attention as sdpa_module
 
     calls = []
@@ -109,7 +109,9 @@ def test_what_the_prefill_blocks_do_not_take_goes_to_sdpa(monkeypatch):
     blind[..., 2, :] = False
     bidirectional = torch.nn.Module()
     bidirectional.is_causal = False
-    cases = [(q, k, torch.zeros(1, 1, 5, 7), None), (q, k, blind, None), (q, q, None, bidirectional)]
+    per_head = torch.ones(1, 2, 5, 7, dtype=torch.bool)
+    cases = [(q, k, torch.zeros(1, 1, 5, 7), None), (q, k, blind, None), (q, q, None, bidirectional),
+             (q, k, per_head, None)]
     for qq, kk, mask, module in cases:
         assert _attend(qq, kk, kk, mask, module) == "sdpa"
     assert len(calls) == len(cases)

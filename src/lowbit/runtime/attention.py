@@ -1,4 +1,4 @@
-"""Decode attention for the CPU runtime: one query token per step against the cache.
+"""Attention for the CPU runtime: one query token per step against the cache, and prefill in blocks.
 
 torch's CPU flash-attention kernel (what transformers' "sdpa" runs) takes about 0.5 ms per layer
 for a single query over a few hundred cached tokens of a 1.5B model, longer than that layer's
@@ -32,10 +32,11 @@ PREFILL_BLOCK = 128  # query rows per block of the prefill path
 def _prefill_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
                     scale: float) -> torch.Tensor | None:
     """Several queries [B, H, q, D] against key / value [B, KV, T, D] under `keep` [B or 1, 1, q, T]
-    (True: may attend) -> [B, q, H, D], or None where a row sees no key (left to sdpa)."""
+    (True: may attend) -> [B, q, H, D], or None where a row sees no key or the mask has another
+    shape (per-head masks; left to sdpa)."""
     b, h, q, d = query.shape
     kv, t = key.shape[1], key.shape[2]
-    if keep.shape[-2:] != (q, t) or not bool(keep.any(-1).all()):
+    if keep.dim() != 4 or keep.shape[1] != 1 or keep.shape[-2:] != (q, t) or not bool(keep.any(-1).all()):
         return None
     g = h // kv
     qg = query.reshape(b, kv, g, q, d)
