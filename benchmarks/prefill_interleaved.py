@@ -5,7 +5,10 @@ models in one process and alternating them removes the between-process noise `lo
 sees on a shared host.
 
     python benchmarks/prefill_interleaved.py out/qwen-w8a8@int8 out/qwen-w4g128-h8 \\
-        --reference qwen2.5-coder-1.5b --tokens 512 --rounds 4 --threads 2
+        --reference qwen2.5-coder-1.5b --tokens 512 --rounds 4 --threads 2 [--sdpa-too]
+
+--sdpa-too also runs every model with transformers' "sdpa" attention (torch's CPU flash kernel) in
+each round, beside lowbit's blocked prefill attention (runtime/attention.py).
 """
 
 import argparse
@@ -17,8 +20,15 @@ from transformers import DynamicCache
 
 from lowbit.checkpoint import load_checkpoint
 from lowbit.models import load_model
-from lowbit.runtime.attention import use_fast_attention
+from lowbit.runtime.attention import NAME, use_fast_attention
 from lowbit.runtime.generate import prefill
+
+
+def _set_attention(model: torch.nn.Module, name: str) -> None:
+    """Every config of the model to one attention implementation (lowbit's NAME or "sdpa")."""
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._attn_implementation = name
 
 
 def main() -> None:
@@ -28,6 +38,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sdpa-too", action="store_true", help="also run each model with torch's sdpa attention")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     models = {}
@@ -40,14 +51,19 @@ def main() -> None:
         use_fast_attention(ref)
         models[f"{args.reference} (bf16)"] = ref
     ids = torch.randint(100, 30000, (args.tokens,), generator=torch.Generator().manual_seed(0))
-    seconds = {name: [] for name in models}
+    runs = [(name, model, NAME) for name, model in models.items()]
+    if args.sdpa_too:
+        runs += [(f"{name} [sdpa]", model, "sdpa") for name, model in models.items()]
+    seconds = {name: [] for name, _, _ in runs}
     for _ in range(args.rounds):
-        for name, model in models.items():
+        for name, model, attention in runs:
+            _set_attention(model, attention)
             t0 = time.perf_counter()
             prefill(model, ids, DynamicCache(), args.tokens)
             seconds[name].append(time.perf_counter() - t0)
-    base = statistics.median(seconds[f"{args.reference} (bf16)"]) if args.reference else None
     for name, s in seconds.items():
+        base_name = f"{args.reference} (bf16)" + (" [sdpa]" if name.endswith("[sdpa]") else "")
+        base = statistics.median(seconds[base_name]) if args.reference else None
         med = statistics.median(s)
         ratio = f"  {base / med:.2f}x bf16" if base else ""
         print(f"{name}: {args.tokens / med:.0f} tokens/s (rounds: {', '.join(f'{x:.2f}' for x in s)} s){ratio}")

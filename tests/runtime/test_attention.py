@@ -52,10 +52,22 @@ def test_compressed_caches_still_work_under_the_fast_path():
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("chunk", [300, 110])
-def test_blocked_prefill_matches_sdpa(arch, static, chunk):
+def test_blocked_prefill_matches_sdpa(arch, static, chunk, monkeypatch):
     """A prompt over two blocks of query rows, in one forward or in chunks after cached positions
     (a boolean mask over a static cache's empty tail, sliding windows on gemma3): the last
-    position's logits and every cached key/value as transformers' sdpa gives them."""
+    position's logits and every cached key/value as transformers' sdpa gives them, with every
+    layer's prefill taken by the blocks (none left to sdpa)."""
+    from lowbit.runtime import attention
+
+    taken = []
+    blocks = attention._prefill_blocks
+
+    def counted(*args):
+        out = blocks(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(attention, "_prefill_blocks", counted)
     n = PREFILL_BLOCK * 2 + 44
     ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(2))
     ref, fast = build_tiny(arch), build_tiny(arch)
@@ -66,6 +78,8 @@ def test_blocked_prefill_matches_sdpa(arch, static, chunk):
         return prefill(model, ids, cache, chunk), cache
 
     (want, want_cache), (got, got_cache) = run(ref), run(fast)
+    forwards = {300: 1, 110: 3}[chunk]  # 300 tokens: one forward, or 110 + 110 + 80
+    assert len(taken) == forwards * fast.config.num_hidden_layers and all(taken)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(got_cache.layers, want_cache.layers, strict=True):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)

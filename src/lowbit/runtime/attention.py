@@ -8,10 +8,10 @@ across query heads), then a float32 softmax and a second matmul.
 
 Prefill (several query tokens) under a boolean mask, or none (causal from the top left, as sdpa),
 runs the same arithmetic on blocks of 128 query rows, each against only the keys its rows may
-see: the causal upper triangle (and a static cache's empty tail) is skipped, not masked. torch's
-CPU flash kernel took 8.7 ms per layer for a 512-token prompt of a 1.5B model (under a mask or
-causal); the blocks take 3.2 ms (BENCHMARKS.md). Everything else (float masks, rows that see no
-key, logit soft-capping, dropout) goes to "sdpa" unchanged.
+see: the causal upper triangle (and a static cache's empty tail) is skipped, not masked. On a
+512-token prompt of a 1.5B model that takes 0.15 s off a whole prefill against torch's CPU flash
+kernel (`benchmarks/prefill_interleaved.py --sdpa-too`, BENCHMARKS.md). Everything else (float
+masks, rows that see no key, per-head masks, logit soft-capping, dropout) goes to "sdpa" unchanged.
 
     use_fast_attention(model)   # model.config._attn_implementation = "lowbit_sdpa"
 """
