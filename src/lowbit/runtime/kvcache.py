@@ -231,6 +231,7 @@ class _LowBitLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # set here: transformers 5.24's DynamicLayer no longer keeps it
         self.batch, self.heads = key_states.shape[0], key_states.shape[1]
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
