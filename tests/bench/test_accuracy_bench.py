@@ -1,4 +1,6 @@
 import json
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +12,7 @@ from lowbit.bench.accuracy import (
     Setting,
     _key,
     _write_section,
+    file_label,
     jobs_from_args,
     pareto_front,
     render,
@@ -22,6 +25,13 @@ def test_setting_parse():
     assert str(Setting.parse("W4G128")) == "w4g128"
     with pytest.raises(ConfigError, match="w<bits>g<group>"):
         Setting.parse("4bit")
+
+
+def test_file_labels_keep_names_and_tell_paths_apart():
+    assert file_label("qwen2.5-coder-1.5b") == "qwen2.5-coder-1.5b"
+    a, b = file_label("/data/a/model"), file_label("/data/b/model")
+    assert a != b and a.startswith("model-") and "/" not in a + b
+    assert "/" not in file_label("org/name") and "\\" not in file_label("C:\\m\\x.gguf")
 
 
 def test_section_is_replaced_in_place_and_the_rest_kept(tmp_path):
@@ -42,9 +52,11 @@ def test_jobs_parse_and_refuse_what_cannot_run():
     assert Job.parse("slim:w2.5g128") == Job("slim", "w2.5g128")
     assert Job.parse("gptq:w4g128-is8").setting == "w4g128-is8"
     assert Setting.parse("w2.5g128").bits == 2.5
+    assert Job.parse("budget:2.92bpw").setting == "2.92bpw"  # a size given directly, not a uniform format's
     for bad, match in (("gptq:w2.5g128", "need method slim"), ("llamacpp:Q9_Z", "llama.cpp type"),
                        ("sparsegpt:w4g128", "METHOD:SETTING"), ("gptq", "METHOD:SETTING"),
-                       ("hqq:w4g128-is8", "integer scales")):
+                       ("hqq:w4g128-is8", "integer scales"), ("gptq:2.92bpw", "w<bits>g<group>"),
+                       ("budget:0.5bpw", "in \\(1, 16\\]"), ("budget:2.92bpw-is8", "integer scales")):
         with pytest.raises(ConfigError, match=match):
             Job.parse(bad)
     args = SimpleNamespace(suite=None, jobs=None, methods="rtn,gptq", settings="w4g128,w3g64")
@@ -112,3 +124,23 @@ def test_a_job_process_that_dies_gives_an_error_row_instead_of_hanging():
 
     r = _run_in_child({"model": "m", "method": "gptq", "setting": "w3g128"}, target=_dies)
     assert _key(r)[:3] == ("m", "gptq", "w3g128") and "exited with code 3" in r["error"]
+
+
+def test_a_budget_job_meets_a_size_given_in_bits_per_weight(tmp_path, shared_data):
+    """budget:<x>bpw runs end to end (child process, reference, table) and meets x within 1%."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+    from test_model_resolve import save_tiny_folder
+
+    from lowbit.cli import main
+
+    save_tiny_folder(tmp_path / "m")
+    work, out = tmp_path / "work", tmp_path / "B.md"
+    assert main(["bench", "accuracy", str(tmp_path / "m"), "--jobs", "budget:3.5bpw", "--data", "wikitext2",
+                 "--max-tokens", "256", "--seqlen", "64", "--calib-samples", "4", "--calib-seqlen", "64",
+                 "--budget-generations", "1", "--data-dir", str(shared_data), "--work-dir", str(work),
+                 "--output", str(out), "-q"]) == 0
+    rec = json.loads((work / "accuracy.jsonl").read_text().splitlines()[-1])
+    assert "error" not in rec, rec.get("error")
+    assert rec["setting"] == "3.5bpw" and 0.99 * 3.5 <= rec["bits_per_weight"] <= 3.5
+    assert rec["budget"]["target"].startswith("3.5") and rec["datasets"]["wikitext2"]["kl"] >= 0
+    assert "3.5bpw" in out.read_text()

@@ -11,7 +11,8 @@ A job is METHOD:SETTING:
 - rtn, gptq, awq, awq-gptq, hqq : w<bits>g<group>            e.g. gptq:w3g128
 - slim                          : w<avg bits>g<group>        e.g. slim:w2.5g128
 - budget                        : w<bits>g<group>, meaning "the size of that uniform format":
-                                  per-layer levels chosen for exactly its bits per weight (GPTQ)
+                                  per-layer levels chosen for exactly its bits per weight (GPTQ);
+                                  or <x>bpw, a size given directly   e.g. budget:2.92bpw
 - llamacpp                      : a llama.cpp type           e.g. llamacpp:Q4_K_M
 A setting may end in -is<k> for k-bit integer group scales (Integer Scale): gptq:w4g128-is8.
 `--jobs` lists them; without it, every method in --methods runs at every --settings.
@@ -21,9 +22,11 @@ A setting may end in -is<k> for k-bit integer group scales (Integer Scale): gptq
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import platform
+import re
 import resource
 import time
 from dataclasses import dataclass
@@ -87,6 +90,10 @@ class Job:
         if method == "llamacpp":
             if setting not in LLAMACPP_TYPES:
                 raise ConfigError(f"job {text!r}: llama.cpp type must be one of {', '.join(LLAMACPP_TYPES)}")
+        elif method == "budget" and setting.endswith("bpw"):
+            if _target_bpw(setting) is None:
+                raise ConfigError(f"job {text!r}: a budget's size is w<bits>g<group> or <bits per weight>bpw with "
+                                  "bits per weight in (1, 16], e.g. budget:w3g128 or budget:2.92bpw")
         else:
             s = Setting.parse(base)
             if method != "slim" and not isinstance(s.bits, int):
@@ -95,6 +102,12 @@ class Job:
 
     def __str__(self) -> str:
         return f"{self.method}:{self.setting}"
+
+
+def _target_bpw(setting: str) -> float | None:
+    """The bits per weight of a budget setting written <x>bpw (None for any other setting)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)bpw", setting)
+    return float(m.group(1)) if m and 1.0 < float(m.group(1)) <= 16.0 else None
 
 
 def jobs_from_args(args) -> list[Job]:
@@ -108,6 +121,15 @@ def jobs_from_args(args) -> list[Job]:
         raise ConfigError(f"--methods: unknown {bad}; choose from {', '.join(m for m in METHODS if m != 'llamacpp')} "
                           "(llama.cpp types go in --jobs, e.g. llamacpp:Q4_K_M)")
     return [Job.parse(f"{m}:{s}") for s in args.settings.split(",") if s for m in methods]
+
+
+def file_label(model: str) -> str:
+    """The model's part of a file name: a known name as it is; a path (a folder, a GGUF file, a hub
+    id) as its last component and a short hash of the whole, so that two folders named alike differ."""
+    if "/" not in model and "\\" not in model:
+        return model
+    tail = re.sub(r"[^\w.-]+", "_", Path(model).name).strip("_.") or "model"
+    return f"{tail}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -209,8 +231,8 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
         loaded = load_model(spec["model"], dtype=torch.float32, cache=spec.get("cache"), progress=False)
         load_rss = _peak_rss()
         base, _, iscale = spec["setting"].partition("-is")
-        setting = Setting.parse(base)
-        bits, gs = setting.bits, setting.group_size
+        setting = None if _target_bpw(base) is not None else Setting.parse(base)
+        bits, gs = (setting.bits, setting.group_size) if setting else (None, None)
         calib = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"],
                                   dtype=spec.get("calib_dtype", "float32"))
         t0 = time.perf_counter()
@@ -223,7 +245,7 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             if method == "budget":
                 names, _ = target_layers(loaded.model, Recipe())
-                target = _uniform_bpw(loaded.model, names, setting)
+                target = _target_bpw(base) or _uniform_bpw(loaded.model, names, setting)
                 budget = BudgetConfig(target_bpw=target, generations=spec.get("budget_generations", 10),
                                       offspring=2, search_tokens=2048)
                 recipe = Recipe(method="gptq", calibration=calib, budget=budget)
@@ -283,7 +305,7 @@ def build_references(model: str, datasets: list[str], args, work: Path) -> dict[
            "seqlen": args.seqlen, "reference_bytes": quantized_size(ref.model).reference_bytes}
     for ds in datasets:
         tokens = eval_tokens(ref.tokenizer, ds, args.max_tokens, args.data_dir)
-        path = work / f"ref-{model}-{ds}-{args.max_tokens}-{args.seqlen}"
+        path = work / f"ref-{file_label(model)}-{ds}-{args.max_tokens}-{args.seqlen}"
         try:
             cache = ReferenceLogits.open(path)
             cache.check_matches(tokens, args.seqlen)
@@ -312,7 +334,7 @@ def run_accuracy_bench(args) -> None:
             f.write(command_line(args) + "\n")
         for model in args.models:
             refs = build_references(model, datasets, args, work)
-            (work / f"reference-{model}.json").write_text(json.dumps(refs, indent=2))
+            (work / f"reference-{file_label(model)}.json").write_text(json.dumps(refs, indent=2))
             for job in tqdm(jobs, desc=f"{model} jobs", disable=args.quiet):
                 key = _key({"model": model, "method": job.method, "setting": job.setting,
                             "calib_dtype": args.calib_dtype})
@@ -323,7 +345,7 @@ def run_accuracy_bench(args) -> None:
                         "max_tokens": args.max_tokens, "seqlen": args.seqlen, "references": refs["paths"],
                         "cache": args.cache, "data_dir": args.data_dir, "work": str(work),
                         "budget_generations": args.budget_generations, "calib_dtype": args.calib_dtype}
-                if job.method != "llamacpp":
+                if job.method != "llamacpp" and _target_bpw(job.setting) is None:
                     s = Setting.parse(job.setting.partition("-is")[0])
                     spec.update(bits=s.bits, group_size=s.group_size)
                 r = _run_in_child(spec)
@@ -433,6 +455,7 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         "search; GPTQ damp 0.01, true-sequential, no act-order. awq-gptq: AWQ smoothing (alpha grid 20, "
         "2048 sampled tokens) then GPTQ. slim: SliM-LLM widths per column group (setting = average code width), "
         "GPTQ inside. budget: per-layer bit width and group size for the size of the named uniform format "
+        "(or the bits per weight named, e.g. 2.92bpw) "
         "(candidate starts: greedy allocations on each layer's output error, raw and rescaled by a per-layer KL "
         "probe, and the uniform levels that fit; the best by KL on held-out calibration windows, then an evolutionary "
         "search, kept only if it also wins on unseen windows), GPTQ. "
@@ -448,7 +471,7 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         "",
     ]
     for model in models:
-        ref = json.loads((work / f"reference-{model}.json").read_text())
+        ref = json.loads((work / f"reference-{file_label(model)}.json").read_text())
         head = "| method | setting | bits/weight | " + " | ".join(
             f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) | calib | notes |"
         if numbers:
@@ -520,7 +543,7 @@ def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dat
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"BENCHMARKS-pareto-{model}.png"
+    path = out_dir / f"BENCHMARKS-pareto-{file_label(model)}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
