@@ -288,3 +288,21 @@ def test_head_bits_refuses_a_head_tied_to_the_embeddings():
         quantize(lm, Recipe(method="rtn", bits=4, group_size=32, head_bits=8), progress=False)
     with pytest.raises(ConfigError, match="head_bits"):
         Recipe(head_bits=9)
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_awq_slim_beats_slim_with_outlier_channels(data_dir, arch_name):
+    """Smoothing before SliM-LLM pays where a few input channels carry large activations."""
+    ids = eval_tokens(ByteTokenizer(), "c4", 256, data_dir).reshape(4, 64)
+    ref = with_outlier_channels(build_tiny(arch_name))
+    errs = {}
+    for method in ("slim", "awq-slim"):
+        lm = loaded_tiny(arch_name)
+        with_outlier_channels(lm.model)
+        res = quantize(lm, Recipe(method=method, bits=3, group_size=16, calibration=CALIB), data_dir=data_dir,
+                       progress=False)
+        errs[method] = _logit_err(lm.model, ref, ids)
+        for name, lr in res.layers.items():
+            assert lr.extra["average_bits"] == pytest.approx(3) and "slim_choice" in lr.extra, name
+        assert ("awq_alpha" in res.layers["model.layers.0.self_attn.q_proj"].extra) == (method == "awq-slim")
+    assert errs["awq-slim"] < errs["slim"], errs

@@ -11,6 +11,9 @@ def test_dict_round_trip():
 
 def test_slim_takes_a_fractional_average():
     assert Recipe(method="slim", bits=2.5).bits == 2.5
+    assert Recipe(method="awq-slim", bits=2.5).bits == 2.5  # smoothing composes with SliM-LLM
+    with pytest.raises(ConfigError, match="need method 'slim' or 'awq-slim'"):
+        Recipe(method="awq-gptq", bits=2.5)
     assert Recipe.from_dict({"method": "awq-gptq", "bits": 3, "awq": {"grid": 10}}).awq.grid == 10
 
 
@@ -29,6 +32,7 @@ def test_toml_and_yaml_files(tmp_path):
     ({"slim": {"spread": 3}}, "slim.spread"),
     ({"slim": {"salience_clip": 1}}, "slim.salience_clip"),
     ({"method": "slim", "bits": 3, "gptq": {"act_order": True}}, "gptq.static_groups"),
+    ({"method": "awq-slim", "bits": 1}, "bits"),
     ({"bits": 1}, "bits"),
     ({"bits": "4"}, "bits"),
     ({"colour": 1}, "colour"),

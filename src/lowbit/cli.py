@@ -397,8 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", help="recipe file (.toml/.yaml) or preset name (`lowbit recipes` lists them)"
                    "; flags given here override it")
     q.add_argument("--method", choices=list(METHODS),
-                   help="rtn, gptq (default), awq (smoothing + RTN), awq-gptq, slim (mixed widths per group + GPTQ)")
-    q.add_argument("--bits", type=_number, help="code width, 2-8 (default 4); with slim the average width, e.g. 2.5")
+                   help="rtn, gptq (default), awq (smoothing + RTN), awq-gptq, slim (mixed widths per group + GPTQ), "
+                   "awq-slim (smoothing, then slim)")
+    q.add_argument("--bits", type=_number, help="code width, 2-8 (default 4); with slim or awq-slim the average "
+                   "width, e.g. 2.5")
     q.add_argument("--group-size", type=int, help="columns per group; -1 = per channel (default 128)")
     q.add_argument("--sym", action="store_true", default=None, help="symmetric (default asymmetric with zero points)")
     q.add_argument("--no-clip", action="store_true", help="disable the per-group clipping search")

@@ -34,7 +34,7 @@ from lowbit.evaluate import EvalResult
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import QuantizedWeight
-from lowbit.recipes import GPTQ_METHODS, SMOOTHING_METHODS, Recipe
+from lowbit.recipes import GPTQ_METHODS, SLIM_METHODS, SMOOTHING_METHODS, Recipe
 from lowbit.report import quantize_report
 from lowbit.runtime.qlinear import QuantLinear
 from lowbit.smoothing import awq_rtn_quantize, smooth_block
@@ -129,7 +129,7 @@ def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
     """Fail before any work if a layer's width does not fit the group size."""
     for name in names:
         r = recipe.for_layer(name)
-        bits = width_range(r.bits)[1] if r.method == "slim" else r.bits
+        bits = width_range(r.bits)[1] if r.method in SLIM_METHODS else r.bits
         lin = model.get_submodule(name)
         resolve_format(lin.in_features, bits, r.group_size, r.symmetric)
 
@@ -242,7 +242,7 @@ def quantize(
                                           iscale=recipe.integer_scale)
                         out[name] = keep(full, lin, qw, **info)
                         continue
-                    if r.method == "slim":
+                    if r.method in SLIM_METHODS:
                         sr = slim_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,
                                            r.symmetric, recipe.gptq, clip, recipe.slim, recipe.integer_scale)
                         res = sr.gptq

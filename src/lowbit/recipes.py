@@ -14,10 +14,12 @@ from typing import Any
 
 from lowbit.errors import ConfigError
 
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim")
-# what each method runs: activation-aware smoothing first, then GPTQ or round-to-nearest
-SMOOTHING_METHODS = ("awq", "awq-gptq")
-GPTQ_METHODS = ("gptq", "awq-gptq", "slim")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "awq-slim")
+# what each method runs: activation-aware smoothing first, then GPTQ or round-to-nearest, SliM-LLM's
+# per-group widths (average bits) over GPTQ
+SMOOTHING_METHODS = ("awq", "awq-gptq", "awq-slim")
+GPTQ_METHODS = ("gptq", "awq-gptq", "slim", "awq-slim")
+SLIM_METHODS = ("slim", "awq-slim")
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:
@@ -190,16 +192,18 @@ class Recipe:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
         _require(self.head_bits == 0 or (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8), "head_bits",
                  f"0 (keep the output head dense) or an integer from 2 to 8, got {self.head_bits!r}")
-        if self.method == "slim":
+        if self.method in SLIM_METHODS:
             _require(isinstance(self.bits, (int, float)) and not isinstance(self.bits, bool)
-                     and 1.5 <= self.bits <= 7, "bits", f"slim takes an average width from 1.5 to 7, got {self.bits!r}")
+                     and 1.5 <= self.bits <= 7, "bits",
+                     f"{self.method} takes an average width from 1.5 to 7, got {self.bits!r}")
         else:
             _require(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8,
                      "bits", f"must be an integer from 2 to 8 for method {self.method!r}, got {self.bits!r}"
-                     + (" (fractional averages need method 'slim')" if isinstance(self.bits, float) else ""))
-        _require(self.method != "slim" or not self.gptq.act_order or self.gptq.static_groups, "gptq.static_groups",
-                 "method slim with act_order needs static_groups (per-group widths follow the original "
-                 "column order): pass --static-groups or drop --act-order")
+                     + (" (fractional averages need method 'slim' or 'awq-slim')"
+                        if isinstance(self.bits, float) else ""))
+        _require(self.method not in SLIM_METHODS or not self.gptq.act_order or self.gptq.static_groups,
+                 "gptq.static_groups", f"method {self.method} with act_order needs static_groups (per-group widths "
+                 "follow the original column order): pass --static-groups or drop --act-order")
         _require(isinstance(self.group_size, int), "group_size", f"must be an integer, got {self.group_size!r}")
         for rule in self.rules:
             _require(rule.method in (None, "rtn", self.method), "rules.method",

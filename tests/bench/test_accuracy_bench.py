@@ -52,8 +52,9 @@ def test_jobs_parse_and_refuse_what_cannot_run():
     assert Job.parse("slim:w2.5g128") == Job("slim", "w2.5g128")
     assert Job.parse("gptq:w4g128-is8").setting == "w4g128-is8"
     assert Setting.parse("w2.5g128").bits == 2.5
+    assert Job.parse("awq-slim:w2.5g128") == Job("awq-slim", "w2.5g128")
     assert Job.parse("budget:2.92bpw").setting == "2.92bpw"  # a size given directly, not a uniform format's
-    for bad, match in (("gptq:w2.5g128", "need method slim"), ("llamacpp:Q9_Z", "llama.cpp type"),
+    for bad, match in (("gptq:w2.5g128", "need method slim or awq-slim"), ("llamacpp:Q9_Z", "llama.cpp type"),
                        ("sparsegpt:w4g128", "METHOD:SETTING"), ("gptq", "METHOD:SETTING"),
                        ("hqq:w4g128-is8", "integer scales"), ("gptq:2.92bpw", "w<bits>g<group>"),
                        ("budget:0.5bpw", "in \\(1, 16\\]"), ("budget:2.92bpw-is8", "integer scales")):

@@ -9,7 +9,7 @@ with a plot of perplexity against bits per weight per model.
 
 A job is METHOD:SETTING:
 - rtn, gptq, awq, awq-gptq, hqq : w<bits>g<group>            e.g. gptq:w3g128
-- slim                          : w<avg bits>g<group>        e.g. slim:w2.5g128
+- slim, awq-slim                : w<avg bits>g<group>        e.g. slim:w2.5g128
 - budget                        : w<bits>g<group>, meaning "the size of that uniform format":
                                   per-layer levels chosen for exactly its bits per weight (GPTQ);
                                   or <x>bpw, a size given directly   e.g. budget:2.92bpw
@@ -35,9 +35,9 @@ from queue import Empty
 from typing import Any
 
 from lowbit.errors import ConfigError, DataNotFoundError
-from lowbit.recipes import CALIB_DTYPES
+from lowbit.recipes import CALIB_DTYPES, SLIM_METHODS
 
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "budget", "hqq", "llamacpp")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "awq-slim", "budget", "hqq", "llamacpp")
 DEFAULT_METHODS = ("rtn", "gptq", "hqq")
 DEFAULT_SETTINGS = ("w4g128", "w4g64", "w3g128", "w3g64", "w2g64")
 LLAMACPP_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -96,8 +96,8 @@ class Job:
                                   "bits per weight in (1, 16], e.g. budget:w3g128 or budget:2.92bpw")
         else:
             s = Setting.parse(base)
-            if method != "slim" and not isinstance(s.bits, int):
-                raise ConfigError(f"job {text!r}: fractional bits need method slim")
+            if method not in SLIM_METHODS and not isinstance(s.bits, int):
+                raise ConfigError(f"job {text!r}: fractional bits need method slim or awq-slim")
         return cls(method, setting)
 
     def __str__(self) -> str:
@@ -394,7 +394,7 @@ def command_line(args) -> str:
             + (f" --calib-dtype {args.calib_dtype}" if getattr(args, "calib_dtype", "float32") != "float32" else ""))
 
 
-CALIBRATED = ("gptq", "awq", "awq-gptq", "slim", "budget")
+CALIBRATED = ("gptq", "awq", "awq-gptq", "slim", "awq-slim", "budget")
 
 
 def _notes(r: dict[str, Any]) -> str:
@@ -454,7 +454,7 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
         "documents 0-999, seed 0. lowbit's formats: asymmetric, integer zero points, float16 scales, clipping "
         "search; GPTQ damp 0.01, true-sequential, no act-order. awq-gptq: AWQ smoothing (alpha grid 20, "
         "2048 sampled tokens) then GPTQ. slim: SliM-LLM widths per column group (setting = average code width), "
-        "GPTQ inside. budget: per-layer bit width and group size for the size of the named uniform format "
+        "GPTQ inside; awq-slim: the same after AWQ's smoothing (searched one bit above the average's floor). budget: per-layer bit width and group size for the size of the named uniform format "
         "(or the bits per weight named, e.g. 2.92bpw) "
         "(candidate starts: greedy allocations on each layer's output error, raw and rescaled by a per-layer KL "
         "probe, and the uniform levels that fit; the best by KL on held-out calibration windows, then an evolutionary "
