@@ -18,6 +18,7 @@ from lowbit.allocate import (
     held_out_ids,
     kl_scaled,
     layer_bytes,
+    only_allocation,
     probe_level,
     start_candidates,
 )
@@ -73,6 +74,16 @@ def test_start_candidates_include_the_uniform_levels_that_fit():
 def test_greedy_refuses_a_budget_below_the_smallest_allocation():
     with pytest.raises(BudgetError, match="smallest allocation"):
         greedy(torch.tensor([[10, 20]] * 3), torch.ones(3, 2), budget=29)
+
+
+def test_only_allocation_is_found_when_no_layer_can_move_up():
+    costs = torch.tensor([[10, 20, 30], [12, 24, 36], [10, 20, 30]])
+    assert only_allocation(costs, budget=32) == [0, 0, 0]
+    assert only_allocation(costs, budget=41) == [0, 0, 0]  # the cheapest upgrade needs 10 more
+    assert only_allocation(costs, budget=42) is None       # layer 0 or 2 can move up
+    assert only_allocation(torch.tensor([[10, 10, 30]]), budget=10) is None  # two levels of one size: a choice
+    with pytest.raises(BudgetError, match="smallest allocation"):
+        only_allocation(costs, budget=31)
 
 
 def deep_tiny(seed=0):
@@ -138,6 +149,30 @@ def test_impossible_budgets_name_the_fix(data_dir):  # noqa: F811
     with pytest.raises(BudgetError, match="smallest allocation"):
         quantize(lm, Recipe(method="rtn", **FAST, budget=BudgetConfig(target_bpw=1.5, levels=LEVELS)),
                  data_dir=data_dir, progress=False)
+
+
+def test_a_budget_with_one_possible_allocation_skips_the_search(data_dir, monkeypatch, tmp_path):  # noqa: F811
+    """At the size of the smallest level everywhere nothing can move, so no calibration pass or
+    search runs, the layers get that level, and the report says why."""
+    def no_sensitivity(*args, **kwargs):
+        raise AssertionError("the sensitivity pass ran for a budget with one allocation")
+
+    monkeypatch.setattr(lowbit.allocate, "sensitivity", no_sensitivity)
+    lm = deep_tiny()
+    names, _ = target_layers(lm.model, Recipe())
+    levels = BudgetConfig(target_bpw=3.0, levels=LEVELS).parsed_levels()
+    costs = layer_bytes(lm.model, names, levels, Recipe())
+    n_q = sum(lm.model.get_submodule(n).weight.numel() for n in names)
+    smallest = min(LEVELS, key=lambda lv: int(costs[0, LEVELS.index(lv)]))
+    bpw = 8 * int(costs.min(dim=1).values.sum()) / n_q
+    budget = BudgetConfig(target_bpw=bpw * 1.001, levels=LEVELS, generations=4)
+    res = quantize(lm, Recipe(method="rtn", **FAST, budget=budget), data_dir=data_dir, progress=False)
+    rep = res.extra["budget"]
+    assert rep["only_fit"] and rep["start_kl"] is None
+    assert set(rep["choice"].values()) == {smallest}
+    assert quantized_size(lm.model).bits_per_weight == pytest.approx(bpw)
+    out = save(res, tmp_path / "ck")
+    assert "only allocation that fits" in (out / "REPORT.md").read_text()
 
 
 @torch.inference_mode()

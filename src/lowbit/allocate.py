@@ -25,6 +25,10 @@ that the model meets a size budget (average bits per weight, or total bytes) wit
    search's result is kept only if it also beats its start on four times as many windows it never
    saw, by more than two standard errors of the paired per-window difference.
 
+When no layer can move up a level from the smallest allocation within the budget (a budget at
+the size of the smallest level, say), that allocation is the only one: steps 2-6 are skipped and
+the report says so.
+
 The result is a list of per-layer rules (recipes.Rule) the normal pipeline then quantizes with
 (GPTQ, AWQ...), and a report of what was chosen and why.
 """
@@ -224,6 +228,24 @@ def greedy(costs: torch.Tensor, errors: torch.Tensor, budget: int, floor: list[i
     return [hulls[i][pos[i]] for i in range(L)]
 
 
+def only_allocation(costs: torch.Tensor, budget: int) -> list[int] | None:
+    """The smallest level per layer when no single upgrade fits beside it (then nothing else
+    fits either: any other allocation moves some layer above its smallest level); None when
+    there is a choice to make. Raises when even the smallest allocation is over the budget."""
+    low = costs.min(dim=1)
+    used = int(low.values.sum())
+    if used > budget:
+        raise BudgetError(f"the smallest allocation takes {used} bytes for the quantized layers, more than the "
+                          f"budget of {budget}; raise the budget or add smaller levels")
+    for i in range(costs.shape[0]):
+        if int((costs[i] == low.values[i]).sum()) > 1:
+            return None  # two levels of the same size: a choice by error
+        up = costs[i][costs[i] > low.values[i]]
+        if up.numel() and used + int(up.min() - low.values[i]) <= budget:
+            return None
+    return [int(k) for k in low.indices]
+
+
 @dataclass
 class BudgetReport:
     target: str
@@ -240,6 +262,7 @@ class BudgetReport:
     history: list[float] = field(default_factory=list)
     confirm: dict[str, float] = field(default_factory=dict)  # start / searched KL on unseen windows
     kept: str | None = None                      # "searched", or "start" when the search did not confirm
+    only_fit: bool = False                       # the smallest levels were the only allocation that fits
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -251,6 +274,8 @@ class BudgetReport:
             kl = (f"; search from {self.start} (best of {len(self.starts)} starts): KL {self.start_kl:.4f} -> "
                   f"{self.final_kl:.4f} ({self.accepted} improvements); on unseen windows "
                   f"{self.confirm['start']:.4f} -> {self.confirm['searched']:.4f}, kept the {self.kept}")
+        if self.only_fit:
+            kl = "; the only allocation that fits (no layer can move up a level), so nothing was searched"
         return (f"budget {self.target}: {self.used_bytes / 1e6:.2f} of {self.budget_bytes / 1e6:.2f} MB for the "
                 f"quantized layers, {self.bits_per_weight:.3f} bits/weight; levels {counts}{kl}")
 
@@ -469,6 +494,42 @@ def held_out_ids(loaded: LoadedModel, recipe: Recipe, data_dir: str | None = Non
     return calibration_samples(loaded.tokenizer, c.dataset, n_eval, c.seqlen, c.seed + which, data_dir=data_dir)
 
 
+def _choose(loaded: LoadedModel, recipe: Recipe, names: list[str], levels, costs: torch.Tensor, budget: int,
+            data_dir: str | None, progress: bool) -> tuple[list[int], dict[str, Any]]:
+    """Steps 2-6 of the module docstring: the allocation, and what the search saw."""
+    cfg, model, c = recipe.budget, loaded.model, recipe.calibration
+    ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
+    errors, shrinks = sensitivity(loaded, names, levels, recipe, ids, progress)
+    if cfg.generations <= 0:
+        return greedy(costs, errors, budget), {}
+    score = _Scorer(model, names, levels, recipe, shrinks, search=held_out_ids(loaded, recipe, data_dir, 1),
+                    confirm=held_out_ids(loaded, recipe, data_dir, 2))
+    try:
+        kl_errors = None
+        if cfg.probe_tokens > 0:
+            k = probe_level(costs, budget)
+            kl_errors = kl_scaled(errors, score.probe(k, cfg.probe_tokens, progress), k)
+        candidates = start_candidates(costs, errors, budget, levels, kl_errors)
+        starts = {name: score(choice) for name, choice in
+                  tqdm(candidates.items(), desc="budget starts", unit="start", disable=not progress)}
+        start = min(starts, key=starts.get)
+        log.info("budget search starts: %s", ", ".join(f"{k} {v:.4f}" for k, v in starts.items()))
+        choice, final_kl, accepted, history = evolve(score, levels, costs, candidates[start], starts[start],
+                                                     budget, cfg, progress)
+        # A few windows can be fitted: the search's result must also beat its start, clearly,
+        # on windows it never saw, or the start is kept.
+        score.drop("search")
+        before, after = score.windows(candidates[start], "confirm"), score.windows(choice, "confirm")
+        confirm = {"start": sum(before) / len(before), "searched": sum(after) / len(after)}
+        kept = "searched" if accepted and clearly_better(after, before) else "start"
+        if kept == "start":
+            choice = candidates[start]
+    finally:
+        score.restore()
+    return choice, {"start": start, "starts": starts, "start_kl": starts[start], "final_kl": final_kl,
+                  "accepted": accepted, "history": history, "confirm": confirm, "kept": kept}
+
+
 def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir: str | None = None,
                 progress: bool = True) -> tuple[Recipe, BudgetReport]:
     """Choose a level per layer for recipe.budget; returns the recipe with one exact rule per layer."""
@@ -482,43 +543,18 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
     if top < budget * (1 - WITHIN):
         raise BudgetError(f"the budget allows {budget} bytes for the quantized layers but the largest level everywhere "
                           f"takes only {top} ({8 * top / n_q:.2f} bits/weight); lower the target or add wider levels")
-    c = recipe.calibration
-    ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
-    errors, shrinks = sensitivity(loaded, names, levels, recipe, ids, progress)
-    report_kls: dict[str, Any] = {}
-    if cfg.generations > 0:
-        score = _Scorer(model, names, levels, recipe, shrinks, search=held_out_ids(loaded, recipe, data_dir, 1),
-                        confirm=held_out_ids(loaded, recipe, data_dir, 2))
-        try:
-            kl_errors = None
-            if cfg.probe_tokens > 0:
-                k = probe_level(costs, budget)
-                kl_errors = kl_scaled(errors, score.probe(k, cfg.probe_tokens, progress), k)
-            candidates = start_candidates(costs, errors, budget, levels, kl_errors)
-            starts = {name: score(choice) for name, choice in
-                      tqdm(candidates.items(), desc="budget starts", unit="start", disable=not progress)}
-            start = min(starts, key=starts.get)
-            log.info("budget search starts: %s", ", ".join(f"{k} {v:.4f}" for k, v in starts.items()))
-            choice, final_kl, accepted, history = evolve(score, levels, costs, candidates[start], starts[start],
-                                                         budget, cfg, progress)
-            # A few windows can be fitted: the search's result must also beat its start, clearly,
-            # on windows it never saw, or the start is kept.
-            score.drop("search")
-            before, after = score.windows(candidates[start], "confirm"), score.windows(choice, "confirm")
-            confirm = {"start": sum(before) / len(before), "searched": sum(after) / len(after)}
-            kept = "searched" if accepted and clearly_better(after, before) else "start"
-            if kept == "start":
-                choice = candidates[start]
-        finally:
-            score.restore()
-        report_kls = {"start": start, "starts": starts, "start_kl": starts[start], "final_kl": final_kl,
-                      "accepted": accepted, "history": history, "confirm": confirm, "kept": kept}
+    forced = only_allocation(costs, budget)
+    if forced is None:
+        choice, report_kls = _choose(loaded, recipe, names, levels, costs, budget, data_dir, progress)
     else:
-        choice = greedy(costs, errors, budget)
+        choice, report_kls = forced, {"only_fit": True}
     used = sum(int(costs[i, k]) for i, k in enumerate(choice))
     if used < budget * (1 - WITHIN):
         raise BudgetError(f"could not get within {WITHIN:.0%} of the budget with levels {', '.join(cfg.levels)}: "
                           f"{used} of {budget} bytes; add finer levels (e.g. more group sizes)")
+    if forced is not None:
+        log.warning("budget: only the smallest level in every layer fits, so there was nothing to search; "
+                    "add smaller levels (e.g. w2g-1) to give the allocation room")
     chosen = {n: level_name(levels[k]) for n, k in zip(names, choice)}
     counts: dict[str, int] = {}
     for lv in chosen.values():

@@ -82,6 +82,9 @@ def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
                        f"improvements); starts scored: {starts}")
             out.append(f"- on unseen calibration windows: start {b['confirm']['start']:.4f}, searched "
                        f"{b['confirm']['searched']:.4f}; kept the {b['kept']}")
+        elif b.get("only_fit"):
+            out.append("- the smallest level in every layer is the only allocation that fits (no layer can move up a "
+                       "level within the budget), so nothing was searched; add smaller levels to give it room")
         out.append("")
     out += ["## Provenance", *_provenance(info), "", "## Recipe", "```", _recipe_lines(r), "```", ""]
     if info.get("skipped"):

@@ -406,6 +406,8 @@ def _notes(r: dict[str, Any]) -> str:
             kl = (f"; search from {b['start']} (best of {len(b['starts'])} starts), KL {b['start_kl']:.3f}->"
                   f"{b['final_kl']:.3f}, unseen {b['confirm']['start']:.3f}->{b['confirm']['searched']:.3f}: "
                   f"kept the {b['kept']}")
+        elif b.get("only_fit"):
+            kl = "; the only allocation that fits, so nothing was searched"
         return f"size of {r['setting']}: {counts}{kl}"
     if r["method"] == "llamacpp":
         types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
