@@ -309,3 +309,38 @@ def test_the_scorer_measures_against_the_unquantized_model_whenever_a_set_is_fir
     score.restore()
     for n in names:
         assert torch.equal(lm.model.get_submodule(n).weight, ref.get_submodule(n).weight)
+
+
+def tiny_qwen2(seed=0):
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    torch.manual_seed(seed)
+    src = ModelSource(spec="tiny", kind="hf_folder", path=None, gguf_file=None, name="tiny", sha256=None)
+    return LoadedModel(transformers.Qwen2ForCausalLM(cfg).eval(), ByteTokenizer(), src)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_probe_from_the_changed_block_on_measures_what_a_full_forward_does(arch, dtype, data_dir,  # noqa: F811
+                                                                              monkeypatch):
+    from lowbit.allocate import _Scorer
+
+    lm = deep_tiny() if arch == "llama" else tiny_qwen2()
+    calib = CalibrationConfig(n_samples=8, seqlen=64, dtype=dtype)
+    recipe = Recipe(method="rtn", calibration=calib, clip=ClipConfig(grid=4),
+                    budget=BudgetConfig(target_bpw=3.0, levels=LEVELS, search_tokens=128))
+    names, _ = target_layers(lm.model, recipe)
+    score = _Scorer(lm.model, names, recipe.budget.parsed_levels(), recipe,
+                    search=held_out_ids(lm, recipe, data_dir, 1), confirm=held_out_ids(lm, recipe, data_dir, 2))
+    slow = score.probe(0, 128, progress=False, reuse_prefix=False)
+
+    def no_full_forward(*args, **kwargs):
+        raise AssertionError("the probe ran the whole model")
+
+    monkeypatch.setattr(lowbit.allocate, "_window_kls", no_full_forward)
+    fast = score.probe(0, 128, progress=False)
+    score.restore()
+    assert slow.max() > 1e-3  # (bfloat16 noise can put a harmless layer slightly below 0)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-9), (fast - slow).abs().max()

@@ -50,9 +50,11 @@ from tqdm.auto import tqdm
 
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize, rtn_shrink
 from lowbit.algorithms.slim import output_error
+from lowbit.calibration.capture import base_model, capture_block_inputs
 from lowbit.calibration.sequential import run_sequential
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
+from lowbit.models.arch import decoder_layers
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import format_nbytes
 from lowbit.recipes import BudgetConfig, Recipe, Rule
@@ -329,14 +331,56 @@ def _log_probs(model: nn.Module, row: torch.Tensor, dtype: str) -> torch.Tensor:
         return F.log_softmax(model(row.unsqueeze(0)).logits[0].float(), -1)
 
 
+def _kl(ref: torch.Tensor, logp: torch.Tensor) -> float:
+    """Mean KL(ref || logp) per token of one window."""
+    ref = ref.float()
+    return float((ref.exp() * (ref - logp)).sum()) / ref.shape[0]
+
+
 def _window_kls(model: nn.Module, ids: torch.Tensor, ref_logp: list[torch.Tensor], dtype: str) -> list[float]:
     """Mean KL per token of each window."""
-    out = []
-    for row, ref in zip(ids, ref_logp):
-        logp = _log_probs(model, row, dtype)
-        ref = ref.float()
-        out.append(float((ref.exp() * (ref - logp)).sum()) / row.numel())
-    return out
+    return [_kl(ref, _log_probs(model, row, dtype)) for row, ref in zip(ids, ref_logp)]
+
+
+def _block_output(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Tails:
+    """The unquantized model's hidden state entering each decoder block, on a few windows, so a
+    forward with layers of one block changed can start at that block: the blocks before it would
+    compute exactly these states again. The probe changes one layer at a time, so this saves
+    about half of its block forwards."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, dtype: str):
+        self.model, self.dtype = model, dtype
+        self.layers = decoder_layers(model)
+        self.block_of = {id(m): b for b, block in enumerate(self.layers) for m in block.modules()}
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            cap = capture_block_inputs(model, self.layers, ids)
+            self.args, self.kwargs = cap.layer_args, cap.layer_kwargs
+            h, self.inputs = cap.hidden, []
+            for b, block in enumerate(self.layers):
+                self.inputs.append(h)
+                h = torch.cat([_block_output(block(h[j:j + 1], *self.args[b], **self.kwargs[b]))
+                               for j in range(h.shape[0])])
+
+    @staticmethod
+    def usable(model: nn.Module) -> bool:
+        """Whether the model's output is its final norm then its LM head (no logit soft-capping
+        or other step this class would skip)."""
+        return (isinstance(getattr(model, "lm_head", None), nn.Module)
+                and isinstance(getattr(base_model(model), "norm", None), nn.Module)
+                and getattr(model.config, "final_logit_softcapping", None) is None)
+
+    def log_probs(self, j: int, start: int) -> torch.Tensor:
+        """Next-token log-probabilities of window j, running blocks from `start` on."""
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"):
+            h = self.inputs[start][j:j + 1]
+            for b in range(start, len(self.layers)):
+                h = _block_output(self.layers[b](h, *self.args[b], **self.kwargs[b]))
+            logits = self.model.lm_head(base_model(self.model).norm(h))
+            return F.log_softmax(logits[0].float(), -1)
 
 
 def clearly_better(new: list[float], old: list[float], z: float = 2.0) -> bool:
@@ -378,16 +422,24 @@ class _Scorer:
         kls = self.windows(choice, on)
         return sum(kls) / len(kls)
 
-    def probe(self, k: int, tokens: int, progress: bool = True) -> torch.Tensor:
+    def probe(self, k: int, tokens: int, progress: bool = True, reuse_prefix: bool = True) -> torch.Tensor:
         """[L] KL with one layer at a time quantized at level k, the others unquantized, on the
-        first `tokens` tokens of the search set."""
+        first `tokens` tokens of the search set. With reuse_prefix (and a model _Tails can
+        replay) each forward starts at the changed layer's block."""
         ids, ref_logp = self._set("search")
         n = max(1, min(len(ids), tokens // ids.shape[1]))
         names = self.fq.names
+        self.fq.set([None] * len(names))
+        tails = _Tails(self.model, ids[:n], self.dtype) if reuse_prefix and _Tails.usable(self.model) else None
         out = torch.empty(len(names))
         for i in tqdm(range(len(names)), desc="budget probes", unit="layer", disable=not progress):
             self.fq.set([k if j == i else None for j in range(len(names))])
-            out[i] = sum(_window_kls(self.model, ids[:n], ref_logp[:n], self.dtype)) / n
+            start = None if tails is None else tails.block_of.get(id(self.model.get_submodule(names[i])))
+            if start is None:
+                out[i] = sum(_window_kls(self.model, ids[:n], ref_logp[:n], self.dtype)) / n
+            else:
+                out[i] = sum(_kl(ref_logp[j], tails.log_probs(j, start)) for j in range(n)) / n
+        self.fq.set([None] * len(names))
         return out
 
     def windows(self, choice: list[int], on: str = "search") -> list[float]:
