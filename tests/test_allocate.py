@@ -234,6 +234,31 @@ def test_a_search_result_that_does_not_hold_on_unseen_windows_is_dropped(data_di
     assert rep["bits_per_weight"] >= 0.99 * 3.0  # the start's allocation, not the searched one
 
 
+def test_a_search_that_found_nothing_better_keeps_its_start_without_the_confirmation_pass(
+        data_dir, monkeypatch, tmp_path):  # noqa: F811
+    from lowbit.allocate import _Scorer
+
+    def nothing_better(score, levels, costs, start, start_kl, budget, cfg, progress=True):
+        return list(start), start_kl, 0, [start_kl]
+
+    real_windows = _Scorer.windows
+
+    def windows(self, choice, on="search"):
+        assert on != "confirm", "the confirmation windows were scored"
+        return real_windows(self, choice, on)
+
+    monkeypatch.setattr(lowbit.allocate, "evolve", nothing_better)
+    monkeypatch.setattr(_Scorer, "windows", windows)
+    lm = deep_tiny()
+    budget = BudgetConfig(target_bpw=3.0, levels=LEVELS, generations=1, offspring=1, search_tokens=128)
+    res = quantize(lm, Recipe(method="rtn", **FAST, budget=budget), data_dir=data_dir, progress=False)
+    rep = res.extra["budget"]
+    assert rep["kept"] == "start" and rep["confirm"] == {} and rep["final_kl"] == rep["start_kl"]
+    assert rep["choice"] and rep["bits_per_weight"] >= 0.99 * 3.0
+    report = (save(res, tmp_path / "ck") / "REPORT.md").read_text()
+    assert "nothing to confirm: kept the start" in report
+
+
 def test_clearly_better_is_a_paired_test_over_windows():
     old = [1.0, 2.0, 3.0, 4.0]
     assert clearly_better([x - 0.1 for x in old], old)            # lower on every window by the same amount

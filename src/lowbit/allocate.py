@@ -248,6 +248,14 @@ def only_allocation(costs: torch.Tensor, budget: int) -> list[int] | None:
     return [int(k) for k in low.indices]
 
 
+def _confirmed(b: dict[str, Any]) -> str:
+    """The confirmation step of a budget report, in words."""
+    if not b["confirm"]:
+        return "no offspring beat the start, so it was kept"
+    return (f"on unseen windows {b['confirm']['start']:.4f} -> {b['confirm']['searched']:.4f}, "
+            f"kept the {b['kept']}")
+
+
 @dataclass
 class BudgetReport:
     target: str
@@ -274,8 +282,7 @@ class BudgetReport:
         kl = ""
         if self.start_kl is not None:
             kl = (f"; search from {self.start} (best of {len(self.starts)} starts): KL {self.start_kl:.4f} -> "
-                  f"{self.final_kl:.4f} ({self.accepted} improvements); on unseen windows "
-                  f"{self.confirm['start']:.4f} -> {self.confirm['searched']:.4f}, kept the {self.kept}")
+                  f"{self.final_kl:.4f} ({self.accepted} improvements); {_confirmed(self.to_dict())}")
         if self.only_fit:
             kl = "; the only allocation that fits (no layer can move up a level), so nothing was searched"
         return (f"budget {self.target}: {self.used_bytes / 1e6:.2f} of {self.budget_bytes / 1e6:.2f} MB for the "
@@ -570,10 +577,13 @@ def _choose(loaded: LoadedModel, recipe: Recipe, names: list[str], levels, costs
                                                      budget, cfg, progress)
         # A few windows can be fitted: the search's result must also beat its start, clearly,
         # on windows it never saw, or the start is kept.
+        # (Nothing to confirm when no offspring beat the start: the start is the result.)
         score.drop("search")
-        before, after = score.windows(candidates[start], "confirm"), score.windows(choice, "confirm")
-        confirm = {"start": sum(before) / len(before), "searched": sum(after) / len(after)}
-        kept = "searched" if accepted and clearly_better(after, before) else "start"
+        confirm, kept = {}, "start"
+        if accepted:
+            before, after = score.windows(candidates[start], "confirm"), score.windows(choice, "confirm")
+            confirm = {"start": sum(before) / len(before), "searched": sum(after) / len(after)}
+            kept = "searched" if clearly_better(after, before) else "start"
         if kept == "start":
             choice = candidates[start]
     finally:

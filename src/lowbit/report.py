@@ -81,7 +81,8 @@ def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
                        f"({b['start']}), {b['final_kl']:.4f} after the evolutionary search ({b['accepted']} "
                        f"improvements); starts scored: {starts}")
             out.append(f"- on unseen calibration windows: start {b['confirm']['start']:.4f}, searched "
-                       f"{b['confirm']['searched']:.4f}; kept the {b['kept']}")
+                       f"{b['confirm']['searched']:.4f}; kept the {b['kept']}" if b["confirm"] else
+                       "- no offspring beat the start, so there was nothing to confirm: kept the start")
         elif b.get("only_fit"):
             out.append("- the smallest level in every layer is the only allocation that fits (no layer can move up a "
                        "level within the budget), so nothing was searched; add smaller levels to give it room")

@@ -403,9 +403,10 @@ def _notes(r: dict[str, Any]) -> str:
         counts = " ".join(f"{k}x{v}" for k, v in sorted(b["counts"].items()))
         kl = ""
         if b.get("start_kl") is not None:
+            unseen = (f"unseen {b['confirm']['start']:.3f}->{b['confirm']['searched']:.3f}: kept the {b['kept']}"
+                      if b["confirm"] else "no offspring beat it: kept the start")
             kl = (f"; search from {b['start']} (best of {len(b['starts'])} starts), KL {b['start_kl']:.3f}->"
-                  f"{b['final_kl']:.3f}, unseen {b['confirm']['start']:.3f}->{b['confirm']['searched']:.3f}: "
-                  f"kept the {b['kept']}")
+                  f"{b['final_kl']:.3f}, {unseen}")
         elif b.get("only_fit"):
             kl = "; the only allocation that fits, so nothing was searched"
         return f"size of {r['setting']}: {counts}{kl}"
