@@ -23,7 +23,8 @@ that the model meets a size budget (average bits per weight, or total bytes) wit
 6. Confirmation: a few thousand tokens can be fitted (on smollm2-135m, RTN at the size of
    w3g128, a search that cut the searched windows' KL by 12% raised WikiText-2's by 9%), so the
    search's result is kept only if it also beats its start on four times as many windows it never
-   saw, by more than two standard errors of the paired per-window difference.
+   saw, by more than two standard errors of the paired per-window difference. (When no offspring
+   beat the start, the start is the result and nothing needs confirming.)
 
 When no layer can move up a level from the smallest allocation within the budget (a budget at
 the size of the smallest level, say), that allocation is the only one: steps 2-6 are skipped and
