@@ -379,7 +379,7 @@ class _Tails:
         or other step this class would skip)."""
         return (isinstance(getattr(model, "lm_head", None), nn.Module)
                 and isinstance(getattr(base_model(model), "norm", None), nn.Module)
-                and getattr(model.config, "final_logit_softcapping", None) is None)
+                and getattr(getattr(model, "config", None), "final_logit_softcapping", None) is None)
 
     def log_probs(self, j: int, start: int) -> torch.Tensor:
         """Next-token log-probabilities of window j, running blocks from `start` on."""
