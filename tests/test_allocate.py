@@ -86,14 +86,16 @@ def test_only_allocation_is_found_when_no_layer_can_move_up():
         only_allocation(costs, budget=31)
 
 
-def deep_tiny(seed=0):
+def deep_tiny(seed=0, arch="llama", layers=6):
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    cfg = config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
     torch.manual_seed(seed)
     src = ModelSource(spec="tiny", kind="hf_folder", path=None, gguf_file=None, name="tiny", sha256=None)
-    return LoadedModel(transformers.LlamaForCausalLM(cfg).eval(), ByteTokenizer(), src)
+    return LoadedModel(model(cfg).eval(), ByteTokenizer(), src)
 
 
 LEVELS = ("w2g16", "w2g32", "w3g16", "w3g32", "w4g16", "w4g32", "w5g32", "w6g32", "w8g32")
@@ -336,23 +338,13 @@ def test_the_scorer_measures_against_the_unquantized_model_whenever_a_set_is_fir
         assert torch.equal(lm.model.get_submodule(n).weight, ref.get_submodule(n).weight)
 
 
-def tiny_qwen2(seed=0):
-    import transformers
-
-    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    torch.manual_seed(seed)
-    src = ModelSource(spec="tiny", kind="hf_folder", path=None, gguf_file=None, name="tiny", sha256=None)
-    return LoadedModel(transformers.Qwen2ForCausalLM(cfg).eval(), ByteTokenizer(), src)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_probe_from_the_changed_block_on_measures_what_a_full_forward_does(arch, dtype, data_dir,  # noqa: F811
                                                                               monkeypatch):
     from lowbit.allocate import _Scorer
 
-    lm = deep_tiny() if arch == "llama" else tiny_qwen2()
+    lm = deep_tiny(arch=arch, layers=4)
     calib = CalibrationConfig(n_samples=8, seqlen=64, dtype=dtype)
     recipe = Recipe(method="rtn", calibration=calib, clip=ClipConfig(grid=4),
                     budget=BudgetConfig(target_bpw=3.0, levels=LEVELS, search_tokens=128))

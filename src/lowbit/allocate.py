@@ -178,6 +178,11 @@ def _block_prefixes(model: nn.Module, names: list[str]) -> dict[int, str]:
     return out
 
 
+def _over_budget(used: int, budget: int) -> BudgetError:
+    return BudgetError(f"the smallest allocation takes {used} bytes for the quantized layers, more than the "
+                       f"budget of {budget}; raise the budget or add smaller levels")
+
+
 def greedy(costs: torch.Tensor, errors: torch.Tensor, budget: int, floor: list[int] | None = None) -> list[int]:
     """Level index per layer: cheapest everywhere (or `floor`, a level per layer), then the best
     error-per-byte upgrades that fit."""
@@ -208,8 +213,7 @@ def greedy(costs: torch.Tensor, errors: torch.Tensor, budget: int, floor: list[i
     pos = [0] * L
     used = sum(int(costs[i, hulls[i][0]]) for i in range(L))
     if used > budget:
-        raise BudgetError(f"the smallest allocation takes {used} bytes for the quantized layers, more than the "
-                          f"budget of {budget}; raise the budget or add smaller levels")
+        raise _over_budget(used, budget)
     heap = []
 
     def push(i: int) -> None:
@@ -238,8 +242,7 @@ def only_allocation(costs: torch.Tensor, budget: int) -> list[int] | None:
     low = costs.min(dim=1)
     used = int(low.values.sum())
     if used > budget:
-        raise BudgetError(f"the smallest allocation takes {used} bytes for the quantized layers, more than the "
-                          f"budget of {budget}; raise the budget or add smaller levels")
+        raise _over_budget(used, budget)
     for i in range(costs.shape[0]):
         if int((costs[i] == low.values[i]).sum()) > 1:
             return None  # two levels of the same size: a choice by error
