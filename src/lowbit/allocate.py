@@ -252,12 +252,11 @@ def only_allocation(costs: torch.Tensor, budget: int) -> list[int] | None:
     return [int(k) for k in low.indices]
 
 
-def _confirmed(b: dict[str, Any]) -> str:
+def _confirmed(confirm: dict[str, float], kept: str) -> str:
     """The confirmation step of a budget report, in words."""
-    if not b["confirm"]:
+    if not confirm:
         return "no offspring beat the start, so it was kept"
-    return (f"on unseen windows {b['confirm']['start']:.4f} -> {b['confirm']['searched']:.4f}, "
-            f"kept the {b['kept']}")
+    return f"on unseen windows {confirm['start']:.4f} -> {confirm['searched']:.4f}, kept the {kept}"
 
 
 @dataclass
@@ -286,7 +285,7 @@ class BudgetReport:
         kl = ""
         if self.start_kl is not None:
             kl = (f"; search from {self.start} (best of {len(self.starts)} starts): KL {self.start_kl:.4f} -> "
-                  f"{self.final_kl:.4f} ({self.accepted} improvements); {_confirmed(self.to_dict())}")
+                  f"{self.final_kl:.4f} ({self.accepted} improvements); {_confirmed(self.confirm, self.kept)}")
         if self.only_fit:
             kl = "; the only allocation that fits (no layer can move up a level), so nothing was searched"
         return (f"budget {self.target}: {self.used_bytes / 1e6:.2f} of {self.budget_bytes / 1e6:.2f} MB for the "
