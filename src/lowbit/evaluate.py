@@ -9,6 +9,8 @@ LoadedCheckpoint). Both run in the same dtype.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,6 +21,8 @@ from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.eval import compare_to_reference, default_seqlen, perplexity
 from lowbit.eval.size import quantized_size
+
+log = logging.getLogger(__name__)
 
 REFERENCE_NOTE = (
     "The reference is the GGUF model dequantized to float. Its weights were already quantized "
@@ -57,6 +61,29 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def non_finite(self) -> bool:
+        """True if any measured perplexity or KL is NaN or infinite: the result means nothing."""
+        return any(not math.isfinite(v) for d in self.datasets.values()
+                   for v in (d.ppl, d.ref_ppl, d.kl_mean, d.kl_p99) if v is not None)
+
+
+def implausible(d: DatasetResult, vocab_size: int | None) -> list[str]:
+    """What is wrong with one dataset's numbers: not finite, or a perplexity above the vocabulary
+    size (worse than guessing every token uniformly, which a working model never is)."""
+    problems = []
+    for label, v in (("perplexity", d.ppl), ("reference perplexity", d.ref_ppl)):
+        if v is None:
+            continue
+        if not math.isfinite(v):
+            problems.append(f"{label} is {v}")
+        elif vocab_size and v > vocab_size:
+            problems.append(f"{label} {v:.4g} is above the vocabulary size {vocab_size} (worse than a uniform guess)")
+    for label, v in (("mean KL", d.kl_mean), ("99th-percentile KL", d.kl_p99)):
+        if v is not None and not math.isfinite(v):
+            problems.append(f"{label} is {v}")
+    return problems
 
 
 def evaluate(
@@ -100,6 +127,12 @@ def evaluate(
             dr.kv, dr.kv_bytes, dr.kv_bf16_bytes = kv, stats.get("kv_bytes"), stats.get("kv_bf16_bytes")
         dr.seconds = time.perf_counter() - t0
         result.datasets[ds] = dr
+        problems = implausible(dr, getattr(model.config, "vocab_size", None))
+        if problems:
+            note = (f"{ds}: {'; '.join(problems)}. This result is not a measurement of a working model: the "
+                    "model or checkpoint is broken (NaN or overflowing weights or activations; try --dtype float32)")
+            result.notes.append(note)
+            log.warning("%s", note)
     return result
 
 
@@ -143,17 +176,40 @@ def check_no_overlap(calibration: str | None, datasets: list[str]) -> None:
 def load_reference_for(manifest: dict[str, Any], dtype: torch.dtype, cache: str | None = None):
     """Load the model a checkpoint was made from, as recorded in its manifest.
 
-    Known names and hub ids resolve as given; files and folders by their recorded absolute path.
-    A source whose sha256 differs from the recorded one is refused: KL against another model
-    would be meaningless.
+    The manifest is data from the checkpoint's author, so nothing is fetched on its word: a known
+    model must already be in the cache, a file or folder must exist here at its recorded path (of
+    the recorded kind), and a hub repository is refused (pass it with --reference if you trust it).
+    A source whose sha256 differs from the recorded one is refused: KL against another model would
+    be meaningless.
     """
-    from lowbit.models import load_model
+    from pathlib import Path
+
+    from lowbit.errors import ModelNotFoundError
+    from lowbit.models import load_model, resolve_model
 
     src = manifest.get("source") or {}
-    spec = src.get("path") if src.get("kind") in ("gguf", "hf_folder") else src.get("spec")
-    if not spec:
+    kind = src.get("kind")
+    spec = src.get("path") if kind in ("gguf", "hf_folder") else src.get("spec")
+    if not spec or not isinstance(spec, str):
         raise ConfigError("the checkpoint does not record its source model; pass --reference MODEL or --reference none")
-    ref = load_model(spec, dtype=dtype, cache=cache)
+    if kind == "hub":
+        raise ConfigError(f"the checkpoint names the hub repository {spec!r} as its source; lowbit does not download "
+                          "what a checkpoint file names. If you trust it, pass --reference "
+                          f"{spec}, or use --reference none")
+    if kind not in ("known", "gguf", "hf_folder"):
+        raise ConfigError(f"the checkpoint records a source of unknown kind {kind!r}; pass --reference MODEL or "
+                          "--reference none")
+    if kind != "known" and not Path(spec).exists():
+        raise ModelNotFoundError(f"the checkpoint's source model {spec} ({kind}) does not exist on this machine; pass "
+                                 "--reference MODEL with a copy of it, or --reference none")
+    try:
+        source = resolve_model(spec, cache=cache, fetch=False, progress=False)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"{e}; or pass --reference MODEL, or --reference none") from None
+    if source.kind != kind:
+        raise ConfigError(f"the checkpoint's source {spec!r} is recorded as {kind} but is a {source.kind} here; "
+                          "pass --reference MODEL or --reference none")
+    ref = load_model(source, dtype=dtype, cache=cache)
     if src.get("sha256") and ref.source.sha256 and ref.source.sha256 != src["sha256"]:
         raise ConfigError(
             f"the source model at {spec} has sha256 {ref.source.sha256[:16]}..., but the checkpoint was made "

@@ -10,6 +10,7 @@ RTN needs no data; GPTQ draws seeded calibration samples and runs the sequential
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -26,13 +27,14 @@ from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
 from lowbit.allocate import plan_budget
 from lowbit.calibration.sequential import run_sequential
-from lowbit.checkpoint import layer_entries, save_checkpoint
+from lowbit.checkpoint import MANIFEST, REPORT, save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
 from lowbit.eval.size import quantized_size
 from lowbit.evaluate import EvalResult
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
+from lowbit.outputs import write_atomically
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import GPTQ_METHODS, SLIM_METHODS, SMOOTHING_METHODS, Recipe
 from lowbit.report import quantize_report
@@ -49,6 +51,7 @@ class LayerReport:
     loss: float | None = None       # GPTQ proxy loss
     damp: float | None = None       # damping finally used (GPTQ)
     extra: dict[str, Any] = field(default_factory=dict)  # method details (AWQ alpha, ...)
+    fallback: bool = False          # GPTQ's Hessian never factorized: quantized round-to-nearest
 
 
 @dataclass
@@ -66,6 +69,23 @@ class QuantizeResult:
     def model(self) -> nn.Module:
         return self.loaded.model
 
+    @property
+    def fallbacks(self) -> list[str]:
+        """Layers the recipe asked to calibrate that were quantized round-to-nearest instead,
+        because their Hessian would not factorize (see algorithms/gptq.py)."""
+        return [name for name, r in self.layers.items() if r.fallback]
+
+    def fallback_summary(self) -> str | None:
+        """One line saying which layers fell back, or None when none did."""
+        names = self.fallbacks
+        if not names:
+            return None
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return (f"{len(names)} of {len(self.layers)} layers fell back to round-to-nearest because their "
+                f"Hessian would not factorize even with damping raised 100x: {shown}. Their error is not "
+                "compensated; check the calibration data and the model's activations (a NaN or infinite "
+                "activation gives a NaN Hessian), or raise gptq.damp")
+
     def manifest_info(self, evaluations: list[EvalResult] = ()) -> dict[str, Any]:
         """What the checkpoint manifest records about this job."""
         s = self.loaded.source
@@ -73,23 +93,37 @@ class QuantizeResult:
         return {
             "source": {"spec": s.spec, "name": s.name, "kind": s.kind, "path": str(s.path) if s.path else None,
                        "sha256": s.sha256},
-            "recipe": self.recipe.to_dict(),
+            "recipe": self.recipe.used_dict(),
             "calibration": self.calibration,
             "stats": {"seconds": self.seconds, "peak_rss_bytes": self.peak_rss_bytes,
                       "bits_per_weight": size.bits_per_weight, "model_bytes": size.model_bytes,
                       "reference_bytes": size.reference_bytes},
             "skipped": self.skipped,
-            "layer_stats": {n: {"loss": r.loss, "damp": r.damp, **r.extra} for n, r in self.layers.items()},
+            "layer_stats": {n: {"loss": r.loss, "damp": r.damp, **({"fallback": True} if r.fallback else {}),
+                                **r.extra} for n, r in self.layers.items()},
             "evaluation": [e.to_dict() for e in evaluations],
             **self.extra,
         }
 
 
 def save(result: QuantizeResult, out_dir: str | Path, evaluations: list[EvalResult] = (), overwrite: bool = False) -> Path:
-    """Write result as a checkpoint folder with its manifest and REPORT.md."""
-    info = result.manifest_info(evaluations)
-    report = quantize_report({**info, "layers": layer_entries(result.model)}, list(evaluations))
-    return save_checkpoint(result.model, result.loaded.tokenizer, out_dir, info, report=report, overwrite=overwrite)
+    """Write result as a checkpoint folder with its manifest and REPORT.md. `overwrite` replaces
+    an earlier lowbit checkpoint, never the source model (checkpoint.save_checkpoint)."""
+    evaluations = list(evaluations)
+    source = result.loaded.source.path
+    return save_checkpoint(result.model, result.loaded.tokenizer, out_dir, result.manifest_info(evaluations),
+                           report=lambda manifest: quantize_report(manifest, evaluations), overwrite=overwrite,
+                           protect=[source] if source is not None else [])
+
+
+def record_evaluation(checkpoint: str | Path, evaluations: list[EvalResult]) -> None:
+    """Write `evaluations` into a saved checkpoint's manifest ("evaluation") and REPORT.md, each
+    file replaced in one rename. Neither file is in the manifest's "files", so no hash changes."""
+    path = Path(checkpoint)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["evaluation"] = [e.to_dict() for e in evaluations]
+    write_atomically(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    write_atomically(path / REPORT, quantize_report(manifest, list(evaluations)))
 
 
 def target_layers(model: nn.Module, recipe: Recipe) -> tuple[list[str], list[str]]:
@@ -134,7 +168,8 @@ def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
         resolve_format(lin.in_features, bits, r.group_size, r.symmetric)
 
 
-def estimate(model: nn.Module, recipe: Recipe) -> dict[str, float]:
+def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = None,
+             eval_seqlen: int | None = None) -> dict[str, float]:
     """Rough memory (bytes) and time (seconds) for the job, printed before it starts.
 
     Time assumes ~60 GFLOP/s of useful work in the calibration forward passes (what a 2-core AVX2
@@ -169,7 +204,53 @@ def estimate(model: nn.Module, recipe: Recipe) -> dict[str, float]:
     else:
         grid = recipe.clip.grid + 1 if recipe.clip.enabled else 1
         est["seconds"] = block_params * grid * 2e-8
+    est["peak_bytes"] = peak_bytes(model, recipe, block_params, est, baseline_bytes, eval_seqlen)
     return est
+
+
+def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[str, float],
+               baseline_bytes: float | None = None, eval_seqlen: int | None = None) -> float:
+    """The job's peak resident memory, in bytes: what the process held before loading the model
+    (`baseline_bytes`: torch, transformers and lowbit imported; default its size now), the model,
+    and the largest of the phases that follow.
+
+    Quantizing keeps, per quantized weight, a dense twin of the model's dtype and one byte of
+    codes beside the original (the originals are memory-mapped from the file and count once they
+    are read); calibration adds the block inputs, one batch of 8 samples' activations (attention
+    scores, the MLP's wide products) and the Hessians; a budget holds a fake-quantized copy of
+    the block weights; saving serializes the dense tensors and the packed codes in memory.
+    Evaluation (`eval_seqlen`: --eval's window) loads the reference beside the quantized model
+    and holds both models' logits of one window with their log-softmax. Measured against peak
+    RSS on smollm2-135m (BENCHMARKS.md, "Memory estimate against peak RSS").
+    """
+    from lowbit.memory import rss_bytes
+
+    baseline = float(rss_bytes() if baseline_bytes is None else baseline_bytes)
+    model_bytes = est["model_bytes"]
+    itemsize = next(model.parameters()).element_size()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    quantizing = block_params * (itemsize + 1)
+    work = 0.0
+    if recipe.needs_calibration:
+        c = recipe.calibration
+        batch = min(8, c.n_samples)
+        heads = getattr(cfg, "num_attention_heads", 1)
+        wide = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
+        work = (est["calib_bytes"] / 2 + est["hessian_bytes"]
+                + 4.0 * batch * c.seqlen * (3 * wide + heads * c.seqlen + 4 * cfg.hidden_size))
+        if recipe.budget is not None:
+            work += block_params * itemsize
+    dense = model_bytes - block_params * itemsize
+    saving = dense + block_params * max(recipe.bits, recipe.head_bits or 0, 2) / 8
+    peak = baseline + model_bytes + quantizing + max(work, saving)
+    if eval_seqlen:
+        vocab = getattr(cfg, "vocab_size", 0)
+        quantized_model = dense + block_params
+        # one window's logits, float32 [seqlen, vocab], held about 11 times over by the comparison
+        # (both models' logits and log-softmaxes, their difference, the reference's cached copy)
+        evaluation = baseline + quantized_model + model_bytes + 4.0 * eval_seqlen * vocab * 11
+        peak = max(peak, evaluation)
+    return float(peak)
 
 
 def _dense_twin(lin: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> nn.Linear:
@@ -181,14 +262,37 @@ def _dense_twin(lin: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> nn.L
     return twin
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite value in any floating parameter, naming the tensor:
+    quantized, it would give NaN or infinite scales (and, under GPTQ, NaN Hessians)."""
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() or bool(torch.isfinite(p).all()):
+            continue
+        n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+        hint = (f" (in {p.dtype}, values above {torch.finfo(p.dtype).max:.0f} overflow: if the file holds "
+                "larger ones, load the model with --dtype float32)") if p.element_size() < 4 else ""
+        raise ConfigError(
+            f"the model's tensor {name} holds {n_nan} NaN and {n_inf} infinite values (of {p.numel()}){hint}; "
+            "quantizing it would give NaN or infinite scales. The model file is damaged or was saved with "
+            "overflowed weights: re-download or re-export it"
+        )
+
+
 def quantize(
     loaded: LoadedModel,
     recipe: Recipe,
     data_dir: str | None = None,
     progress: bool = True,
 ) -> QuantizeResult:
-    """Quantize loaded.model in place with `recipe`; returns what was done."""
+    """Quantize loaded.model in place with `recipe`; returns what was done.
+
+    Refuses (ConfigError) a model with a non-finite weight before any work, and any layer whose
+    quantized scales are not finite once stored. Layers where GPTQ fell back to round-to-nearest
+    are recorded (LayerReport.fallback, QuantizeResult.fallbacks, extra["fallbacks"]) and
+    warned about once; the caller decides whether that is an error.
+    """
     model = loaded.model
+    check_finite_weights(model)
     names, skipped = target_layers(model, recipe)
     if not names:
         raise ConfigError("the recipe's skip list excludes every linear layer; nothing to quantize")
@@ -205,12 +309,14 @@ def quantize(
     clip = recipe.clip if recipe.clip.enabled else None
     dtype = next(model.parameters()).dtype
 
-    def keep(full: str, lin: nn.Linear, qw: QuantizedWeight, loss=None, damp=None, **details) -> nn.Linear:
+    def keep(full: str, lin: nn.Linear, qw: QuantizedWeight, loss=None, damp=None, fallback=False,
+             **details) -> nn.Linear:
         # While calibrating, a quantized layer runs as a dense Linear holding exactly the
         # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
         # the QuantLinear modules are swapped in once every block is done.
+        qw.check_finite(full)
         qweights[full] = (lin.bias, qw)
-        layers[full] = LayerReport(qw.fmt.to_dict(), qw.shape, loss, damp, details)
+        layers[full] = LayerReport(qw.fmt.to_dict(), qw.shape, loss, None if fallback else damp, details, fallback)
         return _dense_twin(lin, qw, dtype)
 
     qweights: dict[str, tuple[torch.Tensor | None, QuantizedWeight]] = {}
@@ -253,7 +359,7 @@ def quantize(
                     else:
                         res = gptq_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,
                                             r.symmetric, recipe.gptq, clip, iscale=recipe.integer_scale)
-                    out[name] = keep(full, lin, res.qweight, res.loss, res.damp_used, **info)
+                    out[name] = keep(full, lin, res.qweight, res.loss, res.damp_used, res.fallback, **info)
                 return out
 
         extras: dict[str, dict[str, Any]] = {}
@@ -282,4 +388,8 @@ def quantize(
     for full, (bias, qw) in qweights.items():
         model.set_submodule(full, QuantLinear.from_quantized(qw, bias, dtype=dtype))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return QuantizeResult(loaded, recipe, layers, skipped, calibration, time.perf_counter() - t0, peak, extra)
+    result = QuantizeResult(loaded, recipe, layers, skipped, calibration, time.perf_counter() - t0, peak, extra)
+    if result.fallbacks:
+        extra["fallbacks"] = result.fallbacks  # into the manifest with the other extras
+        log.warning(result.fallback_summary())
+    return result

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.errors import ShapeError
+from lowbit.errors import ConfigError, ShapeError
 from lowbit.formats import affine, integer_scale, pack
 
 
@@ -154,6 +154,28 @@ class QuantizedWeight:
             if int(gb.min()) < 1 or int(gb.max()) > self.fmt.bits:
                 raise ShapeError(f"group_bits must lie in 1..{self.fmt.bits} (the format's widest), "
                                  f"got {int(gb.min())}..{int(gb.max())}")
+
+    def check_finite(self, name: str) -> None:
+        """Refuse a record whose scales or zero points are not numbers its storage can hold.
+
+        A group scale that overflows float16 is stored as inf (a weight of magnitude 1e6 at 4 bits
+        needs a scale of ~67000, above float16's 65504), and a NaN anywhere in the weight makes
+        NaN scales; either would dequantize to inf or NaN. Raises ConfigError naming the layer.
+        """
+        bad = ~torch.isfinite(self.float_scales())  # [out, G]
+        if bool(bad.any()):
+            r, g = (int(i) for i in torch.nonzero(bad)[0])
+            raise ConfigError(
+                f"layer {name}: {int(bad.sum())} of its {bad.numel()} group scales are not finite once stored "
+                f"as {self.fmt.scale_dtype} (first at row {r}, group {g}: {float(self.float_scales()[r, g])}); "
+                f"its weights are too large for the {self.fmt.bits}-bit format's scales or not finite. "
+                "Keep the layer in full precision (recipe skip list), use more bits, or check the model's weights"
+            )
+        if self.zeros is not None:
+            top = (1 << self.fmt.bits) if self.group_bits is None else (1 << self.group_bits.long()).unsqueeze(0)
+            if bool((self.zeros.long() >= top).any()):
+                raise ConfigError(f"layer {name}: a zero point lies outside its group's code range; "
+                                  "the quantizer produced an invalid record")
 
     @property
     def mixed(self) -> bool:

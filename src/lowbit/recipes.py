@@ -27,6 +27,22 @@ def _require(cond: bool, field_name: str, msg: str) -> None:
         raise ConfigError(f"recipe field '{field_name}': {msg}")
 
 
+PER_CHANNEL = -1  # group_size meaning one group per output channel (a whole input row)
+
+
+def group_size_problem(group_size: Any) -> str | None:
+    """Why `group_size` cannot be quantized and run, or None when it can: -1 (per channel) or a
+    positive multiple of 8 (runtime/packed.py and the kernels read codes 8 columns at a time)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        return f"must be an integer, got {group_size!r}"
+    if group_size == PER_CHANNEL or (group_size > 0 and group_size % 8 == 0):
+        return None
+    if group_size <= 0:
+        return f"{group_size} is not a group size; use -1 for one group per output channel, or 32, 64, 128"
+    return (f"{group_size} is not a multiple of 8, which the packed kernels need; use 32, 64, 128 (any positive "
+            "multiple of 8 that divides the layers' input widths) or -1 for one group per output channel")
+
+
 @dataclass(frozen=True)
 class ClipConfig:
     """Per-group clipping search: try shrinking each group's range, keep the lowest error."""
@@ -51,7 +67,8 @@ class GPTQConfig:
     true_sequential: bool = True  # collect each sub-layer's Hessian after quantizing the ones before
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.damp <= 1.0, "gptq.damp", f"must be in (0, 1], got {self.damp}")
+        _require(0.0 < self.damp < 1.0, "gptq.damp",
+                 f"must be in (0, 1), a fraction of the Hessian's mean diagonal (default 0.01), got {self.damp}")
         _require(self.block_size >= 1, "gptq.block_size", f"must be >= 1, got {self.block_size}")
 
 
@@ -129,8 +146,10 @@ class Rule:
     def __post_init__(self) -> None:
         try:
             re.compile(self.pattern)
-        except re.error as e:
+        except (re.error, TypeError) as e:
             raise ConfigError(f"recipe field 'rules.pattern': {self.pattern!r} is not a valid regex ({e})") from None
+        problem = None if self.group_size is None else group_size_problem(self.group_size)
+        _require(problem is None, "rules.group_size", problem or "")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -157,8 +176,10 @@ class BudgetConfig:
         _require(self.target_bytes is None or self.target_bytes > 0, "budget.target_bytes", "must be > 0")
         _require(len(self.levels) >= 2, "budget.levels", "needs at least two levels to choose from")
         for lv in self.levels:
-            _require(re.fullmatch(r"w[2-8]g-?\d+", lv) is not None, "budget.levels",
-                     f"{lv!r} is not of the form w<bits>g<group> (e.g. w3g64)")
+            _require(isinstance(lv, str) and re.fullmatch(r"w[2-8]g-?\d+", lv) is not None, "budget.levels",
+                     f"{lv!r} is not of the form w<bits>g<group> with bits 2 to 8 (e.g. w3g64)")
+            problem = group_size_problem(int(lv.partition("g")[2]))
+            _require(problem is None, "budget.levels", f"{lv!r}: group {problem}")
         _require(self.generations >= 0 and self.offspring >= 1, "budget.generations",
                  "generations must be >= 0 and offspring >= 1")
         _require(self.search_tokens >= 64, "budget.search_tokens", f"must be >= 64, got {self.search_tokens}")
@@ -174,7 +195,7 @@ class Recipe:
 
     method: str = "gptq"
     bits: int | float = 4          # slim: average code width over groups (e.g. 2.5)
-    group_size: int = 128          # <= 0: per output channel
+    group_size: int = 128          # -1 (PER_CHANNEL): one group per output channel
     symmetric: bool = False
     clip: ClipConfig = field(default_factory=ClipConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
@@ -204,7 +225,10 @@ class Recipe:
         _require(self.method not in SLIM_METHODS or not self.gptq.act_order or self.gptq.static_groups,
                  "gptq.static_groups", f"method {self.method} with act_order needs static_groups (per-group widths "
                  "follow the original column order): pass --static-groups or drop --act-order")
-        _require(isinstance(self.group_size, int), "group_size", f"must be an integer, got {self.group_size!r}")
+        problem = group_size_problem(self.group_size)
+        _require(problem is None, "group_size", problem or "")
+        problem = group_size_problem(self.head_group_size)
+        _require(problem is None, "head_group_size", problem or "")
         for rule in self.rules:
             _require(rule.method in (None, "rtn", self.method), "rules.method",
                      f"{rule.method!r}: a rule may choose 'rtn' or the recipe's method {self.method!r}")
@@ -248,6 +272,7 @@ class Recipe:
         return any(re.search(p, module_name) for p in self.skip)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, the sections this method does not run included (see used_dict)."""
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
         d["rules"] = [r.to_dict() for r in self.rules]
@@ -256,6 +281,34 @@ class Recipe:
         else:
             d["budget"] = {k: v for k, v in d["budget"].items() if v is not None}
             d["budget"]["levels"] = list(self.budget.levels)
+        return d
+
+    def unused_sections(self) -> tuple[str, ...]:
+        """The sections this recipe's method never reads: calibration and gptq for plain RTN,
+        awq without smoothing, slim without SliM-LLM, a disabled integer_scale, the output head's
+        group size when the head stays dense."""
+        unused = []
+        if not self.needs_calibration:
+            unused.append("calibration")
+        if self.method not in GPTQ_METHODS:
+            unused.append("gptq")
+        if self.method not in SMOOTHING_METHODS:
+            unused.append("awq")
+        if self.method not in SLIM_METHODS:
+            unused.append("slim")
+        if not self.integer_scale.enabled:
+            unused.append("integer_scale")
+        if not self.head_bits:
+            unused.append("head_group_size")
+        return tuple(unused)
+
+    def used_dict(self) -> dict[str, Any]:
+        """to_dict() without the sections the method does not use: what a manifest should record,
+        so it never claims settings that had no effect. from_dict reads it back (an absent
+        section takes its defaults), to a recipe that quantizes the same way."""
+        d = self.to_dict()
+        for name in self.unused_sections():
+            del d[name]
         return d
 
     @classmethod
@@ -276,20 +329,43 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
+        """Parse a .toml or .yaml recipe. YAML is read with safe_load: tags that would build Python
+        objects (!!python/...) are refused, never run."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"recipe file {path} does not exist")
-        text = path.read_text()
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} is not a file; give a .toml or .yaml file or a preset name")
+        if path.suffix not in (".toml", ".yaml", ".yml"):
+            raise ConfigError(f"recipe file {path}: use a .toml, .yaml or .yml file")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe file {path} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); "
+                              "save it as UTF-8 TOML or YAML") from None
+        if "\x00" in text:
+            raise ConfigError(f"recipe file {path} holds NUL bytes: it looks binary, not TOML or YAML text")
         if path.suffix == ".toml":
             import tomllib
 
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"recipe file {path} is not valid TOML: {e}") from None
+        else:
             import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"recipe file {path}: use a .toml, .yaml or .yml file")
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                where = getattr(e, "problem_mark", None)
+                at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+                what = " ".join(str(getattr(e, "problem", None) or e).split())
+                raise ConfigError(f"recipe file {path} is not valid YAML{at}: {what}; a recipe holds plain "
+                                  "values only (no !!python tags)") from None
+            if data is None:
+                data = {}
         return cls.from_dict(data)
 
 
@@ -309,7 +385,7 @@ def _build(cls, d: Any, prefix: str):
     if not isinstance(d, dict):
         raise ConfigError(f"recipe field '{prefix or 'recipe'}': expected a table/mapping, got {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(d) - set(known))
+    unknown = sorted(str(k) for k in set(d) - set(known))
     if unknown:
         raise ConfigError(
             f"recipe has unknown field(s) {', '.join(prefix + u for u in unknown)}; "
@@ -333,10 +409,21 @@ def _build(cls, d: Any, prefix: str):
             if isinstance(value, str) or not isinstance(value, (list, tuple)):
                 raise ConfigError("recipe field 'budget.levels': expected a list like ['w2g64', 'w3g128']")
             value = tuple(value)
-        elif name == "target_bpw" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        elif name == "target_bpw" and cls is BudgetConfig:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"recipe field 'budget.target_bpw': expected a number, got {value!r}")
+            value = None if value is None else float(value)
+        elif name == "target_bytes" and cls is BudgetConfig:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"recipe field 'budget.target_bytes': expected an integer count of bytes, "
+                                  f"got {value!r}")
+        elif name in ("symmetric", "pattern", "method") and cls is Rule:
+            want = str if name != "symmetric" else bool
+            if (value is not None or name == "pattern") and type(value) is not want:
+                raise ConfigError(f"recipe field 'rules.{name}': expected {want.__name__}, got {value!r}")
         elif name == "skip":
-            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            if isinstance(value, str) or not isinstance(value, (list, tuple)) \
+                    or not all(isinstance(v, str) for v in value):
                 raise ConfigError("recipe field 'skip': expected a list of regexes")
             value = tuple(value)
         elif default is not dataclasses.MISSING and default is not None:
@@ -348,4 +435,9 @@ def _build(cls, d: Any, prefix: str):
                     f"recipe field '{prefix}{name}': expected {want.__name__}, got {type(value).__name__} {value!r}"
                 )
         kwargs[name] = value
+    missing = [n for n, f in known.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = prefix.rstrip(".") or "recipe"
+        raise ConfigError(f"recipe field '{where}' lacks required field(s) {', '.join(prefix + m for m in missing)}")
     return cls(**kwargs)

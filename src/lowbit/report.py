@@ -23,6 +23,7 @@ def per_layer_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """What `lowbit info --json` adds to the manifest: effective bits per weight and each layer's choice."""
     return {"bits_per_weight": manifest.get("stats", {}).get("bits_per_weight"),
             "model_bytes": manifest.get("stats", {}).get("model_bytes"),
+            "disk_bytes": manifest.get("stats", {}).get("disk_bytes"),
             "per_layer": {name: layer_choice(m) for name, m in manifest["layers"].items()}}
 
 
@@ -61,7 +62,13 @@ def quantize_report(info: dict[str, Any], evals: list[EvalResult]) -> str:
         "## Result",
         f"- effective bits per weight (quantized layers, scales and zeros counted): {st['bits_per_weight']:.3f}",
         f"- model size (quantized layers packed, other tensors at 16 bits): {st['model_bytes'] / 1e6:.1f} MB",
+        *([(f"- on disk: {st['disk_bytes'] / 1e6:.1f} MB (every file of this folder; the tensors outside the "
+            f"quantized layers are stored in {info.get('dtype', 'the compute dtype')})")]
+          if st.get("disk_bytes") is not None else []),
         f"- quantization wall time: {st['seconds']:.1f} s, peak RSS {st['peak_rss_bytes'] / 2**30:.2f} GiB",
+        *([(f"- **{len(info['fallbacks'])} layer(s) fell back to round-to-nearest** (their Hessian would not "
+            f"factorize, so their error is not compensated): {', '.join(info['fallbacks'])}")]
+          if info.get("fallbacks") else []),
         "",
     ]
     if evals:
@@ -110,8 +117,9 @@ def info_text(manifest: dict[str, Any]) -> str:
     lines = [f"recipe: {_recipe_lines(manifest.get('recipe', {})).replace(chr(10), ', ')}", "formats:"]
     lines += ["  " + s for s in _formats_summary(manifest["layers"])]
     if st:
-        lines.append(f"bits per weight: {st['bits_per_weight']:.3f}; model {st['model_bytes'] / 1e6:.1f} MB; "
-                     f"quantized in {st['seconds']:.1f} s")
+        on_disk = f", {st['disk_bytes'] / 1e6:.1f} MB on disk" if st.get("disk_bytes") is not None else ""
+        lines.append(f"bits per weight: {st['bits_per_weight']:.3f}; model {st['model_bytes'] / 1e6:.1f} MB at "
+                     f"16 bits{on_disk}; quantized in {st['seconds']:.1f} s")
     files = manifest.get("files", {})
     lines.append("files: " + ", ".join(f"{f} {m['bytes'] / 1e6:.1f} MB" for f, m in files.items()))
     lines.append("provenance:")

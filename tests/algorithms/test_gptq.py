@@ -77,14 +77,24 @@ def test_indefinite_hessian_escalates_damping_with_a_warning(caplog):
     assert "damp" in caplog.text
 
 
-def test_hopeless_hessian_falls_back_to_rtn_with_a_warning(caplog):
+def test_hopeless_hessian_falls_back_to_rtn_and_says_so(caplog):
     w, _, _ = _layer()
     n = w.shape[1]
     H = -torch.eye(n) * 1000 + torch.ones(n, n)  # negative definite, mean diag negative
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         res = gptq_quantize(w, H, 4, 32)
     assert "identity" in caplog.text
+    assert res.fallback  # the pipeline reports it per layer and once as a warning
     assert torch.equal(res.qweight.codes, rtn_quantize(w, 4, 32).codes)
+
+
+def test_nan_hessian_falls_back():
+    w, _, H = _layer()
+    H = H.clone()
+    H[3, 3] = float("nan")
+    res = gptq_quantize(w, H, 4, 32)
+    assert res.fallback and not gptq_quantize(w, _layer()[2], 4, 32).fallback
+    assert torch.isfinite(res.qweight.dequantize()).all()
 
 
 def test_dead_inputs_get_zero_weight():

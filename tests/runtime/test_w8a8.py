@@ -45,6 +45,23 @@ def test_the_integer_product_is_exact():
     assert torch.equal(ints, q.long() @ (qw.codes.long() - 128).T)
 
 
+@pytest.mark.parametrize("onednn_exact", [True, False])
+def test_full_range_activations_sum_exactly_on_either_gemm(onednn_exact, monkeypatch):
+    """Activations at the top of their range with same-sign weights: where oneDNN's int16 pair sums
+    would saturate (CPUs without VNNI) the layer must use the exact torch._int_mm path instead."""
+    from lowbit.runtime import w8a8
+
+    if onednn_exact and not w8a8.onednn_int8_exact():
+        pytest.skip("oneDNN's int8 GEMM saturates on this CPU")
+    monkeypatch.setattr(w8a8, "onednn_int8_exact", lambda: onednn_exact)
+    codes = torch.full((3, 128), 255, dtype=torch.uint8)  # c - 128 = 127 everywhere
+    qw = QuantizedWeight(codes, torch.ones(3, 1).half(), None, QuantFormat(8, 128, True))
+    x = torch.ones(2, 128)
+    _, s = quantize_per_token(x)
+    ints = (W8A8Linear(qw)(x) / s).round().long()
+    assert torch.equal(ints, torch.full((2, 3), 127 * 127 * 128))
+
+
 def test_per_token_quantization_keeps_each_token_within_half_a_step():
     x = torch.randn(5, 64) * torch.tensor([[0.01], [1], [100], [0], [5]])
     q, s = quantize_per_token(x)

@@ -13,6 +13,7 @@ needs no stored permutation) and block-wise lazy updates.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,14 +34,22 @@ DAMP_ESCALATION = (1, 10, 100)  # multiples of the configured damp tried in turn
 class GPTQResult:
     qweight: QuantizedWeight
     loss: float        # sum over columns of err^2 / [H^-1]_jj (GPTQ's proxy loss)
-    damp_used: float   # fraction of mean(diag H) finally added; differs from the config if escalated
+    damp_used: float   # fraction of mean(diag H) finally added; differs from the config if escalated;
+                       # inf when the Hessian never factorized (see fallback)
+
+    @property
+    def fallback(self) -> bool:
+        """True when the Hessian would not factorize at any damping, so the layer was quantized
+        with the identity in its place: plain round-to-nearest, no error compensation."""
+        return not math.isfinite(self.damp_used)
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, escalating damp on failure.
 
-    Returns (U, damp_used). If every escalation fails, warns and falls back to the identity
-    (plain round-to-nearest for this layer) rather than crashing.
+    Returns (U, damp_used). If every escalation fails (a singular or non-finite H), returns the
+    identity and damp_used = inf: plain round-to-nearest for this layer. The caller must report
+    that (GPTQResult.fallback; the quantize pipeline records it per layer and in its exit status).
     """
     n = H.shape[0]
     mean_diag = torch.mean(torch.diag(H)).item()
@@ -54,11 +63,11 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
+            if info == 0 and bool(torch.isfinite(U).all()):
                 if mult > 1:
                     log.warning("Hessian not positive definite at damp=%g; succeeded with damp=%g", damp, d)
                 return U, d
-    log.warning(
+    log.info(
         "Hessian would not factorize even with damp=%g; using the identity (round-to-nearest) for this layer",
         damp * DAMP_ESCALATION[-1],
     )

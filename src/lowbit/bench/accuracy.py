@@ -319,8 +319,13 @@ def build_references(model: str, datasets: list[str], args, work: Path) -> dict[
 def run_accuracy_bench(args) -> None:
     from tqdm.auto import tqdm
 
+    from lowbit.models import resolve_model
+
     jobs = jobs_from_args(args)
     datasets = [d for d in args.data.split(",") if d]
+    if not args.render_only:
+        for model in args.models:  # a model that cannot be found fails before anything is written
+            resolve_model(model, cache=args.cache, progress=not args.quiet)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "accuracy.jsonl"

@@ -80,6 +80,10 @@ def run_kv_bench(args) -> None:
                 kv_label(None, pol, budget)
             else:
                 kv_label(c)
+    if not args.render_only:  # a model that cannot be found fails before anything is written
+        from lowbit.models import resolve_model
+
+        resolve_model(args.model, cache=args.cache, progress=not args.quiet)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "kv.jsonl"

@@ -8,6 +8,7 @@ from lowbit.data.datasets import (
     eval_text,
     eval_tokens,
     lambada_passages,
+    read_text_file,
     resolve_data_file,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "eval_text",
     "eval_tokens",
     "lambada_passages",
+    "read_text_file",
     "resolve_data_file",
 ]

@@ -137,27 +137,51 @@ def resolve_data_file(filename: str, data_dir: str | os.PathLike | None = None) 
 # Text
 
 
+def read_text_file(path: Path, what: str = "data file") -> str:
+    """A file's whole text, refused with a ConfigError naming `what` and the file when it is not
+    UTF-8 text: a NUL byte in its first 8 KiB (a binary file, looked at before reading the rest)
+    or bytes that do not decode (the offset of the first one is named)."""
+    with path.open("rb") as f:
+        head = f.read(8192)
+        if b"\x00" in head:
+            raise ConfigError(f"{what} {str(path)!r} holds NUL bytes: it looks binary, not text; "
+                              "give a UTF-8 text file")
+        raw = head + f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); "
+                          "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f'{path}:{lineno}: expected an object with a string "text" field')
-            docs.append(record["text"])
+    # split on newlines only: str.splitlines would also split at a U+2028 inside a JSON string
+    for lineno, line in enumerate(read_text_file(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}:{lineno}: JSON nested too deeply to read") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ConfigError(f'{path}:{lineno}: expected an object with a string "text" field')
+        docs.append(record["text"])
     return docs
 
 
 def _read_documents(path: Path, doc_range: DocRange | None = None) -> list[str]:
     """A .txt file is one document; a .jsonl file is one document per line, sliced by range."""
     if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
+        text = read_text_file(path)
+        if not text.strip():
+            raise ConfigError(f"data file {str(path)!r} holds no text")
+        return [text]
     docs = _read_jsonl(path)
+    if not any(d.strip() for d in docs):
+        raise ConfigError(f"data file {str(path)!r} holds no documents with text (one {{\"text\": ...}} per line)")
     if doc_range is None:
         return docs
     start, stop = doc_range

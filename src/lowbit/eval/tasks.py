@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
 from lowbit.errors import ConfigError
-from lowbit.runtime.generate import generate, prefill
+from lowbit.runtime.generate import cache_argument, generate, prefill
 from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, observing
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -120,7 +120,8 @@ def lambada_eval(model, tokenizer, passages: list[str], kv: str | None = None, c
                     ok = False
                     break
                 if i + 1 < len(target):
-                    out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True)
+                    out = model(input_ids=torch.tensor([[tok]], device=device), **cache_argument(model, cache),
+                                use_cache=True)
                     logits = out.logits[0, -1].float()
         correct += ok
         kv_bytes = cache_nbytes(cache) if kv else None

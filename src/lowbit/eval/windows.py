@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lowbit.errors import ConfigError
+from lowbit.runtime.generate import cache_argument
 from lowbit.runtime.qlinear import dense_weights
 
 
@@ -87,7 +88,7 @@ def _chunked_logits(model: torch.nn.Module, ids: torch.Tensor, kv: str, chunk: i
     parts = []
     with observing(model, cache):
         for i in range(0, ids.shape[0], chunk):
-            out = model(input_ids=ids[i : i + chunk].unsqueeze(0), past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[i : i + chunk].unsqueeze(0), **cache_argument(model, cache), use_cache=True)
             parts.append(out.logits[0].float())
     if kv_stats is not None and cache is not None:
         kv_stats["kv_bytes"] = cache_nbytes(cache)

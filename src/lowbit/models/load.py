@@ -7,6 +7,9 @@ A model spec is, in the order tried:
   4. a Hugging Face hub id such as `org/name` that is not an existing path.
 GGUF models (1 and 2) are converted once to a safetensors folder in the cache (convert.py) and
 loaded from there.
+
+Only safetensors weights are loaded and no code from a model folder or repository is ever run
+(trust_remote_code=False); a load that leaves weights randomly initialized is refused (checks.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from transformers import (
 )
 
 from lowbit.errors import ConfigError, ModelNotFoundError
+from lowbit.marks import check_not_checkpoint
+from lowbit.models.checks import check_config, check_loading_info, check_no_pickle
 from lowbit.models.convert import ensure_converted
 from lowbit.models.fetch import fetch_known_model, is_present, known_model_path
 from lowbit.models.hashing import external_stamp, folder_sha256, stamped_sha256
@@ -94,6 +99,8 @@ def resolve_model(
                 f"folder {spec} has no config.json, so it is not a Hugging Face model folder"
             )
         path = path.resolve()
+        check_not_checkpoint(path)
+        check_no_pickle(path)
         sha = folder_sha256(path, cache_dir(cache))
         return ModelSource(spec, "hf_folder", path, None, path.name, sha)
     if _HUB_ID.match(spec) and not spec.lower().endswith(".gguf"):
@@ -111,7 +118,9 @@ def load_model(
     """Load a causal LM and its tokenizer from a spec or a resolved ModelSource.
 
     GGUF sources are converted to a safetensors folder in the cache on first use; the loaded
-    model's config never carries a GGUF quantization_config.
+    model's config never carries a GGUF quantization_config. Folders are checked first (checks.py):
+    no pickled weights, no code from the folder, not a lowbit checkpoint; a load that leaves any
+    weight missing or of the wrong shape raises ConfigError.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -119,11 +128,22 @@ def load_model(
     if not isinstance(source, ModelSource):
         source = resolve_model(source, cache=cache, fetch=fetch, progress=progress)
     target = _loadable_location(source, cache, progress)
+    if source.kind != "hub":
+        folder = Path(target)
+        check_not_checkpoint(folder)
+        check_no_pickle(folder)
+        check_config(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(target)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
     except OSError as e:
         raise ModelNotFoundError(f"could not load {source.kind} model {source.spec!r}: {e}") from e
+    except ValueError as e:  # an unsupported config class, or a repository that needs its own code
+        raise ConfigError(f"could not load {source.kind} model {source.spec!r}: {e} (lowbit loads only "
+                          "architectures transformers knows, and never runs code from a model)") from e
+    check_loading_info(info, f"{source.kind} model {source.spec!r} ({target})")
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 

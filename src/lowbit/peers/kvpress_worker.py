@@ -28,7 +28,8 @@ def main(job_path: str, out_path: str) -> None:
              "snapkv": lambda: SnapKVPress(compression_ratio=ratio),
              "h2o": lambda: ObservedAttentionPress(compression_ratio=ratio)}[job["press"]]()
     attn = "eager" if job["press"] == "h2o" else "sdpa"  # observed attention needs the weights
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32, attn_implementation=attn,
+                                                 trust_remote_code=False).eval()
     answers, kept = [], []
     with torch.inference_mode():
         for ids in job["prompts"]:

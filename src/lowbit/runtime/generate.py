@@ -4,20 +4,30 @@ then one token per step, greedy or sampled, streaming through a callback.
 The prompt is prefilled in chunks of `prefill_chunk` tokens; a cache with an eviction policy
 keeps the whole prompt during prefill and is compressed once it is in (kvpress's convention),
 then each new token attends to the compressed cache.
+
+A full-precision StaticCache is allocated up front for the prompt and every new token, so its
+length is checked first (check_static_length): no more than the model's context, and no more
+bytes than this process may still take.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, ResourceError
 from lowbit.runtime.decode import LeanDecoder, unsupported_reason
 from lowbit.runtime.kvcache import compress, observing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +40,91 @@ class Generation:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """The forward's name for the KV cache: `cache` since transformers 5.25 (where
+    `past_key_values` still works but warns that it is deprecated), `past_key_values` before."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_argument(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+    """{keyword: cache} for model(...): the name this transformers version expects."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context (max_position_embeddings), from its config or text config; None if
+    it does not say."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        n = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def static_cache_bytes(config: Any, length: int, dtype: torch.dtype) -> int:
+    """Bytes of a full-precision StaticCache holding `length` tokens: keys and values of every
+    layer, [kv_heads, length, head_dim] each (an upper bound for sliding-window layers)."""
+    cfg = getattr(config, "text_config", None) or config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * length * torch.empty(0, dtype=dtype).element_size()
+
+
+def _memory_room() -> int | None:
+    """Bytes this process may still allocate: the memory available to it (lowbit.memory), and
+    what is left under an address-space limit (ulimit -v), whichever is smaller."""
+    import resource
+
+    from lowbit.memory import available_bytes
+
+    room = [available_bytes()]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                size = int(f.read().split()[0]) * resource.getpagesize()
+            room.append(max(0, soft - size))
+        except (OSError, ValueError, IndexError):
+            pass
+    room = [r for r in room if r is not None]
+    return min(room) if room else None
+
+
+def check_static_length(config: Any, prompt_tokens: int, max_new_tokens: int, dtype: torch.dtype) -> None:
+    """Refuse a StaticCache that cannot be used or cannot be allocated: the prompt plus the new
+    tokens beyond the model's context, or more bytes than this process may still take."""
+    ctx = context_length(config)
+    if ctx is not None and prompt_tokens + max_new_tokens > ctx:
+        if prompt_tokens >= ctx:
+            raise ConfigError(f"the prompt is {prompt_tokens} tokens, which fills the model's context of {ctx} "
+                              "tokens; shorten the prompt")
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: after a {prompt_tokens}-token prompt the model's "
+                          f"context of {ctx} tokens leaves room for {ctx - prompt_tokens} new tokens; "
+                          f"ask for at most {ctx - prompt_tokens}")
+    need = static_cache_bytes(config, prompt_tokens + max_new_tokens, dtype)
+    room = _memory_room()
+    if room is not None and need > room:
+        raise ResourceError(f"the KV cache for {prompt_tokens} prompt + {max_new_tokens} new tokens needs "
+                            f"{need / 1e9:.2f} GB, but only {room / 1e9:.2f} GB is available; lower "
+                            "--max-new-tokens, shorten the prompt, or use a compressed cache (--kv int4)")
+
+
+def warn_past_context(config: Any, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Say once when a run (with a cache that grows or evicts) goes past the model's context."""
+    ctx = context_length(config)
+    if ctx is None:
+        return
+    if prompt_tokens > ctx:
+        log.warning("the prompt is %d tokens, longer than the model's context of %d: positions past %d were "
+                    "never trained, so the output may be poor", prompt_tokens, ctx, ctx)
+    elif prompt_tokens + max_new_tokens > ctx:
+        log.warning("%d prompt + %d new tokens go past the model's context of %d; tokens after position %d "
+                    "may be poor", prompt_tokens, max_new_tokens, ctx, ctx)
 
 
 @torch.inference_mode()
@@ -46,7 +141,8 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, chunk: int 
     bounds = starts + [ids.shape[0]]
     with observing(model, cache):
         for a, b in itertools.pairwise(bounds):
-            out = model(input_ids=ids[a:b].unsqueeze(0), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[a:b].unsqueeze(0), **cache_argument(model, cache), use_cache=True,
+                        logits_to_keep=1)
     compress(cache)
     return out.logits[0, -1].float()
 
@@ -79,7 +175,9 @@ def generate(
 ) -> Generation:
     """Greedy (temperature 0) or sampled continuation of prompt_ids [T]; `cache` None uses a
     full-precision cache: a DynamicCache, or with `static` a StaticCache allocated once for the
-    prompt and every new token (no per-step growth). `on_token` sees each new token as it is chosen.
+    prompt and every new token (no per-step growth; refused by check_static_length when it would
+    pass the model's context or not fit in memory; other caches past the context are warned about).
+    `on_token` sees each new token as it is chosen.
     With a StaticCache, decode steps run runtime/decode.py's LeanDecoder where it covers the model
     (less per-step overhead; logits bit-identical to the transformers forward, or equal to
     bfloat16 rounding where its native loop runs); `lean=False` keeps the transformers forward."""
@@ -89,9 +187,13 @@ def generate(
         raise ConfigError(f"max_new_tokens {max_new_tokens}: use 0 or more")
     if static and cache is not None:
         raise ConfigError("static=True builds its own full-precision cache; pass either a cache or static")
+    n_prompt = int(prompt_ids.numel())
+    if static:
+        check_static_length(model.config, n_prompt, max_new_tokens, next(model.parameters()).dtype)
+    else:
+        warn_past_context(model.config, n_prompt, max_new_tokens)
     if cache is None:
-        cache = (StaticCache(model.config, max_cache_len=int(prompt_ids.numel()) + max_new_tokens) if static
-                 else DynamicCache())
+        cache = StaticCache(model.config, max_cache_len=n_prompt + max_new_tokens) if static else DynamicCache()
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, prefill_chunk)
@@ -112,7 +214,8 @@ def generate(
             if decoder is not None:
                 logits = decoder.step(tok, result.prompt_tokens + step)
                 continue
-            out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([[tok]], device=device), **cache_argument(model, cache),
+                        use_cache=True)
             logits = out.logits[0, -1].float()
     result.decode_seconds = time.perf_counter() - t0
     return result

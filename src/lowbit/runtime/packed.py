@@ -288,12 +288,19 @@ class PackedLinear(nn.Module):
                 f"group={self.group_size}, perm={self.perm is not None}")
 
 
+def kernels_fit(fmt: QuantFormat, in_features: int) -> bool:
+    """Whether the packed kernels run this format: groups a multiple of 8 columns that tile the
+    input (a group of 128 on a 576-wide layer leaves a partial group, which only the reference
+    QuantLinear runs)."""
+    gs = fmt.group_size
+    return gs > 0 and gs % 8 == 0 and in_features % gs == 0
+
+
 def pack_model(model: nn.Module) -> nn.Module:
     """Replace every QuantLinear whose groups fit the kernels by a PackedLinear, in place."""
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
-            if isinstance(child, QuantLinear) and child.fmt.group_size % 8 == 0 \
-                    and child.in_features % child.fmt.group_size == 0:
+            if isinstance(child, QuantLinear) and kernels_fit(child.fmt, child.in_features):
                 setattr(m, child_name, PackedLinear.from_qlinear(child))
     return model
 

@@ -31,6 +31,9 @@ Quantizing activations changes what the model computes: evaluate a checkpoint ru
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
 
@@ -38,7 +41,30 @@ from lowbit import kernels
 from lowbit.errors import ConfigError
 from lowbit.qtensor import QuantizedWeight
 
+log = logging.getLogger(__name__)
+
 ACT_MAX = 127
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's u8 x s8 GEMM sums exactly on this CPU.
+
+    Without VNNI (AVX2, or AVX-512 before Cascade Lake) oneDNN adds pairs of u8*s8 products in
+    int16 with saturation (vpmaddubsw), so activations near the top of their range come out wrong
+    (255 * 127 * 2 > 32767). Probed once with that worst case."""
+    w = torch.full((1, 64), 127, dtype=torch.int8)
+    qx = torch.full((1, 64), 255, dtype=torch.uint8)
+    acc = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None),
+                                             torch.ones(1), torch.zeros(1, dtype=torch.int64), None, 1.0, 0,
+                                             torch.float32, "none", [], "")
+    exact = int(acc.item()) == 127 * 127 * 64
+    if not exact:
+        log.warning("oneDNN's int8 GEMM saturates on this CPU (no VNNI): W8A8 layers use torch._int_mm "
+                    "instead, exact but several times slower")
+    return exact
+
+
 def _ext():
     """The native per-token quantize and epilogue (kernels/csrc/qgemv.cpp), or None: torch ops."""
     try:
@@ -90,7 +116,11 @@ class W8A8Linear(nn.Module):
                 "-1 --sym (W8A8), use 4 bits with --integer-scale 8 (W4A8), or run without --activations int8")
         self.out_features, self.in_features = qw.shape
         w = (qw.codes.to(torch.int16) - 128).to(torch.int8)
-        self._packed = torch.ops.onednn.qlinear_prepack(w, None)  # oneDNN's layout; not a buffer
+        # oneDNN's layout, or the int8 [in, out] matrix torch._int_mm takes where oneDNN is inexact;
+        # not a buffer
+        exact = onednn_int8_exact()
+        self._packed = torch.ops.onednn.qlinear_prepack(w, None) if exact else None
+        self._wt = None if exact else w.T.contiguous()
         self.register_buffer("w_scale", qw.float_scales()[:, 0].float().contiguous())
         self.register_buffer("perm", qw.perm)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
@@ -113,8 +143,11 @@ class W8A8Linear(nn.Module):
         else:  # one pass per row, the same codes and scales, written as q + 128
             qx, s = ext.quantize_rows(xs.contiguous() if xs.dtype in (torch.float32, torch.bfloat16)
                                       else xs.float().contiguous(), shifted=True)
-        acc = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self._packed, self._unit, self._zero, None, 1.0, 0,
-                                                 torch.float32, "none", [], "")
+        if self._packed is not None:
+            acc = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, self._packed, self._unit, self._zero, None, 1.0,
+                                                     0, torch.float32, "none", [], "")
+        else:
+            acc = torch._int_mm((qx.to(torch.int16) - 128).to(torch.int8), self._wt).float()
         if ext is not None and x.dtype in (torch.float32, torch.bfloat16):
             y = ext.scale_rows(acc, self.w_scale, s, self.bias, x.dtype == torch.bfloat16)
             return y.reshape(*lead, self.out_features)
