@@ -59,3 +59,43 @@ def test_check_fits_refuses_what_does_not_fit_and_names_the_options():
     memory.check_fits(now + (10 << 20), "a job", ["fewer samples"], available=100 << 20)
     with pytest.raises(ResourceError, match="fewer samples"):
         memory.check_fits(now + (200 << 20), "a job", ["fewer samples"], available=100 << 20)
+
+
+def test_quantize_is_refused_before_any_work_when_the_estimate_does_not_fit(env, capsys, monkeypatch):
+    """As in a 600 MB container: the job stops with one line naming options, nothing written."""
+    from hostile_cli import assert_clean_error, run_cli, tree
+
+    from lowbit import pipeline
+
+    monkeypatch.setattr(memory, "available_bytes", lambda *a, **k: 0)  # nothing left
+    worked = []
+    monkeypatch.setattr(pipeline, "run_sequential", lambda *a, **k: worked.append(1))
+    before = tree(env)
+    rc, _, err = run_cli(capsys, "quantize", "tiny", "-o", "out", "--method", "gptq", "--group-size", "32",
+                         "--calib-data", "text.txt",
+                         "--calib-samples", "4", "--calib-seqlen", "64", "-q")
+    line = assert_clean_error(rc, err)
+    assert "--calib-samples" in line and not worked
+    assert {k: v for k, v in tree(env).items() if not k.startswith("cache")} == \
+        {k: v for k, v in before.items() if not k.startswith("cache")}
+
+
+def test_the_estimate_grows_with_what_the_job_holds(env):
+    """More calibration tokens, a budget and an evaluation each raise the estimated peak."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.pipeline import estimate
+    from lowbit.recipes import BudgetConfig, CalibrationConfig, Recipe
+
+    model = AutoModelForCausalLM.from_pretrained(env / "tiny")
+
+    def peak(recipe, **kw):
+        return estimate(model, recipe, **{"baseline_bytes": 0, **kw})["peak_bytes"]
+
+    small = Recipe(method="gptq", group_size=32, calibration=CalibrationConfig(n_samples=8, seqlen=64))
+    large = Recipe(method="gptq", group_size=32, calibration=CalibrationConfig(n_samples=64, seqlen=256))
+    assert peak(large) > peak(small)
+    budget = Recipe(method="gptq", group_size=32, calibration=large.calibration, budget=BudgetConfig(target_bpw=3.0))
+    assert peak(budget) > peak(large)
+    assert peak(small, eval_seqlen=1024) > peak(small)
+    assert peak(small, baseline_bytes=1e9) == pytest.approx(peak(small) + 1e9)
