@@ -64,7 +64,7 @@ def test_models_lists_every_known_model(capsys, tmp_path):
 
 def test_evaluating_on_the_calibration_file_is_refused(tmp_path):
     from lowbit.errors import ConfigError
-    from lowbit.evaluate import check_no_overlap
+    from lowbit.evaluation import check_no_overlap
 
     f = tmp_path / "mine.txt"
     f.write_text("x")

@@ -9,18 +9,22 @@ Layers (imports only go downward in this list):
     runtime/      QuantLinear modules that run a QuantizedWeight
     checkpoint.py save / load quantized models (safetensors + JSON manifest)
     eval/         perplexity, KL divergence, size accounting
-    pipeline.py   quantize(model, recipe): ties the layers together
+    pipeline.py   quantize(model, recipe), save(result, folder): ties the layers together
+    evaluation.py evaluate(model, datasets, ...): perplexity, KL and size of a model or checkpoint
     cli.py        the `lowbit` command
 """
 
 __version__ = "0.1.0"
 
-# The Python API mirrors the CLI. Imported lazily so `import lowbit` stays light.
+# The Python API mirrors the CLI. Imported lazily so `import lowbit` stays light. No submodule
+# may share a name with an API function: importing `lowbit.<name>` binds the module to that
+# attribute of the package, and from then on it would shadow the function.
 _API = {
     "load_model": "lowbit.models",
     "Recipe": "lowbit.recipes",
     "quantize": "lowbit.pipeline",
-    "evaluate": "lowbit.evaluate",
+    "save": "lowbit.pipeline",
+    "evaluate": "lowbit.evaluation",
     "save_checkpoint": "lowbit.checkpoint",
     "load_checkpoint": "lowbit.checkpoint",
     "QuantizedWeight": "lowbit.qtensor",

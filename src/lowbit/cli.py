@@ -157,7 +157,12 @@ def cmd_quantize(args) -> int:
     from lowbit.data import calibration_documents, eval_text, eval_tokens
     from lowbit.eval.perplexity import default_seqlen
     from lowbit.eval.size import quantized_size
-    from lowbit.evaluate import REFERENCE_NOTE, evaluate, format_table, reference_result
+    from lowbit.evaluation import (
+        REFERENCE_NOTE,
+        evaluate,
+        format_table,
+        reference_result,
+    )
     from lowbit.memory import check_fits, rss_bytes
     from lowbit.models import KNOWN_MODELS, known_model_path, load_model
     from lowbit.outputs import check_output
@@ -388,7 +393,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from lowbit.checkpoint import is_checkpoint, load_checkpoint
     from lowbit.data import eval_text
-    from lowbit.evaluate import (
+    from lowbit.evaluation import (
         REFERENCE_NOTE,
         check_no_overlap,
         evaluate,

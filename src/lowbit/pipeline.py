@@ -31,7 +31,7 @@ from lowbit.checkpoint import MANIFEST, REPORT, save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
 from lowbit.eval.size import quantized_size
-from lowbit.evaluate import EvalResult
+from lowbit.evaluation import EvalResult
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
 from lowbit.outputs import write_atomically

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from lowbit.evaluate import REFERENCE_NOTE, EvalResult, format_table
+from lowbit.evaluation import REFERENCE_NOTE, EvalResult, format_table
 
 
 def layer_choice(m: dict[str, Any]) -> str:

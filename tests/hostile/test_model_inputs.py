@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.errors import ConfigError, LowbitError, ModelNotFoundError
-from lowbit.evaluate import DatasetResult, evaluate, implausible, load_reference_for
+from lowbit.evaluation import DatasetResult, evaluate, implausible, load_reference_for
 from lowbit.models import fetch as fetch_module
 from lowbit.models import hashing, load_model
 from lowbit.models.convert import SOURCE_RECORD

@@ -209,12 +209,12 @@ def test_head_bits_on_a_tied_model_is_refused_before_quantizing(env, capsys, mon
 
 # ---------------------------------------------------------------- save first, then evaluate
 def test_a_failing_evaluation_keeps_the_saved_checkpoint(env, capsys, monkeypatch):
-    import lowbit.evaluate
+    import lowbit.evaluation
 
     def broken(*a, **k):
         raise ConfigError("the evaluation broke")
 
-    monkeypatch.setattr(lowbit.evaluate, "evaluate", broken)
+    monkeypatch.setattr(lowbit.evaluation, "evaluate", broken)
     rc, _, err = quantize(capsys, "tiny", "ck", "--eval", "text.txt", "--max-tokens", "512")
     assert str(env / "ck") in assert_clean_error(rc, err)
     manifest = read_manifest(env / "ck")
