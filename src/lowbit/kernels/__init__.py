@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -99,7 +100,9 @@ def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
         try:
             from torch.utils.cpp_extension import load as build_extension
 
-            log.info("building native kernel %s in %s (once per machine)", name, build)
+            if not (build / f"lowbit_{name}.so").exists():  # a cached build loads in a moment: say nothing
+                print(f"lowbit: compiling the native kernel {name} (once per machine and torch version, "
+                      f"up to a minute) into {build} ...", file=sys.stderr, flush=True)
             mod = build_extension(name=f"lowbit_{name}", sources=[str(source)], build_directory=str(build),
                                   extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
