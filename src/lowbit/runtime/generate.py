@@ -1,6 +1,11 @@
 """Token generation with any cache lowbit builds (full, low-bit, evicting): chunked prefill,
 then one token per step, greedy or sampled, streaming through a callback.
 
+Sampling settings (repetition penalty, temperature, top-k, top-p) run as transformers' logits
+processors, in that order; with none of them greedy decoding takes the argmax of the raw logits.
+chat_prompt_ids() turns a user message into the ids an instruct model expects, through the
+tokenizer's chat template.
+
 The prompt is prefilled in chunks of `prefill_chunk` tokens; a cache with an eviction policy
 keeps the whole prompt during prefill and is compressed once it is in (kvpress's convention),
 then each new token attends to the compressed cache.
@@ -22,6 +27,13 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from lowbit.errors import ConfigError, ResourceError
 from lowbit.runtime.decode import LeanDecoder, unsupported_reason
@@ -147,15 +159,46 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, chunk: int 
     return out.logits[0, -1].float()
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    if temperature <= 0:
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    """The ids of `prompt` as one user turn, after an optional system turn, rendered by the
+    tokenizer's chat template and ending with the opening of the assistant's turn. The template
+    writes its own special tokens (BOS included), so none are added when encoding."""
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": prompt})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def logits_processors(temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                      repetition_penalty: float | None = None) -> LogitsProcessorList:
+    """What runs on the logits before a token is picked; empty for plain greedy decoding.
+    top_k and top_p shape sampling only (greedy already keeps the top token)."""
+    procs = LogitsProcessorList()
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if temperature > 0:
+        if temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if top_k is not None and top_k > 0:
+            procs.append(TopKLogitsWarper(top_k))
+        if top_p < 1:
+            procs.append(TopPLogitsWarper(top_p))
+    return procs
+
+
+def _pick(logits: torch.Tensor, seen: list[int], procs: LogitsProcessorList, sample: bool,
+          gen: torch.Generator) -> int:
+    """The next token from logits [vocab]; `seen` holds the prompt and the new tokens so far."""
+    if procs:
+        ids = torch.tensor([seen], device=logits.device)  # [1, T]
+        logits = procs(ids, logits.unsqueeze(0))[0]  # [1, vocab] -> [vocab]
+    if not sample:
         return int(logits.argmax())
-    probs = (logits / temperature).softmax(-1)
-    if top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+    return int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen))
 
 
 @torch.inference_mode()
@@ -172,12 +215,17 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     static: bool = False,
     lean: bool = True,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> Generation:
     """Greedy (temperature 0) or sampled continuation of prompt_ids [T]; `cache` None uses a
     full-precision cache: a DynamicCache, or with `static` a StaticCache allocated once for the
     prompt and every new token (no per-step growth; refused by check_static_length when it would
     pass the model's context or not fit in memory; other caches past the context are warned about).
-    `on_token` sees each new token as it is chosen.
+    `on_token` sees each new token as it is chosen; `stop` sees the new tokens so far after each
+    one and ends generation when it returns True (stop strings: the caller decodes). Sampling
+    settings: see logits_processors().
     With a StaticCache, decode steps run runtime/decode.py's LeanDecoder where it covers the model
     (less per-step overhead; logits bit-identical to the transformers forward, or equal to
     bfloat16 rounding where its native loop runs); `lean=False` keeps the transformers forward."""
@@ -195,21 +243,26 @@ def generate(
     if cache is None:
         cache = StaticCache(model.config, max_cache_len=n_prompt + max_new_tokens) if static else DynamicCache()
     gen = torch.Generator().manual_seed(seed)
+    procs = logits_processors(temperature, top_k, top_p, repetition_penalty)
     t0 = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, prefill_chunk)
     result = Generation(prompt_tokens=int(prompt_ids.numel()), prefill_seconds=time.perf_counter() - t0)
     t0 = time.perf_counter()
     device = _device(model)
+    seen = prompt_ids.reshape(-1).tolist() if procs else []  # what the repetition penalty looks back on
     decoder = None
     if lean and device.type == "cpu" and unsupported_reason(model, cache) is None:
         decoder = LeanDecoder(model, cache)
     with observing(model, cache):
         for step in range(max_new_tokens):
-            tok = _pick(logits, temperature, top_p, gen)
+            tok = _pick(logits, seen, procs, temperature > 0, gen)
+            if procs:
+                seen.append(tok)
             result.tokens.append(tok)
             if on_token is not None:
                 on_token(tok)
-            if (stop_ids and tok in stop_ids) or step == max_new_tokens - 1:
+            if ((stop_ids and tok in stop_ids) or step == max_new_tokens - 1
+                    or (stop is not None and stop(result.tokens))):
                 break
             if decoder is not None:
                 logits = decoder.step(tok, result.prompt_tokens + step)
