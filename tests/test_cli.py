@@ -157,3 +157,167 @@ def test_usage_errors_are_one_line(capsys):
         main(["generate", "m", "--max-new-tokens", "0"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("lowbit: error:") and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- generate, --version, dtypes, info, models
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tiny_models import CHAT_TEMPLATE, save_tiny_folder
+
+    root = tmp_path_factory.mktemp("cli")
+    return {"chat": save_tiny_folder(root / "chat", CHAT_TEMPLATE), "plain": save_tiny_folder(root / "plain"),
+            "cache": root / "cache"}
+
+
+def _generate_json(capsys, folders, which, *flags):
+    code = main(["generate", str(folders[which]), "--prompt", "w1 w2", "--dtype", "float32", "--json", "-q",
+                 "--cache", str(folders["cache"]), *flags])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return __import__("json").loads(out)
+
+
+def _reference_tokens(folder, ids, n=8):
+    """What runtime.generate makes of `ids` with the folder's model, as the CLI runs it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from lowbit.runtime.generate import generate
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    eos = AutoTokenizer.from_pretrained(folder).eos_token_id
+    return generate(model, torch.tensor(ids), n, stop_ids={eos}, static=True).tokens
+
+
+def test_generate_applies_the_chat_template_unless_raw(capsys, folders):
+    from transformers import AutoTokenizer
+
+    from lowbit.runtime.generate import chat_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(folders["chat"])
+    chat_ids, raw_ids = chat_prompt_ids(tok, "w1 w2"), tok("w1 w2")["input_ids"]
+    chat = _generate_json(capsys, folders, "chat", "--max-new-tokens", "8")
+    assert chat["chat_template"] and chat["prompt_tokens"] == len(chat_ids) > len(raw_ids)
+    assert chat["tokens"] == _reference_tokens(folders["chat"], chat_ids)
+    raw = _generate_json(capsys, folders, "chat", "--max-new-tokens", "8", "--raw")
+    assert not raw["chat_template"] and raw["prompt_tokens"] == len(raw_ids)
+    assert raw["tokens"] == _reference_tokens(folders["chat"], raw_ids)
+    system = _generate_json(capsys, folders, "chat", "--max-new-tokens", "8", "--system", "w3 w4 w5")
+    sys_ids = chat_prompt_ids(tok, "w1 w2", system="w3 w4 w5")
+    assert system["prompt_tokens"] == len(sys_ids)
+    assert system["tokens"] == _reference_tokens(folders["chat"], sys_ids)
+    plain = _generate_json(capsys, folders, "plain", "--max-new-tokens", "8")  # no template: the prompt as is
+    assert not plain["chat_template"] and plain["prompt_tokens"] == len(raw_ids)
+
+
+def test_generate_refuses_what_it_cannot_honour(capsys, folders):
+    for flags in (["--top-k", "5"], ["--top-k", "5", "--top-p", "0.9"], ["--system", "w1", "--raw"]):
+        code, err = run(capsys, "generate", str(folders["chat"]), "--prompt", "w1", *flags)
+        assert code == 2 and err.startswith("lowbit: error:") and len(err.strip().splitlines()) == 1
+    code, err = run(capsys, "generate", str(folders["plain"]), "--prompt", "w1", "--system", "w2", "-q",
+                    "--cache", str(folders["cache"]))
+    assert code == 2 and "--system" in err  # no chat template to put it in
+    for flags in (["--top-k", "0"], ["--repetition-penalty", "0"], ["--stop", ""]):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", str(folders["chat"]), "--prompt", "w1", "--temperature", "1", *flags])
+        assert e.value.code == 2
+    capsys.readouterr()
+
+
+def test_generate_sampling_flags(capsys, folders):
+    greedy = _generate_json(capsys, folders, "chat", "--max-new-tokens", "12", "--raw")
+    top1 = _generate_json(capsys, folders, "chat", "--max-new-tokens", "12", "--raw", "--temperature", "2",
+                          "--top-k", "1", "--seed", "3")
+    assert top1["tokens"] == greedy["tokens"]
+    penalised = _generate_json(capsys, folders, "chat", "--max-new-tokens", "12", "--raw",
+                               "--repetition-penalty", "1e6")
+    assert len(set(penalised["tokens"])) == len(penalised["tokens"])
+
+
+def test_generate_stops_before_a_stop_string_streamed_or_not(capsys, folders):
+    full = _generate_json(capsys, folders, "chat", "--max-new-tokens", "24", "--raw")
+    words = full["text"].split()
+    assert len(words) >= 4
+    stop = words[3]  # a word the greedy text reaches after a few others
+    cut = full["text"][:full["text"].index(stop)]
+    stopped = _generate_json(capsys, folders, "chat", "--max-new-tokens", "24", "--raw", "--stop", stop,
+                             "--stop", "w999")
+    assert stopped["text"] == cut and stopped["stopped_at_string"]
+    assert stopped["tokens"] == full["tokens"][:len(stopped["tokens"])] and len(stopped["tokens"]) < 24
+    code = main(["generate", str(folders["chat"]), "--prompt", "w1 w2", "--dtype", "float32", "-q", "--raw",
+                 "--cache", str(folders["cache"]), "--max-new-tokens", "24", "--stop", stop])
+    assert code == 0 and capsys.readouterr().out.rstrip("\n") == cut
+
+
+def test_version(capsys):
+    import lowbit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.split() == ["lowbit", lowbit.__version__]
+
+
+def test_every_command_spells_dtypes_alike():
+    import torch
+
+    from lowbit.cli import build_parser
+    from lowbit.dtypes import ALIASES, CHOICES, resolve_dtype
+
+    parser = build_parser()
+    commands = {"quantize": ["quantize", "m", "-o", "x"], "eval": ["eval", "m"], "generate": ["generate", "m"],
+                "bench kv": ["bench", "kv", "m"]}
+    defaults = {name: parser.parse_args(argv).dtype for name, argv in commands.items()}
+    assert defaults == {"quantize": "float32", "eval": "auto", "generate": "auto", "bench kv": "float32"}
+    for argv in commands.values():
+        for given in (*CHOICES, *ALIASES):
+            name = parser.parse_args([*argv, "--dtype", given]).dtype
+            assert name in CHOICES and resolve_dtype(name) == resolve_dtype(given)
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--dtype", "float64"])
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("fp32") == torch.float32
+
+
+def test_models_table_columns_line_up(capsys, tmp_path):
+    import re
+
+    assert main(["models", "--cache", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    starts = [[m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", line)] for line in lines]
+    assert len(lines) == 5 and all(len(s) == 5 for s in starts)  # header + four models, five columns each
+    for col in (0, 1, 2, 4):  # left-aligned columns begin at one offset on every line
+        assert len({s[col] for s in starts}) == 1
+    assert len({len(line[:starts[0][4]].rstrip()) for line in lines}) == 1  # size right-aligned
+
+
+def test_info_prints_the_used_recipe_and_one_line_per_distinct_format(capsys, folders, tmp_path):
+    import json
+    import re
+
+    from lowbit.checkpoint import read_manifest
+    from lowbit.recipes import Recipe
+    from lowbit.report import info_text
+
+    ckpt = tmp_path / "ck"
+    assert main(["quantize", str(folders["plain"]), "--method", "rtn", "--bits", "4", "--group-size", "32", "-o",
+                 str(ckpt), "-q", "--cache", str(folders["cache"])]) == 0
+    assert main(["info", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    manifest = read_manifest(ckpt)
+    n_layers = len(manifest["layers"])
+    assert n_layers == 14
+    assert sum(1 for line in text.splitlines() if re.search(r"\b14 layers\b", line)) == 1
+    assert not any(name in text for name in manifest["layers"])  # no line per layer
+    recipe = Recipe.from_dict(manifest["recipe"])
+    assert {"calibration", "gptq"} <= set(recipe.unused_sections())
+    keys = {m.group(1) for m in re.finditer(r"^\s+([a-z_.]+) = ", text, re.MULTILINE)}
+    assert not any(k.split(".")[0] in recipe.unused_sections() for k in keys)
+    assert {"method", "bits", "group_size"} <= keys
+
+    # two formats, and a manifest that still lists every section: counted per format, unused ones left out
+    layers = manifest["layers"]
+    for name in list(layers)[:5]:
+        layers[name] = {**layers[name], "bits": 2}
+    manifest["recipe"] = recipe.to_dict()
+    counts = sorted(int(m.group(1)) for m in re.finditer(r"\b(\d+) layers:", info_text(manifest)))
+    assert counts == [5, 9]
+    assert "gptq." not in info_text(manifest) and json.dumps(manifest)

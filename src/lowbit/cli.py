@@ -21,28 +21,9 @@ from pathlib import Path
 
 import torch
 
+from lowbit.dtypes import add_dtype_argument, resolve_dtype
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.recipes import CALIB_DTYPES
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AVX512_BF16 or AMX); else bf16 is emulated and
-    several times slower than fp32 (measured 8x on an AVX2-only EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """'auto' is bf16 where the CPU computes it natively, fp32 otherwise."""
-    if name == "auto":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return DTYPES[name]
 
 
 def _say(msg: str) -> None:
@@ -72,10 +53,15 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<22} {'arch':<8} {'params':<26} {'size':>9}  present")
-    for r in rows:
-        print(f"{r['name']:<22} {r['architecture']:<8} {r['params']:<26} {_mb(r['bytes']):>9}  "
-              f"{r['path'] if r['present'] else 'no (fetched on first use, or: lowbit models --fetch NAME)'}")
+    table = [("name", "arch", "params", "size", "present")]
+    table += [(r["name"], r["architecture"], r["params"], _mb(r["bytes"]), r["path"] if r["present"] else "no")
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:  # columns two spaces apart, each as wide as its widest cell; size right-aligned
+        cells = [c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        print("  ".join([*cells, row[-1]]))
+    if not all(r["present"] for r in rows):
+        print("\nmodels not present are fetched on first use, or now with: lowbit models --fetch NAME")
     return 0
 
 
@@ -328,10 +314,22 @@ def _configured_context(model: str) -> int | None:
     return None
 
 
+def _until_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` cut before the first stop string in it, and whether there was one."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+def _stop_prefix_length(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that begins a stop string: held back from the
+    stream until the next tokens show whether the stop string follows."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
 def cmd_generate(args) -> int:
     from lowbit.checkpoint import is_checkpoint, load_checkpoint
     from lowbit.models import load_model
-    from lowbit.runtime.generate import generate
+    from lowbit.runtime.generate import chat_prompt_ids, generate, has_chat_template
     from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, kv_label
 
     kv = kv_label(args.kv, args.kv_policy, args.kv_budget)
@@ -356,30 +354,45 @@ def cmd_generate(args) -> int:
         use_fast_attention(loaded.model)
     model, tok = loaded.model, loaded.tokenizer
     model.eval()
-    ids = torch.tensor(tok(prompt)["input_ids"])
+    chat = not args.raw and has_chat_template(tok)
+    if args.system is not None and not chat:
+        raise ConfigError(f"--system needs a chat template, and {args.model!r}'s tokenizer has none; put the "
+                          "instructions in the prompt instead")
+    ids = torch.tensor(chat_prompt_ids(tok, prompt, args.system) if chat else tok(prompt)["input_ids"])
     cache = kv_cache_for(model.config, kv, mode="prompt")
+    stops = args.stop or []
     printed = ""
+    stopped = False
     new: list[int] = []
 
     def stream(t: int) -> None:
-        nonlocal printed
+        nonlocal printed, stopped
         new.append(t)
-        text = tok.decode(new, skip_special_tokens=True)
-        if not args.json and not text.endswith("\ufffd"):  # wait for a whole character
+        text, stopped = _until_stop(tok.decode(new, skip_special_tokens=True), stops)
+        if not stopped:  # hold back what may be the start of a stop string, and half a character
+            text = text[:len(text) - _stop_prefix_length(text, stops)]
+            if text.endswith("\ufffd"):
+                return
+        if not args.json:
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
-            printed = text
+        printed = text
 
     out = generate(model, ids, args.max_new_tokens, cache, args.temperature,
                    1.0 if args.top_p is None else args.top_p, 0 if args.seed is None else args.seed,
                    args.prefill_chunk, stop_ids={tok.eos_token_id} if tok.eos_token_id is not None else None,
-                   on_token=stream, static=cache is None)
-    stats = {"prompt_tokens": out.prompt_tokens, "new_tokens": len(out.tokens),
+                   on_token=stream, static=cache is None, top_k=args.top_k,
+                   repetition_penalty=args.repetition_penalty, stop=(lambda _: stopped) if stops else None)
+    text, stopped = _until_stop(tok.decode(out.tokens, skip_special_tokens=True), stops)
+    if not args.json and len(text) > len(printed):  # what was held back and turned out not to stop
+        sys.stdout.write(text[len(printed):])
+    stats = {"prompt_tokens": out.prompt_tokens, "chat_template": chat, "stopped_at_string": stopped,
+             "new_tokens": len(out.tokens),
              "prefill_tokens_per_s": out.prompt_tokens / max(out.prefill_seconds, 1e-9),
              "decode_tokens_per_s": max(len(out.tokens) - 1, 0) / max(out.decode_seconds, 1e-9),
              "kv": kv, "kv_bytes": cache_nbytes(cache) if cache is not None else None}
     if args.json:
-        print(json.dumps({"text": tok.decode(out.tokens, skip_special_tokens=True), "tokens": out.tokens, **stats}))
+        print(json.dumps({"text": text, "tokens": out.tokens, **stats}))
     else:
         print()
         if not args.quiet:
@@ -526,6 +539,16 @@ def _int_from(low: int):
     return parse
 
 
+def _nonempty(flag: str):
+    """An argparse type: a string with at least one character."""
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"{flag} needs some text")
+        return text
+
+    return parse
+
+
 def _float_in(low: float, high: float, open_low: bool = False, open_high: bool = False):
     """An argparse type: a number in the interval from `low` to `high` (ends open as asked)."""
     interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
@@ -560,10 +583,12 @@ def _kv_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit import __version__
     from lowbit.recipes import METHODS
 
     p = _Parser(prog="lowbit", description="Compress LLMs after training; evaluate honestly.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, data=True):
@@ -625,8 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "autocast, several times faster on CPUs with native bf16, while weights, Hessians and "
                         "the quantization stay float32)")
     q.add_argument("--skip", action="append", help="regex of module names to keep in full precision (repeatable)")
-    q.add_argument("--dtype", default="fp32", choices=["auto", *sorted(DTYPES)],
-                   help="compute dtype for calibration and evaluation (default fp32; auto = bf16 where the CPU has it natively)")
+    add_dtype_argument(q, "float32", "the dtype the model is loaded and calibrated in, and evaluated in with "
+                       "--eval (float32 by default so weights are quantized unrounded)")
     q.add_argument("--eval", nargs="+", metavar="DATASET", help="after quantizing, evaluate against the reference "
                    "(datasets separated by spaces or commas)")
     q.add_argument("--max-tokens", type=_int_from(1), default=None, help="with --eval: evaluate on the first N tokens")
@@ -644,8 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", nargs="+", default=["wikitext2"], help="datasets: wikitext2, ptb, c4 or .txt/.jsonl paths")
     e.add_argument("--max-tokens", type=_int_from(1), default=None, help="evaluate on the first N tokens (default all)")
     e.add_argument("--seqlen", type=_int_from(2), default=None, help="window length (default min(2048, context))")
-    e.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                   help="compute dtype for model and reference (default auto: bf16 where the CPU has native bf16, else fp32)")
+    add_dtype_argument(e, "auto", "compute dtype of the model and the reference (always the same)")
     e.add_argument("--reference", default="auto",
                    help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
     e.add_argument("--activations", choices=["float", "int8"], default="float",
@@ -668,10 +692,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default): greedy; > 0: sampling")
     g.add_argument("--top-p", type=_float_in(0, 1, open_low=True),
                    help="nucleus sampling mass in (0, 1] (default 1; with --temperature > 0)")
+    g.add_argument("--top-k", type=_int_from(1), help="sample among the K most likely tokens only (with "
+                   "--temperature > 0)")
     g.add_argument("--seed", type=int, help="sampling seed (default 0; with --temperature > 0)")
+    g.add_argument("--repetition-penalty", type=_float_in(0, float("inf"), open_low=True),
+                   help="divide the scores of tokens already in the prompt or the output by this (> 1 discourages "
+                        "repeats; default 1: off); greedy or sampled")
+    g.add_argument("--stop", action="append", type=_nonempty("--stop"), metavar="STRING",
+                   help="end the output before this text (repeatable); greedy or sampled")
+    g.add_argument("--raw", action="store_true", help="use the prompt as it is; by default a tokenizer with a "
+                   "chat template (instruct models) gets the prompt as one user turn of it")
+    g.add_argument("--system", metavar="TEXT", help="a system message before the prompt, through the chat template")
     g.add_argument("--prefill-chunk", type=_int_from(1), default=512, help="prompt tokens per forward (default 512)")
-    g.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
-                   help="compute dtype (default auto: bf16 where the CPU has native bf16, as the packed kernels want; else fp32)")
+    add_dtype_argument(g, "auto", "compute dtype (the packed kernels' fast path wants bfloat16)")
     _kv_arguments(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     g.add_argument("--activations", choices=["float", "int8"], default="float",

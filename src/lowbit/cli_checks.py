@@ -68,9 +68,11 @@ def check_quantize(args: argparse.Namespace) -> Recipe:
 
 
 def check_generate(args: argparse.Namespace) -> None:
-    """Sampling settings need sampling."""
+    """Sampling settings need sampling; a system message needs the chat template."""
+    if args.raw and args.system is not None:
+        raise ConfigError("--system goes through the chat template, which --raw turns off; drop one of them")
     if args.temperature == 0:
-        given = [flag for dest, flag in (("top_p", "--top-p"), ("seed", "--seed"))
+        given = [flag for dest, flag in (("top_p", "--top-p"), ("top_k", "--top-k"), ("seed", "--seed"))
                  if getattr(args, dest) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} shape{'' if len(given) > 1 else 's'} sampling, and "

@@ -112,9 +112,25 @@ def _recipe_lines(d: dict[str, Any], prefix: str = "") -> str:
     return "\n".join(lines)
 
 
+def _used_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's fields that apply to its method (Recipe.used_dict); a recipe this version
+    cannot read is shown as it was written."""
+    from lowbit.errors import LowbitError
+    from lowbit.recipes import Recipe
+
+    try:
+        return Recipe.from_dict(recipe).used_dict()
+    except (LowbitError, TypeError, ValueError):
+        return recipe
+
+
 def info_text(manifest: dict[str, Any]) -> str:
+    """`lowbit info`: the recipe's fields that apply, one line per distinct layer format with its
+    count of layers, size, files and provenance (each layer's format: `lowbit info --json`)."""
     st = manifest.get("stats", {})
-    lines = [f"recipe: {_recipe_lines(manifest.get('recipe', {})).replace(chr(10), ', ')}", "formats:"]
+    lines = ["recipe:"]
+    lines += ["  " + s for s in _recipe_lines(_used_recipe(manifest.get("recipe", {}))).splitlines()]
+    lines.append(f"layer formats ({len(manifest['layers'])} quantized layers):")
     lines += ["  " + s for s in _formats_summary(manifest["layers"])]
     if st:
         on_disk = f", {st['disk_bytes'] / 1e6:.1f} MB on disk" if st.get("disk_bytes") is not None else ""
@@ -124,8 +140,4 @@ def info_text(manifest: dict[str, Any]) -> str:
     lines.append("files: " + ", ".join(f"{f} {m['bytes'] / 1e6:.1f} MB" for f, m in files.items()))
     lines.append("provenance:")
     lines += ["  " + s for s in _provenance(manifest)]
-    lines.append("layers:")
-    for name, m in manifest["layers"].items():
-        lines.append(f"  {name}: {m['shape'][0]}x{m['shape'][1]} {layer_choice(m)} "
-                     f"{'sym' if m['symmetric'] else 'asym'}{' perm' if m.get('perm') else ''}")
     return "\n".join(lines)

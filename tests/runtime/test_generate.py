@@ -6,7 +6,12 @@ import torch
 from tiny_models import CHAT_TEMPLATE, CHAT_WORDS, build_tiny, save_tiny_folder
 from transformers import AutoTokenizer
 
-from lowbit.runtime.generate import chat_prompt_ids, generate, has_chat_template, logits_processors
+from lowbit.runtime.generate import (
+    chat_prompt_ids,
+    generate,
+    has_chat_template,
+    logits_processors,
+)
 
 ID = {w: i for i, w in enumerate(CHAT_WORDS)}
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lowbit.bench.accuracy import _peak_rss, _write_section, machine
+from lowbit.dtypes import add_dtype_argument, resolve_dtype
 from lowbit.errors import ConfigError
 
 DEFAULT_CACHES = ("full,kivi8,kivi4,kivi3,kivi2,zipcache-h4-l2-r0.5,gear2-r4,hf-hqq4,hf-hqq2,"
@@ -38,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--needle-per-cell", type=int, default=2)
     p.add_argument("--needle-filler", default="wikitext2", help="corpus the filler text is cut from")
     p.add_argument("--lambada", type=int, default=200, help="LAMBADA passages (0: skip)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype_argument(p, "float32", "the model's dtype (float32 by default, as the recorded results were "
+                       "measured; results are keyed by the dtype that ran, auto resolved)")
     p.add_argument("--work-dir", default="benchmarks/results")
     p.add_argument("--output", default="BENCHMARKS.md")
     p.add_argument("--section", default="kv",
@@ -49,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _settings(args) -> dict[str, Any]:
     return {"data": args.data, "max_tokens": args.max_tokens, "seqlen": args.seqlen, "chunk": args.chunk,
             "needle": [args.needle_lengths, args.needle_depths, args.needle_per_cell, args.needle_filler],
-            "lambada": args.lambada, "dtype": args.dtype}
+            "lambada": args.lambada, "dtype": str(resolve_dtype(args.dtype)).removeprefix("torch.")}
 
 
 def _load_done(path: Path, model: str, settings: dict) -> dict[str, dict]:
@@ -105,7 +107,7 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
     from lowbit.models import load_model
     from lowbit.runtime.kvcache import full_cache_nbytes
 
-    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    dtype = resolve_dtype(args.dtype)
     progress = not args.quiet
     lm = load_model(args.model, dtype=dtype, cache=args.cache, progress=progress)
     model, tok = lm.model, lm.tokenizer
