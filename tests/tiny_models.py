@@ -29,3 +29,11 @@ def build_tiny(arch: str, seed: int = 0, tie: bool = True):
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+def records_of(model) -> dict:
+    """{layer name: QuantizedWeight} of the QuantLinear modules a test swapped into `model`, for
+    save_checkpoint (which takes records): tests build quantized models module by module."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    return {n: m.quantized_weight() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
