@@ -218,3 +218,19 @@ def test_native_row_quantization_and_epilogue_equal_the_torch_ops(dtype):
     want = acc * ws * s_ref + bias
     got = ext.scale_rows(acc, ws, s, bias, dtype == torch.bfloat16)
     assert torch.equal(got, want.to(dtype))
+
+
+def test_an_int8_activation_load_reports_the_bits_per_weight_of_the_reference_load(tmp_path):
+    """Size comes from the stored records, not from the runtime's module types."""
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
+
+    model = build_tiny("qwen2")
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
+                                                             lin.bias))
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
+    reference = load_checkpoint(tmp_path / "ck").size
+    int8 = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).size
+    assert reference.bits_per_weight is not None
+    assert int8 == reference
