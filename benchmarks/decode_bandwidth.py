@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import StaticCache
 
 from lowbit.bench.speed import read_bandwidth
-from lowbit.checkpoint import load_checkpoint
+from lowbit.loading import load_checkpoint
 from lowbit.runtime.decode import LeanDecoder
 from lowbit.runtime.generate import prefill
 

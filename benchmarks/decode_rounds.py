@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from lowbit.checkpoint import load_checkpoint
+from lowbit.loading import load_checkpoint
 from lowbit.runtime.generate import generate
 
 

@@ -12,7 +12,7 @@ import time
 import torch
 from transformers.cache_utils import StaticCache
 
-from lowbit.checkpoint import load_checkpoint
+from lowbit.loading import load_checkpoint
 from lowbit.runtime.decode import LeanDecoder
 from lowbit.runtime.generate import prefill
 

@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from lowbit.checkpoint import load_checkpoint
+from lowbit.loading import load_checkpoint
 from lowbit.models import load_model
 from lowbit.runtime.attention import NAME, use_fast_attention
 from lowbit.runtime.generate import prefill

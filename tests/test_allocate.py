@@ -22,8 +22,8 @@ from lowbit.allocate import (
     probe_level,
     start_candidates,
 )
-from lowbit.checkpoint import load_checkpoint
-from lowbit.eval.size import quantized_size
+from lowbit.eval.size import quantized_size_of_modules as quantized_size
+from lowbit.loading import load_checkpoint
 from lowbit.models.load import LoadedModel, ModelSource
 from lowbit.pipeline import quantize, save, target_layers
 from lowbit.recipes import BudgetConfig, CalibrationConfig, ClipConfig, Recipe

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import build_tiny
+from tiny_models import build_tiny, records_of
 
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
@@ -12,10 +12,10 @@ from lowbit.checkpoint import (
     DENSE_FILE,
     MANIFEST,
     QUANT_FILE,
-    load_checkpoint,
     save_checkpoint,
 )
 from lowbit.errors import CheckpointError, LowbitError
+from lowbit.loading import load_checkpoint
 from lowbit.recipes import GPTQConfig
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -42,7 +42,7 @@ def test_save_load_gives_bit_identical_logits(tmp_path, arch, tie):
     ids = torch.randint(0, 256, (1, 33), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         before = model(ids).logits
-    save_checkpoint(model, None, tmp_path / "ck", {"recipe": {"method": "test"}})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {"recipe": {"method": "test"}})
     loaded = load_checkpoint(tmp_path / "ck")
     with torch.inference_mode():
         after = loaded.model(ids).logits
@@ -57,7 +57,7 @@ def test_save_load_gives_bit_identical_logits(tmp_path, arch, tie):
 def test_codes_are_stored_packed(tmp_path):
     model = build_tiny("llama")
     quantize_all(model, bits=3)
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     from safetensors.torch import load_file
 
     t = load_file(tmp_path / "ck" / QUANT_FILE)
@@ -69,7 +69,7 @@ def test_codes_are_stored_packed(tmp_path):
 def saved(tmp_path):
     model = build_tiny("llama")
     quantize_all(model)
-    return save_checkpoint(model, None, tmp_path / "ck", {})
+    return save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
 
 
 def test_truncated_file_is_rejected(saved):
@@ -162,14 +162,14 @@ def test_existing_output_is_not_overwritten_without_asking(saved):
     quantize_all(model)
     before = {f.name: f.read_bytes() for f in saved.iterdir()}
     with pytest.raises(LowbitError, match="already exists"):
-        save_checkpoint(model, None, saved, {})
+        save_checkpoint(records_of(model), model, None, saved, {})
     assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
-    save_checkpoint(model, None, saved, {"note": 1}, overwrite=True)
+    save_checkpoint(records_of(model), model, None, saved, {"note": 1}, overwrite=True)
     assert json.loads((saved / MANIFEST).read_text())["note"] == 1
 
 
 def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
-    import lowbit.checkpoint as ck
+    import lowbit.checkpoint.store as ck
 
     model = build_tiny("llama")
     quantize_all(model)
@@ -179,7 +179,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck, "save_file", boom)
     with pytest.raises(OSError):
-        save_checkpoint(model, None, tmp_path / "ck", {})
+        save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     assert list(tmp_path.iterdir()) == []
 
 

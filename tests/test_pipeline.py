@@ -8,10 +8,9 @@ import torch
 from tiny_models import TINY_VOCAB, build_tiny
 
 from lowbit.algorithms.rtn import rtn_quantize
-from lowbit.checkpoint import load_checkpoint
 from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
-from lowbit.eval.size import quantized_size
+from lowbit.loading import load_checkpoint
 from lowbit.models.load import LoadedModel, ModelSource
 from lowbit.pipeline import _dense_twin, quantize, save, target_layers
 from lowbit.recipes import CalibrationConfig, Recipe
@@ -109,15 +108,15 @@ def test_skip_patterns_keep_layers_dense(data_dir):
     res = quantize(lm, Recipe(method="rtn", bits=4, group_size=32, skip=(r"mlp\.down_proj",)), progress=False)
     assert res.skipped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert type(lm.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
-    assert quantized_size(lm.model).n_quantized_params == sum(
+    assert res.size.n_quantized_params == sum(
         m.in_features * m.out_features for m in lm.model.modules() if isinstance(m, QuantLinear))
 
 
 def test_bits_per_weight_counts_scales_and_zeros():
     lm = loaded_tiny()
-    quantize(lm, Recipe(method="rtn", bits=4, group_size=32), progress=False)
+    res = quantize(lm, Recipe(method="rtn", bits=4, group_size=32), progress=False)
     # 4-bit codes + (16-bit scale + 4-bit zero) / 32 per weight; every width here divides by 8
-    assert quantized_size(lm.model).bits_per_weight == pytest.approx(4 + 20 / 32)
+    assert res.size.bits_per_weight == pytest.approx(4 + 20 / 32)
 
 
 def test_group_size_not_dividing_the_width_uses_a_short_last_group(tmp_path):
@@ -215,7 +214,7 @@ def test_slim_pipeline_meets_the_average_and_round_trips(data_dir, tmp_path, cap
 
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["bits_per_weight"] == pytest.approx(quantized_size(lm.model).bits_per_weight)
+    assert info["bits_per_weight"] == pytest.approx(res.size.bits_per_weight)
     assert info["per_layer"]["model.layers.0.mlp.down_proj"].startswith("w2.50g16-mixed")
     loaded = load_checkpoint(out)
     ids = torch.randint(1, TINY_VOCAB, (1, 16))

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from lowbit.checkpoint import load_checkpoint
 from lowbit.cli import main
 from lowbit.data import eval_tokens
 from lowbit.eval import compare_to_reference
+from lowbit.loading import load_checkpoint
 from lowbit.models import KNOWN_MODELS, load_model
 from lowbit.pipeline import quantize, save
 from lowbit.recipes import CalibrationConfig, Recipe

@@ -56,3 +56,11 @@ def save_tiny_folder(folder, chat_template: str | None = None, seed: int = 0):
         tok.chat_template = chat_template
     tok.save_pretrained(folder)
     return folder
+
+
+def records_of(model) -> dict:
+    """{layer name: QuantizedWeight} of the QuantLinear modules a test swapped into `model`, for
+    save_checkpoint (which takes records): tests build quantized models module by module."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    return {n: m.quantized_weight() for n, m in model.named_modules() if isinstance(m, QuantLinear)}

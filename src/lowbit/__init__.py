@@ -6,11 +6,12 @@ Layers (imports only go downward in this list):
     algorithms/   RTN, GPTQ: choose codes and scales
     calibration/  calibration data -> per-block inputs and Hessians
     models/       load by name, folder or GGUF; architecture helpers
-    runtime/      QuantLinear modules that run a QuantizedWeight
-    checkpoint.py save / load quantized models (safetensors + JSON manifest)
-    eval/         perplexity, KL divergence, size accounting
-    pipeline.py   quantize(model, recipe), save(result, folder): ties the layers together
+    checkpoint/   save / read records (safetensors + a versioned JSON manifest); no runtime
+    runtime/      modules that run records; convert.py: to_runtime, the one module swap
+    eval/         perplexity, KL divergence, size accounting from records
+    pipeline.py   quantize(model, recipe) -> QuantizedModel (records + dense tensors + reports), save
     evaluation.py evaluate(model, datasets, ...): perplexity, KL and size of a model or checkpoint
+    loading.py    load(path, runtime) = checkpoint.open_checkpoint + runtime.convert.to_runtime
     cli.py        the `lowbit` command
 """
 
@@ -26,7 +27,9 @@ _API = {
     "save": "lowbit.pipeline",
     "evaluate": "lowbit.evaluation",
     "save_checkpoint": "lowbit.checkpoint",
-    "load_checkpoint": "lowbit.checkpoint",
+    "load": "lowbit.loading",
+    "load_checkpoint": "lowbit.loading",
+    "QuantizedModel": "lowbit.pipeline",
     "QuantizedWeight": "lowbit.qtensor",
 }
 

@@ -142,7 +142,6 @@ def cmd_quantize(args) -> int:
     from lowbit.cli_checks import check_layer_groups
     from lowbit.data import calibration_documents, eval_text, eval_tokens
     from lowbit.eval.perplexity import default_seqlen
-    from lowbit.eval.size import quantized_size
     from lowbit.evaluation import (
         REFERENCE_NOTE,
         evaluate,
@@ -210,12 +209,10 @@ def cmd_quantize(args) -> int:
     check_fits(est["peak_bytes"], f"quantizing {args.model}" + (" and evaluating it" if args.eval else ""),
                _memory_options(args, recipe, dtype))
     result = quantize(loaded, recipe, data_dir=args.data_dir, progress=not args.quiet)
-    size = quantized_size(loaded.model)
+    size = result.size
     _say(f"quantized in {result.seconds:.1f}s; {size.bits_per_weight:.3f} bits/weight, model {_mb(size.model_bytes)}")
-    if "budget" in result.extra:
-        from lowbit.allocate import BudgetReport
-
-        _say(BudgetReport(**result.extra["budget"]).summary())
+    if result.budget is not None:
+        _say(result.budget.summary())
 
     # saved before evaluating, so a failing evaluation costs only the evaluation
     try:
@@ -233,7 +230,7 @@ def cmd_quantize(args) -> int:
     if args.eval:
         try:
             ref = load_model(args.model, dtype=dtype, cache=args.cache)
-            cand = evaluate(loaded, args.eval, recipe.describe(), args.max_tokens, args.seqlen, ref, args.data_dir,
+            cand = evaluate(result, args.eval, recipe.describe(), args.max_tokens, args.seqlen, ref, args.data_dir,
                             not args.quiet)
             evals = [reference_result(cand, ref.model), cand]
             record_evaluation(path, evals)
@@ -327,7 +324,8 @@ def _stop_prefix_length(text: str, stops: list[str]) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lowbit.checkpoint import is_checkpoint, load_checkpoint
+    from lowbit.checkpoint import is_checkpoint
+    from lowbit.loading import load_checkpoint
     from lowbit.models import load_model
     from lowbit.runtime.generate import chat_prompt_ids, generate, has_chat_template
     from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, kv_label
@@ -404,7 +402,7 @@ def cmd_generate(args) -> int:
 
 # ---------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from lowbit.checkpoint import is_checkpoint, load_checkpoint
+    from lowbit.checkpoint import is_checkpoint
     from lowbit.data import eval_text
     from lowbit.evaluation import (
         REFERENCE_NOTE,
@@ -413,6 +411,7 @@ def cmd_eval(args) -> int:
         format_table,
         load_reference_for,
     )
+    from lowbit.loading import load_checkpoint
     from lowbit.models import load_model
 
     dtype = resolve_dtype(args.dtype)

@@ -20,7 +20,7 @@ import torch
 from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.eval import compare_to_reference, default_seqlen, perplexity
-from lowbit.eval.size import quantized_size
+from lowbit.eval.size import QuantizedSize, model_size
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,13 @@ def implausible(d: DatasetResult, vocab_size: int | None) -> list[str]:
     return problems
 
 
+def _size(target: Any) -> QuantizedSize:
+    """The size `target` reports from its records (a QuantizedModel, a loaded checkpoint), else that
+    of its model with nothing quantized."""
+    size = getattr(target, "size", None)
+    return size if isinstance(size, QuantizedSize) else model_size(target.model)
+
+
 def evaluate(
     target: Any,
     datasets: list[str],
@@ -109,7 +116,7 @@ def evaluate(
             raise ConfigError(f"reference runs in {ref_dtype} but the model in {dtype}; use one --dtype for both")
         if reference.model.config.vocab_size != model.config.vocab_size:
             raise ConfigError("the reference model has a different vocabulary; it is not this model's source")
-    result = EvalResult(model=name, dtype=str(dtype).removeprefix("torch."), size=quantized_size(model).to_dict())
+    result = EvalResult(model=name, dtype=str(dtype).removeprefix("torch."), size=_size(target).to_dict())
     for ds in datasets:
         tokens = eval_tokens(target.tokenizer, ds, max_tokens, data_dir)  # [1, N]
         t0 = time.perf_counter()
@@ -140,7 +147,7 @@ def reference_result(candidate: EvalResult, reference_model: torch.nn.Module) ->
     """The reference's own row, from the perplexities a comparison already measured."""
     rows = {k: DatasetResult(d.dataset, d.seqlen, d.n_tokens, d.n_tokens_scored, d.ref_ppl)
             for k, d in candidate.datasets.items()}
-    return EvalResult("reference", candidate.dtype, quantized_size(reference_model).to_dict(), rows)
+    return EvalResult("reference", candidate.dtype, model_size(reference_model).to_dict(), rows)
 
 
 def format_table(results: list[EvalResult]) -> str:

@@ -8,6 +8,7 @@ does not fit is refused before it starts instead of being killed by the kernel l
 
 from __future__ import annotations
 
+import ctypes
 import resource
 from pathlib import Path
 
@@ -117,3 +118,13 @@ def check_fits(need_bytes: float, what: str, options: list[str], available: int 
         f"{rss_bytes() / 1e9:.2f} GB and only {available / 1e9:.2f} GB more is available (cgroup limit "
         f"included); it would be killed part way. To need less: {hint}"
     )
+
+
+def release_freed_memory() -> None:
+    """Hand memory that loading freed (read buffers, conversion slices, pre-fusion copies) back
+    to the system: glibc keeps freed heap blocks mapped, which otherwise stay in the resident
+    size for the life of the process. A no-op where the C library has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

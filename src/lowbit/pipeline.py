@@ -5,7 +5,10 @@
     save(result, "out/smol-w4g64")
 
 RTN needs no data; GPTQ draws seeded calibration samples and runs the sequential pipeline
-(calibration/sequential.py), which swaps every decoder-block linear layer for a QuantLinear.
+(calibration/sequential.py). quantize returns a QuantizedModel: the records ({layer name:
+QuantizedWeight}), the model holding every other tensor (its quantized layers swapped for
+QuantLinear by runtime/convert.py, so it runs as the reference), the per-layer reports, the
+calibration and budget reports. save() and QuantizedModel.size read the records.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
-from lowbit.allocate import plan_budget
+from lowbit.allocate import BudgetReport, plan_budget
 from lowbit.calibration.sequential import run_sequential
 from lowbit.checkpoint import MANIFEST, REPORT, save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
-from lowbit.eval.size import quantized_size
+from lowbit.eval.size import QuantizedSize, dense_tensors, quantized_size
 from lowbit.evaluation import EvalResult
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
@@ -38,7 +41,7 @@ from lowbit.outputs import write_atomically
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import GPTQ_METHODS, SLIM_METHODS, SMOOTHING_METHODS, Recipe
 from lowbit.report import quantize_report
-from lowbit.runtime.qlinear import QuantLinear
+from lowbit.runtime.convert import to_runtime
 from lowbit.smoothing import awq_rtn_quantize, smooth_block
 
 log = logging.getLogger(__name__)
@@ -55,19 +58,32 @@ class LayerReport:
 
 
 @dataclass
-class QuantizeResult:
-    loaded: LoadedModel             # .model now holds QuantLinear modules
+class QuantizedModel:
+    """What quantize produced: the records and everything else the job knows."""
+
+    loaded: LoadedModel             # .model holds the dense tensors; its quantized layers run as QuantLinear
     recipe: Recipe
+    weights: dict[str, QuantizedWeight]  # the one record per quantized layer
     layers: dict[str, LayerReport]
     skipped: list[str]
     calibration: dict[str, Any] | None
     seconds: float
     peak_rss_bytes: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    budget: BudgetReport | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # into the manifest as they are (budget, fallbacks)
 
     @property
     def model(self) -> nn.Module:
         return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def size(self) -> QuantizedSize:
+        """Bits per weight and bytes, from the records and the model's other tensors."""
+        return quantized_size(self.weights, dense_tensors(self.model, self.weights))
 
     @property
     def fallbacks(self) -> list[str]:
@@ -89,7 +105,7 @@ class QuantizeResult:
     def manifest_info(self, evaluations: list[EvalResult] = ()) -> dict[str, Any]:
         """What the checkpoint manifest records about this job."""
         s = self.loaded.source
-        size = quantized_size(self.model)
+        size = self.size
         return {
             "source": {"spec": s.spec, "name": s.name, "kind": s.kind, "path": str(s.path) if s.path else None,
                        "sha256": s.sha256},
@@ -106,12 +122,15 @@ class QuantizeResult:
         }
 
 
-def save(result: QuantizeResult, out_dir: str | Path, evaluations: list[EvalResult] = (), overwrite: bool = False) -> Path:
-    """Write result as a checkpoint folder with its manifest and REPORT.md. `overwrite` replaces
+QuantizeResult = QuantizedModel  # the name before records were kept
+
+
+def save(result: QuantizedModel, out_dir: str | Path, evaluations: list[EvalResult] = (), overwrite: bool = False) -> Path:
+    """Write result's records and dense tensors as a checkpoint folder with its manifest and REPORT.md. `overwrite` replaces
     an earlier lowbit checkpoint, never the source model (checkpoint.save_checkpoint)."""
     evaluations = list(evaluations)
     source = result.loaded.source.path
-    return save_checkpoint(result.model, result.loaded.tokenizer, out_dir, result.manifest_info(evaluations),
+    return save_checkpoint(result.weights, result.model, result.loaded.tokenizer, out_dir, result.manifest_info(evaluations),
                            report=lambda manifest: quantize_report(manifest, evaluations), overwrite=overwrite,
                            protect=[source] if source is not None else [])
 
@@ -283,12 +302,13 @@ def quantize(
     recipe: Recipe,
     data_dir: str | None = None,
     progress: bool = True,
-) -> QuantizeResult:
-    """Quantize loaded.model in place with `recipe`; returns what was done.
+) -> QuantizedModel:
+    """Quantize loaded.model with `recipe`; returns the records and what was done. The model is
+    changed in place: its quantized layers run their records as QuantLinear.
 
     Refuses (ConfigError) a model with a non-finite weight before any work, and any layer whose
     quantized scales are not finite once stored. Layers where GPTQ fell back to round-to-nearest
-    are recorded (LayerReport.fallback, QuantizeResult.fallbacks, extra["fallbacks"]) and
+    are recorded (LayerReport.fallback, QuantizedModel.fallbacks, extra["fallbacks"]) and
     warned about once; the caller decides whether that is an error.
     """
     model = loaded.model
@@ -298,6 +318,7 @@ def quantize(
         raise ConfigError("the recipe's skip list excludes every linear layer; nothing to quantize")
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
+    budget_report = None
     if recipe.budget is not None:
         check_shapes(model, names, recipe)
         recipe, budget_report = plan_budget(loaded, recipe, names, data_dir, progress)
@@ -315,11 +336,11 @@ def quantize(
         # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
         # the QuantLinear modules are swapped in once every block is done.
         qw.check_finite(full)
-        qweights[full] = (lin.bias, qw)
+        qweights[full] = qw
         layers[full] = LayerReport(qw.fmt.to_dict(), qw.shape, loss, None if fallback else damp, details, fallback)
         return _dense_twin(lin, qw, dtype)
 
-    qweights: dict[str, tuple[torch.Tensor | None, QuantizedWeight]] = {}
+    qweights: dict[str, QuantizedWeight] = {}
     if recipe.method == "rtn":
         for name in tqdm(names, desc="RTN", unit="layer", disable=not progress):
             lin = model.get_submodule(name)
@@ -385,10 +406,10 @@ def quantize(
         name, lin = output_head(model)
         qw = rtn_quantize(lin.weight.detach(), recipe.head_bits, recipe.head_group_size, recipe.symmetric, clip)
         keep(name, lin, qw)
-    for full, (bias, qw) in qweights.items():
-        model.set_submodule(full, QuantLinear.from_quantized(qw, bias, dtype=dtype))
+    to_runtime(model, qweights, "reference", dtype)  # each dense twin (its bias the layer's) -> QuantLinear
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = QuantizeResult(loaded, recipe, layers, skipped, calibration, time.perf_counter() - t0, peak, extra)
+    result = QuantizedModel(loaded, recipe, qweights, layers, skipped, calibration, time.perf_counter() - t0, peak,
+                            budget_report, extra)
     if result.fallbacks:
         extra["fallbacks"] = result.fallbacks  # into the manifest with the other extras
         log.warning(result.fallback_summary())

@@ -286,6 +286,9 @@ class QuantizedWeight:
         return cls(codes=codes, scales=tensors["scales"], zeros=zeros, fmt=fmt, perm=perm, group_bits=group_bits,
                    scale_mult=scale_mult)
 
+    def pack(self) -> PackedWeight:
+        return PackedWeight(self.fmt, self.shape, self.packed())
+
     @classmethod
     def from_float_qparams(
         cls,
@@ -313,3 +316,26 @@ class QuantizedWeight:
             group_bits=group_bits,
             scale_mult=scale_mult,
         )
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A QuantizedWeight in the form the checkpoint stores it (QuantizedWeight.packed()): the
+    same record, its codes and zero points still packed. A checkpoint hands these out, so a
+    runtime that runs packed codes (runtime/packed.py) never holds an unpacked copy; unpack()
+    gives the QuantizedWeight."""
+
+    fmt: QuantFormat
+    shape: tuple[int, int]
+    parts: dict[str, torch.Tensor]  # codes, scales, zeros, perm, group_bits, scale_mult, codes.b<w>...
+
+    @property
+    def mixed(self) -> bool:
+        return "group_bits" in self.parts
+
+    def nbytes(self) -> int:
+        """Bytes of the packed form; equals QuantizedWeight.nbytes() of the unpacked record."""
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    def unpack(self) -> QuantizedWeight:
+        return QuantizedWeight.from_packed(self.parts, self.fmt, self.shape)

@@ -24,10 +24,10 @@ from lowbit.checkpoint import (
     QUANT_FILE,
     check_not_checkpoint,
     is_checkpoint,
-    load_checkpoint,
     looks_like_checkpoint,
 )
 from lowbit.errors import CheckpointError
+from lowbit.loading import load_checkpoint
 
 COMMANDS = {
     "info": ["info", "{ck}", "--verify"],
@@ -412,7 +412,7 @@ def test_hashing_comes_before_parsing(checkpoint, monkeypatch):
     m["files"][QUANT_FILE]["bytes"] = (checkpoint / QUANT_FILE).stat().st_size  # the size fits, the hash not
     write_manifest(checkpoint, m)
     parsed = []
-    import lowbit.checkpoint as ck
+    import lowbit.checkpoint.tensors as ck
 
     monkeypatch.setattr(ck, "_check_header", lambda *a: parsed.append(a) or {})
     with pytest.raises(CheckpointError, match="sha256"):

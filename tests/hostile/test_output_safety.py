@@ -13,8 +13,9 @@ import pytest
 from hostile_cli import assert_clean_error, run_cli, tree
 
 from lowbit import outputs
-from lowbit.checkpoint import MANIFEST, load_checkpoint, read_manifest, verify_files
+from lowbit.checkpoint import MANIFEST, read_manifest, verify_files
 from lowbit.errors import CheckpointError, ConfigError
+from lowbit.loading import load_checkpoint
 
 RTN = ("--method", "rtn", "--bits", "4", "--group-size", "32", "-q")
 
@@ -336,12 +337,12 @@ def test_an_interrupted_replace_is_undone_by_the_next_run(tmp_path):
 
 
 def test_a_failed_save_leaves_nothing(env, capsys, monkeypatch):
-    import lowbit.checkpoint
+    import lowbit.checkpoint.store
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lowbit.checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(lowbit.checkpoint.store, "save_file", disk_full)
     before = {k: v for k, v in tree(env).items() if not k.startswith("cache")}
     try:
         rc = quantize(capsys, "tiny", "ck")[0]

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import build_tiny
+from tiny_models import build_tiny, records_of
 
 from lowbit.bench.speed import bytes_per_token
-from lowbit.checkpoint import DENSE_FILE, load_checkpoint, save_checkpoint
+from lowbit.checkpoint import DENSE_FILE, save_checkpoint
+from lowbit.loading import load_checkpoint
 from lowbit.runtime.attention import use_fast_attention
 from lowbit.runtime.embedding import MappedEmbedding
 from lowbit.runtime.generate import generate
@@ -17,7 +18,7 @@ def _saved(tmp_path, tie):
 
     model = build_tiny("llama", tie=tie)
     quantize_all(model, bits=4, group_size=16)
-    return save_checkpoint(model, None, tmp_path / "ck", {})
+    return save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import build_tiny
+from tiny_models import build_tiny, records_of
 
 from lowbit import kernels
 from lowbit.algorithms.rtn import rtn_quantize
@@ -226,12 +226,13 @@ def test_a_packed_model_gives_the_same_greedy_tokens(monkeypatch):
 def test_a_loaded_checkpoint_generates_the_same_tokens_packed(tmp_path):
     from test_checkpoint import quantize_all
 
-    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
     from lowbit.runtime.generate import generate
 
     model = build_tiny("qwen2")
     quantize_all(model, bits=3, group_size=16)  # GPTQ act-order perms among them
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(1))
     ref = generate(load_checkpoint(tmp_path / "ck").model, ids, 16, prefill_chunk=8).tokens
     packed = pack_model(load_checkpoint(tmp_path / "ck").model)
@@ -245,7 +246,8 @@ def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp
     (never unpacking uniform ones); every buffer equals packing the reference-loaded model."""
     from test_checkpoint import quantize_all
 
-    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
 
     model = build_tiny("qwen2")  # biases on q/k/v
     if kind == "uniform":
@@ -258,7 +260,7 @@ def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp
             else:
                 qw = rtn_quantize(lin.weight.detach(), 4, 16, iscale=IntegerScaleConfig(enabled=True, bits=8))
             model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     direct = load_checkpoint(tmp_path / "ck", runtime="packed").model
     via = pack_model(load_checkpoint(tmp_path / "ck").model)
     use_fast_attention(via)  # as runtime="packed" does: the same attention on both sides
@@ -277,8 +279,8 @@ def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp
 
 
 def test_an_unknown_runtime_is_refused(tmp_path):
-    from lowbit.checkpoint import load_checkpoint
     from lowbit.errors import CheckpointError
+    from lowbit.loading import load_checkpoint
 
     with pytest.raises(CheckpointError, match="runtime 'fast'"):
         load_checkpoint(tmp_path, runtime="fast")
@@ -317,7 +319,8 @@ def test_a_loaded_checkpoint_fuses_projections_without_copying_their_codes(tmp_p
     """load_checkpoint(runtime="packed") reads the codes of q/k/v (and of gate/up) into one
     buffer, so the fused GEMV runs on those very bytes; it decodes what a model packed and fused
     after loading does."""
-    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
     from lowbit.runtime.packed import fuse_projections
 
     model = build_tiny("qwen2")
@@ -326,7 +329,7 @@ def test_a_loaded_checkpoint_fuses_projections_without_copying_their_codes(tmp_p
             if isinstance(child, torch.nn.Linear) and cname != "lm_head" and child.in_features % 64 == 0:
                 qw = random_qweight(child.out_features, child.in_features, 4, 64, False, len(name))
                 setattr(mod, cname, QuantLinear.from_quantized(qw, child.bias))
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     loaded = load_checkpoint(tmp_path / "ck", dtype=torch.bfloat16, runtime="packed").model
     attn = loaded.model.layers[0].self_attn
     fused = attn.q_proj._fused

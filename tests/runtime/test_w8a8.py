@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import build_tiny
+from tiny_models import build_tiny, records_of
 
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.errors import CheckpointError, ConfigError
@@ -86,13 +86,14 @@ def test_formats_int8_activations_cannot_run_are_refused(fmt):
 
 
 def test_a_checkpoint_loads_with_int8_activations_and_stays_close(tmp_path):
-    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
 
     model = build_tiny("qwen2")
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
         model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
                                                              lin.bias))
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     w8 = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
     assert sum(isinstance(m, W8A8Linear) for m in w8.modules()) == 14
@@ -103,12 +104,13 @@ def test_a_checkpoint_loads_with_int8_activations_and_stays_close(tmp_path):
 
 
 def test_a_4_bit_checkpoint_is_refused_int8_activations(tmp_path):
-    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
 
     model = build_tiny("llama")
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
         model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 4, 16), lin.bias))
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     with pytest.raises(CheckpointError, match="int8 activations need 8-bit per-channel symmetric layers"):
         load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True)
 
@@ -161,7 +163,8 @@ def test_w4a8_stays_close_to_the_float_weight_and_refuses_float_scales():
 
 @needs_w4a8
 def test_a_4_bit_integer_scale_checkpoint_runs_w4a8(tmp_path):
-    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
     from lowbit.recipes import IntegerScaleConfig
     from lowbit.runtime.w8a8 import W4A8Linear
 
@@ -169,7 +172,7 @@ def test_a_4_bit_integer_scale_checkpoint_runs_w4a8(tmp_path):
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
         qw = rtn_quantize(lin.weight.detach(), 4, 64, iscale=IntegerScaleConfig(enabled=True, bits=8))
         model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     w4 = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
     assert sum(isinstance(m, W4A8Linear) for m in w4.modules()) == 14
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -179,7 +182,8 @@ def test_a_4_bit_integer_scale_checkpoint_runs_w4a8(tmp_path):
 
 
 def test_layers_without_an_integer_format_stay_weight_only(tmp_path, caplog):
-    from lowbit.checkpoint import load_checkpoint, save_checkpoint
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
     from lowbit.runtime.packed import PackedLinear
 
     model = build_tiny("qwen2", tie=False)
@@ -187,7 +191,7 @@ def test_layers_without_an_integer_format_stay_weight_only(tmp_path, caplog):
         model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
                                                              lin.bias))
     model.lm_head = QuantLinear.from_quantized(rtn_quantize(model.lm_head.weight.detach(), 8, 32))  # group-wise
-    save_checkpoint(model, None, tmp_path / "ck", {})
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     loaded = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
     assert isinstance(loaded.lm_head, PackedLinear)
     assert sum(isinstance(m, W8A8Linear) for m in loaded.modules()) == 14
@@ -214,3 +218,19 @@ def test_native_row_quantization_and_epilogue_equal_the_torch_ops(dtype):
     want = acc * ws * s_ref + bias
     got = ext.scale_rows(acc, ws, s, bias, dtype == torch.bfloat16)
     assert torch.equal(got, want.to(dtype))
+
+
+def test_an_int8_activation_load_reports_the_bits_per_weight_of_the_reference_load(tmp_path):
+    """Size comes from the stored records, not from the runtime's module types."""
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.loading import load_checkpoint
+
+    model = build_tiny("qwen2")
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
+                                                             lin.bias))
+    save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
+    reference = load_checkpoint(tmp_path / "ck").size
+    int8 = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).size
+    assert reference.bits_per_weight is not None
+    assert int8 == reference

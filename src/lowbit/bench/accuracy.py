@@ -195,7 +195,7 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     from lowbit.data import eval_tokens
     from lowbit.eval import ReferenceLogits, compare_to_reference
-    from lowbit.eval.size import quantized_size
+    from lowbit.eval.size import quantized_size_of_modules as quantized_size
     from lowbit.models import load_model
     from lowbit.pipeline import quantize, target_layers
     from lowbit.recipes import (
@@ -297,7 +297,7 @@ def build_references(model: str, datasets: list[str], args, work: Path) -> dict[
 
     from lowbit.data import eval_tokens
     from lowbit.eval import ReferenceLogits
-    from lowbit.eval.size import quantized_size
+    from lowbit.eval.size import quantized_size_of_modules as quantized_size
     from lowbit.models import load_model
 
     ref = load_model(model, dtype=torch.float32, cache=args.cache)

@@ -111,7 +111,7 @@ def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
     if spec["kind"] == "checkpoint":
-        from lowbit.checkpoint import load_checkpoint
+        from lowbit.loading import load_checkpoint
 
         model = load_checkpoint(spec["path"], dtype=torch.bfloat16, runtime="packed",
                                 int8_activations=spec.get("int8", False)).model

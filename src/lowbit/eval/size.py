@@ -1,9 +1,11 @@
-"""Size accounting that needs nothing but torch: parameter counts and bytes held by a model."""
+"""Size accounting that needs nothing but torch: parameter counts and bytes, and the deployed size
+of a quantized model computed from its records (never from its module types)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -86,19 +88,49 @@ class QuantizedSize:
                 "reference_bytes": self.reference_bytes}
 
 
-def quantized_size(model: torch.nn.Module) -> QuantizedSize:
-    from lowbit.runtime.qlinear import QuantLinear
-
-    qmods = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    n_q = sum(m.in_features * m.out_features for m in qmods)
-    q_bytes = sum(m.quantized_weight().nbytes() for m in qmods)
-    qbuffers = {id(t) for m in qmods for t in m.buffers(recurse=False)}
-    dense = [t for t in _unique([*model.parameters(), *model.buffers()]) if id(t) not in qbuffers and t.is_floating_point()]
-    dense_elems = sum(t.numel() for t in _unique(model.parameters()))
+def quantized_size(weights: Mapping[str, Any], dense: Mapping[str, torch.Tensor]) -> QuantizedSize:
+    """The size of a model given as records and dense tensors: `weights` {layer name: record}
+    (QuantizedWeight or PackedWeight, anything with .shape and .nbytes(); tensors on the meta
+    device do), `dense` every other parameter once (dense_tensors), biases of quantized layers
+    included. The same numbers whatever runtime the model is later loaded for."""
+    n_q = sum(r.shape[0] * r.shape[1] for r in weights.values())
+    q_bytes = sum(r.nbytes() for r in weights.values())
+    dense_elems = sum(t.numel() for t in dense.values())
     return QuantizedSize(
         bits_per_weight=8 * q_bytes / n_q if n_q else None,
         n_quantized_params=n_q,
         quantized_bytes=q_bytes,
-        model_bytes=q_bytes + 2 * sum(t.numel() for t in dense if isinstance(t, torch.nn.Parameter)),
+        model_bytes=q_bytes + 2 * dense_elems,
         reference_bytes=2 * (dense_elems + n_q),
     )
+
+
+def dense_tensors(model: torch.nn.Module, quantized: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The model's parameters, each once (tied weights counted once), but the weights of the
+    `quantized` layers (their records stand for them)."""
+    skip = {f"{name}.weight" for name in quantized}
+    out: dict[str, torch.Tensor] = {}
+    seen: set[object] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = (str(p.device), p.data_ptr()) if p.device.type != "meta" and p.data_ptr() else id(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        if name not in skip:
+            out[name] = p
+    return out
+
+
+def model_size(model: torch.nn.Module) -> QuantizedSize:
+    """The size of a model with nothing quantized (a reference): every parameter dense."""
+    return quantized_size({}, dense_tensors(model))
+
+
+def quantized_size_of_modules(model: torch.nn.Module) -> QuantizedSize:
+    """Deprecated: the size of a model whose quantized layers are QuantLinear modules, read from
+    those modules. Only for callers that have no records at hand (bench/accuracy.py until it takes
+    QuantizedModel.size); everything else measures records with quantized_size."""
+    from lowbit.runtime.qlinear import QuantLinear
+
+    weights = {n: m.quantized_weight() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    return quantized_size(weights, dense_tensors(model, weights))

@@ -15,7 +15,7 @@ that float16 holds exactly are kept as float16). It dispatches by shape:
 
 Without a C++ toolchain both fall back to torch (kernels.KernelUnavailable, warned once).
 
-    model = pack_model(load_checkpoint(path).model)   # every QuantLinear -> PackedLinear
+    model = lowbit.load(path, runtime="packed").model   # runtime/convert.py: to_runtime
 """
 
 from __future__ import annotations
@@ -27,10 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit import kernels
-from lowbit.checkpoint import release_freed_memory
 from lowbit.errors import ShapeError
 from lowbit.formats import pack
-from lowbit.qtensor import QuantFormat, QuantizedWeight, float_scales, zero_points
+from lowbit.memory import release_freed_memory
+from lowbit.models.arch import LAYOUTS, decoder_layers
+from lowbit.qtensor import (
+    PackedWeight,
+    QuantFormat,
+    QuantizedWeight,
+    float_scales,
+    zero_points,
+)
 from lowbit.runtime.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -354,6 +361,39 @@ def _adjacent(parts: list[torch.Tensor]) -> torch.Tensor | None:
     return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
 
 
+# ---------------------------------------------------------------- fusion: the one set of rules
+def projection_groups() -> list[tuple[str, ...]]:
+    """The projections of a decoder block that read one input (q/k/v, gate/up: models.arch.LAYOUTS),
+    as names inside the block; the candidates for one shared decode GEMV."""
+    return [tuple(group) for layout in LAYOUTS.values() for group in layout if len(group) >= 2]
+
+
+def fusion_buffers(records: dict[str, PackedWeight]) -> dict[str, torch.Tensor]:
+    """For each group of a block's projections (projection_groups) stored alike (one uniform
+    format, the same packed row length): one uint8 buffer for all their packed codes, as a view
+    per layer name. `records` may be on the meta device (StoredWeights.meta): only shapes and
+    formats are read. A loader reads the codes straight into these views, so fuse_projections
+    later finds them adjacent (_adjacent) and copies nothing."""
+    views: dict[str, torch.Tensor] = {}
+    blocks = {name.rsplit(".", 2)[0] for name in records if name.count(".") >= 2}
+    for block in blocks:
+        for group in projection_groups():
+            names = [f"{block}.{member}" for member in group]
+            if not all(n in records and "codes" in records[n].parts for n in names):
+                continue
+            recs = [records[n] for n in names]
+            shapes = [tuple(r.parts["codes"].shape) for r in recs]
+            if len({r.fmt for r in recs}) != 1 or any(len(sh) != 2 for sh in shapes) \
+                    or len({sh[1] for sh in shapes}) != 1 or any(r.mixed for r in recs):
+                continue
+            buf = torch.empty(sum(sh[0] for sh in shapes), shapes[0][1], dtype=torch.uint8)
+            start = 0
+            for n, sh in zip(names, shapes):
+                views[n] = buf[start:start + sh[0]]
+                start += sh[0]
+    return views
+
+
 def _fusable(members: list[nn.Module]) -> bool:
     if not all(isinstance(m, PackedLinear) for m in members):
         return False
@@ -367,30 +407,25 @@ def fuse_projections(model: nn.Module) -> int:
     """Share one decode GEMV among the projections of each decoder block that read the same
     input (architectures in models.arch.LAYOUTS). bfloat16 decode only; other calls run each
     member as before. Returns how many groups were fused."""
-    from lowbit.models.arch import LAYOUTS, decoder_layers
-
     ext = _ext()
     if ext is None or not ext.has_bf16_path():
         return 0
     fused = 0
     for block in decoder_layers(model):
-        for layout in LAYOUTS.values():
-            for group in layout:
-                if len(group) < 2:
-                    continue
-                members = [block.get_submodule(n) if _has(block, n) else None for n in group]
-                if None in members or not _fusable(members):
-                    continue
-                shared = _Fused(members)
-                start = 0
-                for m, rows in zip(members, shared.rows):
-                    # members' own buffers become views of the fused rows (no second copy)
-                    m.packed = shared.packed[start:start + rows]
-                    m.scales = shared.scales[start:start + rows]
-                    m.zero_points = shared.zero_points[start:start + rows]
-                    m._fused, m._rows = shared, (start, start + rows)
-                    start += rows
-                fused += 1
+        for group in projection_groups():
+            members = [block.get_submodule(n) if _has(block, n) else None for n in group]
+            if None in members or not _fusable(members):
+                continue
+            shared = _Fused(members)
+            start = 0
+            for m, rows in zip(members, shared.rows):
+                # members' own buffers become views of the fused rows (no second copy)
+                m.packed = shared.packed[start:start + rows]
+                m.scales = shared.scales[start:start + rows]
+                m.zero_points = shared.zero_points[start:start + rows]
+                m._fused, m._rows = shared, (start, start + rows)
+                start += rows
+            fused += 1
         release_freed_memory()  # the members' own copies, freed a block at a time
     return fused
 
