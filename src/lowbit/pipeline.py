@@ -27,6 +27,7 @@ from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
 from lowbit.allocate import plan_budget
 from lowbit.calibration.sequential import run_sequential
+from lowbit.calibration.smoothing import awq_rtn_quantize, smooth_block
 from lowbit.checkpoint import MANIFEST, REPORT, save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
@@ -39,7 +40,6 @@ from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import GPTQ_METHODS, SLIM_METHODS, SMOOTHING_METHODS, Recipe
 from lowbit.report import quantize_report
 from lowbit.runtime.qlinear import QuantLinear
-from lowbit.smoothing import awq_rtn_quantize, smooth_block
 
 log = logging.getLogger(__name__)
 
