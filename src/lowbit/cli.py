@@ -222,7 +222,7 @@ def cmd_quantize(args) -> int:
     size = quantized_size(loaded.model)
     _say(f"quantized in {result.seconds:.1f}s; {size.bits_per_weight:.3f} bits/weight, model {_mb(size.model_bytes)}")
     if "budget" in result.extra:
-        from lowbit.allocate import BudgetReport
+        from lowbit.budget.plan import BudgetReport
 
         _say(BudgetReport(**result.extra["budget"]).summary())
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
-from lowbit.allocate import plan_budget
+from lowbit.budget.plan import plan_budget
 from lowbit.calibration.sequential import run_sequential
 from lowbit.calibration.smoothing import awq_rtn_quantize, smooth_block
 from lowbit.checkpoint import MANIFEST, REPORT, save_checkpoint
