@@ -56,7 +56,7 @@ def window_logits(
     only the logits are cast to float32. `ids` stays on the CPU, `logits` is on the model's
     device. Callers put the model in eval mode for the whole loop (see `evaluating`).
 
-    With `kv` (a compressed-cache name or eviction label, runtime/kvcache.py) each window runs in chunks of `chunk`
+    With `kv` (a compressed-cache name or eviction label, runtime/kvcache/) each window runs in chunks of `chunk`
     tokens through a fresh cache of that kind: every token attends to the earlier chunks only
     through the compressed cache. `kv_stats` (a dict) then receives the bytes the cache held at
     the end of the last window ("kv_bytes") and what a bfloat16 cache of the same tokens takes
