@@ -42,13 +42,15 @@ from lowbit.runtime.kvcache.build import compress, kv_cache_for, kv_label
 from lowbit.runtime.kvcache.nbytes import cache_nbytes, full_cache_nbytes
 from lowbit.runtime.kvcache.observe import observing
 from lowbit.runtime.kvcache.spec import (
-           KV_HELP,
-           POLICIES,
-           CacheSpec,
-           parse_cache,
-           parse_kv,
-           parse_policy,
+    KV_HELP,
+    POLICIES,
+    CacheSpec,
+    parse_cache,
+    parse_kv,
+    parse_policy,
 )
 
-__all__ = ["KV_HELP", "POLICIES", "CacheSpec", "cache_nbytes", "compress", "full_cache_nbytes", "kv_cache_for",
-           "kv_label", "observing", "parse_cache", "parse_kv", "parse_policy"]
+__all__ = [
+    "KV_HELP", "POLICIES", "CacheSpec", "cache_nbytes", "compress", "full_cache_nbytes", "kv_cache_for", "kv_label",
+    "observing", "parse_cache", "parse_kv", "parse_policy",
+]
