@@ -6,6 +6,7 @@ Layers (imports only go downward in this list):
     algorithms/   RTN, GPTQ: choose codes and scales
     calibration/  calibration data -> per-block inputs and Hessians
     models/       load by name, folder or GGUF; architecture helpers
+    budget/       size budgets: a bit width and group size per layer
     runtime/      QuantLinear modules that run a QuantizedWeight
     checkpoint.py save / load quantized models (safetensors + JSON manifest)
     eval/         perplexity, KL divergence, size accounting
