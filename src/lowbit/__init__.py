@@ -6,6 +6,7 @@ Layers (imports only go downward in this list):
     algorithms/   RTN, GPTQ: choose codes and scales
     calibration/  calibration data -> per-block inputs and Hessians
     models/       load by name, folder or GGUF; architecture helpers
+    budget/       size budgets: a bit width and group size per layer
     checkpoint/   save / read records (safetensors + a versioned JSON manifest); no runtime
     runtime/      modules that run records; convert.py: to_runtime, the one module swap
     eval/         perplexity, KL divergence, size accounting from records

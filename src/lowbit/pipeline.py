@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.algorithms.slim import slim_quantize, width_range
-from lowbit.allocate import BudgetReport, plan_budget
+from lowbit.budget.plan import BudgetReport, plan_budget
 from lowbit.calibration.sequential import run_sequential
+from lowbit.calibration.smoothing import awq_rtn_quantize, smooth_block
 from lowbit.checkpoint import MANIFEST, REPORT, save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
@@ -42,7 +43,6 @@ from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import GPTQ_METHODS, SLIM_METHODS, SMOOTHING_METHODS, Recipe
 from lowbit.report import quantize_report
 from lowbit.runtime.convert import to_runtime
-from lowbit.smoothing import awq_rtn_quantize, smooth_block
 
 log = logging.getLogger(__name__)
 

@@ -157,7 +157,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """A size budget: per-layer bit width and group size chosen to meet it (lowbit/allocate.py)."""
+    """A size budget: per-layer bit width and group size chosen to meet it (lowbit/budget/)."""
 
     target_bpw: float | None = None        # average bits per quantized weight, scales and zeros counted
     target_bytes: int | None = None        # whole model: quantized layers + dense tensors at 16 bits

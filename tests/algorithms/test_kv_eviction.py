@@ -5,7 +5,8 @@ import torch
 
 from lowbit.algorithms import kv_eviction as ev
 from lowbit.errors import ConfigError
-from lowbit.runtime.kvcache import EvictingLayer, parse_policy
+from lowbit.runtime.kvcache.eviction import EvictingLayer
+from lowbit.runtime.kvcache.spec import parse_policy
 
 
 def test_attention_probs_is_causal_softmax_averaged_over_query_groups():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.algorithms.rtn import rtn_quantize, rtn_shrink
-from lowbit.allocate import ShrinkStore
+from lowbit.budget.sensitivity import ShrinkStore
 from lowbit.recipes import ClipConfig, IntegerScaleConfig
 
 

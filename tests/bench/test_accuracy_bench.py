@@ -5,18 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from lowbit.bench.accuracy import (
-    MARK_BEGIN,
-    MARK_END,
+from lowbit.bench.accuracy_jobs import (
     Job,
     Setting,
-    _key,
-    _write_section,
     file_label,
     jobs_from_args,
-    pareto_front,
-    render,
+    result_key,
 )
+from lowbit.bench.accuracy_render import pareto_front, render
 from lowbit.errors import ConfigError
 
 
@@ -32,20 +28,6 @@ def test_file_labels_keep_names_and_tell_paths_apart():
     a, b = file_label("/data/a/model"), file_label("/data/b/model")
     assert a != b and a.startswith("model-") and "/" not in a + b
     assert "/" not in file_label("org/name") and "\\" not in file_label("C:\\m\\x.gguf")
-
-
-def test_section_is_replaced_in_place_and_the_rest_kept(tmp_path):
-    f = tmp_path / "B.md"
-    f.write_text("# title\n\nintro\n")
-    _write_section(f, "first")
-    _write_section(f, "second")
-    text = f.read_text()
-    assert text.startswith("# title\n\nintro\n")
-    assert "second" in text and "first" not in text
-    assert text.count(MARK_BEGIN) == 1 and text.count(MARK_END) == 1
-    f.write_text(text + "\n## other section\n")
-    _write_section(f, "third")
-    assert f.read_text().endswith("## other section\n") and "third" in f.read_text()
 
 
 def test_jobs_parse_and_refuse_what_cannot_run():
@@ -67,13 +49,13 @@ def test_jobs_parse_and_refuse_what_cannot_run():
 
 
 def test_old_records_keep_their_identity():
-    assert _key({"model": "m", "method": "gptq", "bits": 3, "group_size": 64}) == ("m", "gptq", "w3g64", "float32")
-    assert _key({"model": "m", "method": "slim", "setting": "w2.5g128"}) == ("m", "slim", "w2.5g128", "float32")
+    assert result_key({"model": "m", "method": "gptq", "bits": 3, "group_size": 64}) == ("m", "gptq", "w3g64", "float32")
+    assert result_key({"model": "m", "method": "slim", "setting": "w2.5g128"}) == ("m", "slim", "w2.5g128", "float32")
     # bfloat16 calibration forwards are another result, not a rerun of the float32 one
-    assert _key({"model": "m", "method": "gptq", "setting": "w3g64", "calib_dtype": "bfloat16"})[3] == "bfloat16"
+    assert result_key({"model": "m", "method": "gptq", "setting": "w3g64", "calib_dtype": "bfloat16"})[3] == "bfloat16"
     # uncalibrated methods: one result, whatever dtype the run's calibration forwards had
-    assert _key({"model": "m", "method": "hqq", "setting": "w3g64", "calib_dtype": "bfloat16"}) == \
-        _key({"model": "m", "method": "hqq", "setting": "w3g64"})
+    assert result_key({"model": "m", "method": "hqq", "setting": "w3g64", "calib_dtype": "bfloat16"}) == \
+        result_key({"model": "m", "method": "hqq", "setting": "w3g64"})
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -103,7 +85,7 @@ def test_render_writes_table_and_plot(tmp_path):
                                                                "confirm": {"start": 1.1, "searched": 1.2},
                                                                "kept": "start"}},
             {"model": "m", "method": "llamacpp", "setting": "Q2_K", "error": "RuntimeError: no cmake"}]
-    results = {_key(r): r for r in rows}
+    results = {result_key(r): r for r in rows}
     text = render(SimpleNamespace(models=["m"]), ["wikitext2"], results, work, plot_dir=tmp_path)
     assert "| slim | w3g128 | 3.170 | 50.000 |" in text and "failed: RuntimeError: no cmake" in text
     assert "layers kept: table, plain clip x3, unmoved, salience clip x4 |" in text
@@ -124,7 +106,7 @@ def test_a_job_process_that_dies_gives_an_error_row_instead_of_hanging():
     from lowbit.bench.accuracy import _run_in_child
 
     r = _run_in_child({"model": "m", "method": "gptq", "setting": "w3g128"}, target=_dies)
-    assert _key(r)[:3] == ("m", "gptq", "w3g128") and "exited with code 3" in r["error"]
+    assert result_key(r)[:3] == ("m", "gptq", "w3g128") and "exited with code 3" in r["error"]
 
 
 def test_a_budget_job_meets_a_size_given_in_bits_per_weight(tmp_path, shared_data):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from lowbit.bench.accuracy import _write_section
+from lowbit.bench.common import write_section
 from lowbit.bench.kv import _load_done, _settings, add_arguments, render
 
 
@@ -36,8 +36,8 @@ def test_render_reports_ratios_against_the_full_cache_and_plots(tmp_path):
     assert (tmp_path / "BENCHMARKS-kv-smollm2-135m.png").is_file()
     out = tmp_path / "B.md"
     out.write_text("# Benchmarks\n\nkept text\n")
-    _write_section(out, text, "kv")
-    _write_section(out, text.replace("kivi2", "kivi3"), "kv")
+    write_section(out, text, "kv")
+    write_section(out, text.replace("kivi2", "kivi3"), "kv")
     final = out.read_text()
     assert "kept text" in final and "kivi3" in final and "kivi2" not in final
     assert final.count("<!-- bench:kv:begin -->") == 1
@@ -66,7 +66,7 @@ def test_a_needle_only_run_keeps_its_own_section_and_plot(tmp_path):
     assert "| kivi2 | - | - | - | - | 0.50 |" in text
     assert not (tmp_path / "BENCHMARKS-kv-smollm2-135m-needle-8k.png").exists()  # nothing to plot without ppl
     out = tmp_path / "B.md"
-    _write_section(out, "main table", "kv")
-    _write_section(out, text, args.section)
+    write_section(out, "main table", "kv")
+    write_section(out, text, args.section)
     final = out.read_text()
     assert "main table" in final and "(needle-8k)" in final

@@ -12,7 +12,8 @@ from lowbit.runtime.kv_attention import (
     kivi_decode_attention,
     reference_decode_attention,
 )
-from lowbit.runtime.kvcache import KIVILayer, kv_cache_for, observing
+from lowbit.runtime.kvcache import kv_cache_for, observing
+from lowbit.runtime.kvcache.layers import KIVILayer
 
 needs_kernel = pytest.mark.skipif(not kernels.available("kv_attention"),
                                   reason="no C++ toolchain to build the native kernel")

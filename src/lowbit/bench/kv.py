@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from lowbit.bench.accuracy import _peak_rss, _write_section, machine
+from lowbit.bench.common import machine, write_section
 from lowbit.dtypes import add_dtype_argument, resolve_dtype
 from lowbit.errors import ConfigError
+from lowbit.memory import peak_rss_bytes
 
 DEFAULT_CACHES = ("full,kivi8,kivi4,kivi3,kivi2,zipcache-h4-l2-r0.5,gear2-r4,hf-hqq4,hf-hqq2,"
                   "streaming@0.2,h2o@0.2,snapkv@0.2")
@@ -95,7 +96,7 @@ def run_kv_bench(args) -> None:
     if todo and not args.render_only:
         _run(args, todo, settings, results_path, done)
     section = render(args, [done[c] for c in caches if c in done], Path(args.output).parent)
-    _write_section(Path(args.output), section, args.section)
+    write_section(Path(args.output), section, args.section)
     print(section)
 
 
@@ -140,7 +141,7 @@ def _run(args, todo: list[str], settings: dict, results_path: Path, done: dict) 
              "kv_bytes": (ppl and ppl.kv_bytes) if kv else bf16, "kv_bf16_bytes": bf16,
              "tokens": ppl and ppl.n_tokens_scored,
              "needle": needle.to_dict() if needle else None, "lambada": lam.to_dict() if lam else None,
-             "seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss()}
+             "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
         with results_path.open("a") as f:
             f.write(json.dumps(r) + "\n")
         done[cache] = r
@@ -187,7 +188,7 @@ def _run_kvpress(args, lm, tok, cache: str, cases, settings: dict) -> dict:
               "kv_bytes": None, "cells": {k: sum(v) / len(v) for k, v in cells.items()}}
     return {"model": args.model, "cache": cache, "settings": settings, "ppl": None, "kv_bytes": None,
             "kv_bf16_bytes": None, "tokens": None, "needle": needle, "lambada": None,
-            "peer": out["versions"], "kept_after_prompt": out["kept"], "peak_rss_bytes": _peak_rss()}
+            "peer": out["versions"], "kept_after_prompt": out["kept"], "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _task_cell(t: dict | None, spec: str) -> str:

@@ -26,17 +26,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing as mp
 import resource
 import statistics
 import subprocess
 import time
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
-from lowbit.bench.accuracy import _write_section, machine
+from lowbit.bench.common import machine, run_in_child, write_section
 from lowbit.errors import ConfigError
+from lowbit.memory import peak_rss_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,10 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # measurements (each in a child process)
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bytes_per_token(model) -> int:
@@ -130,23 +125,13 @@ def _lowbit_run(spec: dict[str, Any]) -> dict[str, Any]:
     return {"load_s": load_s, "start_to_first_token_s": start_to_first, "ttft_s": out.prefill_seconds,
             "prefill_tok_s": spec["prompt_tokens"] / out.prefill_seconds,
             "decode_tok_s": (len(out.tokens) - 1) / out.decode_seconds,
-            "bytes_per_token": bytes_per_token(model), "peak_rss": _peak_rss_bytes()}
+            "bytes_per_token": bytes_per_token(model), "peak_rss": peak_rss_bytes()}
 
 
 def _in_child(target, spec: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=({**spec, "t_spawn": time.time()}, queue))
-    proc.start()
-    while True:  # a child that dies without reporting (a crash in native code) must not hang the run
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Empty:
-            if not proc.is_alive():
-                return {"error": f"the measuring process exited with code {proc.exitcode} before reporting"}
-    proc.join()
-    return result
+    """A measurement in a fresh process, timed from its spawn; a crash in native code is an error row."""
+    return run_in_child(target, {**spec, "t_spawn": time.time()},
+                        lambda code: {"error": f"the measuring process exited with code {code} before reporting"})
 
 
 def _llamacpp_job(spec: dict[str, Any], queue) -> None:
@@ -348,7 +333,7 @@ def run_speed_bench(args) -> None:
     with open(work / "speed.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     section = render(record)
-    _write_section(Path(args.output), section, args.section)
+    write_section(Path(args.output), section, args.section)
     print(section)
 
 

@@ -21,7 +21,7 @@ class PerplexityResult:
     n_windows: int  # n_tokens_input // seqlen
     seqlen: int
     n_tokens_input: int  # N, including the dropped tail
-    kv: str | None = None            # compressed KV cache in the loop (runtime/kvcache.py), if any
+    kv: str | None = None            # compressed KV cache in the loop (runtime/kvcache/), if any
     kv_chunk: int | None = None      # tokens per forward with that cache
     kv_bytes: int | None = None      # bytes the cache held at the end of a window
     kv_bf16_bytes: int | None = None  # a bfloat16 cache of the same tokens

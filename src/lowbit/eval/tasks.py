@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache
 
 from lowbit.errors import ConfigError
 from lowbit.runtime.generate import cache_argument, generate, prefill
-from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, observing
+from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, observing, parse_cache
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
@@ -87,8 +87,9 @@ def needle_eval(model, tokenizer, cases: list[NeedleCase], kv: str | None = None
                 progress: bool = True) -> TaskResult:
     hits: dict[str, list[int]] = {}
     kv_bytes = None
+    spec = parse_cache(kv)  # parsed once, not once per case
     for case in tqdm(cases, desc=f"needle {kv or 'full'}", disable=not progress):
-        cache = kv_cache_for(model.config, kv, mode="prompt")
+        cache = kv_cache_for(model.config, spec, mode="prompt")
         out = generate(model, case.ids, max_new_tokens=8, cache=cache, prefill_chunk=chunk)
         text = tokenizer.decode(out.tokens)
         m = re.search(r"\d+", text)
@@ -105,11 +106,12 @@ def lambada_eval(model, tokenizer, passages: list[str], kv: str | None = None, c
     device = next(model.parameters()).device
     correct = 0
     kv_bytes = None
+    spec = parse_cache(kv)  # parsed once, not once per passage
     for text in tqdm(passages, desc=f"lambada {kv or 'full'}", disable=not progress):
         context, _, word = text.rpartition(" ")
         ctx = torch.tensor(tokenizer(context)["input_ids"])
         target = list(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
-        cache = kv_cache_for(model.config, kv, mode="prompt")
+        cache = kv_cache_for(model.config, spec, mode="prompt")
         if cache is None:
             cache = DynamicCache()
         logits = prefill(model, ctx, cache, chunk)

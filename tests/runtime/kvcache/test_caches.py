@@ -1,21 +1,19 @@
-"""KIVI cache inside transformers models: exact while everything is in the full-precision window,
-close at 8 bits, compressed tokens really used by later chunks, bytes accounted from tensors."""
+"""Compressed and evicting caches inside transformers models: exact while everything is in the
+full-precision window, close at 8 bits, compressed tokens really used by later chunks, bytes
+accounted from tensors."""
 
 import pytest
 import torch
 from tiny_models import build_tiny
 
 from lowbit.errors import ConfigError
-from lowbit.runtime.kvcache import (
-    GearSpec,
-    KIVILayer,
-    KVSpec,
-    ZipLayer,
+from lowbit.runtime.kvcache.build import kv_cache_for
+from lowbit.runtime.kvcache.eviction import EvictingLayer
+from lowbit.runtime.kvcache.layers import KIVILayer, ZipLayer
+from lowbit.runtime.kvcache.nbytes import cache_nbytes
+from lowbit.runtime.kvcache.observe import observing
+from lowbit.runtime.kvcache.spec import (
     ZipSpec,
-    cache_nbytes,
-    kv_cache_for,
-    kv_label,
-    observing,
     parse_kv,
     parse_policy,
 )
@@ -79,16 +77,6 @@ def test_generate_with_a_compressed_cache(ids):
     assert out.shape == (1, 48) and torch.equal(out, ref)
 
 
-def test_bad_names():
-    assert KVSpec.parse("kivi2-b64") == KVSpec(2, 64) and KVSpec.parse("int4-w0").window == 0
-    assert kv_cache_for(build_tiny("llama").config, "none") is None
-    assert KVSpec.parse("kivi3").bits == 3
-    assert KVSpec.parse("kivi2-c1-a4") == KVSpec(bits=2, clip=1, sinks=4)
-    for bad in ("int5", "fp8", "kivi2-b0", "kivi2-x3", "zipcache-h2-l4", "gear2-b48", "zipcache-r1.5", "kivi2-c2"):
-        with pytest.raises(ConfigError, match="--kv"):
-            KVSpec.parse(bad)
-
-
 def test_perplexity_with_the_cache_in_the_loop():
     from lowbit.eval.perplexity import perplexity
 
@@ -104,17 +92,6 @@ def test_perplexity_with_the_cache_in_the_loop():
     # 128 tokens: 4 blocks quantized, nothing left in the window; bytes measured vs a bf16 cache
     assert int8.kv_bf16_bytes == 2 * 2 * 2 * 16 * 128 * 2
     assert int2.kv_bytes < int8.kv_bytes < int8.kv_bf16_bytes
-
-
-def test_names_parse_to_their_settings():
-    assert parse_kv("zipcache-h8-l2-r0.5") == ZipSpec(hi=8, lo=2, salient=0.5)
-    assert parse_kv("gear2-r4-s0.02") == GearSpec(2, rank=4, outliers=0.02)
-    assert kv_label(None, "snapkv", "0.2") == "snapkv@0.2" and kv_label("kivi2") == "kivi2"
-    assert kv_label("full") is None
-    with pytest.raises(ConfigError, match="together"):
-        kv_label("kivi2", "h2o", 0.2)
-    with pytest.raises(ConfigError, match="needs --kv-policy"):
-        kv_label(None, None, 0.2)
 
 
 @pytest.mark.parametrize("name", ["h2o@1000", "snapkv@1000", "streaming@1000", "zipcache-w512", "gear2-w512"])
@@ -162,7 +139,6 @@ def test_eviction_at_the_budget_equals_a_sliding_window_model(ids):
     policy = parse_policy("streaming", 8, sinks=0)
     from transformers.cache_utils import Cache
 
-    from lowbit.runtime.kvcache import EvictingLayer
 
     cache = Cache(layers=[EvictingLayer(policy) for _ in range(2)])
     got = chunked_logits(plain, ids[:, :40], cache, 1)

@@ -1,0 +1,120 @@
+"""What `lowbit bench accuracy` runs and how its results are keyed: jobs METHOD:SETTING (see
+lowbit.bench.accuracy), the predefined suites, a model's part of file names."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import ConfigError
+from lowbit.recipes import SLIM_METHODS
+
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "awq-slim", "budget", "hqq", "llamacpp")
+DEFAULT_METHODS = ("rtn", "gptq", "hqq")
+DEFAULT_SETTINGS = ("w4g128", "w4g64", "w3g128", "w3g64", "w2g64")
+LLAMACPP_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def _suite_methods() -> list[str]:
+    jobs = []
+    for uniform, avg in (("w4g128", "w4g128"), ("w3g128", "w3g128"), ("w2g32", "w2.5g128"), ("w2g128", "w2g128")):
+        jobs += [f"{m}:{uniform}" for m in ("rtn", "gptq", "awq-gptq", "hqq")]
+        jobs += [f"slim:{avg}", f"budget:{uniform}"]
+    jobs += ["gptq:w4g128-is8", "gptq:w3g128-is8"]  # Integer Scale's cost against float16 scales
+    return jobs + [f"llamacpp:{t}" for t in ("Q4_K_M", "Q3_K_M", "Q2_K")]
+
+
+SUITES = {"methods": _suite_methods}
+
+
+
+
+@dataclass(frozen=True)
+class Setting:
+    bits: int | float
+    group_size: int
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        try:
+            b, g = text.lower().removeprefix("w").split("g")
+            bits = float(b)
+            return cls(int(bits) if bits.is_integer() else bits, int(g))
+        except ValueError:
+            raise ConfigError(f"setting {text!r} is not of the form w<bits>g<group>, e.g. w4g128") from None
+
+    def __str__(self) -> str:
+        return f"w{self.bits}g{self.group_size}"
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str
+    setting: str   # w<bits>g<group>, or a llama.cpp type
+
+    @classmethod
+    def parse(cls, text: str) -> Job:
+        method, _, setting = text.partition(":")
+        if method not in METHODS or not setting:
+            raise ConfigError(f"job {text!r}: use METHOD:SETTING with METHOD one of {', '.join(METHODS)} "
+                              "(e.g. gptq:w3g128, slim:w2.5g128, llamacpp:Q4_K_M)")
+        base, _, iscale = setting.partition("-is")
+        if iscale and (method in ("hqq", "llamacpp", "budget") or not iscale.isdigit()):
+            raise ConfigError(f"job {text!r}: -is<bits> (integer scales) applies to rtn, gptq, awq, awq-gptq, slim")
+        if method == "llamacpp":
+            if setting not in LLAMACPP_TYPES:
+                raise ConfigError(f"job {text!r}: llama.cpp type must be one of {', '.join(LLAMACPP_TYPES)}")
+        elif method == "budget" and setting.endswith("bpw"):
+            if target_bpw(setting) is None:
+                raise ConfigError(f"job {text!r}: a budget's size is w<bits>g<group> or <bits per weight>bpw with "
+                                  "bits per weight in (1, 16], e.g. budget:w3g128 or budget:2.92bpw")
+        else:
+            s = Setting.parse(base)
+            if method not in SLIM_METHODS and not isinstance(s.bits, int):
+                raise ConfigError(f"job {text!r}: fractional bits need method slim or awq-slim")
+        return cls(method, setting)
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.setting}"
+
+
+def target_bpw(setting: str) -> float | None:
+    """The bits per weight of a budget setting written <x>bpw (None for any other setting)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)bpw", setting)
+    return float(m.group(1)) if m and 1.0 < float(m.group(1)) <= 16.0 else None
+
+
+def jobs_from_args(args) -> list[Job]:
+    if getattr(args, "suite", None):
+        return [Job.parse(j) for j in SUITES[args.suite]()]
+    if getattr(args, "jobs", None):
+        return [Job.parse(j) for j in args.jobs.split(",") if j]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS or m == "llamacpp"]
+    if bad:
+        raise ConfigError(f"--methods: unknown {bad}; choose from {', '.join(m for m in METHODS if m != 'llamacpp')} "
+                          "(llama.cpp types go in --jobs, e.g. llamacpp:Q4_K_M)")
+    return [Job.parse(f"{m}:{s}") for s in args.settings.split(",") if s for m in methods]
+
+
+def file_label(model: str) -> str:
+    """The model's part of a file name: a known name as it is; a path (a folder, a GGUF file, a hub
+    id) as its last component and a short hash of the whole, so that two folders named alike differ."""
+    if "/" not in model and "\\" not in model:
+        return model
+    tail = re.sub(r"[^\w.-]+", "_", Path(model).name).strip("_.") or "model"
+    return f"{tail}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+
+
+def result_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Result identity; records written before jobs had labels carry bits and group_size only,
+    and those written before calibration had a dtype calibrated in float32. Methods without
+    calibration (RTN, HQQ, llama.cpp) have one result whatever --calib-dtype said."""
+    return (r["model"], r["method"], r.get("setting") or f"w{r['bits']}g{r['group_size']}",
+            r.get("calib_dtype", "float32") if r["method"] in CALIBRATED else "float32")
+
+
+CALIBRATED = ("gptq", "awq", "awq-gptq", "slim", "awq-slim", "budget")

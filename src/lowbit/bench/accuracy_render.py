@@ -1,0 +1,179 @@
+"""The accuracy section of BENCHMARKS.md: one table per model (the reference, then every result by
+size), what was measured and how, and a plot of perplexity against bits per weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lowbit.bench.accuracy_jobs import CALIBRATED, METHODS, file_label, result_key
+from lowbit.bench.common import machine
+
+
+def _notes(r: dict[str, Any]) -> str:
+    if r["method"] == "budget" and "budget" in r:
+        b = r["budget"]
+        counts = " ".join(f"{k}x{v}" for k, v in sorted(b["counts"].items()))
+        kl = ""
+        if b.get("start_kl") is not None:
+            unseen = (f"unseen {b['confirm']['start']:.3f}->{b['confirm']['searched']:.3f}: kept the {b['kept']}"
+                      if b["confirm"] else "no offspring beat it: kept the start")
+            kl = (f"; search from {b['start']} (best of {len(b['starts'])} starts), KL {b['start_kl']:.3f}->"
+                  f"{b['final_kl']:.3f}, {unseen}")
+        elif b.get("only_fit"):
+            kl = "; the only allocation that fits, so nothing was searched"
+        return f"size of {r['setting']}: {counts}{kl}"
+    if r["method"] == "llamacpp":
+        types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
+        return f"llama.cpp {r['setting']} of the same reference; block tensors stored as {types}"
+    if r["method"] == "hqq":
+        return "hqq 0.2.8, float zero"
+    if r["method"] == "slim" and r.get("slim_choices"):
+        return "layers kept: " + ", ".join(f"{k} x{v}" for k, v in r["slim_choices"].items())
+    return ""
+
+
+def machines_note(rows: list[dict[str, Any]]) -> tuple[str, dict[str, int]]:
+    """The machine sentence for a table and, when its rows come from several machines, their numbers.
+
+    Rows are kept across sessions, and sessions do not always get the same CPU; a row records the
+    machine it ran on (rows older than that field get `LEGACY_MACHINE`).
+    """
+    seen = list(dict.fromkeys(r.get("machine", LEGACY_MACHINE) for r in rows)) or [machine()]
+    if len(seen) == 1:
+        return f"Machine: {seen[0]}.", {}
+    numbers = {m: i + 1 for i, m in enumerate(seen)}
+    listed = "; ".join(f"({i}) {m}" for m, i in numbers.items())
+    return (f"Machines (the `machine` column; compare times only between rows of one machine): {listed}.",
+            numbers)
+
+
+# The machine given to result rows written before rows recorded theirs.
+LEGACY_MACHINE = "AMD EPYC, 2 cores, torch 2.13.0+cpu, CPU capability AVX2"
+
+
+# What every table measured and how: rendered under the commands, after the machine sentence.
+METHOD = (
+    "Compute dtype float32. Evaluation: the first N tokens of each dataset "
+    "(N and the window length are given per model) in non-overlapping windows (C4: documents "
+    "1000-1999 of c4-validation-2k.jsonl); KL(reference || model) in nats per token and top-1 "
+    "agreement on the same token ids. Calibration: the `calib` column, samples x tokens drawn from C4 "
+    "documents 0-999, seed 0. lowbit's formats: asymmetric, integer zero points, float16 scales, clipping "
+    "search; GPTQ damp 0.01, true-sequential, no act-order. awq-gptq: AWQ smoothing (alpha grid 20, "
+    "2048 sampled tokens) then GPTQ. slim: SliM-LLM widths per column group (setting = average code width), "
+    "GPTQ inside; awq-slim: the same after AWQ's smoothing (searched one bit above the average's floor). "
+    "budget: per-layer bit width and group size for the size of the named uniform format "
+    "(or the bits per weight named, e.g. 2.92bpw) "
+    "(candidate starts: greedy allocations on each layer's output error, raw and rescaled by a per-layer KL "
+    "probe, and the uniform levels that fit; the best by KL on held-out calibration windows, then an evolutionary "
+    "search, kept only if it also wins on unseen windows), GPTQ. "
+    "HQQ 0.2.8 (data-free, its default optimizer, float zero and scale per group). llamacpp: llama.cpp's "
+    "converter and quantizer (from the llama-cpp-python source release) on the same reference, loaded back "
+    "through transformers' GGUF dequantization. Bits per weight count scales and zeros (llama.cpp: the "
+    "decoder-block weight tensors' bytes). Quantization time and peak RSS are of a fresh child process per "
+    "job (model load included in the RSS)."
+)
+
+# Said once above the tables: the reference is not an original bf16 checkpoint.
+REFERENCE_NOTE = (
+    "The reference is the GGUF model dequantized to float32: it was already quantized upstream "
+    "(SmolLM2: Q4_1, asymmetric 4-bit g32; Qwen2.5-Coder: Q4_K/Q6_K), so these numbers measure "
+    "the cost of re-quantizing it, not of quantizing an original bf16 checkpoint."
+)
+
+
+def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path | None = None) -> str:
+    commands = list(dict.fromkeys((work / "commands.txt").read_text().splitlines()))
+    models = list(dict.fromkeys([k[0] for k in results] + list(args.models)))
+    machines, numbers = machines_note(list(results.values()))
+    lines = [
+        "## Accuracy: reference vs lowbit's methods and the peers",
+        "",
+        "Commands (results accumulate in the work folder; a job already done is not rerun):",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+        f"{machines} {METHOD}",
+        "",
+        REFERENCE_NOTE,
+        "",
+    ]
+    for model in models:
+        ref = json.loads((work / f"reference-{file_label(model)}.json").read_text())
+        head = "| method | setting | bits/weight | " + " | ".join(
+            f"{d} ppl | {d} KL | {d} top-1" for d in datasets) + " | quant time (s) | peak RSS (GiB) | calib | notes |"
+        if numbers:
+            head += " machine |"
+        lines += [f"### {model}", "",
+                  (f"Evaluation: first {ref['max_tokens']} tokens per dataset, windows of {ref['seqlen']}; "
+                  f"reference sha256 {ref['sha256'][:16]}..."), "", head, "|" + "---|" * (3 + 3 * len(datasets) + 4 + bool(numbers))]
+        lines.append("| reference | fp32 | 32 | " + " | ".join(f"{ref['ppl'][d]:.3f} | 0 | 1" for d in datasets)
+                     + " | - | - | - | |" + (" |" if numbers else ""))
+        rows = sorted((r for k, r in results.items() if k[0] == model),
+                      key=lambda r: (-(r.get("bits_per_weight") or 0), METHODS.index(r["method"])))
+        for r in rows:
+            setting = result_key(r)[2]
+            if "error" in r:
+                lines.append(f"| {r['method']} | {setting} | failed: {r['error']} |")
+                continue
+            cells = " | ".join(
+                f"{r['datasets'][d]['ppl']:.3f} | {r['datasets'][d]['kl']:.4f} | {r['datasets'][d]['top1']:.3f}"
+                if d in r["datasets"] else "- | - | -" for d in datasets)
+            calib = f"{r['calib_samples']}x{r['calib_seqlen']}" if r["method"] in CALIBRATED else "none"
+            if r["method"] in CALIBRATED and r.get("calib_dtype", "float32") != "float32":
+                calib += f" ({r['calib_dtype']} forwards)"
+            lines.append(f"| {r['method']} | {setting} | {r['bits_per_weight']:.3f} | {cells} | "
+                         f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} | {_notes(r)} |"
+                         + (f" {numbers[r.get('machine', LEGACY_MACHINE)]} |" if numbers else ""))
+        lines.append("")
+        if plot_dir is not None and datasets:
+            png = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)
+            if png is not None:
+                lines += [f"![{datasets[0]} perplexity against bits per weight, {model}]({png.name})", ""]
+    return "\n".join(lines)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both size and perplexity, by increasing size. Sizes
+    equal to 3 decimals count as equal (rows rebuilt from rendered tables carry rounded sizes)."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (round(p[0], 3), p[1])):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dataset: str, out_dir: Path) -> Path | None:
+    """Perplexity against bits per weight, one marker per method, the Pareto front drawn; PNG path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in rows if dataset in r["datasets"]]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = dict(zip(METHODS, "os^vDP*Xh"))
+    for method in METHODS:
+        pts = [(r["bits_per_weight"], r["datasets"][dataset]["ppl"]) for r in rows if r["method"] == method]
+        if pts:
+            ax.scatter(*zip(*pts), marker=markers[method], label=method, s=36)
+    front = pareto_front([(r["bits_per_weight"], r["datasets"][dataset]["ppl"]) for r in rows])
+    ax.plot(*zip(*front), color="gray", lw=1, ls="--", label="Pareto front")
+    ax.axhline(ref["ppl"][dataset], color="black", lw=0.8, ls=":", label="reference")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (scales and zeros counted)")
+    ax.set_ylabel(f"{dataset} perplexity (log scale)")
+    ax.set_title(f"{model}: first {ref['max_tokens']} tokens, windows of {ref['seqlen']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"BENCHMARKS-pareto-{file_label(model)}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
