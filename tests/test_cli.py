@@ -80,7 +80,8 @@ def test_fractional_bits_need_slim(capsys, tmp_path):
 
 
 def test_recipe_flags_map_to_the_recipe():
-    from lowbit.cli import _recipe_from_args, build_parser
+    from lowbit.cli import build_parser
+    from lowbit.cli.common import _recipe_from_args
 
     args = build_parser().parse_args(["quantize", "m", "-o", "x", "--method", "slim", "--bits", "2.5",
                                       "--integer-scale", "--group-size", "64"])
@@ -92,7 +93,8 @@ def test_recipe_flags_map_to_the_recipe():
 
 
 def test_budget_flags_map_to_the_recipe():
-    from lowbit.cli import _recipe_from_args, build_parser
+    from lowbit.cli import build_parser
+    from lowbit.cli.common import _recipe_from_args
 
     args = build_parser().parse_args(["quantize", "m", "-o", "x", "--target-size", "80MB", "--levels", "w2g64,w4g64",
                                       "--search-generations", "3"])
@@ -144,7 +146,8 @@ def test_kernels_says_when_the_reference_is_used(capsys, monkeypatch):
 
 
 def test_budget_flags_shape_a_budget_from_a_recipe():
-    from lowbit.cli import _recipe_from_args, build_parser
+    from lowbit.cli import build_parser
+    from lowbit.cli.common import _recipe_from_args
 
     args = build_parser().parse_args(["quantize", "m", "-o", "x", "--recipe", "budget-3bpw", "--levels", "w2g64,w4g64",
                                       "--search-generations", "0"])

@@ -13,7 +13,7 @@ Layers (imports only go downward in this list):
     pipeline.py   quantize(model, recipe) -> QuantizedModel (records + dense tensors + reports), save
     evaluation.py evaluate(model, datasets, ...): perplexity, KL and size of a model or checkpoint
     loading.py    load(path, runtime) = checkpoint.open_checkpoint + runtime.convert.to_runtime
-    cli.py        the `lowbit` command
+    cli/          the `lowbit` command, one module per command
 """
 
 __version__ = "0.1.0"

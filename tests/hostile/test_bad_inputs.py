@@ -9,7 +9,7 @@ import pytest
 import torch
 from hostile_cli import assert_clean_error, run_cli, tree
 
-from lowbit import cli
+from lowbit.cli import models as cli_models
 from lowbit.errors import ConfigError, ResourceError
 from lowbit.recipes import Recipe
 
@@ -246,7 +246,7 @@ def test_os_errors_with_a_file_are_one_line(error, named, env, capsys, monkeypat
     def cmd(args):
         raise error
 
-    monkeypatch.setattr(cli, "cmd_models", cmd)
+    monkeypatch.setattr(cli_models, "cmd_models", cmd)
     line = _refused(capsys, env, "models", quiet=False)
     assert named in line and error.filename in line
 
@@ -255,7 +255,7 @@ def test_an_unexpected_exception_is_one_internal_error_line(env, capsys, monkeyp
     def cmd(args):
         raise ZeroDivisionError("surprise")
 
-    monkeypatch.setattr(cli, "cmd_models", cmd)
+    monkeypatch.setattr(cli_models, "cmd_models", cmd)
     rc, _, err = run_cli(capsys, "models")
     assert rc == 1 and "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("lowbit: internal error:")] and "-v" in err
@@ -275,7 +275,7 @@ def test_a_manifest_recipe_reads_back(env, capsys):
 def test_a_group_wider_than_a_layer_is_refused_naming_its_width(env, caplog):
     from transformers import AutoModelForCausalLM
 
-    from lowbit.cli_checks import check_layer_groups
+    from lowbit.cli.checks import check_layer_groups
     from lowbit.pipeline import target_layers
 
     model = AutoModelForCausalLM.from_pretrained(env / "tiny")
@@ -291,6 +291,6 @@ def test_a_group_wider_than_a_layer_is_refused_naming_its_width(env, caplog):
 
 
 def test_group_size_100000_is_refused_by_quantize(env, capsys):
-    """Needs cmd_quantize to call cli_checks.check_layer_groups after loading the model."""
+    """Needs cmd_quantize to call cli.checks.check_layer_groups after loading the model."""
     line = _refused(capsys, env, *RTN[:-1], "100000")
     assert "64" in line

@@ -3,7 +3,7 @@
 contradicts another, is refused (ConfigError) naming the flag and the fix, never dropped silently
 and recorded as if it had been used.
 
-Value ranges (--max-new-tokens >= 1, --damp in (0, 1), ...) are argparse types in cli.py, and
+Value ranges (--max-new-tokens >= 1, --damp in (0, 1), ...) are argparse types (cli/common.py), and
 recipe fields are validated by the Recipe dataclasses; this module holds what needs several flags
 at once, and check_layer_groups, which needs the loaded model.
 """
@@ -17,6 +17,7 @@ from functools import reduce
 
 from torch import nn
 
+from lowbit.cli.common import _recipe_from_args
 from lowbit.errors import ConfigError
 from lowbit.recipes import GPTQ_METHODS, PER_CHANNEL, Recipe
 
@@ -45,8 +46,6 @@ def check_quantize(args: argparse.Namespace) -> Recipe:
     """The recipe the flags ask for (every field validated), refusing flags its method ignores:
     GPTQ settings without GPTQ, calibration settings where nothing calibrates (plain RTN, no
     budget), evaluation settings without --eval."""
-    from lowbit.cli import _recipe_from_args
-
     recipe = _recipe_from_args(args)
     given = _given(args, GPTQ_FLAGS)
     if given and recipe.method not in GPTQ_METHODS:

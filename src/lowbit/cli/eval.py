@@ -1,0 +1,96 @@
+"""`lowbit eval`: perplexity, KL divergence to the reference, and size of a model or checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from lowbit.cli.common import _int_from, _kv_arguments, common_arguments
+from lowbit.dtypes import add_dtype_argument, resolve_dtype
+from lowbit.errors import LowbitError
+
+
+def register(sub) -> None:
+    e = sub.add_parser("eval", help="perplexity, KL divergence to the reference, size")
+    e.add_argument("model", help="checkpoint folder, known name, HF folder, .gguf file or hub id")
+    e.add_argument("--data", nargs="+", default=["wikitext2"], help="datasets: wikitext2, ptb, c4 or .txt/.jsonl paths")
+    e.add_argument("--max-tokens", type=_int_from(1), default=None, help="evaluate on the first N tokens (default all)")
+    e.add_argument("--seqlen", type=_int_from(2), default=None, help="window length (default min(2048, context))")
+    add_dtype_argument(e, "auto", "compute dtype of the model and the reference (always the same)")
+    e.add_argument("--reference", default="auto",
+                   help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
+    e.add_argument("--activations", choices=["float", "int8"], default="float",
+                   help="int8: evaluate a checkpoint as it runs W8A8 (activations quantized per token)")
+    _kv_arguments(e)
+    e.add_argument("--kv-chunk", type=_int_from(1), default=128,
+                   help="tokens per forward with --kv or --kv-policy: each window runs in chunks that attend to "
+                        "earlier chunks only through the compressed cache (default 128)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    common_arguments(e)
+    e.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from lowbit.checkpoint import is_checkpoint
+    from lowbit.data import eval_text
+    from lowbit.evaluation import (
+        REFERENCE_NOTE,
+        check_no_overlap,
+        evaluate,
+        format_table,
+        load_reference_for,
+    )
+    from lowbit.loading import load_checkpoint
+    from lowbit.models import load_model
+
+    dtype = resolve_dtype(args.dtype)
+    reference = None
+    from lowbit.runtime.kvcache import kv_label
+
+    args.kv = kv_label(args.kv, args.kv_policy, args.kv_budget)  # bad names fail before any loading
+    for ds in args.data:
+        eval_text(ds, args.data_dir)  # fail on missing data before loading models
+    if is_checkpoint(args.model):
+        target = (load_checkpoint(args.model, dtype=dtype, runtime="packed", int8_activations=True)
+                  if args.activations == "int8" else load_checkpoint(args.model, dtype=dtype))
+        recipe = target.manifest.get("recipe", {})
+        check_no_overlap((target.manifest.get("calibration") or {}).get("dataset"), args.data)
+        if args.reference == "auto":
+            reference = load_reference_for(target.manifest, dtype, args.cache)
+    else:
+        target = load_model(args.model, dtype=dtype, cache=args.cache)
+        recipe = None
+    if args.reference not in ("auto", "none"):
+        reference = load_model(args.reference, dtype=dtype, cache=args.cache)
+    label = args.model if not args.kv else f"{args.model} (kv {args.kv}, chunks of {args.kv_chunk})"
+    res = evaluate(target, args.data, label, args.max_tokens, args.seqlen, reference, args.data_dir,
+                   not args.quiet, kv=args.kv, kv_chunk=args.kv_chunk)
+    if recipe:
+        from lowbit.recipes import Recipe
+
+        try:
+            res.recipe = Recipe.from_dict(recipe).describe()
+        except LowbitError:  # a manifest from another lowbit version: show what it says
+            res.recipe = f"{recipe.get('method')} w{recipe.get('bits')} g{recipe.get('group_size')}"
+    src_kind = ((target.manifest.get("source") or {}).get("kind") if hasattr(target, "manifest")
+                else target.source.kind)
+    if src_kind in ("known", "gguf"):
+        res.notes.append(REFERENCE_NOTE)
+    if args.json:  # strict JSON: a NaN or infinite number is written as null (the notes say which)
+        print(json.dumps(_finite_or_none(res.to_dict()), indent=2, allow_nan=False))
+    else:
+        print(format_table([res]))
+        for n in res.notes:
+            print(f"\nNote: {n}")
+    return 1 if res.non_finite else 0
+
+
+def _finite_or_none(value):
+    """`value` with every NaN or infinite float inside it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
