@@ -4,7 +4,7 @@
 
 Each round generates from a 16-token prompt with every checkpoint in turn (static cache, the
 lean decode loop, 2 threads), so a host that speeds up or slows down during the run touches all
-checkpoints alike. This is the in-process 3-bit-against-4-bit comparison quoted in BENCHMARKS.md;
+checkpoints alike. This is an in-process 3-bit-against-4-bit comparison;
 `lowbit bench speed` is the full benchmark (fresh processes, llama.cpp and bf16 beside).
 """
 

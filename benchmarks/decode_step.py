@@ -3,7 +3,7 @@
     python benchmarks/decode_step.py CKPT [--prompt 512] [--steps 60] [--threads 2]
 
 Run it alternately for two builds or checkpoints (A B A B ...) to compare them on the same host
-state; quoted in BENCHMARKS.md for the reverted fixed-stride kernel change (session 9).
+state.
 """
 
 import argparse

@@ -7,7 +7,7 @@ One activation row times one random packed weight, called back to back, so the w
 the caches when it fits (an 8960x1536 4-bit weight is 7.3 MB: L3 here) and comes from DRAM when
 it does not. If G weights/s stay the same from L2-sized to DRAM-sized shapes, the product is
 bound by the core, not by memory; the read bandwidth a width could reach is then this rate times
-its bytes per weight. Quoted in BENCHMARKS.md (speed findings, session 9).
+its bytes per weight. (A diagnostic script; its figures are not quoted in BENCHMARKS.md.)
 """
 
 import argparse

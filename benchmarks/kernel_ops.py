@@ -3,7 +3,7 @@
 
     python benchmarks/kernel_ops.py [--threads 2]
 
-Quoted in BENCHMARKS.md (speed findings, session 9): quantize_rows 512x1536 bf16, and the
+Times quantize_rows 512x1536 bf16, and the
 dequantize of an 8960x1536 weight at 2, 3, 4 and 8 bits.
 """
 

@@ -1,4 +1,4 @@
-"""Per-layer output error of SliM-LLM against uniform GPTQ on a real model (BENCHMARKS.md findings).
+"""Per-layer output error of SliM-LLM against uniform GPTQ on a real model.
 
     LOWBIT_DATA=../shared/data python benchmarks/slim_layer_errors.py [--model smollm2-135m]
         [--blocks 0,5,15,29] [--bits 2,3] [--group-size 128]

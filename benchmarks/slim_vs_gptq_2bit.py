@@ -1,4 +1,4 @@
-"""First check of SliM-LLM against uniform GPTQ at 2 bits on smollm2-135m (BENCHMARKS.md findings).
+"""First check of SliM-LLM against uniform GPTQ at 2 bits on smollm2-135m.
 
     LOWBIT_DATA=../shared/data python benchmarks/slim_vs_gptq_2bit.py
 

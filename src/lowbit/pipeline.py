@@ -240,7 +240,7 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     the block weights; saving serializes the dense tensors and the packed codes in memory.
     Evaluation (`eval_seqlen`: --eval's window) loads the reference beside the quantized model
     and holds both models' logits of one window with their log-softmax. Measured against peak
-    RSS on smollm2-135m (BENCHMARKS.md, "Memory estimate against peak RSS").
+    RSS on smollm2-135m (BENCHMARKS.md, "Memory: the estimate against peak RSS").
     """
     from lowbit.memory import rss_bytes
 
