@@ -64,7 +64,7 @@ def check_not_checkpoint(path: str | os.PathLike) -> None:
         return
     if (p / MANIFEST).is_file():
         raise CheckpointError(f"{p} is a lowbit checkpoint, not a Hugging Face model folder: lowbit eval, generate "
-                              "and info take it as it is (in Python: lowbit.checkpoint.load_checkpoint); quantize "
+                              "and info take it as it is (in Python: lowbit.load or lowbit.load_checkpoint); quantize "
                               "from its source model")
     raise CheckpointError(missing_manifest(p))
 
