@@ -16,7 +16,7 @@ CHOICES = ("auto", *DTYPES)
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AVX512_BF16 or AMX); else bf16 is emulated and
-    several times slower than fp32 (measured 8x on an AVX2-only EPYC)."""
+    several times slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

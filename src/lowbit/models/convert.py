@@ -1,7 +1,7 @@
 """Convert a GGUF file, once, to a plain Hugging Face safetensors folder in the cache.
 
 transformers reads a GGUF with `from_pretrained(dir, gguf_file=NAME)` and dequantizes every tensor
-to float32, which takes ~20-80 s for a small model (much of it building the tokenizer). The result
+to float32, which is slow (much of it building the tokenizer). The result
 carries a GGUF `quantization_config` that makes `save_pretrained` refuse it, so we drop that
 config, rebuild the model from the config on the meta device, move the dequantized tensors in
 (`assign=True`, no copy), and save model and tokenizer. Later loads read the folder in seconds.
