@@ -11,7 +11,6 @@ import time
 
 from lowbit.data import eval_tokens
 from lowbit.eval import compare_to_reference
-from lowbit.eval.size import quantized_size
 from lowbit.models import load_model
 from lowbit.pipeline import quantize
 from lowbit.recipes import CalibrationConfig, Recipe
@@ -24,7 +23,7 @@ tokens = eval_tokens(ref.tokenizer, "wikitext2", 4096, DATA)
 for method in ("gptq", "slim"):
     t0 = time.time()
     lm = load_model("smollm2-135m", progress=False)
-    quantize(lm, Recipe(method=method, bits=2, group_size=128, calibration=CALIB), data_dir=DATA, progress=False)
+    res = quantize(lm, Recipe(method=method, bits=2, group_size=128, calibration=CALIB), data_dir=DATA, progress=False)
     c = compare_to_reference(lm.model, ref.model, tokens, 1024, progress=False)
-    print(f"{method}: {quantized_size(lm.model).bits_per_weight:.3f} bpw, ppl {c.ppl:.2f} (reference {c.ref_ppl:.2f}), "
+    print(f"{method}: {res.size.bits_per_weight:.3f} bpw, ppl {c.ppl:.2f} (reference {c.ref_ppl:.2f}), "
           f"KL {c.kl_mean:.4f}, {time.time() - t0:.0f} s", flush=True)

@@ -47,8 +47,8 @@ def test_save_load_gives_bit_identical_logits(tmp_path, arch, tie):
     with torch.inference_mode():
         after = loaded.model(ids).logits
     assert torch.equal(before, after)
-    assert set(loaded.manifest["layers"]) == set(names)
-    assert loaded.manifest["recipe"] == {"method": "test"}
+    assert set(loaded.manifest.layers) == set(names)
+    assert loaded.manifest.recipe == {"method": "test"}
     assert all(isinstance(loaded.model.get_submodule(n), QuantLinear) for n in names)
     if tie:
         assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
@@ -169,7 +169,7 @@ def test_existing_output_is_not_overwritten_without_asking(saved):
 
 
 def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
-    import lowbit.checkpoint.store as ck
+    import lowbit.checkpoint.write as ck
 
     model = build_tiny("llama")
     quantize_all(model)

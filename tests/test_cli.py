@@ -64,7 +64,7 @@ def test_models_lists_every_known_model(capsys, tmp_path):
 
 def test_evaluating_on_the_calibration_file_is_refused(tmp_path):
     from lowbit.errors import ConfigError
-    from lowbit.evaluation import check_no_overlap
+    from lowbit.eval.evaluate import check_no_overlap
 
     f = tmp_path / "mine.txt"
     f.write_text("x")
@@ -295,32 +295,33 @@ def test_models_table_columns_line_up(capsys, tmp_path):
 def test_info_prints_the_used_recipe_and_one_line_per_distinct_format(capsys, folders, tmp_path):
     import json
     import re
+    from dataclasses import replace
 
-    from lowbit.checkpoint import read_manifest
+    from lowbit.checkpoint import Manifest
+    from lowbit.eval.report import info_text
     from lowbit.recipes import Recipe
-    from lowbit.report import info_text
 
     ckpt = tmp_path / "ck"
     assert main(["quantize", str(folders["plain"]), "--method", "rtn", "--bits", "4", "--group-size", "32", "-o",
                  str(ckpt), "-q", "--cache", str(folders["cache"])]) == 0
     assert main(["info", str(ckpt)]) == 0
     text = capsys.readouterr().out
-    manifest = read_manifest(ckpt)
-    n_layers = len(manifest["layers"])
+    manifest = Manifest.read(ckpt)
+    n_layers = len(manifest.layers)
     assert n_layers == 14
     assert sum(1 for line in text.splitlines() if re.search(r"\b14 layers\b", line)) == 1
-    assert not any(name in text for name in manifest["layers"])  # no line per layer
-    recipe = Recipe.from_dict(manifest["recipe"])
+    assert not any(name in text for name in manifest.layers)  # no line per layer
+    recipe = Recipe.from_dict(manifest.recipe)
     assert {"calibration", "gptq"} <= set(recipe.unused_sections())
     keys = {m.group(1) for m in re.finditer(r"^\s+([a-z_.]+) = ", text, re.MULTILINE)}
     assert not any(k.split(".")[0] in recipe.unused_sections() for k in keys)
     assert {"method", "bits", "group_size"} <= keys
 
     # two formats, and a manifest that still lists every section: counted per format, unused ones left out
-    layers = manifest["layers"]
+    layers = dict(manifest.layers)
     for name in list(layers)[:5]:
-        layers[name] = {**layers[name], "bits": 2}
-    manifest["recipe"] = recipe.to_dict()
+        layers[name] = replace(layers[name], fmt=replace(layers[name].fmt, bits=2))
+    manifest = replace(manifest, layers=layers, info={**manifest.info, "recipe": recipe.to_dict()})
     counts = sorted(int(m.group(1)) for m in re.finditer(r"\b(\d+) layers:", info_text(manifest)))
     assert counts == [5, 9]
-    assert "gptq." not in info_text(manifest) and json.dumps(manifest)
+    assert "gptq." not in info_text(manifest) and json.dumps(manifest.to_dict())

@@ -51,7 +51,7 @@ def test_the_readme_python_api_runs(api_env):
     manifest = json.loads(Path("out/smol-w4g64/manifest.json").read_text())
     assert manifest["recipe"]["method"] == "gptq" and manifest["evaluation"]
     ckpt = scope["ckpt"]
-    assert sum(1 for _ in ckpt.model.modules()) > 0 and ckpt.manifest["layers"]
+    assert sum(1 for _ in ckpt.model.modules()) > 0 and ckpt.manifest.layers
 
 
 def test_api_names_stay_functions_whatever_was_imported(monkeypatch):
@@ -67,4 +67,4 @@ def test_api_names_stay_functions_whatever_was_imported(monkeypatch):
             importlib.import_module(info.name)
     for name in lowbit._API:
         assert not isinstance(getattr(lowbit, name), types.ModuleType), name
-    assert callable(lowbit.evaluate) and callable(lowbit.save) and "lowbit.evaluation" in sys.modules
+    assert callable(lowbit.evaluate) and callable(lowbit.save) and "lowbit.eval.evaluate" in sys.modules

@@ -83,9 +83,9 @@ def test_checkpoint_round_trip_is_bit_identical(quantized, tokens, tmp_path_fact
         after = loaded.model(ids).logits
     assert torch.equal(before, after)
     m = loaded.manifest
-    assert m["source"]["sha256"] == KNOWN_MODELS[MODEL].sha256
-    assert m["calibration"]["n_samples"] == 16 and m["calibration"]["seed"] == 0
-    assert 3.0 < m["stats"]["bits_per_weight"] < 3.2
+    assert m.source.sha256 == KNOWN_MODELS[MODEL].sha256
+    assert m.calibration["n_samples"] == 16 and m.calibration["seed"] == 0
+    assert 3.0 < m.stats.bits_per_weight < 3.2
 
     # the CLI reads the same checkpoint: eval against the recorded source, and info
     assert main(["eval", str(path), "--data", "wikitext2", "--max-tokens", "2048", "--seqlen", "1024",

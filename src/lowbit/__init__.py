@@ -9,9 +9,9 @@ Layers (imports only go downward in this list):
     budget/       size budgets: a bit width and group size per layer
     checkpoint/   save / read records (safetensors + a versioned JSON manifest); no runtime
     runtime/      modules that run records; convert.py: to_runtime, the one module swap
-    eval/         perplexity, KL divergence, size accounting from records
+    eval/         perplexity, KL divergence, size accounting from records; evaluate.py: evaluate(model,
+                  datasets, ...) of a model or checkpoint; report.py: REPORT.md and `lowbit info`
     pipeline.py   quantize(model, recipe) -> QuantizedModel (records + dense tensors + reports), save
-    evaluation.py evaluate(model, datasets, ...): perplexity, KL and size of a model or checkpoint
     loading.py    load(path, runtime) = checkpoint.open_checkpoint + runtime.convert.to_runtime
     cli/          the `lowbit` command, one module per command
 """
@@ -26,7 +26,7 @@ _API = {
     "Recipe": "lowbit.recipes",
     "quantize": "lowbit.pipeline",
     "save": "lowbit.pipeline",
-    "evaluate": "lowbit.evaluation",
+    "evaluate": "lowbit.eval.evaluate",
     "save_checkpoint": "lowbit.checkpoint",
     "load": "lowbit.loading",
     "load_checkpoint": "lowbit.loading",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.checkpoint import open_checkpoint
+from lowbit.checkpoint import Manifest, open_checkpoint
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.eval.size import QuantizedSize, quantized_size
 from lowbit.memory import release_freed_memory
@@ -30,7 +30,7 @@ RUNTIMES = ("reference", "packed")  # load_checkpoint's runtime argument (int8: 
 class LoadedCheckpoint:
     model: nn.Module
     tokenizer: Any
-    manifest: dict[str, Any]
+    manifest: Manifest
     path: Path
     size: QuantizedSize | None = None  # from the stored records and dense tensors, whatever the runtime
 

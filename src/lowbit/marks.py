@@ -35,6 +35,13 @@ def names_lowbit(config_file: Path) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
+def is_lowbit_manifest(manifest_file: Path) -> bool:
+    """Whether a manifest.json carries lowbit's format mark (any format version); another tool's
+    manifest.json, or a file that is not JSON, does not."""
+    manifest = read_json_or_none(manifest_file)
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def checkpoint_signs(path: str | os.PathLike) -> list[str]:
     """The marks of a lowbit checkpoint that the folder `path` carries: its manifest.json, its
     quantized.safetensors, a config.json whose quantization_config names lowbit. Empty for

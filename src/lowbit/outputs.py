@@ -39,11 +39,10 @@ from pathlib import Path
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.marks import (
     CONFIG_FILE,
-    FORMAT,
     MANIFEST,
     QUANT_FILE,
+    is_lowbit_manifest,
     names_lowbit,
-    read_json_or_none,
 )
 
 log = logging.getLogger(__name__)
@@ -135,8 +134,7 @@ def is_lowbit_folder(path: Path) -> bool:
     """A lowbit checkpoint (any format version), a damaged one, or a staging folder lowbit left."""
     if (path / STAGING_MARKER).is_file() or (path / QUANT_FILE).is_file() or names_lowbit(path / CONFIG_FILE):
         return True
-    manifest = read_json_or_none(path / MANIFEST)  # another tool's manifest.json is no licence to replace
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    return is_lowbit_manifest(path / MANIFEST)  # another tool's manifest.json is no licence to replace
 
 
 def _pid_alive(pid: int) -> bool:

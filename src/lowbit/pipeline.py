@@ -13,7 +13,6 @@ calibration and budget reports. save() and QuantizedModel.size read the records.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -31,17 +30,16 @@ from lowbit.algorithms.slim import slim_quantize, width_range
 from lowbit.budget.plan import BudgetReport, plan_budget
 from lowbit.calibration.sequential import run_sequential
 from lowbit.calibration.smoothing import awq_rtn_quantize, smooth_block
-from lowbit.checkpoint import MANIFEST, REPORT, save_checkpoint
+from lowbit.checkpoint import save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
+from lowbit.eval.evaluate import EvalResult
+from lowbit.eval.report import quantize_report
 from lowbit.eval.size import QuantizedSize, dense_tensors, quantized_size
-from lowbit.evaluation import EvalResult
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
-from lowbit.outputs import write_atomically
 from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import GPTQ_METHODS, SLIM_METHODS, SMOOTHING_METHODS, Recipe
-from lowbit.report import quantize_report
 from lowbit.runtime.convert import to_runtime
 
 log = logging.getLogger(__name__)
@@ -133,16 +131,6 @@ def save(result: QuantizedModel, out_dir: str | Path, evaluations: list[EvalResu
     return save_checkpoint(result.weights, result.model, result.loaded.tokenizer, out_dir, result.manifest_info(evaluations),
                            report=lambda manifest: quantize_report(manifest, evaluations), overwrite=overwrite,
                            protect=[source] if source is not None else [])
-
-
-def record_evaluation(checkpoint: str | Path, evaluations: list[EvalResult]) -> None:
-    """Write `evaluations` into a saved checkpoint's manifest ("evaluation") and REPORT.md, each
-    file replaced in one rename. Neither file is in the manifest's "files", so no hash changes."""
-    path = Path(checkpoint)
-    manifest = json.loads((path / MANIFEST).read_text())
-    manifest["evaluation"] = [e.to_dict() for e in evaluations]
-    write_atomically(path / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    write_atomically(path / REPORT, quantize_report(manifest, list(evaluations)))
 
 
 def target_layers(model: nn.Module, recipe: Recipe) -> tuple[list[str], list[str]]:

@@ -13,7 +13,7 @@ import lowbit.budget.plan
 import lowbit.budget.scorer
 from lowbit.budget.costs import BudgetError, budget_bytes, layer_bytes
 from lowbit.budget.plan import held_out_ids
-from lowbit.eval.size import quantized_size_of_modules as quantized_size
+from lowbit.eval.size import model_size
 from lowbit.loading import load_checkpoint
 from lowbit.pipeline import quantize, save, target_layers
 from lowbit.recipes import BudgetConfig, Recipe
@@ -24,7 +24,7 @@ def test_target_bpw_is_met_within_one_percent(method, data_dir, tmp_path):  # no
     lm = deep_tiny()
     budget = BudgetConfig(target_bpw=3.0, levels=LEVELS, generations=4, offspring=2, search_tokens=128)
     res = quantize(lm, Recipe(method=method, **FAST, budget=budget), data_dir=data_dir, progress=False)
-    bpw = quantized_size(lm.model).bits_per_weight
+    bpw = res.size.bits_per_weight
     assert 0.99 * 3.0 <= bpw <= 3.0
     rep = res.extra["budget"]
     assert rep["bits_per_weight"] == pytest.approx(bpw)
@@ -47,11 +47,11 @@ def test_target_size_counts_the_dense_tensors(data_dir):  # noqa: F811
     lm = deep_tiny()
     names, _ = target_layers(lm.model, Recipe())
     costs = layer_bytes(lm.model, names, [(4, 32)], Recipe())
-    dense = quantized_size(lm.model).model_bytes  # before quantization: everything at 16 bits
+    dense = model_size(lm.model).model_bytes  # before quantization: everything at 16 bits
     target = int(0.3 * dense)
     budget = BudgetConfig(target_bytes=target, levels=LEVELS, generations=0)
-    quantize(lm, Recipe(method="rtn", **FAST, budget=budget), data_dir=data_dir, progress=False)
-    size = quantized_size(lm.model).model_bytes
+    res = quantize(lm, Recipe(method="rtn", **FAST, budget=budget), data_dir=data_dir, progress=False)
+    size = res.size.model_bytes
     assert 0.99 * target <= size <= target
     assert int(costs.sum()) > 0
 
@@ -88,7 +88,7 @@ def test_a_budget_with_one_possible_allocation_skips_the_search(data_dir, monkey
     rep = res.extra["budget"]
     assert rep["only_fit"] and rep["start_kl"] is None
     assert set(rep["choice"].values()) == {smallest}
-    assert quantized_size(lm.model).bits_per_weight == pytest.approx(bpw)
+    assert res.size.bits_per_weight == pytest.approx(bpw)
     out = save(res, tmp_path / "ck")
     assert "only allocation that fits" in (out / "REPORT.md").read_text()
 
@@ -109,13 +109,13 @@ def test_the_budget_is_never_worse_than_a_uniform_format_of_the_same_size(proxy,
         monkeypatch.setattr(lowbit.budget.plan, "sensitivity", reversed_across_layers)
     ref = deep_tiny().model
     uniform = deep_tiny()
-    quantize(uniform, Recipe(method="rtn", bits=3, group_size=32, **FAST), data_dir=data_dir, progress=False)
-    bpw = quantized_size(uniform.model).bits_per_weight
+    bpw = quantize(uniform, Recipe(method="rtn", bits=3, group_size=32, **FAST), data_dir=data_dir,
+                   progress=False).size.bits_per_weight
     lm = deep_tiny()
     budget = BudgetConfig(target_bpw=bpw, levels=LEVELS, generations=3, offspring=2, search_tokens=128)
     recipe = Recipe(method="rtn", **FAST, budget=budget)
     res = quantize(lm, recipe, data_dir=data_dir, progress=False)
-    assert quantized_size(lm.model).bits_per_weight <= bpw
+    assert res.size.bits_per_weight <= bpw
     ids = held_out_ids(lm, recipe, data_dir)
     kl_uniform, kl_budget = held_out_kl(ref, uniform.model, ids), held_out_kl(ref, lm.model, ids)
     assert kl_budget <= kl_uniform * (1 + 1e-4)

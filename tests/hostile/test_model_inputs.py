@@ -19,8 +19,14 @@ from hostile_cli import WORDS, assert_clean_error, run_cli, tree
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lowbit.checkpoint import Manifest, Source
 from lowbit.errors import ConfigError, LowbitError, ModelNotFoundError
-from lowbit.evaluation import DatasetResult, evaluate, implausible, load_reference_for
+from lowbit.eval.evaluate import (
+    DatasetResult,
+    evaluate,
+    implausible,
+    load_reference_for,
+)
 from lowbit.models import fetch as fetch_module
 from lowbit.models import hashing, load_model
 from lowbit.models.convert import SOURCE_RECORD
@@ -369,7 +375,7 @@ def _no_network(monkeypatch):
 def test_hub_source_is_refused_with_reference_auto(env, monkeypatch):
     _no_network(monkeypatch)
     with pytest.raises(ConfigError, match="--reference"):
-        load_reference_for({"source": {"kind": "hub", "spec": "someone/evil-model"}}, torch.float32)
+        load_reference_for(Source.from_dict({"kind": "hub", "spec": "someone/evil-model"}), torch.float32)
 
 
 def test_hub_source_in_a_checkpoint_is_refused_by_eval(env, capsys, monkeypatch, checkpoint):
@@ -383,7 +389,7 @@ def test_hub_source_in_a_checkpoint_is_refused_by_eval(env, capsys, monkeypatch,
 def test_known_source_not_in_the_cache_is_not_fetched(env, monkeypatch):
     _no_network(monkeypatch)
     with pytest.raises(ModelNotFoundError, match="lowbit models --fetch smollm2-135m"):
-        load_reference_for({"source": {"kind": "known", "spec": "smollm2-135m"}}, torch.float32)
+        load_reference_for(Source.from_dict({"kind": "known", "spec": "smollm2-135m"}), torch.float32)
 
 
 @pytest.mark.parametrize("source", [
@@ -396,13 +402,12 @@ def test_known_source_not_in_the_cache_is_not_fetched(env, monkeypatch):
 def test_other_bad_sources_are_refused_without_network(env, monkeypatch, source):
     _no_network(monkeypatch)
     with pytest.raises(LowbitError, match="--reference"):
-        load_reference_for({"source": source}, torch.float32)
+        load_reference_for(Source.from_dict(source), torch.float32)
 
 
 def test_local_folder_source_still_works(env, checkpoint):
     _set_source(checkpoint, kind="hf_folder", spec="tiny", path=str(env / "tiny"))
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    ref = load_reference_for(manifest, torch.float32, cache=str(env / "cache"))
+    ref = load_reference_for(Manifest.read(checkpoint).source, torch.float32, cache=str(env / "cache"))
     assert ref.source.path == (env / "tiny").resolve()
 
 

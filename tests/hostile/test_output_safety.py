@@ -13,7 +13,7 @@ import pytest
 from hostile_cli import assert_clean_error, run_cli, tree
 
 from lowbit import outputs
-from lowbit.checkpoint import MANIFEST, read_manifest, verify_files
+from lowbit.checkpoint import MANIFEST, Manifest, read_manifest, verify_files
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.loading import load_checkpoint
 
@@ -95,13 +95,13 @@ def test_force_never_replaces_home_or_root(env, monkeypatch):
 
 
 def test_force_replaces_an_earlier_checkpoint_atomically(env, capsys, checkpoint):
-    old = read_manifest(checkpoint)
-    assert old["recipe"]["bits"] == 4
+    old = Manifest.read(checkpoint)
+    assert old.recipe["bits"] == 4
     rc, _, err = run_cli(capsys, "quantize", "tiny", "-o", "ckpt", "--method", "rtn", "--bits", "3",
                          "--group-size", "32", "-q", "--force")
     assert rc == 0, err
-    new = read_manifest(checkpoint)
-    assert new["recipe"]["bits"] == 3
+    new = Manifest.read(checkpoint)
+    assert new.recipe["bits"] == 3
     verify_files(checkpoint, new)
     assert hidden(env) == []  # neither the staging folder nor the old checkpoint is left
 
@@ -210,16 +210,16 @@ def test_head_bits_on_a_tied_model_is_refused_before_quantizing(env, capsys, mon
 
 # ---------------------------------------------------------------- save first, then evaluate
 def test_a_failing_evaluation_keeps_the_saved_checkpoint(env, capsys, monkeypatch):
-    import lowbit.evaluation
+    import lowbit.eval.evaluate
 
     def broken(*a, **k):
         raise ConfigError("the evaluation broke")
 
-    monkeypatch.setattr(lowbit.evaluation, "evaluate", broken)
+    monkeypatch.setattr(lowbit.eval.evaluate, "evaluate", broken)
     rc, _, err = quantize(capsys, "tiny", "ck", "--eval", "text.txt", "--max-tokens", "512")
     assert str(env / "ck") in assert_clean_error(rc, err)
-    manifest = read_manifest(env / "ck")
-    assert manifest["evaluation"] == []
+    manifest = Manifest.read(env / "ck")
+    assert manifest.evaluation == []
     verify_files(env / "ck", manifest)
     load_checkpoint(env / "ck")
 
@@ -227,9 +227,9 @@ def test_a_failing_evaluation_keeps_the_saved_checkpoint(env, capsys, monkeypatc
 def test_evaluation_is_recorded_after_saving_without_changing_hashed_files(env, capsys):
     rc, _, err = quantize(capsys, "tiny", "ck", "--eval", "text.txt", "--max-tokens", "512")
     assert rc == 0, err
-    manifest = read_manifest(env / "ck")
-    assert manifest["evaluation"][0]["model"] == "reference"
-    assert manifest["evaluation"][1]["datasets"]
+    manifest = Manifest.read(env / "ck")
+    assert manifest.evaluation[0]["model"] == "reference"
+    assert manifest.evaluation[1]["datasets"]
     verify_files(env / "ck", manifest)
     report = (env / "ck" / "REPORT.md").read_text()
     assert "Accuracy against the reference" in report
@@ -280,7 +280,7 @@ def test_an_output_created_during_the_work_is_left_alone(env, capsys, monkeypatc
     assert sorted(p.name for p in (env / "ck").iterdir()) == ["theirs.txt"]
     kept = [p for p in env.iterdir() if p.name.startswith("ck.lowbit-")]
     assert len(kept) == 1 and str(kept[0]) in err  # the work is kept, and the message says where
-    verify_files(kept[0], read_manifest(kept[0]))
+    verify_files(kept[0], Manifest.read(kept[0]))
 
 
 def test_replace_keeps_something_in_place_when_the_swap_fails(tmp_path, monkeypatch):
@@ -337,12 +337,12 @@ def test_an_interrupted_replace_is_undone_by_the_next_run(tmp_path):
 
 
 def test_a_failed_save_leaves_nothing(env, capsys, monkeypatch):
-    import lowbit.checkpoint.store
+    import lowbit.checkpoint.write
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lowbit.checkpoint.store, "save_file", disk_full)
+    monkeypatch.setattr(lowbit.checkpoint.write, "save_file", disk_full)
     before = {k: v for k, v in tree(env).items() if not k.startswith("cache")}
     try:
         rc = quantize(capsys, "tiny", "ck")[0]

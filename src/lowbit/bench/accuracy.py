@@ -115,8 +115,7 @@ def _llamacpp_quantized(spec: dict[str, Any], extra: dict[str, Any]):
 
 def _quantized_in_place(spec: dict[str, Any], loaded, extra: dict[str, Any]) -> float:
     """Quantize the loaded model in place by the job's method (lowbit's, or the HQQ peer); its bits
-    per weight."""
-    from lowbit.eval.size import quantized_size_of_modules as quantized_size
+    per weight, from the records."""
     from lowbit.pipeline import quantize, target_layers
     from lowbit.recipes import (
         BudgetConfig,
@@ -153,7 +152,7 @@ def _quantized_in_place(spec: dict[str, Any], loaded, extra: dict[str, Any]) -> 
     choices = [lr.extra["slim_choice"] for lr in res.layers.values() if "slim_choice" in lr.extra]
     if choices:
         extra["slim_choices"] = {c: choices.count(c) for c in sorted(set(choices))}
-    return quantized_size(loaded.model).bits_per_weight
+    return res.size.bits_per_weight
 
 
 def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -201,12 +200,12 @@ def build_references(model: str, datasets: list[str], args, work: Path) -> dict[
 
     from lowbit.data import eval_tokens
     from lowbit.eval import ReferenceLogits
-    from lowbit.eval.size import quantized_size_of_modules as quantized_size
+    from lowbit.eval.size import model_size
     from lowbit.models import load_model
 
     ref = load_model(model, dtype=torch.float32, cache=args.cache)
     out = {"paths": {}, "ppl": {}, "sha256": ref.source.sha256, "max_tokens": args.max_tokens,
-           "seqlen": args.seqlen, "reference_bytes": quantized_size(ref.model).reference_bytes}
+           "seqlen": args.seqlen, "reference_bytes": model_size(ref.model).reference_bytes}
     for ds in datasets:
         tokens = eval_tokens(ref.tokenizer, ds, args.max_tokens, args.data_dir)
         path = work / f"ref-{file_label(model)}-{ds}-{args.max_tokens}-{args.seqlen}"

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +70,44 @@ class LayerEntry:
         return d
 
 
-@dataclass
+@dataclass(frozen=True)
+class Source:
+    """The manifest's "source": the model a checkpoint was made from, as its author recorded it
+    (data, not an instruction: evaluation.load_reference_for decides what to trust)."""
+
+    spec: Any = None      # what was asked for: a known name, a folder, a .gguf file or a hub id
+    name: Any = None
+    kind: str | None = None  # "known", "gguf", "hf_folder", "hub"
+    path: Any = None      # the file or folder it was read from, for gguf and hf_folder
+    sha256: Any = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Source:
+        return cls(d.get("spec"), d.get("name"), d.get("kind"), d.get("path"), d.get("sha256"))
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The manifest's "stats": size from the records and what the job cost. A key a manifest
+    lacks is None (check_manifest checks the numbers it has)."""
+
+    bits_per_weight: float | None = None
+    model_bytes: int | None = None       # quantized layers packed, every other tensor at 16 bits
+    reference_bytes: int | None = None   # every parameter at 16 bits
+    disk_bytes: int | None = None        # every file of the folder (added by save_checkpoint)
+    seconds: float | None = None         # quantization wall time
+    peak_rss_bytes: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stats:
+        return cls(*(d.get(f) for f in cls.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """manifest.json. `info` holds what the job records besides the format (source, recipe,
-    calibration, stats, evaluation...), written between "dtype" and "layers"."""
+    calibration, stats, evaluation...), written between "dtype" and "layers"; read it through
+    the properties below."""
 
     dtype: str
     layers: dict[str, LayerEntry]
@@ -83,10 +117,61 @@ class Manifest:
     lowbit_version: str = lowbit.__version__
     format_version: int = FORMAT_VERSION
 
+    # ------------------------------------------------------------ what the job recorded
+    @property
+    def source(self) -> Source:
+        return Source.from_dict(self.info.get("source") or {})
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        """The recipe as it was written (Recipe.used_dict): a dict, as a recipe of another lowbit
+        version may not load (Recipe.from_dict)."""
+        return self.info.get("recipe") or {}
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """{"dataset", "n_samples", "seqlen", "seed", ...}, or None for a data-free method."""
+        return self.info.get("calibration")
+
+    @property
+    def stats(self) -> Stats | None:
+        """None where the manifest records no stats."""
+        st = self.info.get("stats")
+        return Stats.from_dict(st) if st else None
+
+    @property
+    def evaluation(self) -> list[dict[str, Any]]:
+        """The evaluations recorded with it (EvalResult.to_dict() each), reference first."""
+        return self.info.get("evaluation") or []
+
+    @property
+    def budget(self) -> dict[str, Any] | None:
+        """The budget search's report (budget/plan.py: BudgetReport), or None without a budget."""
+        return self.info.get("budget") or None
+
+    @property
+    def fallbacks(self) -> list[str]:
+        """Layers GPTQ quantized round-to-nearest because their Hessian would not factorize."""
+        return self.info.get("fallbacks") or []
+
+    @property
+    def skipped(self) -> list[str]:
+        """Linear layers the recipe kept in full precision."""
+        return self.info.get("skipped") or []
+
+    def with_evaluation(self, evaluation: list[dict[str, Any]]) -> Manifest:
+        """This manifest with `evaluation` recorded in place of the one it has."""
+        return replace(self, info={**self.info, "evaluation": evaluation})
+
+    # ------------------------------------------------------------ the file
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": self.format_version, "lowbit_version": self.lowbit_version,
                 "created": self.created, "dtype": self.dtype, **self.info,
                 "layers": {n: e.to_dict() for n, e in self.layers.items()}, "files": self.files}
+
+    def to_json(self) -> str:
+        """manifest.json's text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, d: Any, where: Path) -> Manifest:
@@ -96,6 +181,13 @@ class Manifest:
         return cls(d["dtype"], {n: LayerEntry.from_dict(e) for n, e in d["layers"].items()}, d["files"],
                    {k: v for k, v in d.items() if k not in core}, str(d.get("created", "")),
                    str(d.get("lowbit_version", "")), d["format_version"])
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Manifest:
+        """The checked manifest of the checkpoint folder `path`; a folder without one is refused,
+        with a message that says so when it looks like a damaged checkpoint."""
+        mpath = _manifest_file(Path(path))
+        return cls.from_dict(_read_json(mpath, "manifest"), mpath)
 
 
 def _read_json(f: Path, what: str) -> Any:
@@ -222,15 +314,19 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The checked manifest of the checkpoint folder `path` (check_manifest); a folder without one
-    is refused, with a message that says so when it looks like a damaged checkpoint."""
-    path = Path(path)
+def _manifest_file(path: Path) -> Path:
+    """The manifest.json of the checkpoint folder `path`; a folder without one is refused, with a
+    message that says so when it looks like a damaged checkpoint."""
     mpath = path / MANIFEST
     if not path.is_dir() or not mpath.is_file():
         if looks_like_checkpoint(path):
             raise CheckpointError(missing_manifest(path))
         raise CheckpointError(f"{path} is not a lowbit checkpoint (no {MANIFEST}); create one with `lowbit quantize`")
+    return mpath
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of the checkpoint folder `path` (check_manifest) as the JSON object it
+    is, for what inspects the file itself; lowbit reads it typed, through Manifest.read."""
+    mpath = _manifest_file(Path(path))
     return check_manifest(_read_json(mpath, "manifest"), mpath)
-
-

@@ -33,7 +33,7 @@ def register(sub) -> None:
 def cmd_eval(args) -> int:
     from lowbit.checkpoint import is_checkpoint
     from lowbit.data import eval_text
-    from lowbit.evaluation import (
+    from lowbit.eval.evaluate import (
         REFERENCE_NOTE,
         check_no_overlap,
         evaluate,
@@ -53,10 +53,10 @@ def cmd_eval(args) -> int:
     if is_checkpoint(args.model):
         target = (load_checkpoint(args.model, dtype=dtype, runtime="packed", int8_activations=True)
                   if args.activations == "int8" else load_checkpoint(args.model, dtype=dtype))
-        recipe = target.manifest.get("recipe", {})
-        check_no_overlap((target.manifest.get("calibration") or {}).get("dataset"), args.data)
+        recipe = target.manifest.recipe
+        check_no_overlap((target.manifest.calibration or {}).get("dataset"), args.data)
         if args.reference == "auto":
-            reference = load_reference_for(target.manifest, dtype, args.cache)
+            reference = load_reference_for(target.manifest.source, dtype, args.cache)
     else:
         target = load_model(args.model, dtype=dtype, cache=args.cache)
         recipe = None
@@ -72,8 +72,7 @@ def cmd_eval(args) -> int:
             res.recipe = Recipe.from_dict(recipe).describe()
         except LowbitError:  # a manifest from another lowbit version: show what it says
             res.recipe = f"{recipe.get('method')} w{recipe.get('bits')} g{recipe.get('group_size')}"
-    src_kind = ((target.manifest.get("source") or {}).get("kind") if hasattr(target, "manifest")
-                else target.source.kind)
+    src_kind = target.manifest.source.kind if hasattr(target, "manifest") else target.source.kind
     if src_kind in ("known", "gguf"):
         res.notes.append(REFERENCE_NOTE)
     if args.json:  # strict JSON: a NaN or infinite number is written as null (the notes say which)

@@ -16,17 +16,17 @@ def register(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from lowbit.checkpoint import read_manifest, verify_checkpoint
-    from lowbit.report import info_text, per_layer_summary
+    from lowbit.checkpoint import Manifest, verify_checkpoint
+    from lowbit.eval.report import info_text, per_layer_summary
 
     if args.verify:  # every byte hashed now, whatever the stamps from earlier loads say
         manifest = verify_checkpoint(args.checkpoint)
-        print(f"verified: {len(manifest['files'])} files match the sizes and sha256 in the manifest, and no "
+        print(f"verified: {len(manifest.files)} files match the sizes and sha256 in the manifest, and no "
               "other file is there; the config and tensor headers agree with it", file=sys.stderr)
     else:
-        manifest = read_manifest(args.checkpoint)
+        manifest = Manifest.read(args.checkpoint)
     if args.json:
-        print(json.dumps({**per_layer_summary(manifest), **manifest}, indent=2))
+        print(json.dumps({**per_layer_summary(manifest), **manifest.to_dict()}, indent=2))
     else:
         print(info_text(manifest))
     return 0

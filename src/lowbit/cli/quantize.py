@@ -6,7 +6,6 @@ found wrong later may throw away finished quantization work."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -192,8 +191,10 @@ def _save(args, result, out: Path) -> Path:
         aside = out.with_name(f"{out.name}.lowbit-{os.getpid()}")
         save(result, aside)
         raise ConfigError(f"{e}; the new checkpoint was saved as {aside} instead: move it where you want it") from None
-    stats = json.loads((path / "manifest.json").read_text()).get("stats", {})
-    _say(f"saved {path}: model {_mb(stats['model_bytes'])} at 16 bits, {_mb(stats['disk_bytes'])} on disk "
+    from lowbit.checkpoint import Manifest
+
+    stats = Manifest.read(path).stats
+    _say(f"saved {path}: model {_mb(stats.model_bytes)} at 16 bits, {_mb(stats.disk_bytes)} on disk "
          f"(report: {path / 'REPORT.md'})")
     return path
 
@@ -201,14 +202,14 @@ def _save(args, result, out: Path) -> Path:
 def _evaluate_saved(args, result, recipe, dtype, loaded, path: Path) -> list:
     """--eval: the reference and the saved checkpoint's results, recorded in its manifest and
     printed; a failure says the checkpoint is saved and how to evaluate it later."""
-    from lowbit.evaluation import (
+    from lowbit.eval.evaluate import (
         REFERENCE_NOTE,
         evaluate,
         format_table,
         reference_result,
     )
+    from lowbit.eval.report import record_evaluation
     from lowbit.models import load_model
-    from lowbit.pipeline import record_evaluation
 
     try:
         ref = load_model(args.model, dtype=dtype, cache=args.cache)

@@ -125,12 +125,3 @@ def model_size(model: torch.nn.Module) -> QuantizedSize:
     """The size of a model with nothing quantized (a reference): every parameter dense."""
     return quantized_size({}, dense_tensors(model))
 
-
-def quantized_size_of_modules(model: torch.nn.Module) -> QuantizedSize:
-    """Deprecated: the size of a model whose quantized layers are QuantLinear modules, read from
-    those modules. Only for callers that have no records at hand (bench/accuracy.py until it takes
-    QuantizedModel.size); everything else measures records with quantized_size."""
-    from lowbit.runtime.qlinear import QuantLinear
-
-    weights = {n: m.quantized_weight() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    return quantized_size(weights, dense_tensors(model, weights))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lowbit.checkpoint import Source
 from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.eval import compare_to_reference, default_seqlen, perplexity
@@ -180,8 +181,8 @@ def check_no_overlap(calibration: str | None, datasets: list[str]) -> None:
                               "Evaluate on another --data set.")
 
 
-def load_reference_for(manifest: dict[str, Any], dtype: torch.dtype, cache: str | None = None):
-    """Load the model a checkpoint was made from, as recorded in its manifest.
+def load_reference_for(src: Source, dtype: torch.dtype, cache: str | None = None):
+    """Load the model a checkpoint was made from, as recorded in its manifest (Manifest.source).
 
     The manifest is data from the checkpoint's author, so nothing is fetched on its word: a known
     model must already be in the cache, a file or folder must exist here at its recorded path (of
@@ -194,9 +195,8 @@ def load_reference_for(manifest: dict[str, Any], dtype: torch.dtype, cache: str 
     from lowbit.errors import ModelNotFoundError
     from lowbit.models import load_model, resolve_model
 
-    src = manifest.get("source") or {}
-    kind = src.get("kind")
-    spec = src.get("path") if kind in ("gguf", "hf_folder") else src.get("spec")
+    kind = src.kind
+    spec = src.path if kind in ("gguf", "hf_folder") else src.spec
     if not spec or not isinstance(spec, str):
         raise ConfigError("the checkpoint does not record its source model; pass --reference MODEL or --reference none")
     if kind == "hub":
@@ -217,9 +217,9 @@ def load_reference_for(manifest: dict[str, Any], dtype: torch.dtype, cache: str 
         raise ConfigError(f"the checkpoint's source {spec!r} is recorded as {kind} but is a {source.kind} here; "
                           "pass --reference MODEL or --reference none")
     ref = load_model(source, dtype=dtype, cache=cache)
-    if src.get("sha256") and ref.source.sha256 and ref.source.sha256 != src["sha256"]:
+    if src.sha256 and ref.source.sha256 and ref.source.sha256 != src.sha256:
         raise ConfigError(
             f"the source model at {spec} has sha256 {ref.source.sha256[:16]}..., but the checkpoint was made "
-            f"from {src['sha256'][:16]}...; pass the original with --reference MODEL or use --reference none"
+            f"from {src.sha256[:16]}...; pass the original with --reference MODEL or use --reference none"
         )
     return ref
