@@ -185,6 +185,11 @@ def layer_specs(model: nn.Module, names: list[str], recipe: Recipe,
     return {name: recipe.layer_spec(name, model.get_submodule(name).in_features, allocation) for name in names}
 
 
+def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
+    """Fail before any work if a layer's width does not fit its format (layer_specs, results unused)."""
+    layer_specs(model, names, recipe)
+
+
 def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = None,
              eval_seqlen: int | None = None) -> dict[str, float]:
     """Rough memory (bytes) and time (seconds) for the job, printed before it starts.

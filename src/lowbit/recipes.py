@@ -213,10 +213,10 @@ class Recipe:
                      and 1.5 <= self.bits <= 7, "bits",
                      f"{self.method} takes an average width from 1.5 to 7, got {self.bits!r}")
         else:
-            fractional = ", ".join(m for m in METHODS if METHODS[m].fractional_bits)
+            fractional = " or ".join(repr(m) for m in METHODS if METHODS[m].fractional_bits)
             _require(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8,
                      "bits", f"must be an integer from 2 to 8 for method {self.method!r}, got {self.bits!r}"
-                     + (f" (fractional averages need one of the methods {fractional})"
+                     + (f" (fractional averages need method {fractional})"
                         if isinstance(self.bits, float) else ""))
         _require(not method.fractional_bits or not self.gptq.act_order or self.gptq.static_groups,
                  "gptq.static_groups", f"method {self.method} with act_order needs static_groups (per-group widths "

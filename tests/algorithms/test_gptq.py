@@ -34,8 +34,8 @@ def _out_err(w, wq, x):
 )
 def test_gptq_beats_rtn_on_output_error(bits, gs, cfg):
     w, x, H = _layer()
-    rtn = rtn_quantize(w, QuantFormat(bits, gs, False)).dequantize()
-    res = gptq_quantize(w, H, QuantFormat(bits, gs, False), config=cfg)
+    rtn = rtn_quantize(w, QuantFormat.resolved(w.shape[1], bits, gs, False)).dequantize()
+    res = gptq_quantize(w, H, QuantFormat.resolved(w.shape[1], bits, gs, False), config=cfg)
     gq = res.qweight.dequantize()
     assert _out_err(w, gq, x) < 0.8 * _out_err(w, rtn, x)
     assert res.damp_used == cfg.damp
