@@ -17,7 +17,9 @@ from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.slim import output_error, slim_quantize
 from lowbit.calibration.sequential import run_sequential
 from lowbit.data import calibration_samples
+from lowbit.methods import width_range
 from lowbit.models import load_model
+from lowbit.qtensor import QuantFormat
 from lowbit.recipes import ClipConfig, SlimConfig
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -41,10 +43,12 @@ def measure(i: int, linears: dict, hessians: dict) -> dict:
     for name, lin in linears.items():
         w, H = lin.weight.detach().float(), hessians[name]
         for bits in widths:
-            gptq = output_error(w, gptq_quantize(w, H, bits, args.group_size, clip=clip).qweight.dequantize(), H)
+            fmt = QuantFormat.resolved(w.shape[1], bits, args.group_size, False)
+            widest = QuantFormat.resolved(w.shape[1], width_range(bits)[1], args.group_size, False)
+            gptq = output_error(w, gptq_quantize(w, H, fmt, clip=clip).qweight.dequantize(), H)
             ratios = []
             for cfg in (SlimConfig(measure=False), SlimConfig(measure=False, salience_clip=False), SlimConfig()):
-                r = slim_quantize(w, H, bits, args.group_size, clip=clip, slim=cfg)
+                r = slim_quantize(w, H, widest, bits, clip=clip, slim=cfg)
                 ratios.append(output_error(w, r.gptq.qweight.dequantize(), H) / gptq)
             print(f"{i} {name} {bits} | {gptq:.4g} | " + "  ".join(f"{x:.3f}" for x in ratios)
                   + f" | {r.allocation.k} {r.chosen}", flush=True)

@@ -16,6 +16,7 @@ from lowbit.checkpoint import (
 )
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.loading import load_checkpoint
+from lowbit.qtensor import QuantFormat
 from lowbit.recipes import GPTQConfig
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -26,11 +27,12 @@ def quantize_all(model, bits=3, group_size=16, act_order_every=3):
     for k, name in enumerate(names):
         lin = model.get_submodule(name)
         w = lin.weight.detach()
+        fmt = QuantFormat.resolved(w.shape[1], bits, group_size, False)
         if k % act_order_every == 0:
             x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(k))
-            qw = gptq_quantize(w, 2 * x.T @ x / 64, bits, group_size, config=GPTQConfig(act_order=True)).qweight
+            qw = gptq_quantize(w, 2 * x.T @ x / 64, fmt, config=GPTQConfig(act_order=True)).qweight
         else:
-            qw = rtn_quantize(w, bits, group_size, symmetric=k % 2 == 1)
+            qw = rtn_quantize(w, QuantFormat.resolved(w.shape[1], bits, group_size, k % 2 == 1))
         model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
     return names
 

@@ -3,6 +3,7 @@
 import pytest
 
 from lowbit.cli import main
+from lowbit.levels import Level
 
 
 def run(capsys, *argv):
@@ -99,7 +100,7 @@ def test_budget_flags_map_to_the_recipe():
     args = build_parser().parse_args(["quantize", "m", "-o", "x", "--target-size", "80MB", "--levels", "w2g64,w4g64",
                                       "--search-generations", "3"])
     b = _recipe_from_args(args).budget
-    assert (b.target_bytes, b.target_bpw, b.levels, b.generations) == (80_000_000, None, ("w2g64", "w4g64"), 3)
+    assert (b.target_bytes, b.target_bpw, b.levels, b.generations) == (80_000_000, None, (Level(2, 64), Level(4, 64)), 3)
     args = build_parser().parse_args(["quantize", "m", "-o", "x", "--recipe", "budget-3bpw", "--target-bpw", "2.75"])
     assert _recipe_from_args(args).budget.target_bpw == 2.75
     assert _recipe_from_args(build_parser().parse_args(["quantize", "m", "-o", "x", "--target-size", "1.5GiB"])
@@ -152,7 +153,7 @@ def test_budget_flags_shape_a_budget_from_a_recipe():
     args = build_parser().parse_args(["quantize", "m", "-o", "x", "--recipe", "budget-3bpw", "--levels", "w2g64,w4g64",
                                       "--search-generations", "0"])
     b = _recipe_from_args(args).budget
-    assert (b.target_bpw, b.levels, b.generations) == (3.0, ("w2g64", "w4g64"), 0)
+    assert (b.target_bpw, b.levels, b.generations) == (3.0, (Level(2, 64), Level(4, 64)), 0)
 
 
 def test_usage_errors_are_one_line(capsys):

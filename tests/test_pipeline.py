@@ -13,6 +13,7 @@ from lowbit.errors import ConfigError
 from lowbit.loading import load_checkpoint
 from lowbit.models.load import LoadedModel, ModelSource
 from lowbit.pipeline import _dense_twin, quantize, save, target_layers
+from lowbit.qtensor import QuantFormat
 from lowbit.recipes import CalibrationConfig, Recipe
 from lowbit.runtime.qlinear import QuantLinear
 
@@ -98,7 +99,7 @@ def test_bfloat16_calibration_forwards_run_under_autocast_and_still_beat_rtn(dat
 
 def test_dense_twin_computes_exactly_what_quantlinear_computes():
     lin = torch.nn.Linear(64, 24, bias=True)
-    qw = rtn_quantize(lin.weight.detach(), 3, 16)
+    qw = rtn_quantize(lin.weight.detach(), QuantFormat(3, 16, False))
     x = torch.randn(7, 64)
     assert torch.equal(_dense_twin(lin, qw, torch.float32)(x), QuantLinear.from_quantized(qw, lin.bias)(x))
 
@@ -272,7 +273,7 @@ def test_head_bits_rounds_an_untied_head_and_it_survives_a_checkpoint(tmp_path):
     head = lm.model.lm_head
     assert isinstance(head, QuantLinear) and head.fmt.bits == 8 and head.fmt.group_size == 64
     assert "lm_head" in res.layers
-    assert torch.equal(head.dequantized_weight(torch.float32), rtn_quantize(dense_head, 8, 64).dequantize())
+    assert torch.equal(head.dequantized_weight(torch.float32), rtn_quantize(dense_head, QuantFormat(8, 64, False)).dequantize())
     save(res, tmp_path / "ck")
     back = load_checkpoint(tmp_path / "ck").model
     ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(0))

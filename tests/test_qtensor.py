@@ -59,9 +59,8 @@ def test_group_bits_are_validated():
 def test_format_nbytes_matches_the_packed_tensors(bits, gs, sym, scale_bits):
     from lowbit.algorithms.rtn import rtn_quantize
     from lowbit.qtensor import format_nbytes
-    from lowbit.recipes import IntegerScaleConfig
 
     w = torch.randn(13, 200)
-    qw = rtn_quantize(w, bits, gs, sym, iscale=IntegerScaleConfig(True, scale_bits) if scale_bits else None)
+    qw = rtn_quantize(w, QuantFormat(bits, gs, sym, scale_bits))
     assert format_nbytes(13, 200, qw.fmt) == qw.nbytes() == sum(
         t.numel() * t.element_size() for t in qw.packed().values())

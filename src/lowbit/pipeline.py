@@ -24,12 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.gptq import gptq_quantize
-from lowbit.algorithms.rtn import resolve_format, rtn_quantize
-from lowbit.algorithms.slim import slim_quantize, width_range
+from lowbit.algorithms.cores import CORES, LayerJob, LayerResult
+from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.budget.plan import BudgetReport, plan_budget
 from lowbit.calibration.sequential import run_sequential
-from lowbit.calibration.smoothing import awq_rtn_quantize, smooth_block
+from lowbit.calibration.smoothing import smooth_block
 from lowbit.checkpoint import save_checkpoint
 from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
@@ -39,7 +38,7 @@ from lowbit.eval.size import QuantizedSize, dense_tensors, quantized_size
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import QuantizedWeight
-from lowbit.recipes import GPTQ_METHODS, SLIM_METHODS, SMOOTHING_METHODS, Recipe
+from lowbit.recipes import METHODS, Allocation, LayerSpec, Recipe
 from lowbit.runtime.convert import to_runtime
 
 log = logging.getLogger(__name__)
@@ -69,6 +68,7 @@ class QuantizedModel:
     peak_rss_bytes: int
     budget: BudgetReport | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # into the manifest as they are (budget, fallbacks)
+    allocation: Allocation | None = None  # the budget's level per layer (exact names), when there was a budget
 
     @property
     def model(self) -> nn.Module:
@@ -107,7 +107,7 @@ class QuantizedModel:
         return {
             "source": {"spec": s.spec, "name": s.name, "kind": s.kind, "path": str(s.path) if s.path else None,
                        "sha256": s.sha256},
-            "recipe": self.recipe.used_dict(),
+            "recipe": self.recipe.used_dict(self.allocation),
             "calibration": self.calibration,
             "stats": {"seconds": self.seconds, "peak_rss_bytes": self.peak_rss_bytes,
                       "bits_per_weight": size.bits_per_weight, "model_bytes": size.model_bytes,
@@ -166,13 +166,16 @@ def _block_prefix(model: nn.Module, i: int) -> str:
     raise ConfigError("could not locate the decoder layers in the model")
 
 
+def layer_specs(model: nn.Module, names: list[str], recipe: Recipe,
+                allocation: Allocation | None = None) -> dict[str, LayerSpec]:
+    """Each layer's method and format, resolved for its width once (Recipe.layer_spec). Fails
+    before any work if a layer's width does not fit its format."""
+    return {name: recipe.layer_spec(name, model.get_submodule(name).in_features, allocation) for name in names}
+
+
 def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
-    """Fail before any work if a layer's width does not fit the group size."""
-    for name in names:
-        r = recipe.for_layer(name)
-        bits = width_range(r.bits)[1] if r.method in SLIM_METHODS else r.bits
-        lin = model.get_submodule(name)
-        resolve_format(lin.in_features, bits, r.group_size, r.symmetric)
+    """Fail before any work if a layer's width does not fit its format (layer_specs, results unused)."""
+    layer_specs(model, names, recipe)
 
 
 def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = None,
@@ -197,10 +200,12 @@ def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = No
         est["calib_bytes"] = float(2 * tokens * hidden * itemsize)
         widest = max(model.get_submodule(n).in_features for n in names)
         est["hessian_bytes"] = float(3 * widest * widest * 4)
-        passes = {"rtn": 0, "awq": 1}.get(recipe.method, 3 if recipe.gptq.true_sequential else 2)
+        method = METHODS[recipe.method]
+        hessians = CORES[method.core].needs_hessian
+        passes = (3 if recipe.gptq.true_sequential else 2) if hessians else int(method.smoothing)
         flops = passes * 2 * block_params * tokens
-        column_work = block_params * 60 / 1e9 if recipe.method in GPTQ_METHODS else 0.0
-        if recipe.method in SMOOTHING_METHODS:
+        column_work = block_params * 60 / 1e9 if hessians else 0.0
+        if method.smoothing:
             flops += 2 * block_params * tokens + recipe.awq.grid * 2 * block_params * min(tokens, recipe.awq.search_tokens)
         if recipe.budget is not None:
             b = recipe.budget
@@ -285,6 +290,93 @@ def check_finite_weights(model: nn.Module) -> None:
         )
 
 
+class _Layers:
+    """The records and reports quantize collects, layer by layer, and the one dispatch to a core."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, specs: dict[str, LayerSpec]):
+        self.model, self.recipe, self.specs = model, recipe, specs
+        self.dtype = next(model.parameters()).dtype
+        self.weights: dict[str, QuantizedWeight] = {}
+        self.reports: dict[str, LayerReport] = {}
+
+    def quantize(self, name: str, lin: nn.Linear, hessian: torch.Tensor | None = None,
+                 inputs: torch.Tensor | None = None, details: dict[str, Any] | None = None) -> nn.Linear:
+        """Quantize one layer by its method's core; returns the module to run in its place."""
+        spec = self.specs[name]
+        core = CORES[spec.method.core]
+        if core.needs_hessian and hessian is None:
+            raise ConfigError(f"method {spec.method.name!r}: its core {spec.method.core!r} needs a Hessian; "
+                              "its table entry (lowbit.methods) must say needs_data=True")
+        result = core.quantize(LayerJob(name, lin.weight.detach(), spec, self.recipe, hessian, inputs))
+        return self.keep(name, lin, result, details or {})
+
+    def keep(self, name: str, lin: nn.Linear, result: LayerResult, details: dict[str, Any]) -> nn.Linear:
+        # While calibrating, a quantized layer runs as a dense Linear holding exactly the
+        # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
+        # the QuantLinear modules are swapped in once every block is done.
+        qw = result.qweight
+        qw.check_finite(name)
+        self.weights[name] = qw
+        self.reports[name] = LayerReport(qw.fmt.to_dict(), qw.shape, result.loss,
+                                         None if result.fallback else result.damp,
+                                         {**details, **result.details}, result.fallback)
+        return _dense_twin(lin, qw, self.dtype)
+
+
+def _quantize_data_free(layers: _Layers, names: list[str], progress: bool) -> None:
+    """Every layer by its core, from its weight alone (no calibration data)."""
+    model = layers.model
+    for name in tqdm(names, desc=layers.recipe.method.upper(), unit="layer", disable=not progress):
+        model.set_submodule(name, layers.quantize(name, model.get_submodule(name)))
+
+
+def _quantize_calibrated(layers: _Layers, loaded: LoadedModel, data_dir: str | None,
+                         progress: bool) -> dict[str, Any]:
+    """Block by block on calibration samples (calibration/sequential.py): AWQ smoothing first when
+    the method smooths (layers whose core needs no Hessian are quantized right after it), then
+    each remaining layer by its core with its Hessian. Returns what the calibration was."""
+    model, recipe, specs = layers.model, layers.recipe, layers.specs
+    c = recipe.calibration
+    ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
+    method = METHODS[recipe.method]
+    smoothed: dict[str, dict[str, Any]] = {}  # smoothing's report of layers still to quantize
+
+    def prepare_block(i: int, block: nn.Module, run) -> dict[str, nn.Module]:
+        prefix = _block_prefix(model, i)
+        out = {}
+        for name, info in smooth_block(block, run, int(ids.numel()), recipe.awq, prefix, specs).items():
+            full = f"{prefix}.{name}"
+            if CORES[specs[full].method.core].needs_hessian:
+                smoothed[full] = info.report
+            else:
+                out[name] = layers.quantize(full, block.get_submodule(name), inputs=info.inputs, details=info.report)
+        return out
+
+    def quantize_group(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
+        prefix = _block_prefix(model, i)
+        out = {}
+        for name, lin in linears.items():
+            full = f"{prefix}.{name}"
+            if full in specs and full not in layers.weights:  # not skipped, nor quantized by prepare_block
+                out[name] = layers.quantize(full, lin, hessians[name], details=smoothed.pop(full, {}))
+        return out
+
+    hessian_free = method.smoothing and not CORES[method.core].needs_hessian  # the smoothing step does all
+    run_sequential(model, ids, None if hessian_free else quantize_group, recipe.gptq.true_sequential, progress,
+                   prepare_block=prepare_block if method.smoothing else None, dtype=c.dtype)
+    return {"dataset": c.dataset, "n_samples": c.n_samples, "seqlen": c.seqlen, "seed": c.seed,
+            "dtype": c.dtype, "n_tokens": int(ids.numel())}
+
+
+def _quantize_head(layers: _Layers) -> None:
+    """The output head (recipe.head_bits): round-to-nearest, kept as a record beside the blocks'."""
+    name, lin = output_head(layers.model)
+    recipe = layers.recipe
+    qw = rtn_quantize(lin.weight.detach(), recipe.head_format(lin.in_features),
+                      recipe.clip if recipe.clip.enabled else None)
+    layers.keep(name, lin, LayerResult(qw), {})
+
+
 def quantize(
     loaded: LoadedModel,
     recipe: Recipe,
@@ -306,98 +398,25 @@ def quantize(
         raise ConfigError("the recipe's skip list excludes every linear layer; nothing to quantize")
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
-    budget_report = None
+    specs = layer_specs(model, names, recipe)
+    budget_report = allocation = None
     if recipe.budget is not None:
-        check_shapes(model, names, recipe)
-        recipe, budget_report = plan_budget(loaded, recipe, names, data_dir, progress)
+        allocation, budget_report = plan_budget(loaded, recipe, names, data_dir, progress)
         extra["budget"] = budget_report.to_dict()
         log.info(budget_report.summary())
-    check_shapes(model, names, recipe)
-    layers: dict[str, LayerReport] = {}
+        specs = layer_specs(model, names, recipe, allocation)
+    layers = _Layers(model, recipe, specs)
     calibration = None
-    clip = recipe.clip if recipe.clip.enabled else None
-    dtype = next(model.parameters()).dtype
-
-    def keep(full: str, lin: nn.Linear, qw: QuantizedWeight, loss=None, damp=None, fallback=False,
-             **details) -> nn.Linear:
-        # While calibrating, a quantized layer runs as a dense Linear holding exactly the
-        # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
-        # the QuantLinear modules are swapped in once every block is done.
-        qw.check_finite(full)
-        qweights[full] = qw
-        layers[full] = LayerReport(qw.fmt.to_dict(), qw.shape, loss, None if fallback else damp, details, fallback)
-        return _dense_twin(lin, qw, dtype)
-
-    qweights: dict[str, QuantizedWeight] = {}
-    if recipe.method == "rtn":
-        for name in tqdm(names, desc="RTN", unit="layer", disable=not progress):
-            lin = model.get_submodule(name)
-            r = recipe.for_layer(name)
-            qw = rtn_quantize(lin.weight.detach(), r.bits, r.group_size, r.symmetric, clip, iscale=recipe.integer_scale)
-            model.set_submodule(name, keep(name, lin, qw))
+    if METHODS[recipe.method].needs_data:
+        calibration = _quantize_calibrated(layers, loaded, data_dir, progress)
     else:
-        c = recipe.calibration
-        ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
-        calibration = {"dataset": c.dataset, "n_samples": c.n_samples, "seqlen": c.seqlen, "seed": c.seed,
-                       "dtype": c.dtype, "n_tokens": int(ids.numel())}
-        quantize_group = prepare_block = None
-        if recipe.method in GPTQ_METHODS:
-
-            def quantize_group(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
-                prefix = _block_prefix(model, i)
-                out = {}
-                for name, lin in linears.items():
-                    full = f"{prefix}.{name}"
-                    if full not in names or full in qweights:  # skipped, or quantized by prepare_block
-                        continue
-                    info = extras.pop(full, {})
-                    r = recipe.for_layer(full)
-                    if r.method == "rtn":
-                        qw = rtn_quantize(lin.weight.detach(), r.bits, r.group_size, r.symmetric, clip,
-                                          iscale=recipe.integer_scale)
-                        out[name] = keep(full, lin, qw, **info)
-                        continue
-                    if r.method in SLIM_METHODS:
-                        sr = slim_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,
-                                           r.symmetric, recipe.gptq, clip, recipe.slim, recipe.integer_scale)
-                        res = sr.gptq
-                        info.update(slim_k=sr.allocation.k if sr.chosen.startswith("table") else 0,
-                                    slim_error=sr.allocation.error,
-                                    slim_base_error=sr.allocation.base_error, slim_choice=sr.chosen,
-                                    average_bits=res.qweight.average_bits())
-                    else:
-                        res = gptq_quantize(lin.weight.detach(), hessians[name], r.bits, r.group_size,
-                                            r.symmetric, recipe.gptq, clip, iscale=recipe.integer_scale)
-                    out[name] = keep(full, lin, res.qweight, res.loss, res.damp_used, res.fallback, **info)
-                return out
-
-        extras: dict[str, dict[str, Any]] = {}
-        if recipe.method in SMOOTHING_METHODS:
-            rtn_after = recipe.method == "awq"
-
-            def prepare_block(i: int, block: nn.Module, run) -> dict[str, nn.Module]:
-                prefix = _block_prefix(model, i)
-                smoothed = smooth_block(block, run, int(ids.numel()), recipe, prefix, names)
-                out = {}
-                for name, info in smoothed.items():
-                    full = f"{prefix}.{name}"
-                    extras[full] = info.report
-                    if rtn_after or recipe.for_layer(full).method == "rtn":
-                        lin = block.get_submodule(name)
-                        qw = awq_rtn_quantize(lin.weight.detach(), info.inputs, recipe.for_layer(full))
-                        out[name] = keep(full, lin, qw, **extras.pop(full))
-                return out
-
-        run_sequential(model, ids, quantize_group, recipe.gptq.true_sequential, progress,
-                       prepare_block=prepare_block, dtype=recipe.calibration.dtype)
+        _quantize_data_free(layers, names, progress)
     if recipe.head_bits:
-        name, lin = output_head(model)
-        qw = rtn_quantize(lin.weight.detach(), recipe.head_bits, recipe.head_group_size, recipe.symmetric, clip)
-        keep(name, lin, qw)
-    to_runtime(model, qweights, "reference", dtype)  # each dense twin (its bias the layer's) -> QuantLinear
+        _quantize_head(layers)
+    to_runtime(model, layers.weights, "reference", layers.dtype)  # each dense twin (its bias the layer's) -> QuantLinear
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = QuantizedModel(loaded, recipe, qweights, layers, skipped, calibration, time.perf_counter() - t0, peak,
-                            budget_report, extra)
+    result = QuantizedModel(loaded, recipe, layers.weights, layers.reports, skipped, calibration,
+                            time.perf_counter() - t0, peak, budget_report, extra, allocation)
     if result.fallbacks:
         extra["fallbacks"] = result.fallbacks  # into the manifest with the other extras
         log.warning(result.fallback_summary())

@@ -18,7 +18,7 @@ the columns of all groups of one width are stored together (`codes.b<width>`, `z
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,10 @@ class QuantFormat:
     group_size: int  # columns per group; equals in_features for per-channel
     symmetric: bool
     scale_bits: int = 0  # 0: float16 scales; k: k-bit integer scales times a float per row
+    # How a quantizer sets the row multipliers of integer scales ("max" or "pow2", see
+    # formats/integer_scale.py). It says how the record was made, not how to read it (the
+    # multipliers are stored): neither stored (to_dict) nor compared.
+    scale_multiplier: str = field(default="max", compare=False)
 
     def __post_init__(self) -> None:
         affine.check_bits(self.bits)
@@ -41,6 +45,15 @@ class QuantFormat:
             raise ShapeError(f"group_size must be >= 1 once resolved, got {self.group_size}")
         if self.scale_bits:
             integer_scale.check_scale_bits(self.scale_bits)
+        if self.scale_multiplier not in ("max", "pow2"):
+            raise ConfigError(f"scale_multiplier {self.scale_multiplier!r} is not one of max, pow2")
+
+    @classmethod
+    def resolved(cls, in_features: int, bits: int, group_size: int, symmetric: bool, scale_bits: int = 0,
+                 scale_multiplier: str = "max") -> QuantFormat:
+        """The format for a weight `in_features` wide: group_size -1 (or >= in_features) is one
+        group per row."""
+        return cls(bits, affine.resolve_group_size(in_features, group_size), symmetric, scale_bits, scale_multiplier)
 
     @property
     def scale_dtype(self) -> torch.dtype:

@@ -10,37 +10,19 @@ import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import ConfigError
+from lowbit.levels import PER_CHANNEL, Allocation, Level, group_size_problem  # noqa: F401 - PER_CHANNEL re-exported
+from lowbit.methods import METHODS, Method, width_range
 
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "awq-slim")
-# what each method runs: activation-aware smoothing first, then GPTQ or round-to-nearest, SliM-LLM's
-# per-group widths (average bits) over GPTQ
-SMOOTHING_METHODS = ("awq", "awq-gptq", "awq-slim")
-GPTQ_METHODS = ("gptq", "awq-gptq", "slim", "awq-slim")
-SLIM_METHODS = ("slim", "awq-slim")
+if TYPE_CHECKING:
+    from lowbit.qtensor import QuantFormat
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"recipe field '{field_name}': {msg}")
-
-
-PER_CHANNEL = -1  # group_size meaning one group per output channel (a whole input row)
-
-
-def group_size_problem(group_size: Any) -> str | None:
-    """Why `group_size` cannot be quantized and run, or None when it can: -1 (per channel) or a
-    positive multiple of 8 (runtime/packed.py and the kernels read codes 8 columns at a time)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        return f"must be an integer, got {group_size!r}"
-    if group_size == PER_CHANNEL or (group_size > 0 and group_size % 8 == 0):
-        return None
-    if group_size <= 0:
-        return f"{group_size} is not a group size; use -1 for one group per output channel, or 32, 64, 128"
-    return (f"{group_size} is not a multiple of 8, which the packed kernels need; use 32, 64, 128 (any positive "
-            "multiple of 8 that divides the layers' input widths) or -1 for one group per output channel")
 
 
 @dataclass(frozen=True)
@@ -161,7 +143,9 @@ class BudgetConfig:
 
     target_bpw: float | None = None        # average bits per quantized weight, scales and zeros counted
     target_bytes: int | None = None        # whole model: quantized layers + dense tensors at 16 bits
-    levels: tuple[str, ...] = ("w2g64", "w2g128", "w3g64", "w3g128", "w4g64", "w4g128", "w5g128", "w6g128", "w8g128")
+    # the levels to choose from; given as strings ("w3g64", from TOML or the CLI), held as Levels
+    levels: tuple[Level, ...] = ("w2g64", "w2g128", "w3g64", "w3g128", "w4g64", "w4g128", "w5g128", "w6g128",
+                                 "w8g128")
     generations: int = 30                  # evolutionary search steps (0: the sensitivity greedy alone)
     offspring: int = 4                     # candidates per generation
     search_tokens: int = 2048              # held-out calibration tokens that score candidates (KL)
@@ -175,18 +159,28 @@ class BudgetConfig:
                  f"must be in (1, 16], got {self.target_bpw}")
         _require(self.target_bytes is None or self.target_bytes > 0, "budget.target_bytes", "must be > 0")
         _require(len(self.levels) >= 2, "budget.levels", "needs at least two levels to choose from")
-        for lv in self.levels:
-            _require(isinstance(lv, str) and re.fullmatch(r"w[2-8]g-?\d+", lv) is not None, "budget.levels",
-                     f"{lv!r} is not of the form w<bits>g<group> with bits 2 to 8 (e.g. w3g64)")
-            problem = group_size_problem(int(lv.partition("g")[2]))
-            _require(problem is None, "budget.levels", f"{lv!r}: group {problem}")
+        try:
+            levels = tuple(lv if isinstance(lv, Level) else Level.parse(lv) for lv in self.levels)
+        except ConfigError as e:
+            raise ConfigError(f"recipe field 'budget.levels': {e}") from None
+        object.__setattr__(self, "levels", levels)
         _require(self.generations >= 0 and self.offspring >= 1, "budget.generations",
                  "generations must be >= 0 and offspring >= 1")
         _require(self.search_tokens >= 64, "budget.search_tokens", f"must be >= 64, got {self.search_tokens}")
         _require(self.probe_tokens >= 0, "budget.probe_tokens", f"must be >= 0, got {self.probe_tokens}")
 
-    def parsed_levels(self) -> list[tuple[int, int]]:
-        return [tuple(int(x) for x in re.fullmatch(r"w(\d)g(-?\d+)", lv).groups()) for lv in self.levels]
+    def parsed_levels(self) -> list[Level]:
+        return list(self.levels)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer gets, resolved for its width once (Recipe.layer_spec): the method that
+    quantizes it and its format."""
+
+    method: Method
+    fmt: QuantFormat                    # fractional methods: the widest width a group may take
+    average_bits: float | None = None   # fractional methods: the average code width over groups
 
 
 @dataclass(frozen=True)
@@ -213,16 +207,18 @@ class Recipe:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
         _require(self.head_bits == 0 or (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8), "head_bits",
                  f"0 (keep the output head dense) or an integer from 2 to 8, got {self.head_bits!r}")
-        if self.method in SLIM_METHODS:
+        method = METHODS[self.method]
+        if method.fractional_bits:
             _require(isinstance(self.bits, (int, float)) and not isinstance(self.bits, bool)
                      and 1.5 <= self.bits <= 7, "bits",
                      f"{self.method} takes an average width from 1.5 to 7, got {self.bits!r}")
         else:
+            fractional = " or ".join(repr(m) for m in METHODS if METHODS[m].fractional_bits)
             _require(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8,
                      "bits", f"must be an integer from 2 to 8 for method {self.method!r}, got {self.bits!r}"
-                     + (" (fractional averages need method 'slim' or 'awq-slim')"
+                     + (f" (fractional averages need method {fractional})"
                         if isinstance(self.bits, float) else ""))
-        _require(self.method not in SLIM_METHODS or not self.gptq.act_order or self.gptq.static_groups,
+        _require(not method.fractional_bits or not self.gptq.act_order or self.gptq.static_groups,
                  "gptq.static_groups", f"method {self.method} with act_order needs static_groups (per-group widths "
                  "follow the original column order): pass --static-groups or drop --act-order")
         problem = group_size_problem(self.group_size)
@@ -233,8 +229,9 @@ class Recipe:
             _require(rule.method in (None, "rtn", self.method), "rules.method",
                      f"{rule.method!r}: a rule may choose 'rtn' or the recipe's method {self.method!r}")
             self.for_layer_rule(rule)  # validates the combined settings
-        _require(self.budget is None or self.method in ("rtn", "gptq", "awq", "awq-gptq"), "budget",
-                 "a size budget chooses integer widths per layer; use it with rtn, gptq, awq or awq-gptq")
+        _require(self.budget is None or method.budget_ok, "budget",
+                 "a size budget chooses integer widths per layer; use it with "
+                 + ", ".join(m for m in METHODS if METHODS[m].budget_ok))
         for pattern in self.skip:
             try:
                 re.compile(pattern)
@@ -243,7 +240,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn" or self.budget is not None
+        return METHODS[self.method].needs_data or self.budget is not None
 
     def describe(self) -> str:
         g = "per-channel" if self.group_size <= 0 else f"g{self.group_size}"
@@ -264,9 +261,40 @@ class Recipe:
                                      ("symmetric", rule.symmetric), ("method", rule.method)) if v is not None}
         return dataclasses.replace(self, rules=(), budget=None, **changes)
 
-    def for_layer(self, module_name: str) -> Recipe:
-        """The settings for one layer: the first rule whose pattern matches, else the recipe's."""
+    def for_layer(self, module_name: str, allocation: Allocation | None = None) -> Recipe:
+        """The settings for one layer: its level when `allocation` (a budget's choice) names it,
+        else the first rule whose pattern matches, else the recipe's."""
+        if allocation is not None and module_name in allocation:
+            level = allocation[module_name]
+            return dataclasses.replace(self, rules=(), budget=None, bits=level.bits, group_size=level.group_size)
         return self.for_layer_rule(next((r for r in self.rules if re.search(r.pattern, module_name)), None))
+
+    def level_format(self, level: Level, in_features: int) -> QuantFormat:
+        """The format of a layer `in_features` wide at `level`, with this recipe's symmetry and scales."""
+        return self._format(level.bits, level.group_size, self.symmetric, in_features)
+
+    def layer_spec(self, module_name: str, in_features: int, allocation: Allocation | None = None) -> LayerSpec:
+        """What one layer gets (its method, and its format resolved for its width): see for_layer.
+        Raises ConfigError when the width does not suit the format."""
+        r = self.for_layer(module_name, allocation)
+        method = METHODS[r.method]
+        if method.fractional_bits:
+            return LayerSpec(method, self._format(width_range(r.bits)[1], r.group_size, r.symmetric, in_features),
+                             float(r.bits))
+        return LayerSpec(method, self._format(r.bits, r.group_size, r.symmetric, in_features))
+
+    def head_format(self, in_features: int) -> QuantFormat:
+        """The output head's format (head_bits): round-to-nearest, float16 scales."""
+        from lowbit.qtensor import QuantFormat
+
+        return QuantFormat.resolved(in_features, self.head_bits, self.head_group_size, self.symmetric)
+
+    def _format(self, bits: int, group_size: int, symmetric: bool, in_features: int) -> QuantFormat:
+        from lowbit.qtensor import QuantFormat
+
+        isc = self.integer_scale
+        return QuantFormat.resolved(in_features, bits, group_size, symmetric, isc.bits if isc.enabled else 0,
+                                    isc.multiplier)
 
     def is_skipped(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.skip)
@@ -280,7 +308,7 @@ class Recipe:
             del d["budget"]
         else:
             d["budget"] = {k: v for k, v in d["budget"].items() if v is not None}
-            d["budget"]["levels"] = list(self.budget.levels)
+            d["budget"]["levels"] = [str(lv) for lv in self.budget.levels]
         return d
 
     def unused_sections(self) -> tuple[str, ...]:
@@ -290,25 +318,25 @@ class Recipe:
         unused = []
         if not self.needs_calibration:
             unused.append("calibration")
-        if self.method not in GPTQ_METHODS:
-            unused.append("gptq")
-        if self.method not in SMOOTHING_METHODS:
-            unused.append("awq")
-        if self.method not in SLIM_METHODS:
-            unused.append("slim")
+        unused += [s for s in ("gptq", "awq", "slim") if s not in METHODS[self.method].sections]
         if not self.integer_scale.enabled:
             unused.append("integer_scale")
         if not self.head_bits:
             unused.append("head_group_size")
         return tuple(unused)
 
-    def used_dict(self) -> dict[str, Any]:
+    def used_dict(self, allocation: Allocation | None = None) -> dict[str, Any]:
         """to_dict() without the sections the method does not use: what a manifest should record,
         so it never claims settings that had no effect. from_dict reads it back (an absent
-        section takes its defaults), to a recipe that quantizes the same way."""
+        section takes its defaults), to a recipe that quantizes the same way. A budget's
+        `allocation` is recorded as one exact rule per layer ahead of the recipe's own rules (the
+        form checkpoints have always had: read back, each layer gets its level)."""
         d = self.to_dict()
         for name in self.unused_sections():
             del d[name]
+        if allocation:
+            d["rules"] = [Rule(pattern=f"^{re.escape(n)}$", bits=lv.bits, group_size=lv.group_size).to_dict()
+                          for n, lv in allocation.items()] + d["rules"]
         return d
 
     @classmethod

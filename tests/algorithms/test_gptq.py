@@ -5,7 +5,10 @@ import torch
 
 from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.qtensor import QuantFormat
 from lowbit.recipes import ClipConfig, GPTQConfig
+
+F4 = QuantFormat(4, 32, False)
 
 
 def _layer(out=48, n=128, samples=2048, seed=0):
@@ -31,8 +34,8 @@ def _out_err(w, wq, x):
 )
 def test_gptq_beats_rtn_on_output_error(bits, gs, cfg):
     w, x, H = _layer()
-    rtn = rtn_quantize(w, bits, gs).dequantize()
-    res = gptq_quantize(w, H, bits, gs, config=cfg)
+    rtn = rtn_quantize(w, QuantFormat.resolved(w.shape[1], bits, gs, False)).dequantize()
+    res = gptq_quantize(w, H, QuantFormat.resolved(w.shape[1], bits, gs, False), config=cfg)
     gq = res.qweight.dequantize()
     assert _out_err(w, gq, x) < 0.8 * _out_err(w, rtn, x)
     assert res.damp_used == cfg.damp
@@ -44,8 +47,8 @@ def test_gptq_with_clipping_still_beats_clipped_rtn(bits, cfg):
     # act-order does, by a wide margin)
     w, x, H = _layer(seed=3)
     clip = ClipConfig()
-    rtn = rtn_quantize(w, bits, 32, clip=clip).dequantize()
-    gq = gptq_quantize(w, H, bits, 32, config=cfg, clip=clip).qweight.dequantize()
+    rtn = rtn_quantize(w, QuantFormat(bits, 32, False), clip=clip).dequantize()
+    gq = gptq_quantize(w, H, QuantFormat(bits, 32, False), config=cfg, clip=clip).qweight.dequantize()
     assert _out_err(w, gq, x) < 0.8 * _out_err(w, rtn, x)
 
 
@@ -53,17 +56,17 @@ def test_identity_hessian_reduces_to_rtn():
     # with H = I the error feedback is zero: GPTQ's codes are RTN's codes
     w, _, _ = _layer()
     n = w.shape[1]
-    q = gptq_quantize(w, torch.eye(n), 4, 32, config=GPTQConfig(damp=1e-6)).qweight
-    r = rtn_quantize(w, 4, 32)
+    q = gptq_quantize(w, torch.eye(n), F4, config=GPTQConfig(damp=1e-6)).qweight
+    r = rtn_quantize(w, F4)
     assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales)
 
 
 def test_act_order_without_static_groups_stores_a_permutation():
     w, _x, H = _layer()
-    qw = gptq_quantize(w, H, 4, 32, config=GPTQConfig(act_order=True)).qweight
+    qw = gptq_quantize(w, H, F4, config=GPTQConfig(act_order=True)).qweight
     assert qw.perm is not None
     assert torch.equal(qw.perm, torch.argsort(torch.diag(H), descending=True))
-    static = gptq_quantize(w, H, 4, 32, config=GPTQConfig(act_order=True, static_groups=True)).qweight
+    static = gptq_quantize(w, H, F4, config=GPTQConfig(act_order=True, static_groups=True)).qweight
     assert static.perm is None
 
 
@@ -72,7 +75,7 @@ def test_indefinite_hessian_escalates_damping_with_a_warning(caplog):
     H = H.clone()
     H[0, 0] = -0.002 * torch.diag(H).mean() * 50  # negative curvature: cholesky at damp 0.01 fails
     with caplog.at_level(logging.WARNING):
-        res = gptq_quantize(w, H, 4, 32)
+        res = gptq_quantize(w, H, F4)
     assert res.damp_used > 0.01
     assert "damp" in caplog.text
 
@@ -82,18 +85,18 @@ def test_hopeless_hessian_falls_back_to_rtn_and_says_so(caplog):
     n = w.shape[1]
     H = -torch.eye(n) * 1000 + torch.ones(n, n)  # negative definite, mean diag negative
     with caplog.at_level(logging.INFO):
-        res = gptq_quantize(w, H, 4, 32)
+        res = gptq_quantize(w, H, F4)
     assert "identity" in caplog.text
     assert res.fallback  # the pipeline reports it per layer and once as a warning
-    assert torch.equal(res.qweight.codes, rtn_quantize(w, 4, 32).codes)
+    assert torch.equal(res.qweight.codes, rtn_quantize(w, F4).codes)
 
 
 def test_nan_hessian_falls_back():
     w, _, H = _layer()
     H = H.clone()
     H[3, 3] = float("nan")
-    res = gptq_quantize(w, H, 4, 32)
-    assert res.fallback and not gptq_quantize(w, _layer()[2], 4, 32).fallback
+    res = gptq_quantize(w, H, F4)
+    assert res.fallback and not gptq_quantize(w, _layer()[2], F4).fallback
     assert torch.isfinite(res.qweight.dequantize()).all()
 
 
@@ -101,5 +104,5 @@ def test_dead_inputs_get_zero_weight():
     w, _x, H = _layer()
     H[5, :] = 0
     H[:, 5] = 0
-    qw = gptq_quantize(w, H, 4, 32).qweight.dequantize()
+    qw = gptq_quantize(w, H, F4).qweight.dequantize()
     assert torch.all(qw[:, 5].abs() <= qw.abs().max() * 0 + 1e-2)

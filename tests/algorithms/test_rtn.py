@@ -8,7 +8,10 @@ from hypothesis import strategies as st
 
 from lowbit.algorithms.rtn import rtn_quantize, rtn_shrink
 from lowbit.budget.sensitivity import ShrinkStore
+from lowbit.qtensor import QuantFormat
 from lowbit.recipes import ClipConfig, IntegerScaleConfig
+
+F3 = QuantFormat(3, 32, False)
 
 
 @settings(max_examples=25, deadline=None)
@@ -20,10 +23,11 @@ def test_the_searched_shrink_reproduces_the_codes_exactly(bits, group, symmetric
     w[0, 3] = 8.0  # an outlier, so the search clips somewhere
     clip = ClipConfig(grid=10)
     isc = IntegerScaleConfig(enabled=iscale)
-    searched = rtn_quantize(w, bits, group, symmetric, clip, iscale=isc)
-    shrink = rtn_shrink(w, bits, group, symmetric, clip, isc)
+    fmt = QuantFormat.resolved(w.shape[1], bits, group, symmetric, isc.bits if isc.enabled else 0)
+    searched = rtn_quantize(w, fmt, clip)
+    shrink = rtn_shrink(w, fmt, clip)
     assert shrink is not None
-    again = rtn_quantize(w, bits, group, symmetric, clip, shrink, isc)
+    again = rtn_quantize(w, fmt, clip, shrink)
     assert torch.equal(again.codes, searched.codes)
     assert torch.equal(again.dequantize(), searched.dequantize())
 
@@ -31,15 +35,15 @@ def test_the_searched_shrink_reproduces_the_codes_exactly(bits, group, symmetric
 def test_the_search_clips_an_outlier_group():
     w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     w[1, 5] = 30.0
-    shrink = rtn_shrink(w, 3, 32, clip=ClipConfig())
+    shrink = rtn_shrink(w, F3, clip=ClipConfig())
     assert shrink[1, 0] < 1
-    assert torch.equal(rtn_quantize(w, 3, 32, False, None, shrink).codes, rtn_quantize(w, 3, 32, False, ClipConfig()).codes)
+    assert torch.equal(rtn_quantize(w, F3, None, shrink).codes, rtn_quantize(w, F3, ClipConfig()).codes)
 
 
 def test_no_clip_means_no_shrink():
     w = torch.randn(4, 64)
-    assert rtn_shrink(w, 3, 32, clip=None) is None
-    assert rtn_shrink(w, 3, 32, clip=ClipConfig(enabled=False)) is None
+    assert rtn_shrink(w, F3, clip=None) is None
+    assert rtn_shrink(w, F3, clip=ClipConfig(enabled=False)) is None
 
 
 @pytest.mark.parametrize("distinct", [3, 256, 300])

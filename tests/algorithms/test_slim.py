@@ -17,6 +17,7 @@ from lowbit.algorithms.slim import (
     slim_quantize,
     width_range,
 )
+from lowbit.qtensor import QuantFormat
 from lowbit.recipes import ClipConfig, GPTQConfig, SlimConfig
 
 
@@ -59,8 +60,8 @@ def test_width_ranges():
 def test_slim_beats_uniform_gptq_at_the_same_average(avg):
     w, H, x = salient_layer()
     clip = ClipConfig()
-    uniform = gptq_quantize(w, H, avg, 32, clip=clip).qweight
-    mixed = slim_quantize(w, H, avg, 32, clip=clip)
+    uniform = gptq_quantize(w, H, QuantFormat(avg, 32, False), clip=clip).qweight
+    mixed = slim_quantize(w, H, QuantFormat(width_range(avg)[1], 32, False), avg, clip=clip)
     qw = mixed.gptq.qweight
     assert qw.average_bits() == pytest.approx(avg)
     assert qw.nbytes() == pytest.approx(uniform.nbytes(), rel=0.02)
@@ -71,7 +72,7 @@ def test_slim_beats_uniform_gptq_at_the_same_average(avg):
 def test_mixed_widths_with_static_act_order():
     w, H, _x = salient_layer(seed=1)
     cfg = GPTQConfig(act_order=True, static_groups=True)
-    res = slim_quantize(w, H, 2.5, 32, config=cfg)
+    res = slim_quantize(w, H, QuantFormat(4, 32, False), 2.5, config=cfg)
     qw = res.gptq.qweight
     assert qw.perm is None and qw.mixed
     # each group's codes fit its width
@@ -95,8 +96,8 @@ def low_rank_layer(seed, n=1024, d_in=192, d_out=64, rank=4):
 def test_measured_slim_never_has_a_larger_output_error_than_uniform_gptq(seed, avg):
     clip = ClipConfig()
     for w, H in (salient_layer(seed)[:2], low_rank_layer(seed)):
-        gptq = output_error(w, gptq_quantize(w, H, avg, 32, clip=clip).qweight.dequantize(), H)
-        res = slim_quantize(w, H, avg, 32, clip=clip)
+        gptq = output_error(w, gptq_quantize(w, H, QuantFormat(avg, 32, False), clip=clip).qweight.dequantize(), H)
+        res = slim_quantize(w, H, QuantFormat(width_range(avg)[1], 32, False), avg, clip=clip)
         kept = output_error(w, res.gptq.qweight.dequantize(), H)
         assert kept == pytest.approx(min(res.errors.values())) and res.errors[res.chosen] == pytest.approx(kept)
         assert kept <= gptq * (1 + 1e-6)
@@ -106,6 +107,6 @@ def test_measured_slim_never_has_a_larger_output_error_than_uniform_gptq(seed, a
 def test_the_low_rank_layer_is_a_trap_for_unmeasured_slim():
     w, H = low_rank_layer(0)
     clip = ClipConfig()
-    gptq = output_error(w, gptq_quantize(w, H, 2, 32, clip=clip).qweight.dequantize(), H)
-    unmeasured = slim_quantize(w, H, 2, 32, clip=clip, slim=SlimConfig(measure=False))
+    gptq = output_error(w, gptq_quantize(w, H, QuantFormat(2, 32, False), clip=clip).qweight.dequantize(), H)
+    unmeasured = slim_quantize(w, H, QuantFormat(3, 32, False), 2, clip=clip, slim=SlimConfig(measure=False))
     assert output_error(w, unmeasured.gptq.qweight.dequantize(), H) > 1.2 * gptq

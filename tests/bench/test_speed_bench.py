@@ -76,13 +76,14 @@ def test_bench_speed_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
 
 def test_bytes_per_token_counts_the_int8_weights_oneDNN_holds():
     from lowbit.algorithms.rtn import rtn_quantize
+    from lowbit.qtensor import QuantFormat
     from lowbit.runtime.w8a8 import W8A8Linear
 
     model = build_tiny("llama", tie=True)
     before = bytes_per_token(model)
     lin = model.model.layers[0].mlp.down_proj
     dense = lin.weight.numel() * lin.weight.element_size()
-    w8 = W8A8Linear(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True))
+    w8 = W8A8Linear(rtn_quantize(lin.weight.detach(), QuantFormat.resolved(lin.in_features, 8, -1, True)))
     model.model.layers[0].mlp.down_proj = w8
     # the float weight goes; one byte per weight (held by oneDNN, not a buffer) and a float scale per row come
     assert bytes_per_token(model) == before - dense + lin.weight.numel() + 4 * lin.out_features

@@ -14,6 +14,7 @@ import lowbit.budget.scorer
 from lowbit.budget.costs import BudgetError, budget_bytes, layer_bytes
 from lowbit.budget.plan import held_out_ids
 from lowbit.eval.size import model_size
+from lowbit.levels import Level
 from lowbit.loading import load_checkpoint
 from lowbit.pipeline import quantize, save, target_layers
 from lowbit.recipes import BudgetConfig, Recipe
@@ -46,7 +47,7 @@ def test_target_bpw_is_met_within_one_percent(method, data_dir, tmp_path):  # no
 def test_target_size_counts_the_dense_tensors(data_dir):  # noqa: F811
     lm = deep_tiny()
     names, _ = target_layers(lm.model, Recipe())
-    costs = layer_bytes(lm.model, names, [(4, 32)], Recipe())
+    costs = layer_bytes(lm.model, names, [Level(4, 32)], Recipe())
     dense = model_size(lm.model).model_bytes  # before quantization: everything at 16 bits
     target = int(0.3 * dense)
     budget = BudgetConfig(target_bytes=target, levels=LEVELS, generations=0)

@@ -12,6 +12,7 @@ from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.budget.plan import held_out_ids
 from lowbit.budget.scorer import clearly_better
 from lowbit.pipeline import quantize, target_layers
+from lowbit.qtensor import QuantFormat
 from lowbit.recipes import BudgetConfig, CalibrationConfig, ClipConfig, Recipe
 
 
@@ -60,7 +61,7 @@ def test_the_scorer_measures_against_the_unquantized_model_whenever_a_set_is_fir
     kls = score.windows(low, "confirm")  # built while every layer is at w2g16
     score.restore()
     by_hand = [  # the model at w2g16, built independently
-        rtn_quantize(lm.model.get_submodule(n).weight.detach(), 2, 16, False, FAST["clip"]).dequantize()
+        rtn_quantize(lm.model.get_submodule(n).weight.detach(), QuantFormat(2, 16, False), FAST["clip"]).dequantize()
         for n in names]
     quantized = deep_tiny().model
     for n, q in zip(names, by_hand):

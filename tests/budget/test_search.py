@@ -8,6 +8,7 @@ from test_pipeline import ByteTokenizer, data_dir  # noqa: F401 (fixture)
 from lowbit.budget.costs import BudgetError
 from lowbit.budget.search import greedy, only_allocation, start_candidates
 from lowbit.budget.sensitivity import kl_scaled, probe_level
+from lowbit.levels import Level
 
 
 def test_greedy_meets_the_budget_and_spends_it_where_error_falls_most():
@@ -42,7 +43,7 @@ def test_greedy_from_a_floor_only_upgrades():
 def test_start_candidates_include_the_uniform_levels_that_fit():
     costs = torch.tensor([[10, 20, 30]] * 3)
     errors = torch.tensor([[100.0, 10, 1], [10, 5, 4], [1, 0.9, 0.8]])
-    levels = [(2, 32), (3, 32), (4, 32)]
+    levels = [Level(2, 32), Level(3, 32), Level(4, 32)]
     cands = start_candidates(costs, errors, 60, levels)
     assert cands["uniform w3g32"] == [1, 1, 1]       # exactly the budget
     assert "uniform w4g32" not in cands and "w4g32 + greedy" not in cands  # 90 bytes do not fit
@@ -76,7 +77,7 @@ def test_kl_scaling_keeps_each_layers_ranking_and_matches_the_probe():
     costs = torch.tensor([[10, 20, 30]] * 2)
     assert greedy(costs, errors, 40) == [2, 0]        # the raw output error spends on layer 0
     assert greedy(costs, scaled, 40) == [0, 2]        # the probe moves the bytes to layer 1
-    cands = start_candidates(costs, errors, 40, [(2, 32), (3, 32), (4, 32)], kl_errors=scaled)
+    cands = start_candidates(costs, errors, 40, [Level(2, 32), Level(3, 32), Level(4, 32)], kl_errors=scaled)
     assert cands["kl-greedy"] == [0, 2] and cands["greedy"] == [2, 0]
 
 

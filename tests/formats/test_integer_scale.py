@@ -10,8 +10,8 @@ from lowbit.algorithms.gptq import gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.errors import ConfigError
 from lowbit.formats import integer_scale
-from lowbit.qtensor import QuantizedWeight
-from lowbit.recipes import ClipConfig, IntegerScaleConfig
+from lowbit.qtensor import QuantFormat, QuantizedWeight
+from lowbit.recipes import ClipConfig
 
 
 @settings(max_examples=50, deadline=None)
@@ -41,8 +41,8 @@ def test_rtn_with_integer_scales_round_trips_and_costs_little(bits, gs):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=g) * 0.02
     w[:, :3] *= 10
-    ref = rtn_quantize(w, bits, gs, clip=ClipConfig())
-    q = rtn_quantize(w, bits, gs, clip=ClipConfig(), iscale=IntegerScaleConfig(True, 8))
+    ref = rtn_quantize(w, QuantFormat(bits, gs, False), clip=ClipConfig())
+    q = rtn_quantize(w, QuantFormat(bits, gs, False, scale_bits=8), clip=ClipConfig())
     assert q.scales.dtype == torch.uint8 and q.fmt.scale_bits == 8
     # the stored integers times the row multiplier are the scales the codes were computed with
     back = QuantizedWeight.from_packed(q.packed(), q.fmt, q.shape)
@@ -59,8 +59,8 @@ def test_coarse_integer_scales_cost_accuracy():
     # 3-bit integer scales cannot follow the spread of group scales within a row: error grows
     g = torch.Generator().manual_seed(1)
     w = torch.randn(64, 256, generator=g) * torch.exp(torch.randn(1, 256, generator=g))
-    fine = rtn_quantize(w, 4, 16, iscale=IntegerScaleConfig(True, 8))
-    coarse = rtn_quantize(w, 4, 16, iscale=IntegerScaleConfig(True, 3))
+    fine = rtn_quantize(w, QuantFormat(4, 16, False, scale_bits=8))
+    coarse = rtn_quantize(w, QuantFormat(4, 16, False, scale_bits=3))
     err = lambda q: float((q.dequantize() - w).pow(2).mean())
     assert err(coarse) > 1.1 * err(fine)
 
@@ -70,9 +70,9 @@ def test_gptq_with_integer_scales_keeps_every_scale_on_the_grid():
     x = torch.randn(512, 128, generator=g)
     w = torch.randn(48, 128, generator=g) * 0.05
     H = 2 * x.T @ x / 512
-    res = gptq_quantize(w, H, 3, 32, iscale=IntegerScaleConfig(True, 8))
+    res = gptq_quantize(w, H, QuantFormat(3, 32, False, scale_bits=8))
     qw = res.qweight
     assert qw.scale_mult is not None and qw.scales.dtype == torch.uint8 and int(qw.scales.min()) >= 1
-    plain = gptq_quantize(w, H, 3, 32).qweight
+    plain = gptq_quantize(w, H, QuantFormat(3, 32, False)).qweight
     err = lambda q: float((x @ (q.dequantize() - w).T).pow(2).mean())
     assert err(qw) < 1.1 * err(plain)

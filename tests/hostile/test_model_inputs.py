@@ -90,13 +90,14 @@ def test_float16_load_that_overflows_is_refused(env, capsys):
 
 def test_quantized_weight_check_finite():
     from lowbit.algorithms.rtn import rtn_quantize
+    from lowbit.qtensor import QuantFormat
 
     w = torch.randn(8, 64)
-    rtn_quantize(w, 4, 32).check_finite("ok")
+    rtn_quantize(w, QuantFormat(4, 32, False)).check_finite("ok")
     w[2, 40] = 1e6
     with pytest.raises(ConfigError, match="layer big"):
-        rtn_quantize(w, 4, 32).check_finite("big")
-    rtn_quantize(w, 8, 32).check_finite("big at 8 bits")  # 1e6 / 255 fits float16
+        rtn_quantize(w, QuantFormat(4, 32, False)).check_finite("big")
+    rtn_quantize(w, QuantFormat(8, 32, False)).check_finite("big at 8 bits")  # 1e6 / 255 fits float16
 
 
 # --- GPTQ fallback ------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from tiny_models import build_tiny, records_of
 from lowbit import kernels
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.qtensor import QuantFormat, QuantizedWeight
-from lowbit.recipes import IntegerScaleConfig
 from lowbit.runtime.attention import use_fast_attention
 from lowbit.runtime.packed import (
     PackedLinear,
@@ -175,7 +174,7 @@ def test_packed_is_smaller_than_one_byte_per_code():
 
 def test_integer_scales_fold_into_the_float_scales():
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
-    qw = rtn_quantize(w, 4, 32, iscale=IntegerScaleConfig(enabled=True, bits=8))
+    qw = rtn_quantize(w, QuantFormat(4, 32, False, scale_bits=8))
     assert qw.scale_mult is not None
     ref = QuantLinear.from_quantized(qw)
     m = PackedLinear(qw)
@@ -214,7 +213,7 @@ def test_a_packed_model_gives_the_same_greedy_tokens(monkeypatch):
         for name, mod in list(model.named_modules()):
             for cname, child in list(mod.named_children()):
                 if isinstance(child, torch.nn.Linear) and cname != "lm_head":
-                    qw = rtn_quantize(child.weight.detach(), 4, 16)
+                    qw = rtn_quantize(child.weight.detach(), QuantFormat(4, 16, False))
                     setattr(mod, cname, QuantLinear.from_quantized(qw, child.bias))
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     ref = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -258,7 +257,7 @@ def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp
             if kind == "mixed":
                 qw = random_qweight(lin.out_features, lin.in_features, 4, 16, i % 2 == 0, i, mixed=True)
             else:
-                qw = rtn_quantize(lin.weight.detach(), 4, 16, iscale=IntegerScaleConfig(enabled=True, bits=8))
+                qw = rtn_quantize(lin.weight.detach(), QuantFormat(4, 16, False, scale_bits=8))
             model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
     save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     direct = load_checkpoint(tmp_path / "ck", runtime="packed").model

@@ -71,7 +71,7 @@ def test_per_token_quantization_keeps_each_token_within_half_a_step():
 
 def test_int8_activations_cost_little_on_a_w8_layer():
     w = torch.randn(32, 128)
-    qw = rtn_quantize(w, 8, 128, symmetric=True)
+    qw = rtn_quantize(w, QuantFormat(8, 128, True))
     x = torch.randn(10, 128)
     exact = x @ w.T
     err = (W8A8Linear(qw)(x) - exact).abs().max() / exact.abs().max()
@@ -80,7 +80,7 @@ def test_int8_activations_cost_little_on_a_w8_layer():
 
 @pytest.mark.parametrize("fmt", [QuantFormat(4, 128, True), QuantFormat(8, 32, True), QuantFormat(8, 128, False)])
 def test_formats_int8_activations_cannot_run_are_refused(fmt):
-    qw = rtn_quantize(torch.randn(8, 128), fmt.bits, fmt.group_size, symmetric=fmt.symmetric)
+    qw = rtn_quantize(torch.randn(8, 128), fmt)
     with pytest.raises(ConfigError, match="8-bit per-channel symmetric"):
         W8A8Linear(qw)
 
@@ -91,7 +91,7 @@ def test_a_checkpoint_loads_with_int8_activations_and_stays_close(tmp_path):
 
     model = build_tiny("qwen2")
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
-        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), QuantFormat.resolved(lin.in_features, 8, -1, True)),
                                                              lin.bias))
     save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -109,7 +109,7 @@ def test_a_4_bit_checkpoint_is_refused_int8_activations(tmp_path):
 
     model = build_tiny("llama")
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
-        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 4, 16), lin.bias))
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), QuantFormat(4, 16, False)), lin.bias))
     save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     with pytest.raises(CheckpointError, match="int8 activations need 8-bit per-channel symmetric layers"):
         load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True)
@@ -125,11 +125,10 @@ needs_w4a8 = pytest.mark.skipif(not _w4a8_available(), reason="no AVX-512 VNNI f
 
 
 def w4_iscale_weight(out, n_in, gs, symmetric, seed, perm=False):
-    from lowbit.recipes import IntegerScaleConfig
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, n_in, generator=g)
-    qw = rtn_quantize(w, 4, gs, symmetric=symmetric, iscale=IntegerScaleConfig(enabled=True, bits=8))
+    qw = rtn_quantize(w, QuantFormat(4, gs, symmetric, scale_bits=8))
     if perm:
         qw = QuantizedWeight(qw.codes, qw.scales, qw.zeros, qw.fmt, torch.randperm(n_in, generator=g),
                              scale_mult=qw.scale_mult)
@@ -158,19 +157,18 @@ def test_w4a8_stays_close_to_the_float_weight_and_refuses_float_scales():
     exact = x @ qw.dequantize().T
     assert float((W4A8Linear(qw)(x) - exact).abs().max() / exact.abs().max()) < 0.03
     with pytest.raises(ConfigError, match="Integer Scale"):
-        W4A8Linear(rtn_quantize(torch.randn(8, 128), 4, 64))
+        W4A8Linear(rtn_quantize(torch.randn(8, 128), QuantFormat(4, 64, False)))
 
 
 @needs_w4a8
 def test_a_4_bit_integer_scale_checkpoint_runs_w4a8(tmp_path):
     from lowbit.checkpoint import save_checkpoint
     from lowbit.loading import load_checkpoint
-    from lowbit.recipes import IntegerScaleConfig
     from lowbit.runtime.w8a8 import W4A8Linear
 
     model = build_tiny("qwen2")
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
-        qw = rtn_quantize(lin.weight.detach(), 4, 64, iscale=IntegerScaleConfig(enabled=True, bits=8))
+        qw = rtn_quantize(lin.weight.detach(), QuantFormat(4, 64, False, scale_bits=8))
         model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
     save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     w4 = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
@@ -188,9 +186,9 @@ def test_layers_without_an_integer_format_stay_weight_only(tmp_path, caplog):
 
     model = build_tiny("qwen2", tie=False)
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
-        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), QuantFormat.resolved(lin.in_features, 8, -1, True)),
                                                              lin.bias))
-    model.lm_head = QuantLinear.from_quantized(rtn_quantize(model.lm_head.weight.detach(), 8, 32))  # group-wise
+    model.lm_head = QuantLinear.from_quantized(rtn_quantize(model.lm_head.weight.detach(), QuantFormat(8, 32, False)))  # group-wise
     save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     loaded = load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True).model
     assert isinstance(loaded.lm_head, PackedLinear)
@@ -227,7 +225,7 @@ def test_an_int8_activation_load_reports_the_bits_per_weight_of_the_reference_lo
 
     model = build_tiny("qwen2")
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
-        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), 8, -1, symmetric=True),
+        model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), QuantFormat.resolved(lin.in_features, 8, -1, True)),
                                                              lin.bias))
     save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     reference = load_checkpoint(tmp_path / "ck").size

@@ -14,7 +14,8 @@ error sum_l || X (Q(W_l diag(s)) diag(s)^-1 - W_l)^T ||^2 on calibration tokens;
 always a candidate, so smoothing never increases the searched loss. After smoothing, AWQ's
 clipping search picks, per group of weights, the range shrink with the least output error.
 
-Tensor functions here; `fold_scales` is the one place that edits modules.
+Tensor functions here; `fold_scales` is the one place that edits modules. `awq_rtn_quantize` is
+`--method awq`'s quantizer of a smoothed layer.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.errors import ShapeError
 from lowbit.formats import affine
+from lowbit.qtensor import QuantFormat, QuantizedWeight
+from lowbit.recipes import ClipConfig
 
 
 def compress_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -179,3 +183,15 @@ def search_clip_output(
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, ratio), best)
     return best
+
+
+def awq_rtn_quantize(
+    w: torch.Tensor, inputs: torch.Tensor, fmt: QuantFormat, clip: ClipConfig | None, output_clip: bool = True
+) -> QuantizedWeight:
+    """Round-to-nearest in `fmt` of a smoothed layer w [out, in], its ranges from AWQ's output-error
+    clipping search on its sampled inputs [n, in] (or, without `output_clip`, from the weight-error
+    search `clip`)."""
+    if not output_clip:
+        return rtn_quantize(w, fmt, clip)
+    shrink = search_clip_output(w, compress_inputs(inputs), fmt.bits, fmt.group_size, fmt.symmetric)
+    return rtn_quantize(w, fmt, shrink=shrink)

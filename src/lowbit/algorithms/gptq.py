@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.algorithms.rtn import group_qparams, integer_scale_grid, resolve_format
-from lowbit.errors import ConfigError
+from lowbit.algorithms.rtn import group_qparams, integer_scale_grid
+from lowbit.errors import ConfigError, ShapeError
 from lowbit.formats import affine
-from lowbit.qtensor import QuantizedWeight
-from lowbit.recipes import ClipConfig, GPTQConfig, IntegerScaleConfig
+from lowbit.qtensor import QuantFormat, QuantizedWeight
+from lowbit.recipes import ClipConfig, GPTQConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,36 +77,35 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
 def gptq_quantize(
     w: torch.Tensor,
     H: torch.Tensor,
-    bits: int,
-    group_size: int,
-    symmetric: bool = False,
+    fmt: QuantFormat,
     config: GPTQConfig = GPTQConfig(),  # noqa: B008 - frozen
     clip: ClipConfig | None = None,
     group_bits: torch.Tensor | None = None,
     clip_weight: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    iscale: IntegerScaleConfig | None = None,
 ) -> GPTQResult:
-    """w [out, in], H [in, in] (float32) -> GPTQResult holding the QuantizedWeight.
+    """w [out, in], H [in, in] (float32), fmt (resolved for w's width) -> GPTQResult holding the
+    QuantizedWeight.
 
-    group_bits (uint8 [G], optional): each column group's own width (mixed precision); `bits`
-    is then ignored. clip_weight(values [out, gs], d [gs]) -> [out, gs] (optional): weights of the
-    clipping search's error for one group, given its current values and the diagonal d of the
-    Cholesky factor for its columns (SliM-LLM's salience-weighted quantizer calibration).
-    iscale: integer group scales; each row's multiplier is fixed up front from the
-    round-to-nearest scales of the unmodified weight, and every group scale GPTQ picks is
-    rounded up onto that row's integer grid.
+    group_bits (uint8 [G], optional): each column group's own width (mixed precision); the
+    record's fmt.bits is then the widest of them. clip_weight(values [out, gs], d [gs]) -> [out, gs]
+    (optional): weights of the clipping search's error for one group, given its current values
+    and the diagonal d of the Cholesky factor for its columns (SliM-LLM's salience-weighted
+    quantizer calibration). Integer scales (fmt.scale_bits): each row's multiplier is fixed up
+    front from the round-to-nearest scales of the unmodified weight, and every group scale GPTQ
+    picks is rounded up onto that row's integer grid.
     """
     out_f, in_f = w.shape
     if group_bits is not None:
         if config.act_order and not config.static_groups:
             raise ConfigError("per-group widths need the original column order: with act_order, "
                               "also set static_groups (gptq.static_groups = true)")
-        bits = int(group_bits.max())
-    fmt = resolve_format(in_f, bits, group_size, symmetric, iscale)
-    gs = fmt.group_size
+        fmt = replace(fmt, bits=int(group_bits.max()))
+    if affine.resolve_group_size(in_f, fmt.group_size) != fmt.group_size:
+        raise ShapeError(f"format group size {fmt.group_size} is not resolved for a weight {in_f} wide")
+    bits, gs, symmetric = fmt.bits, fmt.group_size, fmt.symmetric
     mult = scale_round = None
     if fmt.scale_bits:
-        mult, scale_round = integer_scale_grid(w, bits, gs, symmetric, clip, iscale, group_bits)
+        mult, scale_round = integer_scale_grid(w, fmt, clip, group_bits)
 
     def width(g: int) -> int:
         return bits if group_bits is None else int(group_bits[g])

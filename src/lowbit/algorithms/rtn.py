@@ -7,44 +7,35 @@ from functools import partial
 
 import torch
 
+from lowbit.errors import ShapeError
 from lowbit.formats import affine, integer_scale
 from lowbit.qtensor import QuantFormat, QuantizedWeight
-from lowbit.recipes import ClipConfig, IntegerScaleConfig
+from lowbit.recipes import ClipConfig
 
 ScaleRound = Callable[[torch.Tensor], torch.Tensor]
 
 
-def resolve_format(
-    in_features: int, bits: int, group_size: int, symmetric: bool, iscale: IntegerScaleConfig | None = None
-) -> QuantFormat:
-    scale_bits = iscale.bits if iscale is not None and iscale.enabled else 0
-    return QuantFormat(bits, affine.resolve_group_size(in_features, group_size), symmetric, scale_bits)
-
-
 def integer_scale_grid(
     w: torch.Tensor,
-    bits: int,
-    group_size: int,
-    symmetric: bool,
+    fmt: QuantFormat,
     clip: ClipConfig | None,
-    iscale: IntegerScaleConfig,
     group_bits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ScaleRound]:
-    """The row multipliers [out] of an integer-scale format, set from the round-to-nearest float
-    scales of w (each group at its own width when group_bits is given), and the rounding of any
-    scale of those rows onto their integer grid.
+    """The row multipliers [out] of an integer-scale format (fmt.scale_bits, fmt.scale_multiplier),
+    set from the round-to-nearest float scales of w (each group at its own width when group_bits
+    is given), and the rounding of any scale of those rows onto their integer grid.
 
     Works for scales of shape [out, G] and [out, 1] (one group at a time, as GPTQ chooses them)."""
-    wg = affine.group_view(w.float(), group_size)
+    wg = affine.group_view(w.float(), fmt.group_size)
     if group_bits is None:
-        scale, _ = group_qparams(wg, bits, symmetric, clip)
+        scale, _ = group_qparams(wg, fmt.bits, fmt.symmetric, clip)
     else:
         scale = torch.zeros(wg.shape[:2])
         for b in group_bits.unique().tolist():
             sel = torch.nonzero(group_bits == b).flatten()
-            scale[:, sel] = group_qparams(wg[:, sel], int(b), symmetric, clip)[0]
-    mult = integer_scale.row_multiplier(scale, iscale.bits, iscale.multiplier)
-    return mult, partial(integer_scale.round_scale, mult=mult.unsqueeze(1), bits=iscale.bits)
+            scale[:, sel] = group_qparams(wg[:, sel], int(b), fmt.symmetric, clip)[0]
+    mult = integer_scale.row_multiplier(scale, fmt.scale_bits, fmt.scale_multiplier)
+    return mult, partial(integer_scale.round_scale, mult=mult.unsqueeze(1), bits=fmt.scale_bits)
 
 
 def group_qparams(
@@ -84,50 +75,41 @@ def clip_shrink(
 
 def rtn_quantize(
     w: torch.Tensor,
-    bits: int,
-    group_size: int,
-    symmetric: bool = False,
+    fmt: QuantFormat,
     clip: ClipConfig | None = None,
     shrink: torch.Tensor | None = None,
-    iscale: IntegerScaleConfig | None = None,
 ) -> QuantizedWeight:
-    """w [out, in] -> QuantizedWeight by round-to-nearest.
+    """w [out, in] -> QuantizedWeight in `fmt` (resolved for w's width) by round-to-nearest.
 
     Ranges are clipped by the weight-error search when `clip` is enabled, or by given per-group
     `shrink` factors [out, G] (e.g. from AWQ's output-error search, or `rtn_shrink`'s earlier
     search: the same shrink gives the same codes without searching again).
     """
-    fmt, wg, mult, scale_round = _rtn_grid(w, bits, group_size, symmetric, clip, iscale)
+    wg, mult, scale_round = _rtn_grid(w, fmt, clip)
     if shrink is None:
-        shrink = clip_shrink(wg, bits, symmetric, clip, scale_round=scale_round)
-    scale, zero = affine.choose_qparams(wg, bits, symmetric, 1.0 if shrink is None else shrink, scale_round)
-    codes = affine.ungroup(affine.quantize_groups(wg, scale, zero, bits), w.shape[1])
+        shrink = clip_shrink(wg, fmt.bits, fmt.symmetric, clip, scale_round=scale_round)
+    scale, zero = affine.choose_qparams(wg, fmt.bits, fmt.symmetric, 1.0 if shrink is None else shrink, scale_round)
+    codes = affine.ungroup(affine.quantize_groups(wg, scale, zero, fmt.bits), w.shape[1])
     return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt, scale_mult=mult)
 
 
-def rtn_shrink(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int,
-    symmetric: bool = False,
-    clip: ClipConfig | None = None,
-    iscale: IntegerScaleConfig | None = None,
-) -> torch.Tensor | None:
+def rtn_shrink(w: torch.Tensor, fmt: QuantFormat, clip: ClipConfig | None = None) -> torch.Tensor | None:
     """The range factors [out, G] that `rtn_quantize` with these arguments finds by its clipping
     search (None with no search). Passed back as `shrink`, they reproduce its codes exactly."""
-    _, wg, _, scale_round = _rtn_grid(w, bits, group_size, symmetric, clip, iscale)
-    return clip_shrink(wg, bits, symmetric, clip, scale_round=scale_round)
+    wg, _, scale_round = _rtn_grid(w, fmt, clip)
+    return clip_shrink(wg, fmt.bits, fmt.symmetric, clip, scale_round=scale_round)
 
 
 def _rtn_grid(
-    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: ClipConfig | None,
-    iscale: IntegerScaleConfig | None,
-) -> tuple[QuantFormat, torch.Tensor, torch.Tensor | None, ScaleRound | None]:
-    """The format, the grouped weight and, for Integer Scale, the row multipliers and the rounding
-    of scales onto their grid: what rtn_quantize and rtn_shrink both start from."""
-    fmt = resolve_format(w.shape[1], bits, group_size, symmetric, iscale)
+    w: torch.Tensor, fmt: QuantFormat, clip: ClipConfig | None
+) -> tuple[torch.Tensor, torch.Tensor | None, ScaleRound | None]:
+    """The grouped weight and, for Integer Scale, the row multipliers and the rounding of scales
+    onto their grid: what rtn_quantize and rtn_shrink both start from."""
+    if affine.resolve_group_size(w.shape[1], fmt.group_size) != fmt.group_size:
+        raise ShapeError(f"format group size {fmt.group_size} is not resolved for a weight {w.shape[1]} wide "
+                         "(build formats with Recipe.layer_spec / Recipe.level_format)")
     wg = affine.group_view(w.float(), fmt.group_size)
     mult = scale_round = None
     if fmt.scale_bits:
-        mult, scale_round = integer_scale_grid(w, bits, fmt.group_size, symmetric, clip, iscale)
-    return fmt, wg, mult, scale_round
+        mult, scale_round = integer_scale_grid(w, fmt, clip)
+    return wg, mult, scale_round

@@ -27,7 +27,9 @@ import torch
 from lowbit.algorithms.gptq import GPTQResult, gptq_quantize, inverse_hessian_cholesky
 from lowbit.errors import ConfigError
 from lowbit.formats import affine
-from lowbit.recipes import ClipConfig, GPTQConfig, IntegerScaleConfig, SlimConfig
+from lowbit.methods import width_range
+from lowbit.qtensor import QuantFormat
+from lowbit.recipes import ClipConfig, GPTQConfig, SlimConfig
 
 
 def hessian_inverse_diagonal(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -70,13 +72,6 @@ def group_error_table(
         d = affine.dequantize_groups(affine.quantize_groups(wg, scale, zero, b), scale, zero) - wg
         cols.append(torch.einsum("ogi,gij,ogj->g", d, blocks, d))
     return torch.stack(cols, 1)
-
-
-def width_range(avg_bits: float) -> tuple[int, int]:
-    """Lowest and highest width the allocation may use around an average."""
-    base = math.floor(avg_bits + 1e-9)
-    frac = avg_bits - base > 1e-9
-    return max(1, base - 1), min(8, base + 1 + int(frac))
 
 
 @dataclass(frozen=True)
@@ -147,15 +142,15 @@ def output_error(w: torch.Tensor, dequantized: torch.Tensor, H: torch.Tensor) ->
 def slim_quantize(
     w: torch.Tensor,
     H: torch.Tensor,
+    fmt: QuantFormat,
     avg_bits: float,
-    group_size: int,
-    symmetric: bool = False,
     config: GPTQConfig = GPTQConfig(),  # noqa: B008 - frozen
     clip: ClipConfig | None = None,
     slim: SlimConfig = SlimConfig(),  # noqa: B008 - frozen
-    iscale: IntegerScaleConfig | None = None,
 ) -> SlimResult:
-    """w [out, in], H [in, in] -> GPTQ with salience-allocated widths per column group.
+    """w [out, in], H [in, in] -> GPTQ with salience-allocated widths per column group, averaging
+    `avg_bits`; fmt (resolved for w's width) gives the group size, symmetry and scales (its bits
+    are those of the widest group, set from the allocation).
 
     The allocation comes from a table of per-group round-to-nearest errors, which ignores what
     GPTQ's error feedback does across groups; and the salience-weighted clipping search does not
@@ -168,15 +163,15 @@ def slim_quantize(
     same widths in total, so the budget is unchanged; at an integer average one candidate is
     exactly uniform GPTQ, so the result's output error never exceeds GPTQ's.
     """
-    gs = affine.resolve_group_size(w.shape[1], group_size)
+    gs = fmt.group_size
     lo, hi = width_range(avg_bits)
     salience = group_salience(w, hessian_inverse_diagonal(H, config.damp), gs)
-    table = group_error_table(w, H, gs, list(range(lo, hi + 1)), symmetric)
+    table = group_error_table(w, H, gs, list(range(lo, hi + 1)), fmt.symmetric)
     alloc = allocate_bits(salience, table, avg_bits)
     weight_fn = salience_clip_weight if slim.salience_clip and clip is not None else None
 
     def run(bits: torch.Tensor, fn) -> GPTQResult:
-        return gptq_quantize(w, H, hi, gs, symmetric, config, clip, group_bits=bits, clip_weight=fn, iscale=iscale)
+        return gptq_quantize(w, H, fmt, config, clip, group_bits=bits, clip_weight=fn)
 
     if not slim.measure:
         return SlimResult(run(alloc.group_bits, weight_fn), alloc)

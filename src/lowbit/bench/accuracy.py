@@ -79,14 +79,13 @@ def _job(spec: dict[str, Any], queue) -> None:
 
 def _uniform_bpw(model, names, setting: Setting) -> float:
     """Bits per weight of a uniform asymmetric format over these layers (the size a budget job matches)."""
-    from lowbit.algorithms.rtn import resolve_format
-    from lowbit.qtensor import format_nbytes
+    from lowbit.qtensor import QuantFormat, format_nbytes
 
     total = n = 0
     for name in names:
         lin = model.get_submodule(name)
         total += format_nbytes(lin.out_features, lin.in_features,
-                               resolve_format(lin.in_features, setting.bits, setting.group_size, False))
+                               QuantFormat.resolved(lin.in_features, setting.bits, setting.group_size, False))
         n += lin.weight.numel()
     return 8 * total / n
 

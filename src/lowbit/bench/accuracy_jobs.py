@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import ConfigError
-from lowbit.recipes import SLIM_METHODS
+from lowbit.methods import METHODS as WEIGHT_METHODS
 
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "slim", "awq-slim", "budget", "hqq", "llamacpp")
+# lowbit's weight methods (lowbit.methods), then a size budget and the peers
+METHODS = (*WEIGHT_METHODS, "budget", "hqq", "llamacpp")
 DEFAULT_METHODS = ("rtn", "gptq", "hqq")
 DEFAULT_SETTINGS = ("w4g128", "w4g64", "w3g128", "w3g64", "w2g64")
 LLAMACPP_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0")
@@ -73,7 +74,8 @@ class Job:
                                   "bits per weight in (1, 16], e.g. budget:w3g128 or budget:2.92bpw")
         else:
             s = Setting.parse(base)
-            if method not in SLIM_METHODS and not isinstance(s.bits, int):
+            if (method not in WEIGHT_METHODS or not WEIGHT_METHODS[method].fractional_bits) \
+                    and not isinstance(s.bits, int):
                 raise ConfigError(f"job {text!r}: fractional bits need method slim or awq-slim")
         return cls(method, setting)
 
@@ -117,4 +119,4 @@ def result_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
             r.get("calib_dtype", "float32") if r["method"] in CALIBRATED else "float32")
 
 
-CALIBRATED = ("gptq", "awq", "awq-gptq", "slim", "awq-slim", "budget")
+CALIBRATED = (*(m for m, spec in WEIGHT_METHODS.items() if spec.needs_data), "budget")

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import nn
 
-from lowbit.algorithms.rtn import resolve_format
 from lowbit.errors import ConfigError
+from lowbit.levels import Level
 from lowbit.qtensor import format_nbytes
 from lowbit.recipes import BudgetConfig, Recipe
 
@@ -20,18 +20,13 @@ class BudgetError(ConfigError):
     """The budget cannot be met with the given levels."""
 
 
-def level_name(level: tuple[int, int]) -> str:
-    return f"w{level[0]}g{level[1]}"
-
-
-def layer_bytes(model: nn.Module, names: list[str], levels: list[tuple[int, int]], recipe: Recipe) -> torch.Tensor:
+def layer_bytes(model: nn.Module, names: list[str], levels: list[Level], recipe: Recipe) -> torch.Tensor:
     """[L, K] packed bytes of each layer at each level."""
     rows = []
     for name in names:
         lin = model.get_submodule(name)
-        rows.append([format_nbytes(lin.out_features, lin.in_features,
-                                   resolve_format(lin.in_features, b, g, recipe.symmetric, recipe.integer_scale))
-                     for b, g in levels])
+        rows.append([format_nbytes(lin.out_features, lin.in_features, recipe.level_format(lv, lin.in_features))
+                     for lv in levels])
     return torch.tensor(rows, dtype=torch.int64)
 
 

@@ -1,11 +1,10 @@
-"""A size budget from end to end (steps 1-6 of lowbit.budget): plan_budget returns the recipe with
-one exact rule per layer and a BudgetReport of what was chosen and why."""
+"""A size budget from end to end (steps 1-6 of lowbit.budget): plan_budget returns the Allocation
+(each layer's Level, by exact name) and a BudgetReport of what was chosen and why."""
 
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,14 +15,14 @@ from lowbit.budget.costs import (
     BudgetError,
     budget_bytes,
     layer_bytes,
-    level_name,
 )
 from lowbit.budget.scorer import Scorer, clearly_better
 from lowbit.budget.search import evolve, greedy, only_allocation, start_candidates
 from lowbit.budget.sensitivity import kl_scaled, probe_level, sensitivity
 from lowbit.data import calibration_samples
+from lowbit.levels import Allocation
 from lowbit.models.load import LoadedModel
-from lowbit.recipes import Recipe, Rule
+from lowbit.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class BudgetReport:
     budget_bytes: int
     used_bytes: int
     bits_per_weight: float
-    choice: dict[str, str]                      # layer -> level name
+    choice: dict[str, str]                      # layer -> level name (str(Level)): the Allocation, as recorded
     counts: dict[str, int]                      # level name -> layers
     start: str | None = None                    # which candidate the search started from
     starts: dict[str, float] = field(default_factory=dict)  # candidate -> held-out KL
@@ -116,8 +115,8 @@ def _choose(loaded: LoadedModel, recipe: Recipe, names: list[str], levels, costs
 
 
 def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir: str | None = None,
-                progress: bool = True) -> tuple[Recipe, BudgetReport]:
-    """Choose a level per layer for recipe.budget; returns the recipe with one exact rule per layer."""
+                progress: bool = True) -> tuple[Allocation, BudgetReport]:
+    """Choose a level per layer for recipe.budget; returns each layer's level and the report."""
     cfg = recipe.budget
     model = loaded.model
     levels = cfg.parsed_levels()
@@ -135,17 +134,16 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
         choice, report_kls = forced, {"only_fit": True}
     used = sum(int(costs[i, k]) for i, k in enumerate(choice))
     if used < budget * (1 - WITHIN):
-        raise BudgetError(f"could not get within {WITHIN:.0%} of the budget with levels {', '.join(cfg.levels)}: "
+        raise BudgetError(f"could not get within {WITHIN:.0%} of the budget with levels {', '.join(map(str, cfg.levels))}: "
                           f"{used} of {budget} bytes; add finer levels (e.g. more group sizes)")
     if forced is not None:
         log.warning("budget: only the smallest level in every layer fits, so there was nothing to search; "
                     "add smaller levels (e.g. w2g-1) to give the allocation room")
-    chosen = {n: level_name(levels[k]) for n, k in zip(names, choice)}
+    allocation = {n: levels[k] for n, k in zip(names, choice)}
+    chosen = {n: str(lv) for n, lv in allocation.items()}
     counts: dict[str, int] = {}
     for lv in chosen.values():
         counts[lv] = counts.get(lv, 0) + 1
     target = f"{cfg.target_bpw} bits/weight" if cfg.target_bpw is not None else f"{cfg.target_bytes / 1e6:.1f} MB"
     report = BudgetReport(target, budget, used, 8 * used / n_q, chosen, counts, **report_kls)
-    rules = tuple(Rule(pattern=f"^{re.escape(n)}$", bits=levels[k][0], group_size=levels[k][1])
-                  for n, k in zip(names, choice))
-    return replace(recipe, rules=rules + recipe.rules), report
+    return allocation, report

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from lowbit.algorithms.rtn import rtn_quantize, rtn_shrink
 from lowbit.budget.sensitivity import ShrinkStore
 from lowbit.calibration.capture import base_model, capture_block_inputs
+from lowbit.levels import Level
 from lowbit.models.arch import decoder_layers
 from lowbit.recipes import Recipe
 
@@ -26,7 +27,8 @@ REF_DTYPE = torch.float16
 class _FakeQuantModel:
     """The model with each layer's weight replaced by its round-to-nearest weight at a level."""
 
-    def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe, cache_bytes: int = 2 << 30,
+    def __init__(self, model: nn.Module, names: list[str], levels: list[Level], recipe: Recipe,
+                 cache_bytes: int = 2 << 30,
                  shrinks: ShrinkStore | None = None):
         self.model, self.names, self.levels, self.recipe = model, names, levels, recipe
         self.shrinks = shrinks if shrinks is not None else ShrinkStore()
@@ -39,13 +41,12 @@ class _FakeQuantModel:
     def weight(self, name: str, k: int) -> torch.Tensor:
         key = (name, k)
         if key not in self.cache:
-            b, g = self.levels[k]
             r = self.recipe
+            fmt = r.level_format(self.levels[k], self.orig[name].shape[1])
             clip = r.clip if r.clip.enabled else None
             if key not in self.shrinks:  # searched once; re-quantizing with the factors is exact and fast
-                self.shrinks.put(name, k, rtn_shrink(self.orig[name], b, g, r.symmetric, clip, r.integer_scale))
-            w = rtn_quantize(self.orig[name], b, g, r.symmetric, clip, self.shrinks.get(name, k),
-                             r.integer_scale).dequantize(self.orig[name].dtype)
+                self.shrinks.put(name, k, rtn_shrink(self.orig[name], fmt, clip))
+            w = rtn_quantize(self.orig[name], fmt, clip, self.shrinks.get(name, k)).dequantize(self.orig[name].dtype)
             size = w.numel() * w.element_size()
             if self.cached + size <= self.cache_bytes:
                 self.cache[key] = w
@@ -137,7 +138,7 @@ def clearly_better(new: list[float], old: list[float], z: float = 2.0) -> bool:
 class Scorer:
     """KL(model || model with each layer fake-quantized at its level) on sets of held-out windows."""
 
-    def __init__(self, model: nn.Module, names: list[str], levels, recipe: Recipe,
+    def __init__(self, model: nn.Module, names: list[str], levels: list[Level], recipe: Recipe,
                  shrinks: ShrinkStore | None = None, **sets: torch.Tensor):
         self.dtype = recipe.calibration.dtype
         self.ids = sets

@@ -10,7 +10,7 @@ import random
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.budget.costs import WITHIN, level_name, over_budget
+from lowbit.budget.costs import WITHIN, over_budget
 from lowbit.budget.scorer import Scorer
 from lowbit.recipes import BudgetConfig
 
@@ -99,9 +99,9 @@ def start_candidates(costs: torch.Tensor, errors: torch.Tensor, budget: int, lev
         if total > budget:
             continue
         if total >= lower:
-            out[f"uniform {level_name(levels[k])}"] = [k] * L
+            out[f"uniform {levels[k]}"] = [k] * L
         for p, e in proxies.items():
-            out[f"{level_name(levels[k])} + {p}"] = greedy(costs, e, budget, floor=[k] * L)
+            out[f"{levels[k]} + {p}"] = greedy(costs, e, budget, floor=[k] * L)
     seen, unique = set(), {}
     for name, choice in out.items():
         if tuple(choice) not in seen:

@@ -12,6 +12,7 @@ from torch import nn
 from lowbit.algorithms.rtn import rtn_quantize, rtn_shrink
 from lowbit.algorithms.slim import output_error
 from lowbit.calibration.sequential import run_sequential
+from lowbit.levels import Level
 from lowbit.models.load import LoadedModel
 from lowbit.recipes import Recipe
 
@@ -43,7 +44,7 @@ class ShrinkStore:
 
 
 def sensitivity(
-    loaded: LoadedModel, names: list[str], levels: list[tuple[int, int]], recipe: Recipe, ids: torch.Tensor,
+    loaded: LoadedModel, names: list[str], levels: list[Level], recipe: Recipe, ids: torch.Tensor,
     progress: bool = True,
 ) -> tuple[torch.Tensor, ShrinkStore]:
     """[L, K] output error tr(D H D^T) of each layer's round-to-nearest error D at each level, and
@@ -62,10 +63,11 @@ def sensitivity(
                 continue
             w = lin.weight.detach().float()
             H = hessians[name]
-            for k, (b, g) in enumerate(levels):
-                shrink = rtn_shrink(w, b, g, recipe.symmetric, clip, recipe.integer_scale)
+            for k, level in enumerate(levels):
+                fmt = recipe.level_format(level, w.shape[1])
+                shrink = rtn_shrink(w, fmt, clip)
                 shrinks.put(full, k, shrink)
-                q = rtn_quantize(w, b, g, recipe.symmetric, clip, shrink, recipe.integer_scale).dequantize()
+                q = rtn_quantize(w, fmt, clip, shrink).dequantize()
                 errors[index[full], k] = output_error(w, q, H)
         return {}
 

@@ -1,14 +1,14 @@
-"""AWQ on one decoder block: record its inputs, search and fold the smoothing scales, and (for
-`--method awq`) quantize its layers with AWQ's output-error clipping.
+"""AWQ on one decoder block: record its inputs, search and fold the smoothing scales.
 
 Called by the sequential pipeline before a block's layers are quantized (pipeline.py); the
-numerics live in algorithms/awq.py, the module layout in models/arch.py.
+numerics live in algorithms/awq.py (its awq_rtn_quantize is `--method awq`'s quantizer after
+smoothing), the module layout in models/arch.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,15 +16,13 @@ import torch
 from torch import nn
 
 from lowbit.algorithms import awq
-from lowbit.algorithms.rtn import resolve_format, rtn_quantize
 from lowbit.calibration.activations import record_inputs
 from lowbit.models.arch import (
     norm_weight_offset,
     sequential_linear_groups,
     smoothing_groups,
 )
-from lowbit.qtensor import QuantizedWeight
-from lowbit.recipes import SLIM_METHODS, Recipe
+from lowbit.recipes import AWQConfig, LayerSpec
 
 
 @dataclass
@@ -33,7 +31,7 @@ class SmoothedLayer:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def search_bits(recipe: Recipe) -> int:
+def search_bits(spec: LayerSpec) -> int:
     """The round-to-nearest width the smoothing search quantizes with. For an average width (awq-slim)
     it is one above the average's floor, the width SliM gives the salient groups: the milder smoothing
     that width asks for suits mixed widths better than the strong one a uniform floor would take.
@@ -42,20 +40,20 @@ def search_bits(recipe: Recipe) -> int:
     it did better at 2.5 and 3, and at 2 on llama but not on qwen2. The 3-bit case is kept as a test
     (tests/test_pipeline.py, test_awq_slim_beats_slim_with_outlier_channels); on the real models see
     BENCHMARKS.md."""
-    return math.floor(recipe.bits) + 1 if recipe.method in SLIM_METHODS else recipe.bits
+    return math.floor(spec.average_bits) + 1 if spec.average_bits is not None else spec.fmt.bits
 
 
 def smooth_block(
     block: nn.Module,
     run: Callable[[], None],
     total_tokens: int,
-    recipe: Recipe,
+    cfg: AWQConfig,
     prefix: str,
-    quantized: list[str],
+    specs: Mapping[str, LayerSpec],
 ) -> dict[str, SmoothedLayer]:
-    """Smooth `block` in place; returns, per linear layer to quantize (name in block), its
-    sampled inputs after smoothing and what was chosen (alpha, loss with and without)."""
-    cfg = recipe.awq
+    """Smooth `block` in place; returns, per linear layer to quantize (name in block; `specs` holds
+    every layer to quantize by full name), its sampled inputs after smoothing and what was chosen
+    (alpha, loss with and without)."""
     groups = sequential_linear_groups(block)
     first_of = {name: g[0] for g in groups for name in g}
     firsts = {g[0]: block.get_submodule(g[0]) for g in groups}
@@ -63,16 +61,17 @@ def smooth_block(
     scales = {g[0]: None for g in groups}
     reports: dict[str, dict[str, Any]] = {}
     for sg in smoothing_groups(block):
-        targets = [n for n in sg.linears if f"{prefix}.{n}" in quantized]
+        targets = [n for n in sg.linears if f"{prefix}.{n}" in specs]
         if not targets:
             continue
         rec = recs[first_of[sg.linears[0]]]
         z = awq.compress_inputs(rec.sample)
         linears = [block.get_submodule(n) for n in sg.linears]
         # layers sharing an input may differ in width under a rule; the first one's settings rule the search
-        r = recipe.for_layer(f"{prefix}.{targets[0]}")
+        spec = specs[f"{prefix}.{targets[0]}"]
         found = awq.search_scales(z, rec.mean_abs, [block.get_submodule(n).weight.detach() for n in targets],
-                                  search_bits(r), r.group_size, r.symmetric, cfg.grid, cfg.duo_scaling)
+                                  search_bits(spec), spec.fmt.group_size, spec.fmt.symmetric, cfg.grid,
+                                  cfg.duo_scaling)
         if found.alpha is not None:
             prev = block.get_submodule(sg.prev)
             awq.fold_scales(prev, linears, found.scales, norm_weight_offset(prev))
@@ -81,21 +80,10 @@ def smooth_block(
             reports[n] = {"awq_alpha": found.alpha, "awq_loss": found.loss, "awq_loss_unsmoothed": found.identity_loss}
     out = {}
     for name, first in first_of.items():
-        if f"{prefix}.{name}" not in quantized:
+        if f"{prefix}.{name}" not in specs:
             continue
         x = recs[first].sample
         if scales[first] is not None:
             x = x / scales[first]
         out[name] = SmoothedLayer(x, reports.get(name, {}))
     return out
-
-
-def awq_rtn_quantize(w: torch.Tensor, inputs: torch.Tensor, recipe: Recipe) -> QuantizedWeight:
-    """Round-to-nearest with AWQ's output-error clipping search (or the weight-error search when
-    recipe.awq.clip is off)."""
-    if not recipe.awq.clip:
-        clip = recipe.clip if recipe.clip.enabled else None
-        return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, clip, iscale=recipe.integer_scale)
-    fmt = resolve_format(w.shape[1], recipe.bits, recipe.group_size, recipe.symmetric)
-    shrink = awq.search_clip_output(w, awq.compress_inputs(inputs), recipe.bits, fmt.group_size, recipe.symmetric)
-    return rtn_quantize(w, recipe.bits, recipe.group_size, recipe.symmetric, shrink=shrink, iscale=recipe.integer_scale)

@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit.cli.common import _recipe_from_args
 from lowbit.errors import ConfigError
-from lowbit.recipes import GPTQ_METHODS, PER_CHANNEL, Recipe
+from lowbit.recipes import METHODS, PER_CHANNEL, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,11 @@ def check_quantize(args: argparse.Namespace) -> Recipe:
     budget), evaluation settings without --eval."""
     recipe = _recipe_from_args(args)
     given = _given(args, GPTQ_FLAGS)
-    if given and recipe.method not in GPTQ_METHODS:
+    gptq_methods = [m for m in METHODS if "gptq" in METHODS[m].sections]
+    if given and recipe.method not in gptq_methods:
         raise ConfigError(f"{', '.join(given)}: GPTQ settings, but method {recipe.method!r} does not run GPTQ; "
                           f"drop {'them' if len(given) > 1 else 'it'} or choose a method that does "
-                          f"({', '.join(GPTQ_METHODS)})")
+                          f"({', '.join(gptq_methods)})")
     given = _given(args, CALIBRATION_FLAGS)
     if given and not recipe.needs_calibration:
         raise ConfigError(f"{', '.join(given)}: calibration settings, but method {recipe.method!r} without a size "
