@@ -326,3 +326,32 @@ def test_info_prints_the_used_recipe_and_one_line_per_distinct_format(capsys, fo
     counts = sorted(int(m.group(1)) for m in re.finditer(r"\b(\d+) layers:", info_text(manifest)))
     assert counts == [5, 9]
     assert "gptq." not in info_text(manifest) and json.dumps(manifest.to_dict())
+
+
+def test_recorded_bench_commands_parse_into_options_that_print_them_back():
+    """Each bench gets an options dataclass built from its flags, and the command it records (to
+    reproduce the run) is the same text: the commands already in the repository round-trip."""
+    import json
+    import re
+    import shlex
+    from pathlib import Path
+
+    from lowbit.bench import accuracy, kv, speed
+    from lowbit.cli import build_parser
+    from lowbit.cli.bench import accuracy_options, kv_options, speed_options
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results"
+    recorded = [*(results / "commands.txt").read_text().splitlines(),
+                *(json.loads(line)["command"] for line in (results / "speed.jsonl").read_text().splitlines()),
+                *re.findall(r"^Command: `(lowbit bench kv [^`]*)`", (root / "BENCHMARKS.md").read_text(), re.MULTILINE)]
+    build = {"accuracy": (accuracy_options, accuracy.command_line), "speed": (speed_options, speed.command_line),
+             "kv": (kv_options, kv.command_line)}
+    seen = set()
+    parser = build_parser()
+    for command in recorded:
+        argv = shlex.split(command)[1:]
+        options, command_line = build[argv[1]]
+        assert command_line(options(parser.parse_args(argv))) == command
+        seen.add(argv[1])
+    assert seen == set(build)

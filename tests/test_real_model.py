@@ -117,12 +117,13 @@ def test_4_bit_kv_cache_with_sinks_stays_within_1_percent_and_2_bit_costs_more(r
     and must lose to the sink variant, which holds a few more bytes.
     """
     from lowbit.eval.perplexity import perplexity
+    from lowbit.runtime.kvcache import parse_cache
 
     model, part = reference.model, tokens[:, :2048]
     full = perplexity(model, part, SEQLEN, progress=False)
-    int4 = perplexity(model, part, SEQLEN, progress=False, kv="kivi4", kv_chunk=128)
-    sinks = perplexity(model, part, SEQLEN, progress=False, kv="kivi4-a4", kv_chunk=128)
-    int2 = perplexity(model, part, SEQLEN, progress=False, kv="kivi2-w32", kv_chunk=128)
+    int4 = perplexity(model, part, SEQLEN, progress=False, kv=parse_cache("kivi4"), kv_chunk=128)
+    sinks = perplexity(model, part, SEQLEN, progress=False, kv=parse_cache("kivi4-a4"), kv_chunk=128)
+    int2 = perplexity(model, part, SEQLEN, progress=False, kv=parse_cache("kivi2-w32"), kv_chunk=128)
     assert abs(sinks.ppl / full.ppl - 1) < 0.01
     assert abs(int4.ppl / full.ppl - 1) < 0.02 and sinks.ppl < int4.ppl
     assert int2.ppl > int4.ppl and int2.kv_bytes < int4.kv_bytes < int4.kv_bf16_bytes

@@ -1,7 +1,6 @@
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -9,8 +8,8 @@ from lowbit.bench.accuracy_jobs import (
     Job,
     Setting,
     file_label,
-    jobs_from_args,
     result_key,
+    select_jobs,
 )
 from lowbit.bench.accuracy_render import pareto_front, render
 from lowbit.errors import ConfigError
@@ -42,9 +41,9 @@ def test_jobs_parse_and_refuse_what_cannot_run():
                        ("budget:0.5bpw", "in \\(1, 16\\]"), ("budget:2.92bpw-is8", "integer scales")):
         with pytest.raises(ConfigError, match=match):
             Job.parse(bad)
-    args = SimpleNamespace(suite=None, jobs=None, methods="rtn,gptq", settings="w4g128,w3g64")
-    assert [str(j) for j in jobs_from_args(args)] == ["rtn:w4g128", "gptq:w4g128", "rtn:w3g64", "gptq:w3g64"]
-    suite = [str(j) for j in jobs_from_args(SimpleNamespace(suite="methods", jobs=None))]
+    jobs = select_jobs(None, None, "rtn,gptq", "w4g128,w3g64")
+    assert [str(j) for j in jobs] == ["rtn:w4g128", "gptq:w4g128", "rtn:w3g64", "gptq:w3g64"]
+    suite = [str(j) for j in select_jobs("methods", None, "", "")]
     assert {"awq-gptq:w3g128", "slim:w2.5g128", "budget:w2g32", "llamacpp:Q2_K", "hqq:w2g128"} <= set(suite)
 
 
@@ -86,7 +85,7 @@ def test_render_writes_table_and_plot(tmp_path):
                                                                "kept": "start"}},
             {"model": "m", "method": "llamacpp", "setting": "Q2_K", "error": "RuntimeError: no cmake"}]
     results = {result_key(r): r for r in rows}
-    text = render(SimpleNamespace(models=["m"]), ["wikitext2"], results, work, plot_dir=tmp_path)
+    text = render(["m"], ["wikitext2"], results, work, plot_dir=tmp_path)
     assert "| slim | w3g128 | 3.170 | 50.000 |" in text and "failed: RuntimeError: no cmake" in text
     assert "layers kept: table, plain clip x3, unmoved, salience clip x4 |" in text
     assert ("size of w3g128: w3g64x2; search from uniform w3g128 (best of 2 starts), KL 1.000->0.800, "
@@ -127,3 +126,19 @@ def test_a_budget_job_meets_a_size_given_in_bits_per_weight(tmp_path, shared_dat
     assert rec["setting"] == "3.5bpw" and 0.99 * 3.5 <= rec["bits_per_weight"] <= 3.5
     assert rec["budget"]["target"].startswith("3.5") and rec["datasets"]["wikitext2"]["kl"] >= 0
     assert "3.5bpw" in out.read_text()
+
+
+def test_pareto_plot_clips_blown_up_rows_and_reports_them(tmp_path):
+    from lowbit.bench.accuracy_render import plot_pareto
+
+    def row(method, setting, bpw, ppl):
+        return {"model": "m", "method": method, "setting": setting, "bits_per_weight": bpw,
+                "datasets": {"wikitext2": {"ppl": ppl}}}
+
+    rows = [row("gptq", "w4g128", 4.15, 21.0), row("gptq", "w3g128", 3.15, 30.0), row("rtn", "w3g128", 3.15, 45.0),
+            row("rtn", "w2g64", 2.28, 3.4e4), row("gptq", "w2g64", 2.28, 400.0)]
+    ref = {"ppl": {"wikitext2": 20.0}, "max_tokens": 64, "seqlen": 32}
+    plot = plot_pareto("m", rows, ref, "wikitext2", tmp_path, clip=5.0)
+    assert plot.path.stat().st_size > 1000 and plot.y_top < 5.0 * 20.0 * 1.05
+    assert plot.above == (("gptq", "w2g64", 2.28, 400.0), ("rtn", "w2g64", 2.28, 3.4e4))  # by size, then ppl
+    assert plot_pareto("m", rows[:3], ref, "wikitext2", tmp_path).above == ()  # nothing beyond the range

@@ -1,18 +1,18 @@
 """bench kv: results resume by model and settings, the section is rendered from them and replaced in place."""
 
-import argparse
 import json
 
 import pytest
 
 from lowbit.bench.common import write_section
-from lowbit.bench.kv import _load_done, _settings, add_arguments, render
+from lowbit.bench.kv import _load_done, _settings, command_line, render
+from lowbit.cli import build_parser
+from lowbit.cli.bench import kv_options
 
 
 def args_for(tmp_path, *extra):
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p.parse_args(["smollm2-135m", "--work-dir", str(tmp_path), "--output", str(tmp_path / "B.md"), *extra])
+    return kv_options(build_parser().parse_args(
+        ["bench", "kv", "smollm2-135m", "--work-dir", str(tmp_path), "--output", str(tmp_path / "B.md"), *extra]))
 
 
 def row(cache, ppl, kv_bytes, needle=None, lam=None):
@@ -49,10 +49,10 @@ def test_a_peer_that_crashes_on_a_task_is_recorded_not_fatal(tmp_path):
     def boom():
         raise RuntimeError("odd rows")
 
-    failed = _peer_safe("hf-hqq4", boom, [1]).to_dict()
+    failed = _peer_safe(True, boom, [1]).to_dict()
     assert failed["accuracy"] is None and "odd rows" in failed["failed"]
     with pytest.raises(RuntimeError):
-        _peer_safe("kivi4", boom, [1])  # lowbit's own caches must not hide their errors
+        _peer_safe(False, boom, [1])  # lowbit's own caches must not hide their errors
     args = args_for(tmp_path)
     text = render(args, [row("full", 10.0, 1000, 1.0, 0.5), dict(row("hf-hqq4", 10.2, 300, 1.0), lambada=failed)],
                   tmp_path)
@@ -70,3 +70,31 @@ def test_a_needle_only_run_keeps_its_own_section_and_plot(tmp_path):
     write_section(out, text, args.section)
     final = out.read_text()
     assert "main table" in final and "(needle-8k)" in final
+
+
+def test_options_parse_every_cache_once_and_the_command_reproduces_the_flags(tmp_path):
+    from lowbit.runtime.kvcache import CacheSpec
+    from lowbit.runtime.kvcache.spec import EvictSpec, KVSpec
+
+    caches = "full,kivi2-b64,snapkv@0.2,kvpress:h2o@0.2"
+    opts = args_for(tmp_path, "--caches", caches, "--needle-lengths", "", "--section", "x")
+    full, kivi, snap, peer = opts.caches
+    assert full.full and full.label == "full"
+    assert kivi.spec == CacheSpec("kivi2-b64", lowbit=KVSpec(2, 64))
+    assert snap.spec == CacheSpec("snapkv@0.2", evict=EvictSpec("snapkv", 0.2))
+    assert peer.spec is None and peer.peer == EvictSpec("h2o", 0.2)
+    assert command_line(opts) == (
+        f"lowbit bench kv smollm2-135m --caches {caches} --data wikitext2 --max-tokens 4096 --seqlen 2048 "
+        "--chunk 128 --needle-lengths '' --needle-depths 0.1,0.5,0.9 --needle-per-cell 2 --lambada 200 "
+        "--dtype float32 --section x")
+
+
+def test_the_kv_plot_numbers_every_cache_and_reports_those_beyond_its_range(tmp_path):
+    from lowbit.bench.kv import plot
+
+    rows = [row("full", 10.0, 1000), row("kivi2", 12.0, 300), row("kivi2-c1", 12.1, 300), row("hf-hqq2", 80.0, 200),
+            row("snapkv@0.2", 20.0, 400), row("h2o@0.2", 14.0, 400), row("kvpress:h2o@0.2", None, None)]
+    drawn = plot("m", rows, tmp_path)
+    assert drawn.path.stat().st_size > 1000
+    assert sorted(drawn.numbers.values()) == list(range(1, 7)) and "kvpress:h2o@0.2" not in drawn.numbers
+    assert drawn.numbers["full"] == 1 and drawn.above == ("hf-hqq2",)  # 8x the full cache: an arrow at the top

@@ -13,6 +13,7 @@ from lowbit.eval.tasks import (
     needle_cases,
     needle_eval,
 )
+from lowbit.runtime.kvcache import parse_cache
 
 
 class ByteTokenizer:
@@ -60,9 +61,9 @@ def test_task_loops_run_through_a_cache_and_a_lossless_cache_changes_nothing():
     filler = torch.tensor(list(b"the grass is green. " * 40))
     cases = needle_cases(tok, filler, [280], [0.5], per_cell=2)
     full = needle_eval(model, tok, cases, None, chunk=64, progress=False)
-    same = needle_eval(model, tok, cases, "h2o@1000", chunk=64, progress=False)
+    same = needle_eval(model, tok, cases, parse_cache("h2o@1000"), chunk=64, progress=False)
     assert full.n == 2 and full.cells.keys() == {"280/0.5"} and same.accuracy == full.accuracy
     passages = ["alpha beta gamma delta", "one two three four five"]
     a = lambada_eval(model, tok, passages, None, progress=False)
-    b = lambada_eval(model, tok, passages, "kivi8-w0-b4", progress=False)
+    b = lambada_eval(model, tok, passages, parse_cache("kivi8-w0-b4"), progress=False)
     assert a.n == 2 and b.kv_bytes > 0 and a.kv_bytes is None

@@ -21,9 +21,9 @@ A setting may end in -is<k> for k-bit integer group scales (Integer Scale): gptq
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,42 +31,41 @@ from lowbit.bench.accuracy_jobs import (
     CALIBRATED,
     DEFAULT_METHODS,
     DEFAULT_SETTINGS,
-    SUITES,
     Setting,
     file_label,
-    jobs_from_args,
     result_key,
+    select_jobs,
     target_bpw,
 )
 from lowbit.bench.accuracy_render import render
 from lowbit.bench.common import machine, run_in_child, write_section
 from lowbit.errors import ConfigError, DataNotFoundError
 from lowbit.memory import peak_rss_bytes
-from lowbit.recipes import CALIB_DTYPES
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("models", nargs="*", default=["smollm2-135m"], help="models to benchmark")
-    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help="comma list of w<bits>g<group>")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma list of methods (see --jobs)")
-    p.add_argument("--jobs", help="comma list of METHOD:SETTING, e.g. gptq:w3g128,slim:w2.5g128,llamacpp:Q2_K "
-                   "(replaces --methods x --settings)")
-    p.add_argument("--suite", choices=sorted(SUITES), help="a predefined job list: 'methods' compares the weight "
-                   "methods and peers at about 4, 3, 2.5 and 2 bits per weight")
-    p.add_argument("--budget-generations", type=int, default=10, help="evolutionary search steps of budget jobs")
-    p.add_argument("--render-only", action="store_true", help="rewrite the section and plots from the results "
-                   "already in the work folder; run nothing")
-    p.add_argument("--data", default="wikitext2,c4", help="comma list of evaluation datasets")
-    p.add_argument("--max-tokens", type=int, default=8192, help="evaluation tokens per dataset")
-    p.add_argument("--seqlen", type=int, default=2048, help="evaluation window")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="float32",
-                   help="dtype of the calibration forwards (bfloat16: autocast, several times faster on CPUs with "
-                        "native bf16; weights and Hessians stay float32); a separate row from float32 results")
-    p.add_argument("--work-dir", default="benchmarks/results", help="reference caches and raw JSON results (the "
-                   "JSON is kept in git there; the caches are ignored)")
-    p.add_argument("--output", default="BENCHMARKS.md", help="markdown file whose accuracy section is rewritten")
+@dataclass(frozen=True)
+class AccuracyBenchOptions:
+    """What one `lowbit bench accuracy` run does and where it writes (the CLI builds it from its
+    flags). The job lists stay the comma lists given: the recorded command repeats them."""
+
+    models: tuple[str, ...] = ("smollm2-135m",)
+    settings: str = ",".join(DEFAULT_SETTINGS)   # w<bits>g<group> list, with `methods`
+    methods: str = ",".join(DEFAULT_METHODS)
+    jobs: str | None = None                      # METHOD:SETTING list (replaces methods x settings)
+    suite: str | None = None                     # a predefined job list (see SUITES)
+    budget_generations: int = 10                 # evolutionary search steps of budget jobs
+    render_only: bool = False
+    data: str = "wikitext2,c4"                   # evaluation datasets
+    max_tokens: int = 8192                       # evaluation tokens per dataset
+    seqlen: int = 2048                           # evaluation window
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    calib_dtype: str = "float32"
+    work_dir: str = "benchmarks/results"
+    output: str = "BENCHMARKS.md"
+    cache: str | None = None                     # model cache directory
+    data_dir: str | None = None
+    quiet: bool = False
 
 
 def _job(spec: dict[str, Any], queue) -> None:
@@ -193,7 +192,7 @@ def _run_in_child(spec: dict[str, Any], target=None) -> dict[str, Any]:
     return run_in_child(target or _job, spec, died)
 
 
-def build_references(model: str, datasets: list[str], args, work: Path) -> dict[str, Any]:
+def build_references(model: str, datasets: list[str], args: AccuracyBenchOptions, work: Path) -> dict[str, Any]:
     """Reference log-probs per dataset, cached under work/; returns paths and reference ppl."""
     import torch
 
@@ -218,17 +217,17 @@ def build_references(model: str, datasets: list[str], args, work: Path) -> dict[
     return out
 
 
-def run_accuracy_bench(args) -> None:
+def run_accuracy_bench(opts: AccuracyBenchOptions) -> None:
     from tqdm.auto import tqdm
 
     from lowbit.models import resolve_model
 
-    jobs = jobs_from_args(args)
-    datasets = [d for d in args.data.split(",") if d]
-    if not args.render_only:
-        for model in args.models:  # a model that cannot be found fails before anything is written
-            resolve_model(model, cache=args.cache, progress=not args.quiet)
-    work = Path(args.work_dir)
+    jobs = select_jobs(opts.suite, opts.jobs, opts.methods, opts.settings)
+    datasets = [d for d in opts.data.split(",") if d]
+    if not opts.render_only:
+        for model in opts.models:  # a model that cannot be found fails before anything is written
+            resolve_model(model, cache=opts.cache, progress=not opts.quiet)
+    work = Path(opts.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "accuracy.jsonl"
     done = {}
@@ -236,28 +235,28 @@ def run_accuracy_bench(args) -> None:
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
             done[result_key(r)] = r
-    if not args.render_only:
+    if not opts.render_only:
         with open(work / "commands.txt", "a") as f:
-            f.write(command_line(args) + "\n")
-        for model in args.models:
-            refs = build_references(model, datasets, args, work)
+            f.write(command_line(opts) + "\n")
+        for model in opts.models:
+            refs = build_references(model, datasets, opts, work)
             (work / f"reference-{file_label(model)}.json").write_text(json.dumps(refs, indent=2))
-            for job in tqdm(jobs, desc=f"{model} jobs", disable=args.quiet):
+            for job in tqdm(jobs, desc=f"{model} jobs", disable=opts.quiet):
                 key = result_key({"model": model, "method": job.method, "setting": job.setting,
-                            "calib_dtype": args.calib_dtype})
+                            "calib_dtype": opts.calib_dtype})
                 if key in done and "error" not in done[key]:
                     continue
                 spec = {"model": model, "method": job.method, "setting": job.setting,
-                        "calib_samples": args.calib_samples, "calib_seqlen": args.calib_seqlen,
-                        "max_tokens": args.max_tokens, "seqlen": args.seqlen, "references": refs["paths"],
-                        "cache": args.cache, "data_dir": args.data_dir, "work": str(work),
-                        "budget_generations": args.budget_generations, "calib_dtype": args.calib_dtype}
+                        "calib_samples": opts.calib_samples, "calib_seqlen": opts.calib_seqlen,
+                        "max_tokens": opts.max_tokens, "seqlen": opts.seqlen, "references": refs["paths"],
+                        "cache": opts.cache, "data_dir": opts.data_dir, "work": str(work),
+                        "budget_generations": opts.budget_generations, "calib_dtype": opts.calib_dtype}
                 if job.method != "llamacpp" and target_bpw(job.setting) is None:
                     s = Setting.parse(job.setting.partition("-is")[0])
                     spec.update(bits=s.bits, group_size=s.group_size)
                 r = _run_in_child(spec)
                 if job.method in CALIBRATED:
-                    r["calib_dtype"] = args.calib_dtype
+                    r["calib_dtype"] = opts.calib_dtype
                 done[result_key(r)] = r
                 with open(results_path, "a") as f:
                     f.write(json.dumps(r) + "\n")
@@ -265,21 +264,22 @@ def run_accuracy_bench(args) -> None:
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
             done.setdefault(result_key(r), r)
-    out = Path(args.output)
-    section = render(args, datasets, done, work, plot_dir=out.parent)
+    out = Path(opts.output)
+    section = render(list(opts.models), datasets, done, work, plot_dir=out.parent)
     write_section(out, section)
     print(section)
 
 
-def command_line(args) -> str:
-    if getattr(args, "suite", None):
-        what = f"--suite {args.suite} --budget-generations {args.budget_generations}"
-    elif getattr(args, "jobs", None):
-        what = f"--jobs {args.jobs}"
+def command_line(opts: AccuracyBenchOptions) -> str:
+    """The command that reproduces the run."""
+    if opts.suite:
+        what = f"--suite {opts.suite} --budget-generations {opts.budget_generations}"
+    elif opts.jobs:
+        what = f"--jobs {opts.jobs}"
     else:
-        what = f"--settings {args.settings} --methods {args.methods}"
-    return (f"lowbit bench accuracy {' '.join(args.models)} {what} "
-            f"--data {args.data} --max-tokens {args.max_tokens} --seqlen {args.seqlen} "
-            f"--calib-samples {args.calib_samples} --calib-seqlen {args.calib_seqlen} --work-dir {args.work_dir}"
-            + (f" --calib-dtype {args.calib_dtype}" if getattr(args, "calib_dtype", "float32") != "float32" else ""))
+        what = f"--settings {opts.settings} --methods {opts.methods}"
+    return (f"lowbit bench accuracy {' '.join(opts.models)} {what} "
+            f"--data {opts.data} --max-tokens {opts.max_tokens} --seqlen {opts.seqlen} "
+            f"--calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} --work-dir {opts.work_dir}"
+            + (f" --calib-dtype {opts.calib_dtype}" if opts.calib_dtype != "float32" else ""))
 

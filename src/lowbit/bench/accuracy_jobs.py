@@ -89,17 +89,18 @@ def target_bpw(setting: str) -> float | None:
     return float(m.group(1)) if m and 1.0 < float(m.group(1)) <= 16.0 else None
 
 
-def jobs_from_args(args) -> list[Job]:
-    if getattr(args, "suite", None):
-        return [Job.parse(j) for j in SUITES[args.suite]()]
-    if getattr(args, "jobs", None):
-        return [Job.parse(j) for j in args.jobs.split(",") if j]
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS or m == "llamacpp"]
+def select_jobs(suite: str | None, jobs: str | None, methods: str, settings: str) -> list[Job]:
+    """The jobs a run asks for: a suite's, else the --jobs list, else every method at every setting."""
+    if suite:
+        return [Job.parse(j) for j in SUITES[suite]()]
+    if jobs:
+        return [Job.parse(j) for j in jobs.split(",") if j]
+    chosen = [m for m in methods.split(",") if m]
+    bad = [m for m in chosen if m not in METHODS or m == "llamacpp"]
     if bad:
         raise ConfigError(f"--methods: unknown {bad}; choose from {', '.join(m for m in METHODS if m != 'llamacpp')} "
                           "(llama.cpp types go in --jobs, e.g. llamacpp:Q4_K_M)")
-    return [Job.parse(f"{m}:{s}") for s in args.settings.split(",") if s for m in methods]
+    return [Job.parse(f"{m}:{s}") for s in settings.split(",") if s for m in chosen]
 
 
 def file_label(model: str) -> str:

@@ -4,6 +4,7 @@ size), what was measured and how, and a plot of perplexity against bits per weig
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,10 @@ REFERENCE_NOTE = (
 )
 
 
-def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path | None = None) -> str:
+def render(run_models: list[str], datasets: list[str], results: dict, work: Path, plot_dir: Path | None = None) -> str:
+    """The accuracy section: every model with results, and those of this run (`run_models`)."""
     commands = list(dict.fromkeys((work / "commands.txt").read_text().splitlines()))
-    models = list(dict.fromkeys([k[0] for k in results] + list(args.models)))
+    models = list(dict.fromkeys([k[0] for k in results] + list(run_models)))
     machines, numbers = machines_note(list(results.values()))
     lines = [
         "## Accuracy: reference vs lowbit's methods and the peers",
@@ -128,9 +130,9 @@ def render(args, datasets: list[str], results: dict, work: Path, plot_dir: Path 
                          + (f" {numbers[r.get('machine', LEGACY_MACHINE)]} |" if numbers else ""))
         lines.append("")
         if plot_dir is not None and datasets:
-            png = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)
-            if png is not None:
-                lines += [f"![{datasets[0]} perplexity against bits per weight, {model}]({png.name})", ""]
+            plot = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)
+            if plot is not None:
+                lines += [f"![{datasets[0]} perplexity against bits per weight, {model}]({plot.path.name})", ""]
     return "\n".join(lines)
 
 
@@ -144,36 +146,76 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dataset: str, out_dir: Path) -> Path | None:
-    """Perplexity against bits per weight, one marker per method, the Pareto front drawn; PNG path."""
+@dataclass(frozen=True)
+class ParetoPlot:
+    """A written Pareto plot: its PNG, the top of its y range, and the rows above that range (drawn
+    as arrows at the top edge with their values): (method, setting, bits per weight, perplexity)."""
+
+    path: Path
+    y_top: float
+    above: tuple[tuple[str, str, float, float], ...]
+
+
+def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dataset: str, out_dir: Path,
+                clip: float = 5.0) -> ParetoPlot | None:
+    """Perplexity against bits per weight, one marker per method, the Pareto front drawn. The y
+    range stops at `clip` times the reference perplexity (log scale within it, plain numbers), so
+    that the informative rows get the height; rows beyond it are arrows at the top edge with their
+    values. None without matplotlib or rows."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return None
     rows = [r for r in rows if dataset in r["datasets"]]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from lowbit.bench.plotting import compact, list_above, mark_above
+
+    ref_ppl = ref["ppl"][dataset]
+    ppl = [r["datasets"][dataset]["ppl"] for r in rows]
+    top = min(max(ppl), clip * ref_ppl) * 1.04
+    bottom = min(min(ppl), ref_ppl) / 1.04
+    fig, ax = plt.subplots(figsize=(10, 5.6))
     markers = dict(zip(METHODS, "os^vDP*Xh"))
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for method in METHODS:
-        pts = [(r["bits_per_weight"], r["datasets"][dataset]["ppl"]) for r in rows if r["method"] == method]
+        pts = [(r["bits_per_weight"], p) for r, p in zip(rows, ppl) if r["method"] == method and p <= top]
         if pts:
-            ax.scatter(*zip(*pts), marker=markers[method], label=method, s=36)
-    front = pareto_front([(r["bits_per_weight"], r["datasets"][dataset]["ppl"]) for r in rows])
-    ax.plot(*zip(*front), color="gray", lw=1, ls="--", label="Pareto front")
-    ax.axhline(ref["ppl"][dataset], color="black", lw=0.8, ls=":", label="reference")
+            ax.scatter(*zip(*pts), marker=markers[method], color=colors[method], label=method, s=36, zorder=3)
+    front = pareto_front([(r["bits_per_weight"], p) for r, p in zip(rows, ppl)])
+    ax.plot(*zip(*front), color="gray", lw=1, ls="--", label="Pareto front", zorder=2)
+    ax.axhline(ref_ppl, color="black", lw=0.8, ls=":", label="reference")
     ax.set_yscale("log")
+    ax.set_ylim(bottom, top)
+    x_lo, x_hi = min(r["bits_per_weight"] for r in rows), max(r["bits_per_weight"] for r in rows)
+    ax.set_xlim(x_lo - 0.15, x_hi + 0.15)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ticks = [t for t in (10, 12, 14, 16, 20, 25, 30, 40, 50, 60, 80, 100, 150, 200, 300, 500, 1000)
+             if bottom <= t <= top]
+    ax.set_yticks(ticks)
+    above = [(r, p) for r, p in zip(rows, ppl) if p > top]
+    if above:
+        above.sort(key=lambda rp: (rp[0]["bits_per_weight"], rp[1]))
+        mark_above(ax, [r["bits_per_weight"] for r, _ in above], [p for _, p in above],
+                   [colors[r["method"]] for r, _ in above], top, stacks=False)
+        list_above(ax, [f"{compact(p):>5} {r['method']} {result_key(r)[2]} ({r['bits_per_weight']:.2f})"
+                        for r, p in above], [colors[r["method"]] for r, _ in above],
+                   "above the range: ppl, method, setting (bits/weight)")
     ax.set_xlabel("bits per weight (scales and zeros counted)")
     ax.set_ylabel(f"{dataset} perplexity (log scale)")
-    ax.set_title(f"{model}: first {ref['max_tokens']} tokens, windows of {ref['seqlen']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{model}: first {ref['max_tokens']} tokens, windows of {ref['seqlen']}\n"
+                 f"(y up to {clip:g}x the reference perplexity; the {len(above)} rows above it: arrows at the top, "
+                 "listed on the right)", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"BENCHMARKS-pareto-{file_label(model)}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return ParetoPlot(path, top, tuple((r["method"], result_key(r)[2], r["bits_per_weight"], p) for r, p in above))

@@ -23,13 +23,13 @@ int4 kernel and a bfloat16 F.linear on the model's largest projection shape.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import resource
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +38,22 @@ from lowbit.errors import ConfigError
 from lowbit.memory import peak_rss_bytes
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoints", nargs="+", help="lowbit checkpoint folders (of one source model); CKPT@int8 runs "
-                   "that one with int8 activations (W8A8: 8-bit per-channel symmetric checkpoints)")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill / time to first token")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded greedily after the prompt")
-    p.add_argument("--repeats", type=int, default=3, help="rounds; the table gives medians")
-    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
-    p.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (else it is built once, minutes)")
-    p.add_argument("--no-bf16", action="store_true", help="skip the unquantized bfloat16 model")
-    p.add_argument("--no-kernels", action="store_true", help="skip the matrix-vector kernel table")
-    p.add_argument("--work-dir", default="benchmarks/results")
-    p.add_argument("--output", default="BENCHMARKS.md")
-    p.add_argument("--section", default="speed", help="BENCHMARKS.md section to write")
+@dataclass(frozen=True)
+class SpeedBenchOptions:
+    """What one `lowbit bench speed` run times and where it writes (the CLI builds it from its flags)."""
+
+    checkpoints: tuple[str, ...]        # lowbit checkpoint folders of one source model; CKPT@int8: W8A8
+    prompt_tokens: int = 512            # prompt length for prefill / time to first token
+    new_tokens: int = 64                # tokens decoded greedily after the prompt
+    repeats: int = 3                    # rounds; the table gives medians
+    threads: int | None = None          # threads for every runtime (None: all cores)
+    no_llamacpp: bool = False
+    no_bf16: bool = False
+    no_kernels: bool = False
+    work_dir: str = "benchmarks/results"
+    output: str = "BENCHMARKS.md"
+    section: str = "speed"
+    cache: str | None = None            # model cache directory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,36 +269,36 @@ def _checkpoint_source(path: Path) -> dict[str, Any]:
     return {"source": m["source"], "recipe": m.get("recipe", {}), "label": path.name}
 
 
-def run_speed_bench(args) -> None:
+def run_speed_bench(opts: SpeedBenchOptions) -> None:
     import os
 
     import torch
 
     from lowbit.models import resolve_model
 
-    threads = args.threads or os.cpu_count() or 1
+    threads = opts.threads or os.cpu_count() or 1
     # native kernels built (or found) here, once, so that no timed child process builds one
     from lowbit import kernels
 
     for name in kernels.NAMES:
         kernels.available(name)
-    int8 = [c.endswith("@int8") for c in args.checkpoints]
-    ckpts = [Path(c.removesuffix("@int8")) for c in args.checkpoints]
+    int8 = [c.endswith("@int8") for c in opts.checkpoints]
+    ckpts = [Path(c.removesuffix("@int8")) for c in opts.checkpoints]
     infos = [_checkpoint_source(c) for c in ckpts]
     specs = {s["source"]["spec"] for s in infos}
     if len(specs) != 1:
         raise ConfigError(f"the checkpoints come from different models ({', '.join(sorted(specs))}); "
                           "bench one source model per run")
     source = infos[0]["source"]
-    common = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": threads,
-              "cache": getattr(args, "cache", None)}
+    common = {"prompt_tokens": opts.prompt_tokens, "new_tokens": opts.new_tokens, "threads": threads,
+              "cache": opts.cache}
     runtimes: list[tuple[str, Any, dict[str, Any]]] = [
         (info["label"] + (" (int8 activations)" if a8 else ""), _lowbit_job,
          {**common, "kind": "checkpoint", "path": str(c), "int8": a8}) for c, info, a8 in zip(ckpts, infos, int8)]
-    if not args.no_bf16:
+    if not opts.no_bf16:
         runtimes.append(("bf16 (unquantized)", _lowbit_job, {**common, "kind": "model", "path": source["spec"]}))
     skipped = []
-    if not args.no_llamacpp:
+    if not opts.no_llamacpp:
         resolved = resolve_model(source["spec"], cache=common["cache"], progress=False)
         if resolved.kind in ("known", "gguf") and resolved.path is not None and str(resolved.path).endswith(".gguf"):
             from lowbit.peers.llamacpp import ensure_llamacpp
@@ -308,10 +311,10 @@ def run_speed_bench(args) -> None:
             skipped.append(f"llama.cpp: the source model {source['spec']} has no GGUF file")
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in runtimes}
     bandwidth = []
-    for r in range(args.repeats):
+    for r in range(opts.repeats):
         bandwidth.append(read_bandwidth(threads))
         for name, job, spec in runtimes:
-            print(f"round {r + 1}/{args.repeats}: {name}", flush=True)
+            print(f"round {r + 1}/{opts.repeats}: {name}", flush=True)
             beside = read_bandwidth(threads, gib=0.5, repeats=3)  # the host's rate just before this run
             res = _in_child(job, spec)
             if "error" in res:
@@ -319,21 +322,21 @@ def run_speed_bench(args) -> None:
             res["bandwidth_beside"] = beside
             results[name].append(res)
     kernel_rows = []
-    if not args.no_kernels:
+    if not opts.no_kernels:
         torch.set_num_threads(threads)
         shape = _largest_projection(ckpts[0])
         kernel_rows = kernel_table(shape, threads)
-    record = {"machine": machine(), "threads": threads, "source": source["spec"], "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "repeats": args.repeats, "bandwidth": bandwidth,
+    record = {"machine": machine(), "threads": threads, "source": source["spec"], "prompt_tokens": opts.prompt_tokens,
+              "new_tokens": opts.new_tokens, "repeats": opts.repeats, "bandwidth": bandwidth,
               "runtimes": results, "kernels": kernel_rows, "kernel_shape": list(shape) if kernel_rows else None,
-              "skipped": skipped, "command": command_line(args), "time": time.strftime("%Y-%m-%d %H:%M"),
+              "skipped": skipped, "command": command_line(opts), "time": time.strftime("%Y-%m-%d %H:%M"),
               "hqq_installed": importlib.util.find_spec("hqq") is not None}
-    work = Path(args.work_dir)
+    work = Path(opts.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "speed.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     section = render(record)
-    write_section(Path(args.output), section, args.section)
+    write_section(Path(opts.output), section, opts.section)
     print(section)
 
 
@@ -344,12 +347,13 @@ def _largest_projection(ckpt: Path) -> tuple[int, int]:
     return max(shapes, key=lambda s: s[0] * s[1])
 
 
-def command_line(args) -> str:
-    parts = ["lowbit bench speed", *args.checkpoints, f"--prompt-tokens {args.prompt_tokens}",
-             f"--new-tokens {args.new_tokens}", f"--repeats {args.repeats}"]
-    if args.threads:
-        parts.append(f"--threads {args.threads}")
-    parts += [flag for flag, on in (("--no-llamacpp", args.no_llamacpp), ("--no-bf16", args.no_bf16)) if on]
+def command_line(opts: SpeedBenchOptions) -> str:
+    """The command that reproduces the run."""
+    parts = ["lowbit bench speed", *opts.checkpoints, f"--prompt-tokens {opts.prompt_tokens}",
+             f"--new-tokens {opts.new_tokens}", f"--repeats {opts.repeats}"]
+    if opts.threads:
+        parts.append(f"--threads {opts.threads}")
+    parts += [flag for flag, on in (("--no-llamacpp", opts.no_llamacpp), ("--no-bf16", opts.no_bf16)) if on]
     return " ".join(parts)
 
 

@@ -22,7 +22,7 @@ import traceback
 from lowbit.cli import bench, generate, info, models, quantize
 from lowbit.cli import eval as eval_command
 from lowbit.cli.checks import check_args
-from lowbit.cli.common import _Parser
+from lowbit.cli.common import _Parser, kv_spec_from_args
 from lowbit.errors import LowbitError
 
 __all__ = ["build_parser", "main"]
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         with _quiet_libraries(getattr(args, "quiet", False)):
+            if hasattr(args, "kv_policy"):  # eval, generate: the cache flags become one CacheSpec
+                kv_spec_from_args(args)
             check_args(args)  # flags that contradict each other or that this command would ignore
             return args.func(args)
     except LowbitError as e:

@@ -96,12 +96,23 @@ def common_arguments(sp: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def _kv_arguments(p: argparse.ArgumentParser) -> None:
+    """--kv, --kv-policy and --kv-budget; main() parses them together into args.kv_spec (see
+    kv_spec_from_args) before the command runs."""
     from lowbit.runtime.kvcache import KV_HELP, POLICIES
 
     p.add_argument("--kv", help=f"compressed KV cache: {KV_HELP}")
     p.add_argument("--kv-policy", choices=POLICIES, help="evict cached tokens under --kv-budget: streaming "
                    "(attention sinks + recent), h2o (heavy hitters + recent), snapkv (observation-window votes)")
     p.add_argument("--kv-budget", help="tokens kept by --kv-policy: a fraction of those seen (0.2) or a count (512)")
+
+
+def kv_spec_from_args(args: argparse.Namespace) -> None:
+    """The cache flags, parsed once into args.kv_spec: a CacheSpec, or None for the full cache.
+    A bad name or combination is a ConfigError naming the flag and the allowed values, raised
+    before anything loads; the commands read args.kv_spec only."""
+    from lowbit.runtime.kvcache import cache_choice
+
+    args.kv_spec = cache_choice(args.kv, args.kv_policy, args.kv_budget)
 
 
 # ---------------------------------------------------------------- quantize's recipe

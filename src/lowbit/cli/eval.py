@@ -45,9 +45,7 @@ def cmd_eval(args) -> int:
 
     dtype = resolve_dtype(args.dtype)
     reference = None
-    from lowbit.runtime.kvcache import kv_label
-
-    args.kv = kv_label(args.kv, args.kv_policy, args.kv_budget)  # bad names fail before any loading
+    kv = args.kv_spec  # parsed by main() before any loading
     for ds in args.data:
         eval_text(ds, args.data_dir)  # fail on missing data before loading models
     if is_checkpoint(args.model):
@@ -62,9 +60,9 @@ def cmd_eval(args) -> int:
         recipe = None
     if args.reference not in ("auto", "none"):
         reference = load_model(args.reference, dtype=dtype, cache=args.cache)
-    label = args.model if not args.kv else f"{args.model} (kv {args.kv}, chunks of {args.kv_chunk})"
+    label = args.model if kv is None else f"{args.model} (kv {kv.label}, chunks of {args.kv_chunk})"
     res = evaluate(target, args.data, label, args.max_tokens, args.seqlen, reference, args.data_dir,
-                   not args.quiet, kv=args.kv, kv_chunk=args.kv_chunk)
+                   not args.quiet, kv=kv, kv_chunk=args.kv_chunk)
     if recipe:
         from lowbit.recipes import Recipe
 

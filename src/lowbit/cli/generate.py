@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from lowbit.cli.common import (
 )
 from lowbit.dtypes import add_dtype_argument, resolve_dtype
 from lowbit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lowbit.runtime.kvcache import CacheSpec
 
 
 def register(sub) -> None:
@@ -108,7 +112,7 @@ def _stop_prefix_length(text: str, stops: list[str]) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def _load_for_generate(args, kv: str | None):
+def _load_for_generate(args, kv: CacheSpec | None):
     """The model or checkpoint to generate with, after the checks that need no loading: flags
     that apply to checkpoints only, and --max-new-tokens against a local folder's context."""
     from lowbit.checkpoint import is_checkpoint
@@ -184,9 +188,9 @@ def _print_result(args, text: str, out, stats: dict) -> None:
 
 def cmd_generate(args) -> int:
     from lowbit.runtime.generate import generate
-    from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, kv_label
+    from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for
 
-    kv = kv_label(args.kv, args.kv_policy, args.kv_budget)
+    kv = args.kv_spec  # parsed by main() before any loading
     prompt = _prompt_text(args)
     loaded = _load_for_generate(args, kv)
     model, tok = loaded.model, loaded.tokenizer
@@ -207,6 +211,6 @@ def cmd_generate(args) -> int:
              "new_tokens": len(out.tokens),
              "prefill_tokens_per_s": out.prompt_tokens / max(out.prefill_seconds, 1e-9),
              "decode_tokens_per_s": max(len(out.tokens) - 1, 0) / max(out.decode_seconds, 1e-9),
-             "kv": kv, "kv_bytes": cache_nbytes(cache) if cache is not None else None}
+             "kv": kv.label if kv else None, "kv_bytes": cache_nbytes(cache) if cache is not None else None}
     _print_result(args, text, out, stats)
     return 0

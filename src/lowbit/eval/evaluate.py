@@ -22,6 +22,7 @@ from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.eval import compare_to_reference, default_seqlen, perplexity
 from lowbit.eval.size import QuantizedSize, model_size
+from lowbit.runtime.kvcache import CacheSpec, parse_cache
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DatasetResult:
     kl_p99: float | None = None
     top1_agreement: float | None = None
     seconds: float = 0.0
-    kv: str | None = None            # compressed KV cache in the loop, if any
+    kv: str | None = None            # the label of the compressed KV cache in the loop, if any
     kv_bytes: int | None = None      # bytes it held at the end of a window
     kv_bf16_bytes: int | None = None  # a bfloat16 cache of the same tokens
 
@@ -103,9 +104,12 @@ def evaluate(
     reference: Any | None = None,
     data_dir: str | None = None,
     progress: bool = True,
-    kv: str | None = None,
+    kv: CacheSpec | str | None = None,
     kv_chunk: int = 128,
 ) -> EvalResult:
+    """`kv`: a compressed KV cache or eviction policy in the loop, as a CacheSpec or its --kv name
+    or "<policy>@<budget>" label (parsed here, once)."""
+    kv = parse_cache(kv)
     model = target.model
     seqlen = seqlen or default_seqlen(model)
     if seqlen < 2:
@@ -132,7 +136,7 @@ def evaluate(
             dr = DatasetResult(ds, seqlen, tokens.shape[1], c.n_tokens_scored, c.ppl, c.ref_ppl, c.kl_mean,
                                c.kl_p99, c.top1_agreement)
         if kv:
-            dr.kv, dr.kv_bytes, dr.kv_bf16_bytes = kv, stats.get("kv_bytes"), stats.get("kv_bf16_bytes")
+            dr.kv, dr.kv_bytes, dr.kv_bf16_bytes = kv.label, stats.get("kv_bytes"), stats.get("kv_bf16_bytes")
         dr.seconds = time.perf_counter() - t0
         result.datasets[ds] = dr
         problems = implausible(dr, getattr(model.config, "vocab_size", None))

@@ -27,6 +27,7 @@ from lowbit.eval.windows import (
     targets,
     window_logits,
 )
+from lowbit.runtime.kvcache import CacheSpec
 
 CACHE_VERSION = 1
 
@@ -218,7 +219,7 @@ def compare_to_reference(
     seqlen: int,
     progress: bool = True,
     desc: str = "compare",
-    kv: str | None = None,
+    kv: CacheSpec | None = None,
     kv_chunk: int = 128,
     kv_stats: dict | None = None,
 ) -> ComparisonResult:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.eval.windows import count_windows, evaluating, targets, window_logits
+from lowbit.runtime.kvcache import CacheSpec
 
 DEFAULT_MAX_SEQLEN = 2048
 
@@ -21,7 +22,7 @@ class PerplexityResult:
     n_windows: int  # n_tokens_input // seqlen
     seqlen: int
     n_tokens_input: int  # N, including the dropped tail
-    kv: str | None = None            # compressed KV cache in the loop (runtime/kvcache/), if any
+    kv: str | None = None            # the label of the compressed KV cache in the loop (runtime/kvcache/), if any
     kv_chunk: int | None = None      # tokens per forward with that cache
     kv_bytes: int | None = None      # bytes the cache held at the end of a window
     kv_bf16_bytes: int | None = None  # a bfloat16 cache of the same tokens
@@ -41,7 +42,7 @@ def perplexity(
     seqlen: int,
     progress: bool = True,
     desc: str = "perplexity",
-    kv: str | None = None,
+    kv: CacheSpec | None = None,
     kv_chunk: int = 128,
 ) -> PerplexityResult:
     """Perplexity of `model` on `tokens` [1, N] over N // seqlen full windows of `seqlen`.
@@ -67,7 +68,7 @@ def perplexity(
         n_windows=n_windows,
         seqlen=seqlen,
         n_tokens_input=tokens.shape[1],
-        kv=kv,
+        kv=kv.label if kv else None,
         kv_chunk=kv_chunk if kv else None,
         kv_bytes=stats.get("kv_bytes"),
         kv_bf16_bytes=stats.get("kv_bf16_bytes"),

@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache
 
 from lowbit.errors import ConfigError
 from lowbit.runtime.generate import cache_argument, generate, prefill
-from lowbit.runtime.kvcache import cache_nbytes, kv_cache_for, observing, parse_cache
+from lowbit.runtime.kvcache import CacheSpec, cache_nbytes, kv_cache_for, observing
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.\n\n")
@@ -73,7 +73,7 @@ def needle_cases(tokenizer, filler_ids: torch.Tensor, lengths: list[int], depths
 @dataclass
 class TaskResult:
     task: str
-    kv: str | None
+    kv: str | None                            # the cache's label (None: the full cache)
     n: int
     accuracy: float
     kv_bytes: int | None = None               # what the cache held after the last prompt
@@ -83,13 +83,13 @@ class TaskResult:
         return asdict(self)
 
 
-def needle_eval(model, tokenizer, cases: list[NeedleCase], kv: str | None = None, chunk: int = 512,
+def needle_eval(model, tokenizer, cases: list[NeedleCase], kv: CacheSpec | None = None, chunk: int = 512,
                 progress: bool = True) -> TaskResult:
     hits: dict[str, list[int]] = {}
     kv_bytes = None
-    spec = parse_cache(kv)  # parsed once, not once per case
-    for case in tqdm(cases, desc=f"needle {kv or 'full'}", disable=not progress):
-        cache = kv_cache_for(model.config, spec, mode="prompt")
+    label = kv.label if kv else None
+    for case in tqdm(cases, desc=f"needle {label or 'full'}", disable=not progress):
+        cache = kv_cache_for(model.config, kv, mode="prompt")
         out = generate(model, case.ids, max_new_tokens=8, cache=cache, prefill_chunk=chunk)
         text = tokenizer.decode(out.tokens)
         m = re.search(r"\d+", text)
@@ -97,21 +97,21 @@ def needle_eval(model, tokenizer, cases: list[NeedleCase], kv: str | None = None
         if cache is not None:
             kv_bytes = cache_nbytes(cache)
     allhits = [h for v in hits.values() for h in v]
-    return TaskResult("needle", kv, len(allhits), sum(allhits) / max(1, len(allhits)), kv_bytes,
+    return TaskResult("needle", label, len(allhits), sum(allhits) / max(1, len(allhits)), kv_bytes,
                       {k: sum(v) / len(v) for k, v in hits.items()})
 
 
-def lambada_eval(model, tokenizer, passages: list[str], kv: str | None = None, chunk: int = 512,
+def lambada_eval(model, tokenizer, passages: list[str], kv: CacheSpec | None = None, chunk: int = 512,
                  progress: bool = True) -> TaskResult:
     device = next(model.parameters()).device
     correct = 0
     kv_bytes = None
-    spec = parse_cache(kv)  # parsed once, not once per passage
-    for text in tqdm(passages, desc=f"lambada {kv or 'full'}", disable=not progress):
+    label = kv.label if kv else None
+    for text in tqdm(passages, desc=f"lambada {label or 'full'}", disable=not progress):
         context, _, word = text.rpartition(" ")
         ctx = torch.tensor(tokenizer(context)["input_ids"])
         target = list(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
-        cache = kv_cache_for(model.config, spec, mode="prompt")
+        cache = kv_cache_for(model.config, kv, mode="prompt")
         if cache is None:
             cache = DynamicCache()
         logits = prefill(model, ctx, cache, chunk)
@@ -127,4 +127,4 @@ def lambada_eval(model, tokenizer, passages: list[str], kv: str | None = None, c
                     logits = out.logits[0, -1].float()
         correct += ok
         kv_bytes = cache_nbytes(cache) if kv else None
-    return TaskResult("lambada", kv, len(passages), correct / max(1, len(passages)), kv_bytes)
+    return TaskResult("lambada", label, len(passages), correct / max(1, len(passages)), kv_bytes)

@@ -23,7 +23,6 @@ from lowbit.runtime.kvcache import (
     full_cache_nbytes,
     kv_cache_for,
     observing,
-    parse_cache,
 )
 from lowbit.runtime.qlinear import dense_weights
 
@@ -54,7 +53,7 @@ def window_logits(
     seqlen: int,
     progress: bool = True,
     desc: str = "eval",
-    kv: str | None = None,
+    kv: CacheSpec | None = None,
     chunk: int = 128,
     kv_stats: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -64,13 +63,12 @@ def window_logits(
     only the logits are cast to float32. `ids` stays on the CPU, `logits` is on the model's
     device. Callers put the model in eval mode for the whole loop (see `evaluating`).
 
-    With `kv` (a compressed-cache name or eviction label, runtime/kvcache/) each window runs in chunks of `chunk`
-    tokens through a fresh cache of that kind: every token attends to the earlier chunks only
+    With `kv` (a compressed cache or eviction policy, runtime/kvcache/) each window runs in chunks of
+    `chunk` tokens through a fresh cache of that kind: every token attends to the earlier chunks only
     through the compressed cache. `kv_stats` (a dict) then receives the bytes the cache held at
     the end of the last window ("kv_bytes") and what a bfloat16 cache of the same tokens takes
     ("kv_bf16_bytes").
     """
-    spec = None if kv is None else parse_cache(kv)  # parsed once, not once per window
     n_windows = count_windows(tokens, seqlen)
     device = _model_device(model)
     with dense_weights(model):  # quantized layers dequantize once, not once per window
@@ -81,11 +79,11 @@ def window_logits(
                     out = model(input_ids=ids.unsqueeze(0).to(device), use_cache=False)
                     logits = out.logits[0].float()  # [seqlen, vocab]
                 else:
-                    logits = _chunked_logits(model, ids.to(device), spec, chunk, kv_stats)
+                    logits = _chunked_logits(model, ids.to(device), kv, chunk, kv_stats)
             yield ids, logits
 
 
-def _chunked_logits(model: torch.nn.Module, ids: torch.Tensor, spec: CacheSpec | None, chunk: int,
+def _chunked_logits(model: torch.nn.Module, ids: torch.Tensor, spec: CacheSpec, chunk: int,
                     kv_stats: dict | None):
     cache = kv_cache_for(model.config, spec)
     parts = []

@@ -14,6 +14,7 @@ from lowbit.runtime.kvcache.nbytes import cache_nbytes
 from lowbit.runtime.kvcache.observe import observing
 from lowbit.runtime.kvcache.spec import (
     ZipSpec,
+    parse_cache,
     parse_kv,
     parse_policy,
 )
@@ -83,9 +84,9 @@ def test_perplexity_with_the_cache_in_the_loop():
     model = build_tiny("llama")
     tokens = torch.randint(0, 256, (1, 256), generator=torch.Generator().manual_seed(3))
     full = perplexity(model, tokens, 128, progress=False)
-    same = perplexity(model, tokens, 128, progress=False, kv="kivi8", kv_chunk=32)  # 128-token window: no flush
-    int8 = perplexity(model, tokens, 128, progress=False, kv="int8-w0", kv_chunk=32)
-    int2 = perplexity(model, tokens, 128, progress=False, kv="int2-w0", kv_chunk=32)
+    same = perplexity(model, tokens, 128, progress=False, kv=parse_cache("kivi8"), kv_chunk=32)  # 128-token window: no flush
+    int8 = perplexity(model, tokens, 128, progress=False, kv=parse_cache("int8-w0"), kv_chunk=32)
+    int2 = perplexity(model, tokens, 128, progress=False, kv=parse_cache("int2-w0"), kv_chunk=32)
     assert same.ppl == pytest.approx(full.ppl, rel=1e-5)
     assert int8.ppl == pytest.approx(full.ppl, rel=1e-3)
     assert abs(int2.ppl - full.ppl) > abs(int8.ppl - full.ppl)

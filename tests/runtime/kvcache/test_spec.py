@@ -5,13 +5,14 @@ import pytest
 from tiny_models import build_tiny
 
 from lowbit.errors import ConfigError
-from lowbit.runtime.kvcache.build import kv_cache_for, kv_label
+from lowbit.runtime.kvcache.build import kv_cache_for
 from lowbit.runtime.kvcache.spec import (
     CacheSpec,
     EvictSpec,
     GearSpec,
     KVSpec,
     ZipSpec,
+    cache_choice,
     parse_cache,
     parse_kv,
 )
@@ -30,12 +31,13 @@ def test_bad_names():
 def test_names_parse_to_their_settings():
     assert parse_kv("zipcache-h8-l2-r0.5") == ZipSpec(hi=8, lo=2, salient=0.5)
     assert parse_kv("gear2-r4-s0.02") == GearSpec(2, rank=4, outliers=0.02)
-    assert kv_label(None, "snapkv", "0.2") == "snapkv@0.2" and kv_label("kivi2") == "kivi2"
-    assert kv_label("full") is None
+    assert cache_choice(None, "snapkv", "0.2") == CacheSpec("snapkv@0.2", evict=EvictSpec("snapkv", 0.2))
+    assert cache_choice("kivi2") == CacheSpec("kivi2", lowbit=KVSpec(2)) and str(cache_choice("kivi2")) == "kivi2"
+    assert cache_choice("full") is None
     with pytest.raises(ConfigError, match="together"):
-        kv_label("kivi2", "h2o", 0.2)
+        cache_choice("kivi2", "h2o", 0.2)
     with pytest.raises(ConfigError, match="needs --kv-policy"):
-        kv_label(None, None, 0.2)
+        cache_choice(None, None, 0.2)
 
 
 def test_a_cache_choice_is_parsed_once_into_its_spec():

@@ -25,7 +25,7 @@ and after each layer's attention the cache layer recomputes the probabilities it
 queries (all of them for H2O, the last `window` for SnapKV, a few probes for ZipCache). Eviction
 happens after that attention, so a chunk's own tokens were attended before any are dropped.
 
-    cache = kv_cache_for(model.config, "kivi2")
+    cache = kv_cache_for(model.config, parse_cache("kivi2"))   # a name works too: kv_cache_for(config, "kivi2")
     with observing(model, cache):
         model(ids, past_key_values=cache, use_cache=True)
     cache_nbytes(cache)       # bytes actually held, scales, minimums and indices included
@@ -35,22 +35,23 @@ layers get the global mask offsets: exact for Llama / Qwen2, approximate for sli
 
 Files: spec.py (the --kv grammar, parsed once into CacheSpec and its typed parts), layers.py (the
 low-bit layers), eviction.py (the evicting layer), observe.py (observing), build.py (kv_cache_for,
-kv_label, compress), nbytes.py (byte counting). The names below are the package's API.
+compress), nbytes.py (byte counting). The names below are the package's API.
 """
 
-from lowbit.runtime.kvcache.build import compress, kv_cache_for, kv_label
+from lowbit.runtime.kvcache.build import compress, kv_cache_for
 from lowbit.runtime.kvcache.nbytes import cache_nbytes, full_cache_nbytes
 from lowbit.runtime.kvcache.observe import observing
 from lowbit.runtime.kvcache.spec import (
     KV_HELP,
     POLICIES,
     CacheSpec,
+    cache_choice,
     parse_cache,
     parse_kv,
     parse_policy,
 )
 
 __all__ = [
-    "KV_HELP", "POLICIES", "CacheSpec", "cache_nbytes", "compress", "full_cache_nbytes", "kv_cache_for", "kv_label",
-    "observing", "parse_cache", "parse_kv", "parse_policy",
+    "KV_HELP", "POLICIES", "CacheSpec", "cache_choice", "cache_nbytes", "compress", "full_cache_nbytes",
+    "kv_cache_for", "observing", "parse_cache", "parse_kv", "parse_policy",
 ]

@@ -1,5 +1,5 @@
-"""A cache choice -> the transformers Cache that holds it (kv_cache_for), the label that names it
-(kv_label), and the prompt-then-evict step (compress)."""
+"""A cache choice (a CacheSpec) -> the transformers Cache that holds it (kv_cache_for), and the
+prompt-then-evict step (compress)."""
 
 from __future__ import annotations
 
@@ -15,37 +15,20 @@ from lowbit.runtime.kvcache.spec import (
     HFQuantizedSpec,
     ZipSpec,
     parse_cache,
-    parse_kv,
-    parse_policy,
 )
 
 
-def kv_label(kv: str | None, policy: str | None = None, budget: float | str | None = None) -> str | None:
-    """The one string that names a cache choice in results and reports: the --kv name, or
-    "<policy>@<budget>" for eviction (e.g. "snapkv@0.2"); None for the full cache. Validates."""
-    if policy is None:
-        if budget is not None:
-            raise ConfigError("--kv-budget needs --kv-policy streaming|h2o|snapkv")
-        if kv not in (None, "none", "full"):
-            parse_kv(kv)  # a --kv name, never an eviction label
-            return kv
-        return None
-    if kv not in (None, "none", "full"):
-        raise ConfigError("--kv and --kv-policy together are not supported yet: pick a low-bit cache or an eviction policy")
-    spec = parse_policy(policy, budget)
-    return f"{policy}@{spec.budget:g}"
-
-
-def kv_cache_for(config, name: str | CacheSpec | None = None, policy: EvictSpec | None = None,
+def kv_cache_for(config, name: CacheSpec | str | None = None, policy: EvictSpec | None = None,
                  mode: str = "stream") -> Cache | None:
-    """A Cache for `config`'s decoder: a --kv name or a "<policy>@<budget>" label (see kv_label),
-    or its CacheSpec, an eviction policy, or neither (None: the model's default cache). Combining
-    a low-bit cache with eviction is refused for now."""
+    """A Cache for `config`'s decoder: a CacheSpec (what lowbit's own callers pass, parsed once at
+    their boundary), or for convenience a --kv name or "<policy>@<budget>" label, parsed here; an
+    eviction policy; or neither (None: the model's default cache). Combining a low-bit cache with
+    eviction is refused for now."""
     if isinstance(name, str) and name not in ("none", "full") and policy is not None:
         raise ConfigError(f"{name!r} already names an eviction policy" if "@" in name else
                           "--kv and --kv-policy together are not supported yet: pick a low-bit cache or an eviction "
                           "policy")
-    spec = name if isinstance(name, CacheSpec) or name is None else parse_cache(name)
+    spec = parse_cache(name)
     if spec is not None and spec.evict is not None:
         if policy is not None:
             raise ConfigError(f"{spec.label!r} already names an eviction policy")

@@ -176,13 +176,34 @@ class CacheSpec:
     lowbit: LowBitSpec | None = None
     evict: EvictSpec | None = None
 
+    def __str__(self) -> str:
+        return self.label
 
-def parse_cache(name: str | None) -> CacheSpec | None:
-    """A --kv name or a "<policy>@<budget>" label (see kv_label) -> its CacheSpec; None for the
-    full cache ("none", "full" or nothing)."""
+
+def parse_cache(name: CacheSpec | str | None) -> CacheSpec | None:
+    """A --kv name or a "<policy>@<budget>" label (see cache_choice) -> its CacheSpec (a CacheSpec
+    as it is); None for the full cache ("none", "full" or nothing)."""
+    if isinstance(name, CacheSpec):
+        return name
     if name in (None, "none", "full"):
         return None
     if "@" in name:
         policy, _, budget = name.partition("@")
         return CacheSpec(name, evict=parse_policy(policy, budget))
     return CacheSpec(name, lowbit=parse_kv(name))
+
+
+def cache_choice(kv: str | None, policy: str | None = None, budget: float | str | None = None) -> CacheSpec | None:
+    """The flags --kv, --kv-policy and --kv-budget together -> one CacheSpec, labelled by the --kv
+    name or "<policy>@<budget>" (e.g. "snapkv@0.2"); None for the full cache. ConfigError naming
+    the flag otherwise (a low-bit cache with eviction is refused for now)."""
+    if policy is None:
+        if budget is not None:
+            raise ConfigError("--kv-budget needs --kv-policy streaming|h2o|snapkv")
+        if kv in (None, "none", "full"):
+            return None
+        return CacheSpec(kv, lowbit=parse_kv(kv))  # a --kv name, never an eviction label
+    if kv not in (None, "none", "full"):
+        raise ConfigError("--kv and --kv-policy together are not supported yet: pick a low-bit cache or an eviction policy")
+    evict = parse_policy(policy, budget)
+    return CacheSpec(f"{policy}@{evict.budget:g}", evict=evict)
