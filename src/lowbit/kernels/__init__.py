@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled from kernels/csrc on first use and cached.
 
-Each source is built once per (source, torch version, CPU) with torch's C++ extension builder
+Each extension is built once per (its sources, torch version, CPU) with torch's C++ extension builder
 (`-O3 -march=native -fopenmp -ffp-contract=off`: no fused multiply-adds the source does not
 write, so scalar float code computes what torch computes) into <cache>/kernels, so a fresh machine pays the build once (tens of
 seconds) and later processes load the shared object directly. `lowbit kernels` builds them
@@ -33,7 +33,13 @@ from lowbit.paths import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).parent / "csrc"
-NAMES = ("kv_attention", "qgemv")
+# the C++ files each extension is compiled from, its Python binding first (csrc/*.h: shared headers)
+FILES = {
+    "kv_attention": ("kv_attention.cpp",),
+    "qgemv": ("qgemv.cpp", "layout.cpp", "gemv.cpp", "bf16_kernel.cpp", "bf16_product.cpp", "decoder.cpp",
+              "w4a8.cpp", "act_quant.cpp"),
+}
+NAMES = tuple(FILES)
 DISABLE_ENV = "LOWBIT_NO_KERNELS"   # set to 1 to use the torch references everywhere
 
 _loaded: dict[str, ModuleType] = {}
@@ -45,9 +51,12 @@ class KernelUnavailable(LowbitError, RuntimeError):
     """A native kernel could not be built or loaded; the torch reference is used instead."""
 
 
-def _build_dir(name: str, source: Path, cache: str | os.PathLike | None = None) -> Path:
+def _build_dir(name: str, sources: list[Path], cache: str | os.PathLike | None = None) -> Path:
+    """<cache>/kernels/<name>-<key>: the key covers every source file (name and bytes) and header, so
+    a change to any of them builds anew."""
+    code = b"".join(s.name.encode() + b"\0" + s.read_bytes() for s in sources)
     headers = b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
-    key = hashlib.sha256(source.read_bytes() + headers + torch.__version__.encode() + platform.machine().encode()
+    key = hashlib.sha256(code + headers + torch.__version__.encode() + platform.machine().encode()
                          + _cpu_flags().encode() + b"fp-contract=off").hexdigest()[:16]
     return cache_dir(cache) / "kernels" / f"{name}-{key}"
 
@@ -93,8 +102,8 @@ def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
             return _loaded[name]
         if name in _failed:
             raise KernelUnavailable(_failed[name])
-        source = SOURCES / f"{name}.cpp"
-        build = _build_dir(name, source, cache)
+        sources = [SOURCES / f for f in FILES[name]]
+        build = _build_dir(name, sources, cache)
         build.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build)
         try:
@@ -103,7 +112,7 @@ def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
             if not (build / f"lowbit_{name}.so").exists():  # a cached build loads in a moment: say nothing
                 print(f"lowbit: compiling the native kernel {name} (once per machine and torch version, "
                       f"up to a minute) into {build} ...", file=sys.stderr, flush=True)
-            mod = build_extension(name=f"lowbit_{name}", sources=[str(source)], build_directory=str(build),
+            mod = build_extension(name=f"lowbit_{name}", sources=[str(s) for s in sources], build_directory=str(build),
                                   extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
