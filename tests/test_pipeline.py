@@ -281,6 +281,32 @@ def test_head_bits_rounds_an_untied_head_and_it_survives_a_checkpoint(tmp_path):
         assert torch.equal(back(ids).logits, lm.model(ids).logits)
 
 
+def test_by_default_an_untied_head_is_8_bit_and_a_tied_one_stays_dense():
+    untied = LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source)
+    res = quantize(untied, Recipe(method="rtn", bits=4, group_size=32), progress=False)
+    assert res.recipe.head_bits == 8 and res.weights["lm_head"].fmt.bits == 8
+    explicit = quantize(LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source),
+                        Recipe(method="rtn", bits=4, group_size=32, head_bits=8), progress=False)
+    assert all(torch.equal(getattr(explicit.weights["lm_head"], t), getattr(res.weights["lm_head"], t))
+               for t in ("codes", "scales", "zeros"))  # the default is what --head-bits 8 gave
+    assert res.manifest_info()["recipe"]["head_bits"] == 8  # the manifest says what ran
+    # the rate is the blocks' (a recipe's width and group); the head's record counts in the bytes
+    blocks = [w for n, w in res.weights.items() if n != "lm_head"]
+    assert res.size.bits_per_weight == pytest.approx(8 * sum(w.nbytes() for w in blocks)
+                                                     / sum(w.shape[0] * w.shape[1] for w in blocks))
+    dense_head = quantize(LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source),
+                          Recipe(method="rtn", bits=4, group_size=32, head_bits=0), progress=False)
+    assert "lm_head" not in dense_head.weights and dense_head.recipe.head_bits == 0
+    assert res.size.bits_per_weight == dense_head.size.bits_per_weight
+    assert res.size.model_bytes < dense_head.size.model_bytes
+    tied = quantize(loaded_tiny(), Recipe(method="rtn", bits=4, group_size=32), progress=False)
+    assert "lm_head" not in tied.weights and tied.recipe.head_bits == 0
+    # skipping the head by name keeps it dense
+    skipped = quantize(LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source),
+                       Recipe(method="rtn", bits=4, group_size=32, skip=("lm_head",)), progress=False)
+    assert "lm_head" not in skipped.weights
+
+
 def test_head_bits_refuses_a_head_tied_to_the_embeddings():
     lm = loaded_tiny()  # tied
     assert lm.model.lm_head.weight is lm.model.get_input_embeddings().weight

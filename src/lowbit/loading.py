@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.checkpoint import Manifest, open_checkpoint
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.eval.size import QuantizedSize, quantized_size
+from lowbit.eval.size import QuantizedSize, head_name, quantized_size
 from lowbit.memory import release_freed_memory
 from lowbit.runtime.convert import KINDS, LayerError, embedding_to_map, to_runtime
 from lowbit.runtime.packed import fusion_buffers
@@ -94,7 +94,7 @@ def _stored_size(model: nn.Module, records: dict, dense: dict[str, torch.Tensor]
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     tensors = {k: t for k, t in dense.items() if k in params}
     tensors.update({f"{n}.bias": b for n, b in biases.items() if b is not None})
-    return quantized_size(records, tensors)
+    return quantized_size(records, tensors, head_name(model))
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool | str = True,

@@ -34,7 +34,7 @@ from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
 from lowbit.eval.evaluate import EvalResult
 from lowbit.eval.report import quantize_report
-from lowbit.eval.size import QuantizedSize, dense_tensors, quantized_size
+from lowbit.eval.size import QuantizedSize, dense_tensors, head_name, quantized_size
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import QuantizedWeight
@@ -81,7 +81,7 @@ class QuantizedModel:
     @property
     def size(self) -> QuantizedSize:
         """Bits per weight and bytes, from the records and the model's other tensors."""
-        return quantized_size(self.weights, dense_tensors(self.model, self.weights))
+        return quantized_size(self.weights, dense_tensors(self.model, self.weights), head_name(self.model))
 
     @property
     def fallbacks(self) -> list[str]:
@@ -156,6 +156,15 @@ def output_head(model: nn.Module) -> tuple[str, nn.Linear]:
                           "quantizing it would quantize the embeddings too; drop head_bits for this model")
     name = next(n for n, m in model.named_modules() if m is head)
     return name, head
+
+
+def with_head(model: nn.Module, recipe: Recipe) -> Recipe:
+    """`recipe` with its head_bits decided for `model` (Recipe.with_head): an absent head_bits
+    rounds an untied output head to 8 bits, unless the recipe's skip list names it."""
+    head = model.get_output_embeddings()
+    untied = (isinstance(head, nn.Linear) and head.weight is not model.get_input_embeddings().weight
+              and not recipe.is_skipped(next(n for n, m in model.named_modules() if m is head)))
+    return recipe.with_head(untied)
 
 
 def _block_prefix(model: nn.Module, i: int) -> str:
@@ -393,6 +402,7 @@ def quantize(
     """
     model = loaded.model
     check_finite_weights(model)
+    recipe = with_head(model, recipe)
     names, skipped = target_layers(model, recipe)
     if not names:
         raise ConfigError("the recipe's skip list excludes every linear layer; nothing to quantize")

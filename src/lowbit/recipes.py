@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import ConfigError
-from lowbit.levels import PER_CHANNEL, Allocation, Level, group_size_problem  # noqa: F401 - PER_CHANNEL re-exported
+from lowbit.levels import PER_CHANNEL, Allocation, Level, group_size_problem
 from lowbit.methods import METHODS, Method, width_range
 
 if TYPE_CHECKING:
     from lowbit.qtensor import QuantFormat
+
+
+AUTO_HEAD_BITS = 8  # the output head's width when the recipe does not say (an untied head only)
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:
@@ -200,13 +203,16 @@ class Recipe:
     rules: tuple[Rule, ...] = ()   # per-module overrides, first match wins
     budget: BudgetConfig | None = None
     skip: tuple[str, ...] = ()     # regexes on module names kept in full precision
-    head_bits: int = 0             # > 0: also round the output head (an untied lm_head) to this width, RTN
+    head_bits: int | None = None   # the output head, RTN: None = 8 bits where it is untied (dense where tied),
+                                   # 0 = keep it dense, 2..8 = that width (refused for a tied head)
     head_group_size: int = 128
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
-        _require(self.head_bits == 0 or (isinstance(self.head_bits, int) and 2 <= self.head_bits <= 8), "head_bits",
-                 f"0 (keep the output head dense) or an integer from 2 to 8, got {self.head_bits!r}")
+        _require(self.head_bits is None or (isinstance(self.head_bits, int) and not isinstance(self.head_bits, bool)
+                                            and (self.head_bits == 0 or 2 <= self.head_bits <= 8)), "head_bits",
+                 f"0 (keep the output head dense) or an integer from 2 to 8 (absent: 8 bits where the head is "
+                 f"untied), got {self.head_bits!r}")
         method = METHODS[self.method]
         if method.fractional_bits:
             _require(isinstance(self.bits, (int, float)) and not isinstance(self.bits, bool)
@@ -287,7 +293,19 @@ class Recipe:
         """The output head's format (head_bits): round-to-nearest, float16 scales."""
         from lowbit.qtensor import QuantFormat
 
-        return QuantFormat.resolved(in_features, self.head_bits, self.head_group_size, self.symmetric)
+        return QuantFormat.resolved(in_features, self.head_bits or AUTO_HEAD_BITS, self.head_group_size, self.symmetric)
+
+    def with_head(self, untied: bool) -> Recipe:
+        """This recipe with head_bits decided for a model whose output head is `untied` (or not):
+        an absent head_bits becomes 8 for an untied head and 0 (dense) for a tied one. An 8-bit
+        head costs next to nothing in accuracy and is what a decode step reads most of in a small
+        model. With per-channel 8-bit symmetric blocks (W8A8), the head takes their format too."""
+        if self.head_bits is not None:
+            return self
+        if not untied:
+            return dataclasses.replace(self, head_bits=0)
+        group = PER_CHANNEL if self.group_size == PER_CHANNEL and self.bits == 8 else self.head_group_size
+        return dataclasses.replace(self, head_bits=AUTO_HEAD_BITS, head_group_size=group)
 
     def _format(self, bits: int, group_size: int, symmetric: bool, in_features: int) -> QuantFormat:
         from lowbit.qtensor import QuantFormat

@@ -138,10 +138,11 @@ def _quantized_in_place(spec: dict[str, Any], loaded, extra: dict[str, Any]) -> 
         target = target_bpw(base) or _uniform_bpw(loaded.model, names, setting)
         budget = BudgetConfig(target_bpw=target, generations=spec.get("budget_generations", 10),
                               offspring=2, search_tokens=2048)
-        recipe = Recipe(method="gptq", calibration=calib, budget=budget)
+        recipe = Recipe(method="gptq", calibration=calib, budget=budget, head_bits=0)
     else:
-        recipe = Recipe(method=method, bits=bits, group_size=gs, calibration=calib,
+        recipe = Recipe(method=method, bits=bits, group_size=gs, calibration=calib, head_bits=0,
                         integer_scale=IntegerScaleConfig(enabled=bool(iscale), bits=int(iscale or 8)))
+    # head_bits=0: the rows compare the methods on the decoder blocks, the head dense in every row
     res = quantize(loaded, recipe, data_dir=spec.get("data_dir"), progress=False)
     if "budget" in res.extra:
         b = res.extra["budget"]

@@ -41,8 +41,9 @@ def register(sub) -> None:
     q.add_argument("--group-size", type=int, help="columns per group; -1 = per channel (default 128)")
     q.add_argument("--sym", action="store_true", default=None, help="symmetric (default asymmetric with zero points)")
     q.add_argument("--no-clip", action="store_true", help="disable the per-group clipping search")
-    q.add_argument("--head-bits", type=int, help="also round an untied output head (lm_head) to this width "
-                   "(RTN, groups of 128): it is read every decode step, as much as the rest of a small model")
+    q.add_argument("--head-bits", type=int, help="width of the output head (lm_head), RTN in groups of 128; default "
+                   "8 where the head is untied (a decode step reads it as much as the rest of a small model), "
+                   "0 keeps it dense")
     q.add_argument("--integer-scale", type=int, nargs="?", const=8, metavar="BITS",
                    help="store group scales as BITS-bit integers (default 8) times one float per row (Integer Scale)")
     q.add_argument("--target-bpw", type=float, help="size budget: average bits per weight (scales and zeros "
@@ -155,13 +156,20 @@ def _load_and_check(args, recipe, dtype):
     from lowbit.eval.perplexity import default_seqlen
     from lowbit.memory import rss_bytes
     from lowbit.models import load_model
-    from lowbit.pipeline import check_shapes, estimate, output_head, target_layers
+    from lowbit.pipeline import (
+        check_shapes,
+        estimate,
+        output_head,
+        target_layers,
+        with_head,
+    )
 
     _say(f"loading {args.model} ({dtype}) ...")
     baseline = rss_bytes()  # the process before the model: torch, transformers, lowbit
     loaded = load_model(args.model, dtype=dtype, cache=args.cache)
     if recipe.head_bits:
         output_head(loaded.model)  # a tied head is refused now, not after quantizing
+    recipe = with_head(loaded.model, recipe)  # an absent --head-bits: 8 bits where the head is untied
     names, _ = target_layers(loaded.model, recipe)
     check_shapes(loaded.model, names, recipe)
     check_layer_groups(loaded.model, names, recipe)

@@ -70,8 +70,10 @@ class ModelSize:
 class QuantizedSize:
     """Size of a (partly) quantized model, as deployed.
 
-    bits_per_weight: over the quantized linear layers, codes + scales (16 bit) + zeros (bits)
-    per group + any permutation; None when nothing is quantized. model_bytes: quantized layers
+    bits_per_weight: over the quantized decoder-block layers, codes + scales (16 bit) + zeros
+    (bits) per group + any permutation; None when nothing is quantized. An output head's record
+    counts in model_bytes, not in bits_per_weight or n_quantized_params (the rate a recipe's
+    width and group size give, and what a size budget targets). model_bytes: quantized layers
     packed, every other unique tensor counted at 16 bits (how a float model ships).
     reference_bytes: every parameter at 16 bits (the unquantized model).
     """
@@ -88,21 +90,35 @@ class QuantizedSize:
                 "reference_bytes": self.reference_bytes}
 
 
-def quantized_size(weights: Mapping[str, Any], dense: Mapping[str, torch.Tensor]) -> QuantizedSize:
+def quantized_size(weights: Mapping[str, Any], dense: Mapping[str, torch.Tensor],
+                   head: str | None = None) -> QuantizedSize:
     """The size of a model given as records and dense tensors: `weights` {layer name: record}
     (QuantizedWeight or PackedWeight, anything with .shape and .nbytes(); tensors on the meta
     device do), `dense` every other parameter once (dense_tensors), biases of quantized layers
-    included. The same numbers whatever runtime the model is later loaded for."""
-    n_q = sum(r.shape[0] * r.shape[1] for r in weights.values())
-    q_bytes = sum(r.nbytes() for r in weights.values())
+    included; `head` the output head's name (head_name), whose record is left out of the rate.
+    The same numbers whatever runtime the model is later loaded for."""
+    blocks = {n: r for n, r in weights.items() if n != head}
+    n_q = sum(r.shape[0] * r.shape[1] for r in blocks.values())
+    q_bytes = sum(r.nbytes() for r in blocks.values())
+    head_rec = weights.get(head) if head is not None else None
+    head_bytes, head_elems = (head_rec.nbytes(), head_rec.shape[0] * head_rec.shape[1]) if head_rec is not None else (0, 0)
     dense_elems = sum(t.numel() for t in dense.values())
     return QuantizedSize(
         bits_per_weight=8 * q_bytes / n_q if n_q else None,
         n_quantized_params=n_q,
         quantized_bytes=q_bytes,
-        model_bytes=q_bytes + 2 * dense_elems,
-        reference_bytes=2 * (dense_elems + n_q),
+        model_bytes=q_bytes + head_bytes + 2 * dense_elems,
+        reference_bytes=2 * (dense_elems + n_q + head_elems),
     )
+
+
+def head_name(model: torch.nn.Module) -> str | None:
+    """The qualified name of the model's output head (get_output_embeddings), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
 
 
 def dense_tensors(model: torch.nn.Module, quantized: Iterable[str] = ()) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ q/k/v bias) with lowbit's decode attention (runtime/attention.py) and a StaticCa
 else (`unsupported_reason` says why) keeps the transformers forward.
 
 For a bfloat16 model of packed layers it goes one step further (the native loop, the default):
-every decoder layer runs inside one native call (qgemv.cpp's Decoder: the packed products, with
+every decoder layer runs inside one native call (kernels/csrc/decoder.cpp's Decoder: the packed products, with
 their bias and residual additions, and RMSNorm, rotary embedding, cache write and attention from
 kernels/csrc/decode_ops.h, with SiLU), so a step is the embedding, one call
 and the head. Its norms and attention sum in another order than torch's kernels, so its logits

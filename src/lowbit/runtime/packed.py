@@ -2,7 +2,7 @@
 
 QuantLinear (runtime/qlinear.py) is the reference: one byte per code, dequantize on every call.
 PackedLinear holds the codes packed (bits/8 bytes per weight) in the layout of
-kernels/csrc/qgemv.cpp: each row is its column groups back to back, group g packed at its own
+kernels/csrc/layout.h: each row is its column groups back to back, group g packed at its own
 width (uniform formats, SliM-LLM's mixed widths and Integer Scale all fit; integer scales are
 folded into float32 scales, which are the very numbers the reference uses; scales and zero points
 that float16 holds exactly are kept as float16). It dispatches by shape:
@@ -70,7 +70,7 @@ def pack_rows(codes: torch.Tensor, group_size: int, widths: list[int]) -> tuple[
     return torch.cat(parts, 1).contiguous(), torch.tensor(offsets, dtype=torch.int64)
 
 
-INTERLEAVE = 4  # rows per block in the interleaved layout (kernels/csrc/qgemv.cpp: group_ptr)
+INTERLEAVE = 4  # rows per block in the interleaved layout (kernels/csrc/layout.h: group_ptr)
 
 
 def kernel_scales(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

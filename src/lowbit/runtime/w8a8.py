@@ -21,7 +21,7 @@ Scale: `--integer-scale 8`) times a float per row, the same per-token int8 activ
 
     y_tn = s_t * mult_n * sum_g iscale_ng * sum_{k in g} (c_nk - z_ng) q_tk
 
-where everything right of mult_n is an exact integer (kernels/csrc/qgemv.cpp: w4a8_gemm, four
+where everything right of mult_n is an exact integer (kernels/csrc/w4a8.cpp: w4a8_gemm, four
 products per int32 lane with vpdpbusd, group sums scaled by iscale in int32 lanes, added in
 int64), so it is bit-identical to `w4a8_reference`'s int64 matmul; the float scales come after.
 
@@ -66,7 +66,7 @@ def onednn_int8_exact() -> bool:
 
 
 def _ext():
-    """The native per-token quantize and epilogue (kernels/csrc/qgemv.cpp), or None: torch ops."""
+    """The native per-token quantize and epilogue (kernels/csrc/act_quant.cpp), or None: torch ops."""
     try:
         return kernels.load("qgemv")
     except kernels.KernelUnavailable:

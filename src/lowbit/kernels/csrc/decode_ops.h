@@ -1,5 +1,5 @@
 // The small operations of one bfloat16 decode step of a Llama / Qwen2 layer, on raw rows, for
-// qgemv.cpp's Decoder, which runs whole layers with them between its packed products: between
+// decoder.cpp's Decoder, which runs whole layers with them between its packed products: between
 // those products a transformers step runs about fifty torch operations per layer, a few
 // microseconds each (for a 1.5B model about 4 ms a step, 15% of it). Each computes what the
 // torch operations it replaces compute, rounding to bfloat16 where they round (round to nearest

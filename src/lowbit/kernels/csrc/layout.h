@@ -5,7 +5,7 @@
 // group. Rows one after another (il 1) or in blocks of four, group by group (il 4: group_ptr).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h: only the bindings (qgemv.cpp) need Python and pybind11
 
 #include <cstdint>
 #include <vector>

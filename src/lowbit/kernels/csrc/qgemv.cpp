@@ -1,6 +1,8 @@
 // The qgemv extension's Python bindings: every entry point, each kernel in its own file (qgemv.h
 // lists them).
 
+#include <torch/extension.h>
+
 #include "qgemv.h"
 
 #ifdef LOWBIT_BF16_PATH

@@ -12,7 +12,7 @@
 // uses -march=native); has_bf16_path / has_w4a8_path say whether they were.
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/types.h>  // not torch/extension.h: only the bindings (qgemv.cpp) need Python and pybind11
 
 #include <cstdint>
 #include <memory>
