@@ -67,8 +67,8 @@ def quantize_report(m: Manifest, evals: list[EvalResult]) -> str:
         "",
         "## Result",
         f"- effective bits per weight (decoder-block layers, scales and zeros counted): {st.bits_per_weight:.3f}",
-        *([f"- output head rounded to {r['head_bits']} bits (RTN, groups of {r.get('head_group_size')}); "
-           "`--head-bits 0` keeps it dense"] if r.get("head_bits") else []),
+        *([(f"- output head rounded to {r['head_bits']} bits (RTN, groups of {r.get('head_group_size')}); "
+            "`--head-bits 0` keeps it dense")] if r.get("head_bits") else []),
         f"- model size (quantized layers packed, other tensors at 16 bits): {st.model_bytes / 1e6:.1f} MB",
         *([(f"- on disk: {st.disk_bytes / 1e6:.1f} MB (every file of this folder; the tensors outside the "
             f"quantized layers are stored in {m.dtype})")]
