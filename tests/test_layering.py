@@ -167,3 +167,41 @@ def test_each_known_exception_is_still_needed(edge):
     edges = {u: set(t) for u, t in graph.items()}
     assert any(a in c and b in c for c in find_cycles(edges)), (
         f"{a} -> {b} no longer closes a cycle: remove it from KNOWN")
+
+
+# The layers, lowest first: a unit may import only units in lower layers (and itself). A new
+# top-level module or package must be placed here.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "paths", "dtypes", "methods"),                       # foundations, no lowbit imports
+    ("marks", "memory", "levels", "formats", "kernels", "data"),    # primitives: formats, kernel builds, text
+    ("qtensor", "outputs", "models", "recipe_sections"),            # the record, safe writes, model loading
+    ("recipes", "peers"),                                           # the recipe; other tools' quantizers
+    ("algorithms",),                                                # weight + statistics + format -> record
+    ("calibration", "checkpoint"),                                  # block-by-block driver; records on disk
+    ("budget", "runtime"),                                          # size budgets; running records
+    ("eval",),                                                      # measuring a model
+    ("loading",),                                                   # checkpoint + runtime = lowbit.load
+    ("pipeline",),                                                  # quantize, save
+    ("bench",),                                                     # side-by-side benchmarks
+    ("cli",),                                                       # the commands
+)
+
+
+def upward_imports(graph: dict[str, dict[str, list[str]]], layers=LAYERS) -> list[tuple[str, str]]:
+    """The imports (unit, imported unit) whose target is not in a lower layer."""
+    layer = {u: i for i, units in enumerate(layers) for u in units}
+    return sorted((a, b) for a, targets in graph.items() for b in targets if a != b and layer[b] >= layer[a])
+
+
+def test_every_unit_has_a_layer_and_imports_only_lower_layers():
+    placed = {u for units in LAYERS for u in units}
+    units = {_unit(u) for u in _units()}
+    assert units <= placed, f"place these units in LAYERS: {sorted(units - placed)}"
+    upward = upward_imports(import_graph())
+    assert not upward, f"imports that run up or sideways between layers: {upward}"
+
+
+def test_the_layer_check_catches_upward_and_sideways_imports():
+    layers = (("a",), ("b", "c"), ("d",))
+    assert upward_imports({"d": {"b": []}, "b": {"a": []}}, layers) == []
+    assert upward_imports({"a": {"d": []}, "b": {"c": []}}, layers) == [("a", "d"), ("b", "c")]
