@@ -292,6 +292,20 @@ class KVPlot:
     above: tuple[str, ...]
 
 
+def _side_table(ax, pts: list[dict], numbers: dict[str, int], color: dict[str, str]) -> None:
+    """The caches by number, with their bytes and perplexity, as a column of text beside the plots."""
+    ax.set_axis_off()
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    step = min(0.05, 0.92 / (len(pts) + 1))
+    ax.text(0.0, 0.98, f"{'#':>3}  {'cache':<24}{'MB':>6}{'ppl':>9}", family="monospace", fontsize=7.5,
+            va="top", weight="bold")
+    for i, r in enumerate(pts):
+        ax.text(0.0, 0.98 - (i + 1) * step, f"{numbers[r['cache']]:>3}  {r['cache'][:24]:<24}"
+                f"{r['kv_bytes'] / 1e6:>6.2f}{r['ppl']:>9.2f}", family="monospace", fontsize=7.5, va="top",
+                color=color[r["cache"]])
+
+
 def plot(model: str, rows: list[dict], out_dir: Path, suffix: str = "", clip: float = 3.0) -> KVPlot | None:
     """Perplexity against KV bytes: every cache (left; y up to `clip` times the full cache's
     perplexity, caches above it as arrows at the top edge with their value) and the low-bit ones
@@ -359,16 +373,7 @@ def plot(model: str, rows: list[dict], out_dir: Path, suffix: str = "", clip: fl
                                                                      else ""), fontsize=9)
     axes[1].set_title("low-bit caches within 35% of the full cache's perplexity", fontsize=9)
     axes[0].legend(fontsize=6.5, loc="upper right")
-    table.set_axis_off()
-    table.set_xlim(0, 1)
-    table.set_ylim(0, 1)
-    step = min(0.05, 0.92 / (len(pts) + 1))
-    table.text(0.0, 0.98, f"{'#':>3}  {'cache':<24}{'MB':>6}{'ppl':>9}", family="monospace", fontsize=7.5,
-               va="top", weight="bold")
-    for i, r in enumerate(pts):
-        table.text(0.0, 0.98 - (i + 1) * step, f"{numbers[r['cache']]:>3}  {r['cache'][:24]:<24}"
-                   f"{r['kv_bytes'] / 1e6:>6.2f}{r['ppl']:>9.2f}", family="monospace", fontsize=7.5, va="top",
-                   color=color[r["cache"]])
+    _side_table(table, pts, numbers, color)
     path = out_dir / f"BENCHMARKS-kv-{model}{suffix}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
