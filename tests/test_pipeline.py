@@ -5,27 +5,17 @@ import json
 
 import pytest
 import torch
-from tiny_models import TINY_VOCAB, build_tiny
+from rendered import numbers
+from tiny_models import TINY_VOCAB, ByteTokenizer, build_tiny, loaded_tiny
 
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.loading import load_checkpoint
-from lowbit.models.load import LoadedModel, ModelSource
 from lowbit.pipeline import _dense_twin, quantize, save, target_layers
 from lowbit.qtensor import QuantFormat
 from lowbit.recipes import CalibrationConfig, Recipe
 from lowbit.runtime.qlinear import QuantLinear
-
-
-class ByteTokenizer:
-    eos_token_id = 0
-
-    def __call__(self, text):
-        return {"input_ids": [1 + b % (TINY_VOCAB - 1) for b in text.encode()]}
-
-    def save_pretrained(self, path):
-        pass
 
 
 @pytest.fixture
@@ -35,11 +25,6 @@ def data_dir(tmp_path):
     docs = [" ".join(words[int(i)] for i in torch.randint(0, 8, (300,), generator=g)) for _ in range(2000)]
     (tmp_path / "c4-validation-2k.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return tmp_path
-
-
-def loaded_tiny(arch="llama", seed=0):
-    src = ModelSource(spec="tiny", kind="hf_folder", path=None, gguf_file=None, name="tiny", sha256=None)
-    return LoadedModel(build_tiny(arch, seed), ByteTokenizer(), src)
 
 
 def _logit_err(model, ref, ids):
@@ -146,8 +131,10 @@ def test_save_writes_manifest_and_report(tmp_path, data_dir):
     assert manifest["calibration"] == {"dataset": "c4", "n_samples": 16, "seqlen": 64, "seed": 0, "dtype": "float32",
                                       "n_tokens": 1024}
     assert len(manifest["layers"]) == 14
-    report = (out / "REPORT.md").read_text()
-    assert "bits per weight" in report and "calibration: c4, 16 x 64 tokens, seed 0" in report
+    items = [line[2:] for line in (out / "REPORT.md").read_text().splitlines() if line.startswith("- ")]
+    cal = manifest["calibration"]  # the report's items carry the manifest's numbers
+    assert [numbers(i)[-3:] for i in items if cal["dataset"] in i] == [[cal["n_samples"], cal["seqlen"], cal["seed"]]]
+    assert any(round(manifest["stats"]["bits_per_weight"], 3) in numbers(i) for i in items)
 
 
 def with_outlier_channels(model, boost=25.0):
@@ -267,7 +254,7 @@ def test_time_estimate_orders_the_methods_by_their_work():
 
 
 def test_head_bits_rounds_an_untied_head_and_it_survives_a_checkpoint(tmp_path):
-    lm = LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source)
+    lm = loaded_tiny(tie=False)
     dense_head = lm.model.lm_head.weight.detach().clone()
     res = quantize(lm, Recipe(method="rtn", bits=4, group_size=32, head_bits=8, head_group_size=64), progress=False)
     head = lm.model.lm_head

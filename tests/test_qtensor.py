@@ -48,7 +48,7 @@ def test_symmetric_midpoint_follows_each_groups_width():
 
 def test_group_bits_are_validated():
     codes, scales = torch.zeros(2, 8, dtype=torch.uint8), torch.ones(2, 2).half()
-    with pytest.raises(ShapeError, match="group_bits must lie in 1..3"):
+    with pytest.raises(ShapeError, match="group_bits.*3"):
         QuantizedWeight(codes, scales, None, QuantFormat(3, 4, True), group_bits=torch.tensor([2, 4], dtype=torch.uint8))
     with pytest.raises(ShapeError, match=r"uint8 \[2\]"):
         QuantizedWeight(codes, scales, None, QuantFormat(3, 4, True), group_bits=torch.tensor([2, 3, 3], dtype=torch.uint8))

@@ -1,36 +1,103 @@
-"""Tiny random decoder models of each supported architecture, built in-process (no download)."""
+"""The one factory of tiny models for the tests: random decoders of each architecture family built
+in-process (no download), the tokenizers that go with them, and a complete Hugging Face folder on
+disk. Every test that needs a tiny model takes it from here.
+
+Defaults are the suite's standard tiny model: 2 blocks, hidden 64, MLP 128, 4 query and 2 KV heads,
+vocabulary 256, a tied head, initializer range 0.1 (peaked enough that a perturbed copy has a clear
+KL), float32, weights drawn after `torch.manual_seed(seed)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import torch
-from transformers import (
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 TINY_VOCAB = 256
+FOLDER_POSITIONS = 256  # max_position_embeddings of the models written to disk
 
-_COMMON = {"vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+ARCHS = ("llama", "qwen2", "gemma3")  # the families lowbit supports; "gpt2" is a family it refuses
 
 
-def build_tiny(arch: str, seed: int = 0, tie: bool = True):
-    torch.manual_seed(seed)
+def tiny_config(arch: str = "llama", *, layers: int = 2, hidden: int = 64, vocab: int = TINY_VOCAB,
+                tie: bool = True, max_positions: int = 512, **overrides):
+    """The transformers config of a tiny `arch` model; `overrides` are passed on to the config
+    (e.g. sliding-window settings)."""
+    import transformers
+
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, vocab_size=vocab,
+                                       n_positions=max_positions, tie_word_embeddings=tie,
+                                       initializer_range=0.1, **overrides)
+    common = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+              "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": max_positions, "tie_word_embeddings": tie, "initializer_range": 0.1}
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_COMMON, tie_word_embeddings=tie, initializer_range=0.1))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON, tie_word_embeddings=tie, initializer_range=0.1))
-    elif arch == "gemma3":
-        cfg = Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, tie_word_embeddings=tie,
-                               initializer_range=0.1, layer_types=["sliding_attention", "full_attention"])
-        model = Gemma3ForCausalLM(cfg)
-    else:
-        raise ValueError(arch)
-    return model.eval()
+        return transformers.LlamaConfig(**common, **overrides)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common, **overrides)
+    if arch == "gemma3":
+        gemma = {"head_dim": hidden // 4, "sliding_window": 8,
+                 "layer_types": ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]}
+        return transformers.Gemma3TextConfig(**common, **{**gemma, **overrides})
+    raise ValueError(f"no tiny model of architecture {arch!r}")
 
 
+def build_tiny(arch: str = "llama", seed: int = 0, tie: bool = True, *, layers: int = 2, hidden: int = 64,
+               vocab: int = TINY_VOCAB, dtype: torch.dtype = torch.float32, max_positions: int = 512,
+               **overrides) -> torch.nn.Module:
+    """A tiny random `arch` causal LM in eval mode (see the module docstring for the defaults)."""
+    import transformers
+
+    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "gemma3": transformers.Gemma3ForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
+    config = tiny_config(arch, layers=layers, hidden=hidden, vocab=vocab, tie=tie, max_positions=max_positions,
+                         **overrides)
+    torch.manual_seed(seed)
+    return cls[arch](config).to(dtype).eval()
+
+
+def tiny_llama(seed: int = 0, **kw):
+    return build_tiny("llama", seed, **kw)
+
+
+def tiny_qwen2(seed: int = 0, **kw):
+    return build_tiny("qwen2", seed, **kw)
+
+
+def tiny_gemma3(seed: int = 0, **kw):
+    return build_tiny("gemma3", seed, **kw)
+
+
+def tiny_gpt2(seed: int = 0, **kw):
+    """GPT-2: an architecture lowbit does not support (for the refusal tests)."""
+    return build_tiny("gpt2", seed, **kw)
+
+
+# --- tokenizers -----------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """In-process stand-in for a tokenizer of a TINY_VOCAB model: one id per UTF-8 byte, folded into
+    1..TINY_VOCAB-1 (id 0 is EOS)."""
+
+    eos_token_id = 0
+
+    def __call__(self, text):
+        return {"input_ids": [1 + b % (TINY_VOCAB - 1) for b in text.encode()]}
+
+    def save_pretrained(self, path):
+        pass
+
+
+def loaded_tiny(arch: str = "llama", seed: int = 0, **kw):
+    """build_tiny(arch, seed, **kw) with a ByteTokenizer, as the LoadedModel that quantize() takes."""
+    from lowbit.models.load import LoadedModel, ModelSource
+
+    src = ModelSource(spec="tiny", kind="hf_folder", path=None, gguf_file=None, name="tiny", sha256=None)
+    return LoadedModel(build_tiny(arch, seed, **kw), ByteTokenizer(), src)
+
+
+# word-level vocabularies of the folders on disk: ids are list positions
+WORDS = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(61))]
 CHAT_WORDS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
               *(f"w{i}" for i in range(57))]
 # one turn: "<|role|> content <|end|>"; the assistant's turn is opened for generation
@@ -38,24 +105,31 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def save_tiny_folder(folder, chat_template: str | None = None, seed: int = 0):
-    """A complete Hugging Face folder: a 2-block Llama (hidden 64) and a word-level tokenizer over
-    CHAT_WORDS (the role markers are special tokens), with `chat_template` if given."""
+def word_tokenizer(words: list[str] = CHAT_WORDS, chat_template: str | None = None):
+    """A word-level fast tokenizer over `words`: whitespace-split, every word in angle brackets but
+    <unk> a special token, <unk>/<s>/</s> as unk/bos/eos."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(**{**_COMMON, "vocab_size": len(CHAT_WORDS), "max_position_embeddings": 256},
-                         tie_word_embeddings=False, initializer_range=0.1)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CHAT_WORDS)}, unk_token="<unk>"))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(CHAT_WORDS[1:7])
+    backend.add_special_tokens([w for w in words if w.startswith("<") and w != "<unk>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     if chat_template is not None:
         tok.chat_template = chat_template
-    tok.save_pretrained(folder)
-    return folder
+    return tok
+
+
+def save_tiny_folder(folder, chat_template: str | None = None, seed: int = 0, *, model=None,
+                     words: list[str] = CHAT_WORDS, tie: bool = False, arch: str = "llama") -> Path:
+    """A complete Hugging Face folder: `model` (default: a tiny `arch` with vocabulary len(words),
+    max positions FOLDER_POSITIONS, untied head unless `tie`) and word_tokenizer(words, chat_template).
+    Returns the folder."""
+    if model is None:
+        model = build_tiny(arch, seed, tie, vocab=len(words), max_positions=FOLDER_POSITIONS)
+    model.save_pretrained(folder)
+    word_tokenizer(words, chat_template).save_pretrained(folder)
+    return Path(folder)
 
 
 def records_of(model) -> dict:

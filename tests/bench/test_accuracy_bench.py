@@ -1,8 +1,8 @@
 import json
-import sys
-from pathlib import Path
+import re
 
 import pytest
+from rendered import image_links, markdown_table, number, numbers
 
 from lowbit.bench.accuracy_jobs import (
     Job,
@@ -86,13 +86,32 @@ def test_render_writes_table_and_plot(tmp_path):
             {"model": "m", "method": "llamacpp", "setting": "Q2_K", "error": "RuntimeError: no cmake"}]
     results = {result_key(r): r for r in rows}
     text = render(["m"], ["wikitext2"], results, work, plot_dir=tmp_path)
-    assert "| slim | w3g128 | 3.170 | 50.000 |" in text and "failed: RuntimeError: no cmake" in text
-    assert "layers kept: table, plain clip x3, unmoved, salience clip x4 |" in text
-    assert ("size of w3g128: w3g64x2; search from uniform w3g128 (best of 2 starts), KL 1.000->0.800, "
-            "unseen 1.100->1.200: kept the start") in text
-    assert "| 8x64 (bfloat16 forwards) |" in text and "| 71.000 |" in text and "| 70.000 |" in text
-    assert "| 8x64 |" in text and (tmp_path / "BENCHMARKS-pareto-m.png").stat().st_size > 1000
-    assert "![wikitext2 perplexity against bits per weight, m](BENCHMARKS-pareto-m.png)" in text
+    table = markdown_table(text)
+    assert (table[0]["method"], table[0]["setting"]) == ("reference", "fp32")  # one row per record after it
+    assert sorted((r["method"], r["setting"]) for r in table[1:]) == sorted((r["method"], r["setting"]) for r in rows)
+    assert number(table[0]["wikitext2 ppl"]) == 20.0
+    done = [r for r in table[1:] if r["method"] != "llamacpp"]
+    by_ppl = {number(r["wikitext2 ppl"]): r for r in done}
+    for rec in rows[:4]:  # every number of a row is its record's
+        got, ds = by_ppl[rec["datasets"]["wikitext2"]["ppl"]], rec["datasets"]["wikitext2"]
+        assert (got["method"], got["setting"]) == (rec["method"], rec["setting"])
+        assert number(got["bits/weight"]) == rec["bits_per_weight"]
+        assert (number(got["wikitext2 KL"]), number(got["wikitext2 top-1"])) == (ds["kl"], ds["top1"])
+        assert number(got["peak RSS (GiB)"]) == rec["peak_rss_bytes"] / 2**30
+        assert numbers(got["calib"])[:2] == [rec["calib_samples"], rec["calib_seqlen"]]
+    # the bfloat16-forwards run is told apart from the float32 one in the calib column
+    assert "bfloat16" in by_ppl[71.0]["calib"] and "bfloat16" not in by_ppl[70.0]["calib"]
+    slim_notes = by_ppl[50.0]["notes"]
+    assert all(name in slim_notes for name in rows[1]["slim_choices"])
+    assert numbers(slim_notes) == list(rows[1]["slim_choices"].values())
+    budget, budget_notes = rows[3]["budget"], by_ppl[60.0]["notes"]
+    assert "w3g64" in budget_notes and budget["start"] in budget_notes
+    assert [float(x) for x in re.findall(r"\d+\.\d+", budget_notes)] == [
+        budget["start_kl"], budget["final_kl"], budget["confirm"]["start"], budget["confirm"]["searched"]]
+    failed = next(r for r in table if r["method"] == "llamacpp")
+    assert rows[-1]["error"] in " ".join(failed.values())
+    assert image_links(text) == ["BENCHMARKS-pareto-m.png"]
+    assert (tmp_path / "BENCHMARKS-pareto-m.png").stat().st_size > 1000
 
 
 def _dies(spec, queue):
@@ -105,13 +124,12 @@ def test_a_job_process_that_dies_gives_an_error_row_instead_of_hanging():
     from lowbit.bench.accuracy import _run_in_child
 
     r = _run_in_child({"model": "m", "method": "gptq", "setting": "w3g128"}, target=_dies)
-    assert result_key(r)[:3] == ("m", "gptq", "w3g128") and "exited with code 3" in r["error"]
+    assert result_key(r)[:3] == ("m", "gptq", "w3g128") and 3 in numbers(r["error"])  # the exit code
 
 
 def test_a_budget_job_meets_a_size_given_in_bits_per_weight(tmp_path, shared_data):
     """budget:<x>bpw runs end to end (child process, reference, table) and meets x within 1%."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-    from test_model_resolve import save_tiny_folder
+    from tiny_models import save_tiny_folder
 
     from lowbit.cli import main
 
@@ -125,7 +143,8 @@ def test_a_budget_job_meets_a_size_given_in_bits_per_weight(tmp_path, shared_dat
     assert "error" not in rec, rec.get("error")
     assert rec["setting"] == "3.5bpw" and 0.99 * 3.5 <= rec["bits_per_weight"] <= 3.5
     assert rec["budget"]["target"].startswith("3.5") and rec["datasets"]["wikitext2"]["kl"] >= 0
-    assert "3.5bpw" in out.read_text()
+    row = next(r for r in markdown_table(out.read_text()) if r["method"] == "budget")
+    assert row["setting"] == "3.5bpw" and number(row["bits/weight"]) == pytest.approx(rec["bits_per_weight"], abs=5e-4)
 
 
 def test_pareto_plot_clips_blown_up_rows_and_reports_them(tmp_path):

@@ -2,12 +2,12 @@
 and the byte accounting it reports bandwidth fractions with."""
 
 import json
+import re
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-from tiny_models import build_tiny
+from rendered import column, error_line, markdown_table, number, numbers
+from tiny_models import build_tiny, save_tiny_folder
 
 from lowbit.bench.speed import bytes_per_token, read_bandwidth
 from lowbit.cli import main
@@ -31,9 +31,6 @@ def test_read_bandwidth_is_a_plausible_rate():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-    from test_model_resolve import save_tiny_folder
-
     root = tmp_path_factory.mktemp("speed")
     save_tiny_folder(root / "src", tie=False)
     for bits in (4, 2):
@@ -60,18 +57,28 @@ def test_bench_speed_measures_checkpoints_beside_the_bf16_model(checkpoint, caps
     assert len(rec["bandwidth"]) == 2 and rec["kernels"][0]["format"] == "bf16 F.linear"
     assert all(r["bandwidth_beside"] > 1e8 for rows in rec["runtimes"].values() for r in rows)
     text = out.read_text()
-    assert "<!-- bench:speed:begin -->" in text and "| ck2 |" in text and "| bf16 (unquantized) |" in text
-    ck2 = " / ".join(f"{r['decode_tok_s']:.1f}" for r in rec["runtimes"]["ck2"])
-    assert "round by round" in text and f"ck2 {ck2};" in text
+    assert "<!-- bench:speed:begin -->" in text  # the marker a rerun replaces the section from
+    table = markdown_table(text, "runtime")
+    assert [r["runtime"] for r in table] == list(rec["runtimes"])
+    decode = column(table, "decode tok/s")
+    for row, rows in zip(table, rec["runtimes"].values(), strict=True):
+        assert number(row[decode]) == pytest.approx(statistics.median(r["decode_tok_s"] for r in rows), abs=0.005)
+        assert number(row["bytes/token"]) == round(rows[0]["bytes_per_token"] / 1e6)
     beside = statistics.median(r["decode_tok_s"] * bpt["ck2"] / r["bandwidth_beside"] for r in rec["runtimes"]["ck2"])
-    row = next(line for line in text.splitlines() if line.startswith("| ck2 |")).split(" | ")
-    assert row[11] == f"{beside:.0%}"  # the "beside" column
+    assert abs(number(table[1]["beside"]) - 100 * beside) <= 0.5  # percent, rounded
+    # the decode rate of every round, for ck2: "ck2 <round 1> / <round 2>"
+    rounds = re.search(r"\bck2 ((?:\d+\.\d / )*\d+\.\d)\b", text)
+    assert rounds and numbers(rounds.group(1)) == pytest.approx([r["decode_tok_s"] for r in rec["runtimes"]["ck2"]],
+                                                                abs=0.051)
+    kernels = markdown_table(text, "format")
+    assert [r["format"] for r in kernels] == [k["format"] for k in rec["kernels"]]
 
 
 def test_bench_speed_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
-    assert main(["bench", "speed", str(tmp_path), "--no-llamacpp", "--work-dir", str(tmp_path / "w"),
-                 "--output", str(tmp_path / "B.md")]) != 0
-    assert "not a lowbit checkpoint" in capsys.readouterr().err
+    code = main(["bench", "speed", str(tmp_path), "--no-llamacpp", "--work-dir", str(tmp_path / "w"),
+                 "--output", str(tmp_path / "B.md")])
+    assert str(tmp_path) in error_line(code, capsys.readouterr().err)  # names what it refused
+    assert not (tmp_path / "B.md").exists()
 
 
 def test_bytes_per_token_counts_the_int8_weights_oneDNN_holds():

@@ -3,22 +3,14 @@ so that an allocation has room to differ), the levels it is allocated over, and 
 between two models."""
 
 import torch
-from test_pipeline import ByteTokenizer
+from tiny_models import loaded_tiny
 
-from lowbit.models.load import LoadedModel, ModelSource
 from lowbit.recipes import CalibrationConfig, ClipConfig
 
 
 def deep_tiny(seed=0, arch="llama", layers=6):
-    import transformers
-
-    config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
-    cfg = config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    torch.manual_seed(seed)
-    src = ModelSource(spec="tiny", kind="hf_folder", path=None, gguf_file=None, name="tiny", sha256=None)
-    return LoadedModel(model(cfg).eval(), ByteTokenizer(), src)
+    """tiny_models.loaded_tiny with `layers` blocks and an untied head."""
+    return loaded_tiny(arch, seed, tie=False, layers=layers)
 
 
 LEVELS = ("w2g16", "w2g32", "w3g16", "w3g32", "w4g16", "w4g32", "w5g32", "w6g32", "w8g32")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from budget_models import FAST, LEVELS, deep_tiny, held_out_kl
-from test_pipeline import ByteTokenizer, data_dir  # noqa: F401 (fixture)
+from test_pipeline import data_dir  # noqa: F401 (fixture)
 
 import lowbit.budget.plan
 import lowbit.budget.scorer

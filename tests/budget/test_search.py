@@ -3,7 +3,7 @@ sensitivity (raw or rescaled into model KL by the probe), impossible budgets fai
 
 import pytest
 import torch
-from test_pipeline import ByteTokenizer, data_dir  # noqa: F401 (fixture)
+from test_pipeline import data_dir  # noqa: F401 (fixture)
 
 from lowbit.budget.costs import BudgetError
 from lowbit.budget.search import greedy, only_allocation, start_candidates

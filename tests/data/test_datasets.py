@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rendered import numbers
 
 from lowbit.data import (
     DATASETS,
@@ -116,12 +117,13 @@ def test_c4_eval_and_calibration_are_disjoint(tmp_path):
 
 def test_truncated_c4_is_an_error(tmp_path):
     write_c4(tmp_path / "d", n_docs=1500)
-    with pytest.raises(DataNotFoundError, match="holds 1500 documents"):
+    with pytest.raises(DataNotFoundError, match=r"c4-validation-2k\.jsonl.*1500") as e:
         eval_text("c4", tmp_path / "d")
+    assert {1000, 2000} <= set(numbers(str(e.value)))  # the documents it needs
 
 
 def test_wikitext2_has_no_calibration_split():
-    with pytest.raises(ConfigError, match="no calibration split.*'c4'"):
+    with pytest.raises(ConfigError, match="'wikitext2'.*'c4'"):  # the dataset, and one that has the split
         calibration_documents("wikitext2")
 
 
@@ -143,9 +145,9 @@ def test_bad_local_inputs(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: .*\"text\""):
         eval_text(tmp_path / "bad.jsonl")
-    with pytest.raises(ConfigError, match="unknown dataset 'wiki'.*c4"):
+    with pytest.raises(ConfigError, match="'wiki'.*c4"):  # the bad name, then the known ones
         eval_text("wiki")
-    with pytest.raises(DataNotFoundError, match="does not exist"):
+    with pytest.raises(DataNotFoundError, match="absent.txt"):
         eval_text(tmp_path / "absent.txt")
 
 
@@ -241,8 +243,9 @@ def test_calibration_argument_errors(tmp_path):
         calibration_samples(ByteTokenizer(), pool, n_samples=0, seqlen=4)
     with pytest.raises(ConfigError, match="seqlen"):
         calibration_samples(ByteTokenizer(), pool, n_samples=1, seqlen=1)
-    with pytest.raises(ConfigError, match="has 9 tokens in all, fewer than seqlen=32"):
+    with pytest.raises(ConfigError, match="seqlen") as e:
         calibration_samples(ByteTokenizer(), pool, n_samples=1, seqlen=32)
+    assert {9, 32} <= set(numbers(str(e.value)))  # the tokens there are, and the seqlen asked for
 
 
 # --- the real files, when present ------------------------------------------------------------

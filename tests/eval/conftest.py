@@ -1,32 +1,18 @@
-"""Models and tokens built in-process: a tiny random Llama and a constant-logits stub."""
+"""Models and tokens built in-process: a tiny random Llama (tiny_models, vocabulary VOCAB, untied
+head) and a constant-logits stub."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,  # peaked enough that a perturbed copy has a clear KL
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return tiny_llama()
+def model():
+    return tiny_llama(vocab=VOCAB, tie=False, max_positions=256)
 
 
 @pytest.fixture

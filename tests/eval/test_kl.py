@@ -1,8 +1,10 @@
 import copy
 import math
+import re
 
 import pytest
 import torch
+from rendered import numbers
 
 from lowbit.errors import ConfigError, DataNotFoundError
 from lowbit.eval import ReferenceLogits, compare_to_reference, perplexity
@@ -77,21 +79,21 @@ def test_cache_refuses_other_tokens(model, tokens, tmp_path):
     cache = ReferenceLogits.build(model, tokens, 32, tmp_path / "ref", progress=False)
     other = tokens.clone()
     other[0, 0] += 1
-    with pytest.raises(ConfigError, match="other tokens or seqlen"):
-        compare_to_reference(model, cache, other, 32, progress=False)
-    with pytest.raises(ConfigError, match="other tokens or seqlen"):
-        compare_to_reference(model, cache, tokens, 16, progress=False)
+    for toks, seqlen in ((other, 32), (tokens, 16)):
+        with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "ref"))):  # names the cache it refuses
+            compare_to_reference(model, cache, toks, seqlen, progress=False)
 
 
 def test_open_missing_cache(tmp_path):
-    with pytest.raises(DataNotFoundError, match="no complete reference-logits cache"):
+    with pytest.raises(DataNotFoundError, match=re.escape(str(tmp_path))):
         ReferenceLogits.open(tmp_path)
 
 
 def test_too_few_tokens(model):
     short = torch.zeros(1, 31, dtype=torch.long)
-    with pytest.raises(ConfigError, match="only 31 tokens"):
+    with pytest.raises(ConfigError, match="seqlen") as e:
         compare_to_reference(model, model, short, 32, progress=False)
+    assert {31, 32} <= set(numbers(str(e.value)))  # the tokens given, the window asked for
 
 
 def test_kl_is_finite_where_reference_gives_zero_probability(constant_logits):

@@ -1,5 +1,5 @@
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 from lowbit.eval import ModelSize, count_linear_params, tensor_bytes
 
@@ -23,11 +23,7 @@ def test_buffers_and_dtypes_counted():
 
 
 def test_tiny_llama_size():
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(vocab=128, tie=True)
     size = ModelSize.of(model, include=lambda name: "layers." in name)
     per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3  # q, o; k, v; gate, up, down
     assert size.n_linear_params == 2 * per_layer

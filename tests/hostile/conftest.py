@@ -1,5 +1,5 @@
-"""Fixtures for the hostile-input suite: a tiny Hugging Face folder and a checkpoint made from it
-through the CLI (helpers in hostile_cli.py)."""
+"""Fixtures for the hostile-input suite: a tiny Hugging Face folder (tiny_models) and a checkpoint
+made from it through the CLI (helpers in hostile_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hostile_cli import TEXT, save_tiny_folder
+from hostile_cli import TEXT
+from tiny_models import WORDS, save_tiny_folder
 
 from lowbit.cli import main
 
@@ -16,8 +17,8 @@ from lowbit.cli import main
 def hostile_root(tmp_path_factory) -> Path:
     """A session folder holding the tiny model, its cache and data; tests copy from it."""
     root = tmp_path_factory.mktemp("hostile")
-    save_tiny_folder(root / "tiny")
-    save_tiny_folder(root / "tiny-tied", tie=True)
+    save_tiny_folder(root / "tiny", words=WORDS)
+    save_tiny_folder(root / "tiny-tied", words=WORDS, tie=True)
     (root / "text.txt").write_text(TEXT)
     return root
 

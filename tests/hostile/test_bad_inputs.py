@@ -4,10 +4,12 @@ command would ignore are refused, not recorded as if used; -q silences the libra
 
 import errno
 import json
+import re
 
 import pytest
 import torch
 from hostile_cli import assert_clean_error, run_cli, tree
+from rendered import numbers, warnings_logged
 
 from lowbit.cli import models as cli_models
 from lowbit.errors import ConfigError, ResourceError
@@ -173,7 +175,8 @@ def test_a_long_prompt_with_a_growing_cache_is_warned_about(env, capsys, caplog)
     rc, _, err = run_cli(capsys, "generate", "tiny", "--prompt", " ".join(["w1"] * 300), "--max-new-tokens", "2",
                          "--kv", "int4", "-q")
     assert rc == 0, err
-    assert "longer than the model's context of 256" in caplog.text
+    # one warning, naming the prompt's length and the context's
+    assert [w for w in warnings_logged(caplog) if {300, 256} <= set(numbers(w))]
 
 
 def test_static_cache_checks_in_the_library(env, monkeypatch):
@@ -235,7 +238,7 @@ def test_out_of_memory_while_loading_is_one_line_naming_what_to_reduce(error, co
     argv = {"generate": GEN, "eval": ["eval", "tiny", "--data", "text.txt", "--reference", "none"],
             "quantize": RTN}[command]
     line = _refused(capsys, env, *argv)
-    assert "memory" in line and "--" in line  # names a flag to lower
+    assert re.search(r"--[a-z][a-z-]+", line)  # names a flag to lower
 
 
 @pytest.mark.parametrize("error,named", [

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from hostile_cli import assert_clean_error, run_cli, tree
+from rendered import numbers
 
 from lowbit.checkpoint import (
     DENSE_FILE,
+    FORMAT_VERSION,
     MANIFEST,
     QUANT_FILE,
     check_not_checkpoint,
@@ -342,7 +345,8 @@ def test_a_version_1_checkpoint_asks_for_a_new_quantize(checkpoint, capsys):
     write_manifest(checkpoint, m)
     for command in COMMANDS:
         line = refused(capsys, checkpoint, command)
-        assert "older lowbit" in line and "lowbit quantize" in line
+        # the version found, the version read, and the command that makes the checkpoint again
+        assert {1, FORMAT_VERSION} <= set(numbers(line)) and "lowbit quantize" in line
 
 
 @pytest.mark.parametrize("text", ["", "{", "[[[[" * 100000, "null"])
@@ -373,7 +377,7 @@ def test_a_checkpoint_without_its_manifest_is_refused(checkpoint, capsys, comman
     (checkpoint / MANIFEST).unlink()
     before = tree(checkpoint)
     line = refused(capsys, checkpoint, command)
-    assert MANIFEST in line and "damaged" in line
+    assert MANIFEST in line and QUANT_FILE in line  # what is missing, and what marks it as a checkpoint
     assert tree(checkpoint) == before
 
 
@@ -383,7 +387,7 @@ def test_a_lowbit_config_alone_marks_a_checkpoint(checkpoint, capsys):
     assert looks_like_checkpoint(checkpoint) and is_checkpoint(checkpoint)
     for command in COMMANDS:
         assert MANIFEST in refused(capsys, checkpoint, command)
-    with pytest.raises(CheckpointError, match="damaged"):
+    with pytest.raises(CheckpointError, match=re.escape(MANIFEST)):
         check_not_checkpoint(checkpoint)
 
 
@@ -393,7 +397,7 @@ def test_model_loaders_can_tell_checkpoints_from_model_folders(checkpoint, env):
     with pytest.raises(CheckpointError, match="load_checkpoint"):
         check_not_checkpoint(checkpoint)
     (checkpoint / MANIFEST).unlink()
-    with pytest.raises(CheckpointError, match="damaged"):
+    with pytest.raises(CheckpointError, match=re.escape(MANIFEST)):  # names the missing file
         check_not_checkpoint(checkpoint)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hostile_cli import assert_clean_error, run_cli, tree
+from rendered import markdown_table, number
 
 from lowbit import outputs
 from lowbit.checkpoint import MANIFEST, Manifest, read_manifest, verify_files
@@ -88,7 +90,7 @@ def test_force_never_replaces_home_or_root(env, monkeypatch):
     home.mkdir()
     (home / "manifest.json").write_text(json.dumps({"format": "lowbit-checkpoint"}))  # looks like ours
     monkeypatch.setenv("HOME", str(home))
-    with pytest.raises(ConfigError, match="home"):
+    with pytest.raises(ConfigError, match=re.escape(str(home))):
         outputs.check_output(home, force=True)
     with pytest.raises(ConfigError):
         outputs.check_output("/", force=True)
@@ -232,7 +234,12 @@ def test_evaluation_is_recorded_after_saving_without_changing_hashed_files(env, 
     assert manifest.evaluation[1]["datasets"]
     verify_files(env / "ck", manifest)
     report = (env / "ck" / "REPORT.md").read_text()
-    assert "Accuracy against the reference" in report
+    evaluated = [(e["model"], d) for e in manifest["evaluation"] for d in e["datasets"].values()]
+    table = markdown_table(report, "model")  # one row per (model, dataset), the manifest's numbers
+    assert [(r["model"], r["dataset"]) for r in table] == [(m, d["dataset"]) for m, d in evaluated]
+    for row, (_, d) in zip(table, evaluated, strict=True):
+        assert number(row["ppl"]) == pytest.approx(d["ppl"], abs=5e-4)
+        assert number(row["tokens"]) == d["n_tokens_scored"]
     assert hidden(env / "ck") == [] and hidden(env) == []
 
 
@@ -246,11 +253,12 @@ def _staged(parent: Path, name: str, note: str) -> Path:
 def test_publish_never_replaces_a_destination_that_appeared(tmp_path):
     first, second = _staged(tmp_path, "ck", "first"), _staged(tmp_path, "ck", "second")
     outputs.publish(first, tmp_path / "ck")
-    with pytest.raises(CheckpointError, match="saved as"):
+    with pytest.raises(CheckpointError) as refused:
         outputs.publish(second, tmp_path / "ck")
     assert json.loads((tmp_path / "ck" / "manifest.json").read_text())["note"] == "first"
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("ck.lowbit-")]
     assert len(kept) == 1 and json.loads((kept[0] / "manifest.json").read_text())["note"] == "second"
+    assert str(kept[0]) in str(refused.value)  # says where the work was kept
     assert not (kept[0] / outputs.STAGING_MARKER).exists()
 
 

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 import torch
+from tiny_models import tiny_gpt2
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lowbit.errors import ConfigError
 from lowbit.models.arch import decoder_layers, linear_layers, sequential_linear_groups
@@ -59,10 +59,6 @@ def test_groups_follow_the_forward_pass(tiny):
     for group in groups:
         for name in group[1:]:
             torch.testing.assert_close(inputs[name], inputs[group[0]], rtol=0, atol=0)
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128))
 
 
 def test_unsupported_model_names_its_type():

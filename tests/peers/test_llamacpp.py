@@ -5,6 +5,7 @@ once into the same cache ($LOWBIT_CACHE), and smollm2-135m fetched there.
 """
 
 import json
+import re
 import stat
 import sys
 
@@ -76,7 +77,7 @@ def test_check_qtype_rejects_others(bad):
 
 def test_quantize_rejects_bad_qtype_before_running_anything(tmp_path):
     tools = _fake_tools(tmp_path)
-    with pytest.raises(ConfigError, match="unsupported llama.cpp quantization type 'Q9_K'"):
+    with pytest.raises(ConfigError, match="'Q9_K'"):
         quantize_with_llamacpp(_hf_folder(tmp_path), "Q9_K", tmp_path / "out", tools)
     assert not (tmp_path / "out").exists()
 
@@ -100,7 +101,7 @@ def test_quantize_runs_convert_then_quantize_and_caches(tmp_path):
     tools.quantize_bin.write_text("#!/bin/sh\nexit 1\n")
     assert quantize_with_llamacpp(folder, "Q4_K_M", out, tools, progress=False) == q4
     # a new type reuses the f32 file but runs the (now failing) quantizer, leaving no partial
-    with pytest.raises(LlamaCppError, match="llama-quantize failed"):
+    with pytest.raises(LlamaCppError, match="llama-quantize"):
         quantize_with_llamacpp(folder, "Q2_K", out, tools, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["tiny-hf.Q4_K_M.gguf", "tiny-hf.f32.gguf"]
 
@@ -141,7 +142,7 @@ def test_bits_per_weight_without_block_linears_is_an_error(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ConfigError, match="no decoder-block linear weights"):
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
         gguf_bits_per_weight(path)
 
 

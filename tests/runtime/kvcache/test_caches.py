@@ -125,15 +125,9 @@ def test_evicting_caches_hold_the_budget_and_positions_stay_true(arch_name, ids)
 def test_eviction_at_the_budget_equals_a_sliding_window_model(ids):
     """StreamingLLM with no sinks, one token per step, keeps exactly the last `budget` tokens:
     the same as a sliding-window attention of budget + 1 (the token itself) in the full model."""
-    from tiny_models import _COMMON
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(**_COMMON, initializer_range=0.1, use_sliding_window=True, sliding_window=9,
-                      max_window_layers=0, layer_types=["sliding_attention"] * 2)
-    sliding = Qwen2ForCausalLM(cfg).eval()
-    torch.manual_seed(0)
-    plain = Qwen2ForCausalLM(Qwen2Config(**_COMMON, initializer_range=0.1)).eval()
+    sliding = build_tiny("qwen2", tie=False, use_sliding_window=True, sliding_window=9, max_window_layers=0,
+                         layer_types=["sliding_attention"] * 2)
+    plain = build_tiny("qwen2", tie=False)
     plain.load_state_dict(sliding.state_dict())
     with torch.inference_mode():
         ref = sliding(ids[:, :40]).logits
