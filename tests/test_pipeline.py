@@ -269,10 +269,10 @@ def test_head_bits_rounds_an_untied_head_and_it_survives_a_checkpoint(tmp_path):
 
 
 def test_by_default_an_untied_head_is_8_bit_and_a_tied_one_stays_dense():
-    untied = LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source)
+    untied = loaded_tiny(tie=False)
     res = quantize(untied, Recipe(method="rtn", bits=4, group_size=32), progress=False)
     assert res.recipe.head_bits == 8 and res.weights["lm_head"].fmt.bits == 8
-    explicit = quantize(LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source),
+    explicit = quantize(loaded_tiny(tie=False),
                         Recipe(method="rtn", bits=4, group_size=32, head_bits=8), progress=False)
     assert all(torch.equal(getattr(explicit.weights["lm_head"], t), getattr(res.weights["lm_head"], t))
                for t in ("codes", "scales", "zeros"))  # the default is what --head-bits 8 gave
@@ -281,7 +281,7 @@ def test_by_default_an_untied_head_is_8_bit_and_a_tied_one_stays_dense():
     blocks = [w for n, w in res.weights.items() if n != "lm_head"]
     assert res.size.bits_per_weight == pytest.approx(8 * sum(w.nbytes() for w in blocks)
                                                      / sum(w.shape[0] * w.shape[1] for w in blocks))
-    dense_head = quantize(LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source),
+    dense_head = quantize(loaded_tiny(tie=False),
                           Recipe(method="rtn", bits=4, group_size=32, head_bits=0), progress=False)
     assert "lm_head" not in dense_head.weights and dense_head.recipe.head_bits == 0
     assert res.size.bits_per_weight == dense_head.size.bits_per_weight
@@ -289,7 +289,7 @@ def test_by_default_an_untied_head_is_8_bit_and_a_tied_one_stays_dense():
     tied = quantize(loaded_tiny(), Recipe(method="rtn", bits=4, group_size=32), progress=False)
     assert "lm_head" not in tied.weights and tied.recipe.head_bits == 0
     # skipping the head by name keeps it dense
-    skipped = quantize(LoadedModel(build_tiny("llama", tie=False), ByteTokenizer(), loaded_tiny().source),
+    skipped = quantize(loaded_tiny(tie=False),
                        Recipe(method="rtn", bits=4, group_size=32, skip=("lm_head",)), progress=False)
     assert "lm_head" not in skipped.weights
 
