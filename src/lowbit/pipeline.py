@@ -14,7 +14,6 @@ calibration and budget reports. save() and QuantizedModel.size read the records.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from lowbit.errors import ConfigError
 from lowbit.eval.evaluate import EvalResult
 from lowbit.eval.report import quantize_report
 from lowbit.eval.size import QuantizedSize, dense_tensors, head_name, quantized_size
+from lowbit.memory import peak_rss_bytes, rss_bytes
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import QuantizedWeight
@@ -244,8 +244,6 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     and holds both models' logits of one window with their log-softmax. Measured against peak
     RSS on smollm2-135m (BENCHMARKS.md, "Memory: the estimate against peak RSS").
     """
-    from lowbit.memory import rss_bytes
-
     baseline = float(rss_bytes() if baseline_bytes is None else baseline_bytes)
     model_bytes = est["model_bytes"]
     itemsize = next(model.parameters()).element_size()
@@ -424,7 +422,7 @@ def quantize(
     if recipe.head_bits:
         _quantize_head(layers)
     to_runtime(model, layers.weights, "reference", layers.dtype)  # each dense twin (its bias the layer's) -> QuantLinear
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     result = QuantizedModel(loaded, recipe, layers.weights, layers.reports, skipped, calibration,
                             time.perf_counter() - t0, peak, budget_report, extra, allocation)
     if result.fallbacks:

@@ -101,3 +101,14 @@ def test_decode_steps_inside_a_model_equal_the_dequantizing_path(arch, name, mon
     assert len(calls) == 40 * len(fused_cache.layers)
     assert not any(layer.fused for layer in fused_cache.layers)  # switched off on exit
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_that_cannot_load_is_warned_about_once_per_extension(monkeypatch, caplog):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    monkeypatch.setattr(kernels, "_warned", set())
+    with caplog.at_level("WARNING", logger="lowbit.kernels"):
+        assert kernels.load_or_warn("kv_attention", "the reference runs") is None
+        assert kernels.load_or_warn("kv_attention", "the reference runs") is None
+        assert kernels.load_or_warn("qgemv", "torch runs") is None
+    assert [r.name for r in caplog.records if r.levelname == "WARNING"] == ["lowbit.kernels"] * 2
+    assert kernels._warned == {"kv_attention", "qgemv"}

@@ -125,6 +125,22 @@ def load(name: str, cache: str | os.PathLike | None = None) -> ModuleType:
         return mod
 
 
+_warned: set[str] = set()
+
+
+def load_or_warn(name: str, instead: str) -> ModuleType | None:
+    """The extension `name`, or None when it cannot be built: the caller then runs its torch
+    reference (`instead` says what happens, e.g. "packed linears run through torch"), and the
+    first failure for each extension is logged once."""
+    try:
+        return load(name)
+    except KernelUnavailable as e:
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("%s; %s", e, instead)
+        return None
+
+
 def available(name: str) -> bool:
     """Whether `name` loads (building it if needed), without raising."""
     try:

@@ -18,15 +18,10 @@ attention functions.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from lowbit import kernels
 from lowbit.formats import kv
-
-log = logging.getLogger(__name__)
-_warned = False
 
 
 def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -66,15 +61,10 @@ def kivi_decode_attention(query, qkeys: kv.KVBlocks | None, qvalues: kv.KVBlocks
                           keys_r: torch.Tensor, values_r: torch.Tensor, scaling: float,
                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same as reference_decode_attention, reading the quantized blocks in the native kernel."""
-    global _warned
     if qkeys is None:
         return reference_decode_attention(query, None, None, keys_r, values_r, scaling, mask)
-    try:
-        ext = kernels.load("kv_attention")
-    except kernels.KernelUnavailable as e:
-        if not _warned:
-            log.warning("%s; decoding through the dequantizing reference", e)
-            _warned = True
+    ext = kernels.load_or_warn("kv_attention", "decoding through the dequantizing reference")
+    if ext is None:
         return reference_decode_attention(query, qkeys, qvalues, keys_r, values_r, scaling, mask)
     B, H = keys_r.shape[:2]
     q = (_split(query, H) * scaling).contiguous()

@@ -20,8 +20,6 @@ Without a C++ toolchain both fall back to torch (kernels.KernelUnavailable, warn
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,23 +38,13 @@ from lowbit.qtensor import (
 )
 from lowbit.runtime.qlinear import QuantLinear
 
-log = logging.getLogger(__name__)
-
 DECODE_ROWS = 8     # up to this many activation rows go through the GEMV kernel
 SCRATCH_BYTES = 64 << 20  # prefill: weights up to this size dequantize into a shared buffer
 _scratch: dict[torch.dtype, torch.Tensor] = {}
-_warned = False
 
 
 def _ext():
-    global _warned
-    try:
-        return kernels.load("qgemv")
-    except kernels.KernelUnavailable as e:
-        if not _warned:
-            log.warning("%s; packed linears run through torch", e)
-            _warned = True
-        return None
+    return kernels.load_or_warn("qgemv", "packed linears run through torch")
 
 
 def pack_rows(codes: torch.Tensor, group_size: int, widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

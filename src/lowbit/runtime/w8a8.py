@@ -67,10 +67,7 @@ def onednn_int8_exact() -> bool:
 
 def _ext():
     """The native per-token quantize and epilogue (kernels/csrc/act_quant.cpp), or None: torch ops."""
-    try:
-        return kernels.load("qgemv")
-    except kernels.KernelUnavailable:
-        return None
+    return kernels.load_or_warn("qgemv", "int8 activations are quantized by torch operations")
 
 
 def supports(qw: QuantizedWeight) -> bool:
