@@ -30,27 +30,33 @@ def layer_bytes(model: nn.Module, names: list[str], levels: list[Level], recipe:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def dense_bytes(model: nn.Module, names: list[str]) -> int:
-    """Bytes of every parameter outside the quantized layers, at 16 bits (tied tensors once)."""
+def dense_bytes(model: nn.Module, names: list[str], recipe: Recipe | None = None) -> int:
+    """Bytes of every parameter outside the quantized layers, at 16 bits (tied tensors once); an
+    output head the recipe rounds (recipe.head_bits) at its packed size."""
     quantized = {id(model.get_submodule(n).weight) for n in names}
+    head = model.get_output_embeddings() if recipe is not None and recipe.head_bits else None
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) in quantized or p.untyped_storage().data_ptr() in seen:
             continue
         seen.add(p.untyped_storage().data_ptr())
-        total += 2 * p.numel()
+        if head is not None and p is head.weight:
+            total += format_nbytes(head.out_features, head.in_features, recipe.head_format(head.in_features))
+        else:
+            total += 2 * p.numel()
     return total
 
 
-def budget_bytes(model: nn.Module, names: list[str], budget: BudgetConfig) -> int:
-    """Bytes the quantized layers may take."""
+def budget_bytes(model: nn.Module, names: list[str], budget: BudgetConfig, recipe: Recipe | None = None) -> int:
+    """Bytes the quantized layers may take (a target size counts the other tensors as `recipe`
+    stores them: dense at 16 bits, the output head packed when the recipe rounds it)."""
     n_q = sum(model.get_submodule(n).weight.numel() for n in names)
     if budget.target_bpw is not None:
         return math.floor(budget.target_bpw * n_q / 8 + 1e-6)  # a bpw printed from a size meets that size
-    dense = dense_bytes(model, names)
+    dense = dense_bytes(model, names, recipe)
     if budget.target_bytes <= dense:
         raise BudgetError(f"target size {budget.target_bytes / 1e6:.1f} MB is below the {dense / 1e6:.1f} MB of "
-                          "tensors that stay at 16 bits (embeddings, norms, head); raise --target-size")
+                          "tensors outside the decoder blocks (embeddings and norms at 16 bits, the output head as the recipe stores it); raise --target-size")
     return budget.target_bytes - dense
 
 

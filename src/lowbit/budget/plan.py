@@ -121,7 +121,7 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
     model = loaded.model
     levels = cfg.parsed_levels()
     costs = layer_bytes(model, names, levels, recipe)
-    budget = budget_bytes(model, names, cfg)
+    budget = budget_bytes(model, names, cfg, recipe)
     n_q = sum(model.get_submodule(n).weight.numel() for n in names)
     top = int(costs.max(dim=1).values.sum())
     if top < budget * (1 - WITHIN):
