@@ -316,7 +316,7 @@ def test_info_prints_the_used_recipe_and_one_line_per_distinct_format(capsys, fo
 
     ckpt = tmp_path / "ck"
     assert main(["quantize", str(folders["plain"]), "--method", "rtn", "--bits", "4", "--group-size", "32", "-o",
-                 str(ckpt), "-q", "--cache", str(folders["cache"])]) == 0
+                 str(ckpt), "-q", "--cache", str(folders["cache"]), "--head-bits", "0"]) == 0
     assert main(["info", str(ckpt)]) == 0
     text = capsys.readouterr().out
     manifest = Manifest.read(ckpt)

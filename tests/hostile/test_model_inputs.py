@@ -109,7 +109,7 @@ def test_forced_cholesky_failure_is_recorded_as_a_fallback(env, monkeypatch, cap
 
     monkeypatch.setattr(gptq, "inverse_hessian_cholesky", lambda H, damp: (torch.eye(H.shape[0]), float("inf")))
     loaded = load_model("tiny", cache=env / "cache", progress=False)
-    recipe = Recipe.from_dict({"method": "gptq", "bits": 4, "group_size": 32,
+    recipe = Recipe.from_dict({"method": "gptq", "bits": 4, "group_size": 32, "head_bits": 0,  # blocks only
                                "calibration": {"dataset": "text.txt", "n_samples": 4, "seqlen": 32}})
     result = quantize(loaded, recipe, progress=False)
     assert result.fallbacks == list(result.layers) and len(result.fallbacks) == 14

@@ -234,7 +234,7 @@ def test_evaluation_is_recorded_after_saving_without_changing_hashed_files(env, 
     assert manifest.evaluation[1]["datasets"]
     verify_files(env / "ck", manifest)
     report = (env / "ck" / "REPORT.md").read_text()
-    evaluated = [(e["model"], d) for e in manifest["evaluation"] for d in e["datasets"].values()]
+    evaluated = [(e["model"], d) for e in manifest.evaluation for d in e["datasets"].values()]
     table = markdown_table(report, "model")  # one row per (model, dataset), the manifest's numbers
     assert [(r["model"], r["dataset"]) for r in table] == [(m, d["dataset"]) for m, d in evaluated]
     for row, (_, d) in zip(table, evaluated, strict=True):
