@@ -112,7 +112,7 @@ def test_a_4_bit_checkpoint_is_refused_int8_activations(tmp_path):
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]:
         model.set_submodule(name, QuantLinear.from_quantized(rtn_quantize(lin.weight.detach(), QuantFormat(4, 16, False)), lin.bias))
     save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
-    with pytest.raises(CheckpointError, match="int8 activations need 8-bit per-channel symmetric layers"):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "ck")):  # names the checkpoint it refuses
         load_checkpoint(tmp_path / "ck", runtime="packed", int8_activations=True)
 
 
