@@ -14,7 +14,7 @@ from lowbit.runtime.packed import pack_model
 
 
 def _saved(tmp_path, tie):
-    from test_checkpoint import quantize_all
+    from tiny_models import quantize_all
 
     model = build_tiny("llama", tie=tie)
     quantize_all(model, bits=4, group_size=16)

@@ -223,7 +223,7 @@ def test_a_packed_model_gives_the_same_greedy_tokens(monkeypatch):
 
 
 def test_a_loaded_checkpoint_generates_the_same_tokens_packed(tmp_path):
-    from test_checkpoint import quantize_all
+    from tiny_models import quantize_all
 
     from lowbit.checkpoint import save_checkpoint
     from lowbit.loading import load_checkpoint
@@ -243,7 +243,7 @@ def test_a_loaded_checkpoint_generates_the_same_tokens_packed(tmp_path):
 def test_loading_packed_takes_the_stored_codes_and_equals_packing_after_load(tmp_path, kind):
     """load_checkpoint(runtime="packed") builds PackedLinears from the checkpoint's packed codes
     (never unpacking uniform ones); every buffer equals packing the reference-loaded model."""
-    from test_checkpoint import quantize_all
+    from tiny_models import quantize_all
 
     from lowbit.checkpoint import save_checkpoint
     from lowbit.loading import load_checkpoint

@@ -352,7 +352,7 @@ def test_recorded_bench_commands_parse_into_options_that_print_them_back():
     from lowbit.cli import build_parser
     from lowbit.cli.bench import accuracy_options, kv_options, speed_options
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     results = root / "benchmarks" / "results"
     recorded = [*(results / "commands.txt").read_text().splitlines(),
                 *(json.loads(line)["command"] for line in (results / "speed.jsonl").read_text().splitlines()),

@@ -4,10 +4,8 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import build_tiny, records_of
+from tiny_models import build_tiny, quantize_all, records_of
 
-from lowbit.algorithms.gptq import gptq_quantize
-from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.checkpoint import (
     DENSE_FILE,
     MANIFEST,
@@ -16,25 +14,7 @@ from lowbit.checkpoint import (
 )
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.loading import load_checkpoint
-from lowbit.qtensor import QuantFormat
-from lowbit.recipes import GPTQConfig
 from lowbit.runtime.qlinear import QuantLinear
-
-
-def quantize_all(model, bits=3, group_size=16, act_order_every=3):
-    """Swap every decoder linear for a QuantLinear; some with GPTQ act-order (a stored perm)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    for k, name in enumerate(names):
-        lin = model.get_submodule(name)
-        w = lin.weight.detach()
-        fmt = QuantFormat.resolved(w.shape[1], bits, group_size, False)
-        if k % act_order_every == 0:
-            x = torch.randn(64, w.shape[1], generator=torch.Generator().manual_seed(k))
-            qw = gptq_quantize(w, 2 * x.T @ x / 64, fmt, config=GPTQConfig(act_order=True)).qweight
-        else:
-            qw = rtn_quantize(w, QuantFormat.resolved(w.shape[1], bits, group_size, k % 2 == 1))
-        model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
-    return names
 
 
 @pytest.mark.parametrize("tie", [True, False])
