@@ -7,6 +7,9 @@ flat stream (no per-row padding).
 
     w[:, perm][r, g*gs + j]  ~=  (codes[r, g*gs + j] - zero[r, g]) * scale[r, g]
 
+with the default "affine" grid; `fmt.grid` names another grid of formats/grids.py, whose levels
+replace the code: (values[codes[r, g*gs + j]] - zero[r, g]) * scale[r, g].
+
 `perm` (optional, from GPTQ act-order without static groups) says the codes are stored in a
 permuted column order: column k of `codes` is column perm[k] of the original weight.
 
@@ -24,6 +27,7 @@ import torch
 
 from lowbit.errors import ConfigError, ShapeError
 from lowbit.formats import affine, integer_scale, pack
+from lowbit.formats.grids import GRIDS
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class QuantFormat:
     # formats/integer_scale.py). It says how the record was made, not how to read it (the
     # multipliers are stored): neither stored (to_dict) nor compared.
     scale_multiplier: str = field(default="max", compare=False)
+    grid: str = "affine"  # the levels a code stands for: a name in formats/grids.GRIDS
 
     def __post_init__(self) -> None:
         affine.check_bits(self.bits)
@@ -47,13 +52,16 @@ class QuantFormat:
             integer_scale.check_scale_bits(self.scale_bits)
         if self.scale_multiplier not in ("max", "pow2"):
             raise ConfigError(f"scale_multiplier {self.scale_multiplier!r} is not one of max, pow2")
+        if not isinstance(self.grid, str) or self.grid not in GRIDS:
+            raise ConfigError(f"grid {self.grid!r} is not one of {', '.join(GRIDS)}")
 
     @classmethod
     def resolved(cls, in_features: int, bits: int, group_size: int, symmetric: bool, scale_bits: int = 0,
-                 scale_multiplier: str = "max") -> QuantFormat:
+                 scale_multiplier: str = "max", grid: str = "affine") -> QuantFormat:
         """The format for a weight `in_features` wide: group_size -1 (or >= in_features) is one
         group per row."""
-        return cls(bits, affine.resolve_group_size(in_features, group_size), symmetric, scale_bits, scale_multiplier)
+        return cls(bits, affine.resolve_group_size(in_features, group_size), symmetric, scale_bits, scale_multiplier,
+                   grid)
 
     @property
     def scale_dtype(self) -> torch.dtype:
@@ -63,11 +71,13 @@ class QuantFormat:
         d = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
         if self.scale_bits:
             d["scale_bits"] = self.scale_bits
+        if self.grid != "affine":  # absent for affine: manifests stay as they were
+            d["grid"] = self.grid
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantFormat:
-        return cls(d["bits"], d["group_size"], d["symmetric"], d.get("scale_bits", 0))
+        return cls(d["bits"], d["group_size"], d["symmetric"], d.get("scale_bits", 0), grid=d.get("grid", "affine"))
 
 
 def zero_points(
@@ -115,12 +125,16 @@ def dequantize_parts(
     group_size: int,
     perm: torch.Tensor | None,
     dtype: torch.dtype = torch.float32,
+    grid: str = "affine",
+    bits: int = 8,
 ) -> torch.Tensor:
-    """codes [out, in], scales / zero points [out, G], optional perm [in] -> weight [out, in].
+    """codes [out, in], scales / zero points [out, G], optional perm [in] -> weight [out, in],
+    each code read as a level of `grid` (formats/grids.py) at `bits` wide.
 
     The one dequantization rule, shared by QuantizedWeight and the runtime modules.
     """
-    w = affine.dequantize(codes, scales, zero_points, group_size)
+    wg = GRIDS[grid].values_of(affine.group_view(codes, group_size), scales, zero_points, bits)
+    w = affine.ungroup(wg, codes.shape[1])
     if perm is not None:
         w = w[:, torch.argsort(perm)]
     return w.to(dtype)
@@ -167,6 +181,8 @@ class QuantizedWeight:
             if int(gb.min()) < 1 or int(gb.max()) > self.fmt.bits:
                 raise ShapeError(f"group_bits must lie in 1..{self.fmt.bits} (the format's widest), "
                                  f"got {int(gb.min())}..{int(gb.max())}")
+            if self.fmt.grid != "affine":
+                raise ConfigError(f"mixed widths (group_bits) need the affine grid, not {self.fmt.grid!r}")
 
     def check_finite(self, name: str) -> None:
         """Refuse a record whose scales or zero points are not numbers its storage can hold.
@@ -224,7 +240,7 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this record stands for, [out, in] in the original column order."""
         return dequantize_parts(self.codes, self.float_scales(), self.zero_points(), self.fmt.group_size, self.perm,
-                                dtype)
+                                dtype, self.fmt.grid, self.fmt.bits)
 
     def nbytes(self) -> int:
         """Bytes of the packed form: codes, scales, zeros, permutation and group widths (what

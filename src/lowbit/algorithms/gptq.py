@@ -95,6 +95,8 @@ def gptq_quantize(
     picks is rounded up onto that row's integer grid.
     """
     out_f, in_f = w.shape
+    if fmt.grid != "affine":
+        raise ConfigError(f"GPTQ updates weights for affine codes; grid {fmt.grid!r} is quantized by round-to-nearest")
     if group_bits is not None:
         if config.act_order and not config.static_groups:
             raise ConfigError("per-group widths need the original column order: with act_order, "

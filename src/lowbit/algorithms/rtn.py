@@ -9,6 +9,7 @@ import torch
 
 from lowbit.errors import ShapeError
 from lowbit.formats import affine, integer_scale
+from lowbit.formats.grids import GRIDS
 from lowbit.qtensor import QuantFormat, QuantizedWeight
 from lowbit.recipes import ClipConfig
 
@@ -79,7 +80,8 @@ def rtn_quantize(
     clip: ClipConfig | None = None,
     shrink: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """w [out, in] -> QuantizedWeight in `fmt` (resolved for w's width) by round-to-nearest.
+    """w [out, in] -> QuantizedWeight in `fmt` (resolved for w's width) by round-to-nearest: each
+    value's nearest level of the format's grid (formats/grids.py) in its group's affine frame.
 
     Ranges are clipped by the weight-error search when `clip` is enabled, or by given per-group
     `shrink` factors [out, G] (e.g. from AWQ's output-error search, or `rtn_shrink`'s earlier
@@ -89,7 +91,7 @@ def rtn_quantize(
     if shrink is None:
         shrink = clip_shrink(wg, fmt.bits, fmt.symmetric, clip, scale_round=scale_round)
     scale, zero = affine.choose_qparams(wg, fmt.bits, fmt.symmetric, 1.0 if shrink is None else shrink, scale_round)
-    codes = affine.ungroup(affine.quantize_groups(wg, scale, zero, fmt.bits), w.shape[1])
+    codes = affine.ungroup(GRIDS[fmt.grid].codes(wg, scale, zero, fmt.bits), w.shape[1])
     return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt, scale_mult=mult)
 
 

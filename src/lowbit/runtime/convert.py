@@ -126,8 +126,8 @@ def to_runtime(model: nn.Module, weights: Mapping[str, Record], kind: str = "ref
             "integer scales (W4A8, --integer-scale 8); this checkpoint has neither. Quantize with --bits 8 "
             "--group-size -1 --sym or --bits 4 --integer-scale 8, or run without --activations int8")
     if fell_back["reference"]:
-        log.warning("%d layer(s) have groups the packed kernels cannot run (a multiple of 8 columns that tiles "
-                    "the input is needed) and run on the slower reference path: %s", len(fell_back["reference"]),
+        log.warning("%d layer(s) have groups or a grid the packed kernels cannot run (the affine grid and a "
+                    "multiple of 8 columns that tiles the input are needed) and run on the slower reference path: %s", len(fell_back["reference"]),
                     _listed(fell_back["reference"]))
     if fell_back["float"]:
         log.warning("%d layer(s) have no int8-activation format and run weight-only: %s", len(fell_back["float"]),

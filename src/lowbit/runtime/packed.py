@@ -284,11 +284,11 @@ class PackedLinear(nn.Module):
 
 
 def kernels_fit(fmt: QuantFormat, in_features: int) -> bool:
-    """Whether the packed kernels run this format: groups a multiple of 8 columns that tile the
-    input (a group of 128 on a 576-wide layer leaves a partial group, which only the reference
-    QuantLinear runs)."""
+    """Whether the packed kernels run this format: the affine grid, and groups a multiple of 8
+    columns that tile the input (a group of 128 on a 576-wide layer leaves a partial group, which
+    only the reference QuantLinear runs, as it runs every other grid)."""
     gs = fmt.group_size
-    return gs > 0 and gs % 8 == 0 and in_features % gs == 0
+    return fmt.grid == "affine" and gs > 0 and gs % 8 == 0 and in_features % gs == 0
 
 
 def pack_model(model: nn.Module) -> nn.Module:

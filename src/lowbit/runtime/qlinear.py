@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         zp = zero_points(self.zeros, self.scales, self.fmt.bits, self.group_bits)
         return dequantize_parts(self.codes, float_scales(self.scales, self.scale_mult), zp, self.fmt.group_size,
-                                self.perm, dtype)
+                                self.perm, dtype, self.fmt.grid, self.fmt.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self._dense if self._dense is not None and self._dense.dtype == x.dtype else self.dequantized_weight(x.dtype)

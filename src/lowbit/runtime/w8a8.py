@@ -71,8 +71,8 @@ def _ext():
 
 
 def supports(qw: QuantizedWeight) -> bool:
-    """W8A8 needs 8-bit, per-channel (one group per row), symmetric, uniform weights."""
-    return (qw.fmt.bits == 8 and qw.fmt.symmetric and qw.fmt.group_size >= qw.shape[1]
+    """W8A8 needs 8-bit, per-channel (one group per row), symmetric, uniform (affine grid) weights."""
+    return (qw.fmt.grid == "affine" and qw.fmt.bits == 8 and qw.fmt.symmetric and qw.fmt.group_size >= qw.shape[1]
             and qw.group_bits is None and qw.scale_mult is None)
 
 
@@ -158,9 +158,9 @@ class W8A8Linear(nn.Module):
 
 
 def supports_w4a8(qw: QuantizedWeight) -> bool:
-    """W4A8 needs uniform 4-bit weights with integer group scales, groups a multiple of 64."""
+    """W4A8 needs uniform 4-bit affine-grid weights with integer group scales, groups a multiple of 64."""
     in_f = qw.shape[1]
-    return (qw.fmt.bits == 4 and qw.scale_mult is not None and qw.group_bits is None
+    return (qw.fmt.grid == "affine" and qw.fmt.bits == 4 and qw.scale_mult is not None and qw.group_bits is None
             and qw.fmt.group_size % 64 == 0 and in_f % qw.fmt.group_size == 0)
 
 
