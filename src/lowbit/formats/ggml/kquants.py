@@ -1,0 +1,2 @@
+"""placeholder until the family lands."""
+TYPES = ()
