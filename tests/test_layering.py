@@ -180,7 +180,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("calibration", "checkpoint"),                                  # block-by-block driver; records on disk
     ("budget", "runtime"),                                          # size budgets; running records
     ("eval",),                                                      # measuring a model
-    ("loading",),                                                   # checkpoint + runtime = lowbit.load
+    ("loading", "export"),                                          # lowbit.load; other engines' formats
     ("pipeline",),                                                  # quantize, save
     ("bench",),                                                     # side-by-side benchmarks
     ("cli",),                                                       # the commands
