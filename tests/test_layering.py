@@ -182,6 +182,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("eval",),                                                      # measuring a model
     ("loading", "export"),                                          # lowbit.load; other engines' formats
     ("pipeline",),                                                  # quantize, save
+    ("to_gguf",),                                                   # quantize onto llama.cpp's types, write a GGUF
     ("bench",),                                                     # side-by-side benchmarks
     ("cli",),                                                       # the commands
 )

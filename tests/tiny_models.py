@@ -160,3 +160,48 @@ def quantize_all(model, bits=3, group_size=16, act_order_every=3):
             qw = rtn_quantize(w, QuantFormat.resolved(w.shape[1], bits, group_size, k % 2 == 1))
         model.set_submodule(name, QuantLinear.from_quantized(qw, lin.bias))
     return names
+
+
+def tiny_gguf_metadata(model, arch: str):
+    """The GGUF keys llama.cpp and transformers need for a tiny `arch` model with the WORDS vocabulary."""
+    import gguf
+
+    from lowbit.export.gguf import GGUFMetadata
+
+    c = model.config
+    V = gguf.GGUFValueType
+    fields = {
+        f"{arch}.block_count": (c.num_hidden_layers, V.UINT32, None),
+        f"{arch}.context_length": (c.max_position_embeddings, V.UINT32, None),
+        f"{arch}.embedding_length": (c.hidden_size, V.UINT32, None),
+        f"{arch}.feed_forward_length": (c.intermediate_size, V.UINT32, None),
+        f"{arch}.attention.head_count": (c.num_attention_heads, V.UINT32, None),
+        f"{arch}.attention.head_count_kv": (c.num_key_value_heads, V.UINT32, None),
+        f"{arch}.attention.layer_norm_rms_epsilon": (float(c.rms_norm_eps), V.FLOAT32, None),
+        f"{arch}.rope.freq_base": (10000.0, V.FLOAT32, None),
+        f"{arch}.vocab_size": (c.vocab_size, V.UINT32, None),
+        "tokenizer.ggml.model": ("llama", V.STRING, None),
+        "tokenizer.ggml.tokens": (list(WORDS), V.ARRAY, V.STRING),
+        "tokenizer.ggml.scores": ([0.0] * len(WORDS), V.ARRAY, V.FLOAT32),
+        "tokenizer.ggml.token_type": ([2, 3, 3] + [1] * (len(WORDS) - 3), V.ARRAY, V.INT32),
+        "tokenizer.ggml.bos_token_id": (1, V.UINT32, None),
+        "tokenizer.ggml.eos_token_id": (2, V.UINT32, None),
+        "tokenizer.ggml.unknown_token_id": (0, V.UINT32, None),
+    }
+    if arch == "gemma3":
+        fields[f"{arch}.attention.key_length"] = (c.head_dim, V.UINT32, None)
+        fields[f"{arch}.attention.value_length"] = (c.head_dim, V.UINT32, None)
+        fields[f"{arch}.attention.sliding_window"] = (c.sliding_window, V.UINT32, None)
+    return GGUFMetadata(arch, fields)
+
+
+def write_tiny_gguf_of(path, arch: str = "llama", *, hidden: int = 256, tie: bool = False, seed: int = 0):
+    """A float32 GGUF of a tiny `arch` model (rows wide enough for the K types' 256-weight blocks),
+    written with lowbit's own writer; returns the transformers model it holds."""
+    from lowbit.export.gguf import gguf_names, to_gguf_layout, write_gguf
+
+    model = build_tiny(arch, seed=seed, tie=tie, hidden=hidden, vocab=len(WORDS), max_positions=FOLDER_POSITIONS)
+    names = gguf_names(model, arch)
+    tensors = {names[n]: to_gguf_layout(arch, names[n], p.detach(), model.config) for n, p in model.named_parameters()}
+    write_gguf(path, tensors, tiny_gguf_metadata(model, arch))
+    return model

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from lowbit.eval.size import QuantizedSize, dense_tensors, head_name, quantized_
 from lowbit.memory import peak_rss_bytes, rss_bytes
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
-from lowbit.qtensor import QuantizedWeight
+from lowbit.qtensor import BlockWeight, QuantizedWeight
 from lowbit.recipes import METHODS, Allocation, LayerSpec, Recipe
 from lowbit.runtime.convert import to_runtime
 
@@ -324,7 +325,7 @@ class _Layers:
         qw = result.qweight
         qw.check_finite(name)
         self.weights[name] = qw
-        self.reports[name] = LayerReport(qw.fmt.to_dict(), qw.shape, result.loss,
+        self.reports[name] = LayerReport(qw.fmt if isinstance(qw, BlockWeight) else qw.fmt.to_dict(), qw.shape, result.loss,
                                          None if result.fallback else result.damp,
                                          {**details, **result.details}, result.fallback)
         return _dense_twin(lin, qw, self.dtype)
@@ -389,6 +390,7 @@ def quantize(
     recipe: Recipe,
     data_dir: str | None = None,
     progress: bool = True,
+    block_types: Mapping[str, str] | None = None,
 ) -> QuantizedModel:
     """Quantize loaded.model with `recipe`; returns the records and what was done. The model is
     changed in place: its quantized layers run their records as QuantLinear.
@@ -397,6 +399,10 @@ def quantize(
     quantized scales are not finite once stored. Layers where GPTQ fell back to round-to-nearest
     are recorded (LayerReport.fallback, QuantizedModel.fallbacks, extra["fallbacks"]) and
     warned about once; the caller decides whether that is an error.
+
+    `block_types` (layer name -> llama.cpp block type, for every layer quantized) makes each layer
+    a BlockWeight on that type, rounded by the recipe's method (to_gguf.py writes them to a GGUF);
+    those layers keep running as dense twins of their records.
     """
     model = loaded.model
     check_finite_weights(model)
@@ -407,6 +413,8 @@ def quantize(
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     specs = layer_specs(model, names, recipe)
+    if block_types is not None:
+        specs = {n: replace(spec, block_type=block_types[n]) for n, spec in specs.items()}
     budget_report = allocation = None
     if recipe.budget is not None:
         allocation, budget_report = plan_budget(loaded, recipe, names, data_dir, progress)
@@ -421,7 +429,8 @@ def quantize(
         _quantize_data_free(layers, names, progress)
     if recipe.head_bits:
         _quantize_head(layers)
-    to_runtime(model, layers.weights, "reference", layers.dtype)  # each dense twin (its bias the layer's) -> QuantLinear
+    records = {n: r for n, r in layers.weights.items() if isinstance(r, QuantizedWeight)}
+    to_runtime(model, records, "reference", layers.dtype)  # each dense twin (its bias the layer's) -> QuantLinear
     peak = peak_rss_bytes()
     result = QuantizedModel(loaded, recipe, layers.weights, layers.reports, skipped, calibration,
                             time.perf_counter() - t0, peak, budget_report, extra, allocation)

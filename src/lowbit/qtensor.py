@@ -27,6 +27,7 @@ import torch
 
 from lowbit.errors import ConfigError, ShapeError
 from lowbit.formats import affine, integer_scale, pack
+from lowbit.formats.ggml import BLOCK_TYPES
 from lowbit.formats.grids import GRIDS
 
 
@@ -368,3 +369,49 @@ class PackedWeight:
 
     def unpack(self) -> QuantizedWeight:
         return QuantizedWeight.from_packed(self.parts, self.fmt, self.shape)
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """A weight in one of llama.cpp's block types (formats/ggml): the very bytes a GGUF file holds.
+
+        data[r] = the blocks of row r, each BLOCK_TYPES[block_type].type_size bytes
+
+    Algorithms (algorithms/ggml.py) produce it, export/gguf.py writes `data` unchanged, and
+    `dequantize` is lowbit's own decoder of those bytes (bit-identical to gguf-py's).
+    """
+
+    block_type: str          # llama.cpp's type name, e.g. "Q4_K"
+    shape: tuple[int, int]   # [out, in] of the weight
+    data: torch.Tensor       # uint8 [out, in / block * type_size]
+
+    def __post_init__(self) -> None:
+        bt = BLOCK_TYPES.get(self.block_type)
+        if bt is None:
+            raise ConfigError(f"block type {self.block_type!r} is not one of {', '.join(BLOCK_TYPES)}")
+        rows, cols = self.shape
+        if cols % bt.block:
+            raise ShapeError(f"a row of {cols} weights is not a whole number of {bt.name} blocks of {bt.block}")
+        want = (rows, cols // bt.block * bt.type_size)
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want:
+            raise ShapeError(f"{bt.name} data of a {rows}x{cols} weight must be uint8 {want}, "
+                             f"got {self.data.dtype} {tuple(self.data.shape)}")
+
+    @property
+    def fmt(self) -> dict:
+        """What the layer report records of the format."""
+        return {"ggml": self.block_type}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        bt = BLOCK_TYPES[self.block_type]
+        return bt.decode(self.data.reshape(-1, bt.type_size)).reshape(self.shape).to(dtype)
+
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    def check_finite(self, name: str) -> None:
+        """Refuse bytes that decode to a NaN or infinite weight (a float16 scale that overflowed)."""
+        bad = int((~torch.isfinite(self.dequantize())).sum())
+        if bad:
+            raise ConfigError(f"{name}: {bad} weights of its {self.block_type} blocks decode to NaN or infinity "
+                              "(a block scale overflowed float16); the layer's weights are out of the type's range")

@@ -45,6 +45,8 @@ class LayerSpec:
     method: Method
     fmt: QuantFormat                    # fractional methods: the widest width a group may take
     average_bits: float | None = None   # fractional methods: the average code width over groups
+    block_type: str | None = None       # a llama.cpp block type (formats/ggml): the layer becomes its bytes
+                                        # (BlockWeight); fmt is then the affine stand-in AWQ's search scores with
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 from lowbit.algorithms.awq import awq_rtn_quantize
+from lowbit.algorithms.ggml import ggml_gptq, ggml_rtn
 from lowbit.algorithms.gptq import GPTQResult, gptq_quantize
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.algorithms.slim import slim_quantize
-from lowbit.qtensor import QuantizedWeight
+from lowbit.errors import ConfigError
+from lowbit.qtensor import BlockWeight, QuantizedWeight
 from lowbit.recipes import ClipConfig, LayerSpec, Recipe
 
 
@@ -42,7 +44,7 @@ class LayerJob:
 
 @dataclass
 class LayerResult:
-    qweight: QuantizedWeight
+    qweight: QuantizedWeight | BlockWeight
     loss: float | None = None       # GPTQ's proxy loss
     damp: float | None = None       # damping finally used (GPTQ)
     fallback: bool = False          # GPTQ's Hessian never factorized: quantized round-to-nearest
@@ -63,18 +65,28 @@ class Core:
 
 
 def rtn_layer(job: LayerJob) -> LayerResult:
-    """Round-to-nearest; in a smoothed block, with AWQ's output-error clipping (recipe.awq.clip)."""
+    """Round-to-nearest; in a smoothed block, with AWQ's output-error clipping (recipe.awq.clip).
+    On a llama.cpp block type: its scale search, weighted by the mean squared input of each column
+    when the block was smoothed (AWQ), by the data-free importance otherwise."""
+    if job.spec.block_type is not None:
+        importance = None if job.inputs is None else job.inputs.float().pow(2).mean(dim=0)
+        return LayerResult(ggml_rtn(job.weight, job.spec.block_type, importance, job.name))
     if job.inputs is not None:
         return LayerResult(awq_rtn_quantize(job.weight, job.inputs, job.spec.fmt, job.clip, job.recipe.awq.clip))
     return LayerResult(rtn_quantize(job.weight, job.spec.fmt, job.clip))
 
 
 def gptq_layer(job: LayerJob) -> LayerResult:
+    if job.spec.block_type is not None:
+        record, loss, damp = ggml_gptq(job.weight, job.hessian, job.spec.block_type, job.recipe.gptq, job.name)
+        return LayerResult(record, loss, damp, damp == float("inf"))
     return LayerResult.of_gptq(gptq_quantize(job.weight, job.hessian, job.spec.fmt, job.recipe.gptq, job.clip))
 
 
 def slim_layer(job: LayerJob) -> LayerResult:
     """SliM-LLM: GPTQ with salience-allocated widths per group, averaging spec.average_bits."""
+    if job.spec.block_type is not None:
+        raise ConfigError(f"{job.name}: SliM's per-group widths have no llama.cpp block type; use gptq or awq-gptq")
     sr = slim_quantize(job.weight, job.hessian, job.spec.fmt, job.spec.average_bits, job.recipe.gptq, job.clip,
                        job.recipe.slim)
     return LayerResult.of_gptq(sr.gptq, slim_k=sr.allocation.k if sr.chosen.startswith("table") else 0,
