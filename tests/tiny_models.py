@@ -162,8 +162,13 @@ def quantize_all(model, bits=3, group_size=16, act_order_every=3):
     return names
 
 
+# A sentencepiece vocabulary of single characters (a space is "\u2581"), so any text of words like
+# "w12 w3" tokenizes without merges.
+GGUF_PIECES = ["<unk>", "<s>", "</s>", "\u2581", "w", *"0123456789", *(f"x{i}" for i in range(49))]
+
+
 def tiny_gguf_metadata(model, arch: str):
-    """The GGUF keys llama.cpp and transformers need for a tiny `arch` model with the WORDS vocabulary."""
+    """The GGUF keys llama.cpp and transformers need for a tiny `arch` model with the GGUF_PIECES vocabulary."""
     import gguf
 
     from lowbit.export.gguf import GGUFMetadata
@@ -181,9 +186,9 @@ def tiny_gguf_metadata(model, arch: str):
         f"{arch}.rope.freq_base": (10000.0, V.FLOAT32, None),
         f"{arch}.vocab_size": (c.vocab_size, V.UINT32, None),
         "tokenizer.ggml.model": ("llama", V.STRING, None),
-        "tokenizer.ggml.tokens": (list(WORDS), V.ARRAY, V.STRING),
-        "tokenizer.ggml.scores": ([0.0] * len(WORDS), V.ARRAY, V.FLOAT32),
-        "tokenizer.ggml.token_type": ([2, 3, 3] + [1] * (len(WORDS) - 3), V.ARRAY, V.INT32),
+        "tokenizer.ggml.tokens": (GGUF_PIECES, V.ARRAY, V.STRING),
+        "tokenizer.ggml.scores": ([0.0] * len(GGUF_PIECES), V.ARRAY, V.FLOAT32),
+        "tokenizer.ggml.token_type": ([2, 3, 3] + [1] * (len(GGUF_PIECES) - 3), V.ARRAY, V.INT32),
         "tokenizer.ggml.bos_token_id": (1, V.UINT32, None),
         "tokenizer.ggml.eos_token_id": (2, V.UINT32, None),
         "tokenizer.ggml.unknown_token_id": (0, V.UINT32, None),
@@ -200,7 +205,7 @@ def write_tiny_gguf_of(path, arch: str = "llama", *, hidden: int = 256, tie: boo
     written with lowbit's own writer; returns the transformers model it holds."""
     from lowbit.export.gguf import gguf_names, to_gguf_layout, write_gguf
 
-    model = build_tiny(arch, seed=seed, tie=tie, hidden=hidden, vocab=len(WORDS), max_positions=FOLDER_POSITIONS)
+    model = build_tiny(arch, seed=seed, tie=tie, hidden=hidden, vocab=len(GGUF_PIECES), max_positions=FOLDER_POSITIONS)
     names = gguf_names(model, arch)
     tensors = {names[n]: to_gguf_layout(arch, names[n], p.detach(), model.config) for n, p in model.named_parameters()}
     write_gguf(path, tensors, tiny_gguf_metadata(model, arch))

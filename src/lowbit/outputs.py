@@ -33,7 +33,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lowbit.errors import CheckpointError, ConfigError
@@ -80,6 +80,28 @@ def check_output(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.
         check_replaceable(out, inputs, given)
     else:
         _check_not_protected(out, inputs, given)
+    _check_writable(out, given)
+    return out
+
+
+def check_output_file(out: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike],
+                      ours: Callable[[Path], bool], what: str = "file") -> Path:
+    """The output file `out`, resolved, after the checks check_output makes for a folder: an
+    existing path is replaced only with `force`, only when `ours(path)` says lowbit wrote it, and
+    never when it is (or holds) an input."""
+    given = str(out)
+    if not given.strip():
+        raise ConfigError(f"-o is empty; give the {what} to write")
+    out = Path(given).expanduser().resolve()
+    _check_not_protected(out, inputs, given)
+    if out.exists() or out.is_symlink():
+        if out.is_dir() or not force:
+            raise ConfigError(f"-o {given}: {out} already exists; choose another -o path"
+                              + ("" if out.is_dir() else f" or pass --force to replace it (only a {what} lowbit "
+                                 "wrote can be replaced)"))
+        if not ours(out):
+            raise ConfigError(f"-o {given}: {out} was not written by lowbit, so --force will not replace it; "
+                              "choose another -o path")
     _check_writable(out, given)
     return out
 

@@ -30,7 +30,10 @@ def register(sub) -> None:
 
     q = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
     q.add_argument("model", help="known name (see `lowbit models`), HF folder, .gguf file or hub id")
-    q.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    q.add_argument("-o", "--output", required=True, help="checkpoint folder to write (a .gguf file with --format gguf:MIX)")
+    q.add_argument("--format", default="lowbit", help="'lowbit' (a checkpoint folder, default) or gguf:MIX: a GGUF "
+                   "file on llama.cpp's block types, each tensor's type as llama.cpp's MIX gives it (Q4_K_M, "
+                   "Q3_K_M, Q2_K, IQ4_XS, ...) and rounded by --method (rtn, gptq, awq, awq-gptq)")
     q.add_argument("--recipe", help="recipe file (.toml/.yaml) or preset name (`lowbit recipes` lists them)"
                    "; flags given here override it")
     q.add_argument("--method", choices=list(METHODS),
@@ -87,6 +90,10 @@ def cmd_quantize(args) -> int:
     from lowbit.pipeline import quantize
 
     recipe = _recipe_from_args(args)
+    if args.format != "lowbit":
+        from lowbit.cli.quantize_gguf import cmd_quantize_gguf
+
+        return cmd_quantize_gguf(args, recipe)
     _check_eval_flags(args)
     out = _check_inputs(args, recipe)
     dtype = resolve_dtype(args.dtype)

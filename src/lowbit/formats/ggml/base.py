@@ -70,7 +70,7 @@ class BlockType(ABC):
     def nearest(self, table: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """table [N, S, L], w [N, S * sub] -> (codes uint8 [N, S * sub], values float32 [N, S * sub]):
         each weight's nearest value of its sub-block (the lower code on a tie)."""
-        n, s, levels = table.shape
+        n, s, _ = table.shape
         t = table.unsqueeze(2)                                   # [N, S, 1, L]
         x = w.reshape(n, s, -1, 1)                               # [N, S, sub, 1]
         codes = (x - t).abs().argmin(dim=-1)                     # first minimum: the lower code

@@ -1,0 +1,91 @@
+"""quantize_to_gguf and `lowbit quantize --format gguf:MIX`: lowbit's records written on llama.cpp's
+block types, read back by gguf's reader and by transformers' GGUF loader as the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import WORDS, write_tiny_gguf_of
+
+from lowbit.cli import main
+from lowbit.errors import ConfigError
+from lowbit.export.gguf import gguf_names, read_types
+from lowbit.models import load_model
+from lowbit.recipes import Recipe
+from lowbit.to_gguf import is_lowbit_gguf, quantize_to_gguf
+
+TEXT = " ".join(WORDS[3 + (i * 7) % (len(WORDS) - 3)] for i in range(3000))
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text(TEXT)
+    return tmp_path
+
+
+def _calibrated(method: str) -> Recipe:
+    return Recipe.from_dict({"method": method, "calibration": {"dataset": "text.txt", "n_samples": 4, "seqlen": 32}})
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "rtn"), ("qwen2", "gptq"), ("gemma3", "awq-gptq")])
+def test_the_written_file_holds_the_records_and_loads_back_as_them(env, arch, method):
+    write_tiny_gguf_of(env / "src.gguf", arch)
+    loaded = load_model("src.gguf", cache=env / "cache", progress=False)
+    res = quantize_to_gguf(loaded, _calibrated(method), "Q4_0", env / "out.gguf", progress=False)
+    names = gguf_names(loaded.model)
+    types = read_types(env / "out.gguf")
+    assert set(types) == set(res.types) == set(names.values())
+    for hf, gname in names.items():
+        shape = tuple(loaded.model.get_parameter(hf).shape)
+        want = "Q4_0" if len(shape) == 2 else "F32"
+        assert types[gname][0] == want and types[gname][1] == (shape if len(shape) == 2 else shape), gname
+    assert is_lowbit_gguf(env / "out.gguf")
+    back = load_model("out.gguf", cache=env / "cache", progress=False).model
+    assert res.quantized.weights
+    for name, record in res.quantized.weights.items():
+        assert torch.equal(back.get_parameter(f"{name}.weight"), record.dequantize()), name
+    assert res.bits_per_weight == pytest.approx(4.5)
+
+
+def test_gptq_on_the_block_grid_beats_rtn_in_kl_on_text_like_the_calibration(env):
+    write_tiny_gguf_of(env / "src.gguf", "llama")
+    losses = {}
+    for method in ("rtn", "gptq"):
+        loaded = load_model("src.gguf", cache=env / "cache", progress=False)
+        quantize_to_gguf(loaded, _calibrated(method), "Q4_0", env / f"{method}.gguf", progress=False)
+        ref = load_model("src.gguf", cache=env / "cache", progress=False).model
+        q = load_model(f"{method}.gguf", cache=env / "cache", progress=False).model
+        ids = loaded.tokenizer(TEXT[-2000:], return_tensors="pt").input_ids[:, -256:]
+        with torch.no_grad():
+            p = torch.log_softmax(ref(ids).logits, -1)
+            lq = torch.log_softmax(q(ids).logits, -1)
+        losses[method] = float((p.exp() * (p - lq)).sum(-1).mean())
+    assert losses["gptq"] < losses["rtn"]
+
+
+def test_cli_writes_a_gguf_and_refuses_to_overwrite_a_foreign_file(env, capsys):
+    write_tiny_gguf_of(env / "src.gguf", "llama")
+    args = ["quantize", "src.gguf", "--method", "rtn", "--format", "gguf:Q8_0", "-o", "out.gguf", "-q"]
+    assert main(args) == 0
+    assert {t for t, _ in read_types(env / "out.gguf").values()} == {"Q8_0", "F32"}
+    assert main(args) == 2                       # exists: needs --force
+    assert main([*args, "--force"]) == 0         # lowbit wrote it: replaced
+    (env / "mine.gguf").write_bytes(b"not lowbit's")
+    assert main([*args[:-2], "mine.gguf", "-q", "--force"]) == 2
+    assert (env / "mine.gguf").read_bytes() == b"not lowbit's"
+    assert main(["quantize", "src.gguf", "--method", "slim", "--bits", "2.5", "--format", "gguf:Q4_0", "-o",
+                 "x.gguf", "-q"]) == 2
+    assert not (env / "x.gguf").exists()
+    assert main(["quantize", "src.gguf", "--format", "gguf:Q9_X", "-o", "y.gguf", "-q"]) == 2
+    capsys.readouterr()
+
+
+def test_a_budget_over_block_types_is_refused_clearly(env):
+    write_tiny_gguf_of(env / "src.gguf", "llama")
+    loaded = load_model("src.gguf", cache=env / "cache", progress=False)
+    recipe = Recipe.from_dict({"method": "rtn", "budget": {"target_bpw": 3.0}})
+    with pytest.raises(ConfigError, match="budget"):
+        quantize_to_gguf(loaded, recipe, "Q4_0", env / "b.gguf", progress=False)
+    assert not (env / "b.gguf").exists()
