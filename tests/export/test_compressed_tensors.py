@@ -119,6 +119,7 @@ def test_mixed_formats_become_config_groups(tmp_path):
     q = json.loads((result.path / "config.json").read_text())["quantization_config"]
     targets = {t for g in q["config_groups"].values() for t in g["targets"]}
     assert targets == set(records) and "model.layers.0.self_attn.k_proj" in q["ignore"]
+    assert any("model.layers.0.self_attn" in n for n in result.notes)  # q/k/v in three formats: vLLM fuses them
     _check_loaded(_hf(result.path, dequantize=False), records, ckpt)
 
 

@@ -71,18 +71,31 @@ def unpack_int32_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (stream.to(torch.int32) * weights).sum(1, dtype=torch.int32)
 
 
+def _check_parts(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> None:
+    """Packed parts must be 2-D int32 tensors and scales 2-D floats."""
+    for name, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        want = "float" if name == "scales" else "int32"
+        ok = t.is_floating_point() if name == "scales" else t.dtype == torch.int32
+        if t.dim() != 2 or not ok:
+            raise ConfigError(f"{name} is {t.dtype} {tuple(t.shape)}, not a 2-D {want} tensor")
+
+
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
                     bits: int, group_size: int, zero_offset: int = 1) -> torch.Tensor:
     """One GPTQ linear's tensors (module docstring) -> its float32 weight [out, in]. `zero_offset`:
     1 for the original format (zero points stored minus one), 0 for gptq_v2."""
+    _check_parts(qweight, qzeros, scales)
     groups, out = scales.shape
     n_in = qweight.shape[0] * 32 // bits
     if g_idx is None:
         g_idx = torch.arange(n_in) // (n_in if group_size <= 0 else group_size)
     n_in = g_idx.shape[0]
-    if qweight.shape[1] != out or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
-        raise ConfigError(f"GPTQ tensors disagree: qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)}, "
-                          f"g_idx of {n_in} columns in groups {int(g_idx.min())}..{int(g_idx.max())}")
+    if (qweight.shape[1] != out or -(-n_in * bits // 32) != qweight.shape[0] or g_idx.dim() != 1
+            or tuple(qzeros.shape) != (groups, -(-out * bits // 32)) or g_idx.is_floating_point()
+            or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ConfigError(f"GPTQ tensors disagree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+                          f"scales {tuple(scales.shape)}, g_idx of {n_in} columns in groups "
+                          f"{int(g_idx.min())}..{int(g_idx.max())} at {bits} bits")
     q = unpack_int32_rows(qweight, bits, n_in)                                # [in, out]
     z = unpack_int32_rows(qzeros.T.contiguous(), bits, out).T + zero_offset   # [G, out]
     g = g_idx.long()
@@ -95,6 +108,7 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
         nibbles = (words.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF   # [R, out / 8, 8]
         return nibbles[..., list(_AWQ_NIBBLE_OF_COLUMN)].reshape(words.shape[0], -1)
 
+    _check_parts(qweight, qzeros, scales)
     n_in, groups, out = qweight.shape[0], scales.shape[0], scales.shape[1]
     gs = n_in if group_size <= 0 else group_size
     if qweight.shape[1] * 8 != out or tuple(qzeros.shape) != (groups, qweight.shape[1]) or -(-n_in // gs) != groups:
