@@ -23,7 +23,6 @@ in one rename (outputs.py).
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
 import shutil
@@ -47,8 +46,6 @@ from lowbit.checkpoint import (
 from lowbit.errors import ConfigError
 from lowbit.outputs import apply_umask, check_output, make_staging, publish, remove_tree
 from lowbit.qtensor import QuantizedWeight
-
-log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "pack-quantized"
@@ -134,9 +131,10 @@ def _dividing_group(n_in: int, gs: int) -> int:
     return -1
 
 
-def layer_problem(name: str, entry: LayerEntry, perm: torch.Tensor | None, method: str) -> str | None:
-    """Why layer `name` cannot be written as compressed-tensors pack-quantized, with the nearest
-    recipe that can be (a sentence), or None when it can. `perm` is its stored permutation."""
+def layer_problem(entry: LayerEntry, perm: torch.Tensor | None, method: str) -> str | None:
+    """Why a layer (its manifest entry, its stored permutation, the recipe's method) cannot be
+    written as compressed-tensors pack-quantized, with the nearest recipe that can (a phrase), or
+    None when it can."""
     fmt, (_, n_in) = entry.fmt, entry.shape
     gs = fmt.group_size if fmt.group_size < n_in else -1
     plain = method if method in ("rtn", "gptq", "awq", "awq-gptq") else _UNIFORM_METHOD.get(method, "gptq")
@@ -176,7 +174,7 @@ def check_exportable(ck: StoredCheckpoint) -> None:
     bad = []
     for name, entry in ck.layers.items():
         perm = ck.weights[name].parts.get("perm") if entry.perm else None
-        problem = layer_problem(name, entry, perm, method)
+        problem = layer_problem(entry, perm, method)
         if problem is not None:
             bad.append((name, problem))
     if bad:
@@ -220,8 +218,8 @@ def engine_notes(groups: Mapping[SchemeKey, list[str]]) -> list[str]:
     notes = []
     widths = sorted({k.bits for k in groups} - {4, 8})
     if widths:
-        notes.append(f"vLLM's kernels for compressed-tensors int weights take 4 and 8 bits; the {widths} bit "
-                     "layers load in transformers (dequantized), not in vLLM")
+        notes.append(f"vLLM's kernels for compressed-tensors int weights take 4 and 8 bits; the "
+                     f"{', '.join(map(str, widths))}-bit layers load in transformers, not in vLLM")
     if any(not k.symmetric for k in groups):  # transformers 5 / compressed-tensors 0.20 (see README)
         notes.append("asymmetric layers: transformers' default loader does not take packed zero points; load with "
                      "quantization_config=CompressedTensorsConfig(dequantize=True)" if len(groups) == 1 else
