@@ -94,7 +94,7 @@ def _keep(best, cand):
 
 def _affine_refit(x, w, k, sxx):
     """Weighted least squares of x ~ scale * k - mn (mn >= 0) over each sub-block, levels fixed.
-    -> (err, scale, mn, sum w, sum wk, sum wkk), each [M]."""
+    -> (err, scale, mn, sum wkk, sum wk, sum w), each [M]."""
     s1, sk, skk, sx, skx = _sums(x, w, k)
     det = s1 * skk - sk * sk
     ok = det > 1e-6 * s1 * skk
@@ -104,12 +104,12 @@ def _affine_refit(x, w, k, sxx):
     scale = torch.where(one, _div(skx, skk), scale).clamp(min=0.0)
     off = torch.where(one, torch.where(skk > 0, 0.0, _div(sx, s1).clamp(max=0.0)), off)
     err = sxx - 2 * scale * skx - 2 * off * sx + scale * scale * skk + 2 * scale * off * sk + off * off * s1
-    return err, scale, -off, s1, sk, skk
+    return err, scale, -off, skk, sk, s1
 
 
 def float_affine(x: torch.Tensor, w: torch.Tensor, g: KGrid) -> tuple[torch.Tensor, ...]:
     """x, w [M, n] -> scale, mn [M] (values scale*k - mn, mn >= 0) and the level sums
-    (sum w, sum wk, sum wkk) of the chosen levels, for the quadratic model of step 2."""
+    (sum wkk, sum wk, sum w) of the chosen levels, for the quadratic model of step 2."""
     lo = x.amin(-1, keepdim=True).clamp(max=0.0)
     inv = _div(torch.ones_like(lo), x.amax(-1, keepdim=True) - lo)
     sxx = (w * x * x).sum(-1)
