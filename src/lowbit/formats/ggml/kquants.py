@@ -4,7 +4,7 @@ Weight i of sub-block j decodes to (d * sc[j]) * k - (dmin * m[j]) in float32, w
 the super-block's float16 scales, sc[j], m[j] small stored integers and k the weight's level: its
 code (Q2_K, Q4_K, Q5_K, which have mins) or its code minus a fixed zero (Q3_K: code - 4, Q6_K:
 code - 32, no mins). The byte layouts are in kquants_layout.py, the encoder's search in
-kquants_search.py.
+kquants_search.py and kquants_refine.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from lowbit.formats.ggml import kquants_layout as layout
 from lowbit.formats.ggml.base import BlockType
-from lowbit.formats.ggml.kquants_search import KFit, KGrid, search
+from lowbit.formats.ggml.kquants_refine import search
+from lowbit.formats.ggml.kquants_search import KFit, KGrid, div0
 
 CHUNK = 2048  # super-blocks searched at once: bounds the search's memory, keeps its tensors in cache
 
@@ -58,39 +59,34 @@ class KQuant(BlockType):
         return self.table(params).gather(-1, codes).reshape(n, self.block)
 
     def nearest(self, table: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """BlockType.nearest without the [N, S, sub, L] distance tensor: a K quant's sub-block
-        values are monotone in the code, so a binary search finds the nearest two; the few weights
-        with a tie among neighbours (or equal values) take the full search, so the codes are the
-        same as BlockType.nearest's, the lower code on a tie."""
+        """BlockType.nearest without its [N, S, sub, L] distance tensor. A K quant's sub-block values
+        are evenly spaced (up to float rounding) and monotone in the code, so the distance to them
+        falls then rises along the codes: a code estimated from the spacing whose two neighbours are
+        both strictly farther is the one nearest value. The rare rest (ties, midpoints) take the full
+        search; so the codes are BlockType.nearest's, the lower code on a tie."""
         n, s, levels = table.shape
         t = table.reshape(n * s, levels)
-        x = w.reshape(n * s, -1).contiguous()
-        desc = (t[:, 0] > t[:, -1])[:, None]
-        asc = torch.where(desc, t.flip(-1), t).contiguous()               # each row ascending
-        i = torch.searchsorted(asc, x).clamp(1, levels - 1)               # asc[i-1] < x <= asc[i]
-
-        def dist(p):
-            return (x - asc.gather(1, p.clamp(0, levels - 1))).abs()
-        d_lo, d_hi = dist(i - 1), dist(i)
-        p = torch.where(d_lo < d_hi, i - 1, i)
-        dp = torch.minimum(d_lo, d_hi)
-        inf = torch.tensor(float("inf"))
-        d_prev = torch.where(p > 0, dist(p - 1), inf)
-        d_next = torch.where(p < levels - 1, dist(p + 1), inf)
-        codes = torch.where(desc, levels - 1 - p, p)
-        values = asc.gather(1, p)
-        tie = (d_prev == dp) | (d_next == dp)
-        if tie.any():
-            rows, cols = tie.nonzero(as_tuple=True)
+        x = w.reshape(n * s, -1)
+        t0 = t[:, :1]
+        p = ((x - t0) * div0(levels - 1.0, t[:, -1:] - t0)).round_().clamp_(0, levels - 1).long()
+        values = t.gather(1, p)
+        d0 = (x - values).abs()
+        below = (x - t.gather(1, (p - 1).clamp_(min=0))).abs()
+        above = (x - t.gather(1, (p + 1).clamp_(max=levels - 1))).abs()
+        flat = t0 == t[:, -1:]                                            # every value equal: code 0
+        unsure = ((d0 >= below) & (p > 0) | (d0 >= above) & (p < levels - 1)) & ~flat
+        if unsure.any():
+            rows, cols = unsure.nonzero(as_tuple=True)
             tr = t[rows]                                                  # [M, L]
-            c = (x[rows, cols][:, None] - tr).abs().argmin(-1)               # first minimum: the lower code
-            codes[rows, cols], values[rows, cols] = c, tr.gather(1, c[:, None]).squeeze(1)
-        return codes.reshape(n, -1).to(torch.uint8), values.reshape(n, -1)
+            c = (x[rows, cols][:, None] - tr).abs().argmin(-1)            # first minimum: the lower code
+            p[rows, cols], values[rows, cols] = c, tr.gather(1, c[:, None]).squeeze(1)
+        return p.reshape(n, -1).to(torch.uint8), values.reshape(n, -1)
 
 
 class Q2_K(KQuant):
     name, sub, type_size, n_levels = "Q2_K", 16, 84, 4
-    grid = KGrid(sub=16, nmax=3, zero=0, sc_lo=0, sc_hi=15, m_hi=15, span=(-0.33, 0.33), count=21)
+    grid = KGrid(sub=16, nmax=3, zero=0, sc_lo=0, sc_hi=15, m_hi=15, span=(-0.33, 0.33), count=11,
+                 shifts=(-0.4, -0.2, 0.0, 0.2, 0.4))
     pack, unpack = staticmethod(layout.encode_q2_k), staticmethod(layout.decode_q2_k)
 
 
@@ -102,19 +98,22 @@ class Q3_K(KQuant):
 
 class Q4_K(KQuant):
     name, sub, type_size, n_levels = "Q4_K", 32, 144, 16
-    grid = KGrid(sub=32, nmax=15, zero=0, sc_lo=0, sc_hi=63, m_hi=63, span=(-0.15, 0.45), count=31)
+    grid = KGrid(sub=32, nmax=15, zero=0, sc_lo=0, sc_hi=63, m_hi=63, span=(-0.15, 0.45), count=21,
+                 shifts=(-0.33, 0.0, 0.33))
     pack, unpack = staticmethod(layout.encode_q4_k), staticmethod(layout.decode_q4_k)
 
 
 class Q5_K(KQuant):
     name, sub, type_size, n_levels = "Q5_K", 32, 176, 32
-    grid = KGrid(sub=32, nmax=31, zero=0, sc_lo=0, sc_hi=63, m_hi=63, span=(-0.15, 0.45), count=31)
+    grid = KGrid(sub=32, nmax=31, zero=0, sc_lo=0, sc_hi=63, m_hi=63, span=(-0.15, 0.45), count=21,
+                 shifts=(-0.33, 0.0, 0.33))
     pack, unpack = staticmethod(layout.encode_q5_k), staticmethod(layout.decode_q5_k)
 
 
 class Q6_K(KQuant):
     name, sub, type_size, n_levels = "Q6_K", 16, 210, 64
-    grid = KGrid(sub=16, nmax=63, zero=32, sc_lo=-128, sc_hi=127, m_hi=0, span=(-0.3, 0.6), count=31)
+    grid = KGrid(sub=16, nmax=63, zero=32, sc_lo=-128, sc_hi=127, m_hi=0, span=(-0.3, 0.6), count=31,
+                 both_ends=False)
     pack, unpack = staticmethod(layout.encode_q6_k), staticmethod(layout.decode_q6_k)
 
 
