@@ -31,11 +31,13 @@ class KQuant(BlockType):
     unpack: ClassVar[Callable[[torch.Tensor], layout.KFields]]
 
     def fit(self, w: torch.Tensor, imp: torch.Tensor) -> KFit:
-        x = w.float().reshape(w.shape[0], -1, self.sub)                  # [N, S, sub]
-        wt = imp.float().expand_as(w).reshape(x.shape)
-        parts = [search(x[i:i + CHUNK], wt[i:i + CHUNK], self.grid) for i in range(0, x.shape[0], CHUNK)]
+        n, s = w.shape[0], self.block // self.sub
+        x = w.float().reshape(n, s, self.sub)
+        wt = imp.float().expand_as(w).reshape(n, s, self.sub)
+        parts = [search(x[i:i + CHUNK], wt[i:i + CHUNK], self.grid) for i in range(0, n, CHUNK)]
         if not parts:
-            parts = [search(x, wt, self.grid)]
+            f16, ints = torch.zeros(0, dtype=torch.float16), torch.zeros(0, s, dtype=torch.int16)
+            return KFit(f16, f16, ints, ints)
         return KFit(*(torch.cat([getattr(p, f) for p in parts]) for f in ("d", "dmin", "sc", "m")))
 
     def table(self, params: KFit) -> torch.Tensor:
@@ -55,7 +57,7 @@ class KQuant(BlockType):
         zeros = torch.zeros(n, dtype=torch.float16)
         params = KFit(f.d, zeros if f.dmin is None else f.dmin, f.sc,
                       torch.zeros_like(f.sc) if f.m is None else f.m)
-        codes = f.codes.reshape(n, -1, self.sub).long()
+        codes = f.codes.reshape(n, self.block // self.sub, self.sub).long()
         return self.table(params).gather(-1, codes).reshape(n, self.block)
 
     def nearest(self, table: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +68,7 @@ class KQuant(BlockType):
         search; so the codes are BlockType.nearest's, the lower code on a tie."""
         n, s, levels = table.shape
         t = table.reshape(n * s, levels)
-        x = w.reshape(n * s, -1)
+        x = w.reshape(n * s, w.shape[1] // s)
         t0 = t[:, :1]
         p = ((x - t0) * div0(levels - 1.0, t[:, -1:] - t0)).round_().clamp_(0, levels - 1).long()
         values = t.gather(1, p)
@@ -80,7 +82,7 @@ class KQuant(BlockType):
             tr = t[rows]                                                  # [M, L]
             c = (x[rows, cols][:, None] - tr).abs().argmin(-1)            # first minimum: the lower code
             p[rows, cols], values[rows, cols] = c, tr.gather(1, c[:, None]).squeeze(1)
-        return p.reshape(n, -1).to(torch.uint8), values.reshape(n, -1)
+        return p.reshape(w.shape).to(torch.uint8), values.reshape(w.shape)
 
 
 class Q2_K(KQuant):

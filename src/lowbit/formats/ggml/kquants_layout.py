@@ -21,13 +21,13 @@ def pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.zeros(f.shape[0], f.shape[1], f.shape[3], dtype=torch.uint8)
     for k in range(f.shape[2]):
         out |= f[:, :, k] << (bits * k)
-    return out.reshape(f.shape[0], -1)
+    return out.reshape(f.shape[0], f.shape[1] * f.shape[3])
 
 
 def unpack(data: torch.Tensor, groups: int, per_byte: int, bits: int) -> torch.Tensor:
     """uint8 [N, G * I] -> uint8 [N, G, K, I], the inverse of `pack` (K = per_byte)."""
     n = data.shape[0]
-    x = data.reshape(n, groups, 1, -1)
+    x = data.reshape(n, groups, 1, data.shape[1] // groups)
     shifts = torch.arange(per_byte, dtype=torch.uint8).reshape(1, 1, -1, 1) * bits
     return (x >> shifts) & ((1 << bits) - 1)
 
