@@ -205,6 +205,8 @@ def test_degenerate_blocks(name):
     one = torch.zeros(1, 256)
     one[0, 100] = 5.0                                                # a lone outlier is kept
     assert abs(float(bt.decode(bt.quantize_blocks(one))[0, 100]) - 5.0) < 0.01
+    w = weights("gauss", 3, 2)                                       # no importance at all: plain MSE
+    assert torch.equal(bt.quantize_blocks(w, torch.zeros(3, 256)), bt.quantize_blocks(w))
     for scale in (1e9, 1e-12):                                       # past float16's range
         out = bt.decode(bt.quantize_blocks(weights("gauss", 4, 1) * scale))
         assert torch.isfinite(out).all()

@@ -31,9 +31,13 @@ class KQuant(BlockType):
     unpack: ClassVar[Callable[[torch.Tensor], layout.KFields]]
 
     def fit(self, w: torch.Tensor, imp: torch.Tensor) -> KFit:
+        """A super-block whose importance is all zero (say, an imatrix that never saw its
+        columns) is fitted by plain squared error; negative importance counts as zero."""
         n, s = w.shape[0], self.block // self.sub
         x = w.float().reshape(n, s, self.sub)
-        wt = imp.float().expand_as(w).reshape(n, s, self.sub)
+        imp = imp.float().clamp(min=0.0).expand_as(w)
+        imp = imp + (imp.sum(-1, keepdim=True) == 0).float()
+        wt = imp.reshape(n, s, self.sub)
         parts = [search(x[i:i + CHUNK], wt[i:i + CHUNK], self.grid) for i in range(0, n, CHUNK)]
         if not parts:
             f16, ints = torch.zeros(0, dtype=torch.float16), torch.zeros(0, s, dtype=torch.int16)

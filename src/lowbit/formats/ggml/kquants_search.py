@@ -73,7 +73,7 @@ def to_f16(x: torch.Tensor) -> torch.Tensor:
     return x.nan_to_num(0.0, F16_MAX, -F16_MAX).clamp(-F16_MAX, F16_MAX).to(torch.float16)
 
 
-def div0(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+def div0(a: torch.Tensor | float, b: torch.Tensor) -> torch.Tensor:
     """a / b, 0 where b is 0."""
     zero = (b == 0).float()
     return a * (1 - zero) / (b + zero)
@@ -105,7 +105,9 @@ def _affine_refit(w, wx, k, base):
     wk = w * k
     sk, skk, skx = wk.sum(-1), (wk * k).sum(-1), (wx * k).sum(-1)
     det = s1 * skk - sk * sk
-    scale_u, off_u = div0(s1 * skx - sx * sk, det), div0(skk * sx - sk * skx, det)
+    # finite even where det is a rounding residue (and unused there): pick interpolates
+    scale_u = div0(s1 * skx - sx * sk, det).nan_to_num_(0.0, 0.0, 0.0)
+    off_u = div0(skk * sx - sk * skx, det).nan_to_num_(0.0, 0.0, 0.0)
     free = (det > 1e-6 * s1 * skk) & (off_u <= 0) & (scale_u >= 0)
     # else the min at 0 (or, where every level is 0, the min alone)
     scale = pick(free, scale_u, div0(skx, skk).clamp(min=0.0))
