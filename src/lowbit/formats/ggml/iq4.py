@@ -100,25 +100,28 @@ class SuperScaleParams:
     scales: Tensor
 
 
-def _sub_scales(w: Tensor, imp: Tensor, d: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _sub_scales(w: Tensor, imp: Tensor, d: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """For super-block scale d [N] and ideal sub-block scales s [N, 8]: each sub-block's 6-bit
     scale r among the three nearest s / d, the one whose weights round best ->
-    (super-block error [N], r [N, 8], level values [N, 256])."""
+    (super-block error [N], r [N, 8] float32)."""
     n = w.shape[0]
     ws, imps = w.reshape(n * 8, 32), imp.reshape(n * 8, 32)
     r0 = (s * inverse(d)).round_()
     tried = []
     for step in (-1.0, 0.0, 1.0):
         r = (r0 + step).clamp_(-32, 31)
-        err, lv = scale_error(ws, imps, (d.unsqueeze(-1) * r).reshape(-1), LEVELS)
-        tried.append((err, r.reshape(-1), lv))
-    err, r, lv = pick(*zip(*tried, strict=True))
-    return err.reshape(n, 8).sum(-1), r.reshape(n, 8), lv.reshape(w.shape)
+        err, _ = scale_error(ws, imps, (d.unsqueeze(-1) * r).reshape(-1), LEVELS)
+        tried.append((err, r.reshape(-1)))
+    err, r = pick(*zip(*tried, strict=True))
+    return err.reshape(n, 8).sum(-1), r.reshape(n, 8)
 
 
-def _refit_super(w: Tensor, imp: Tensor, r: Tensor, lv: Tensor) -> Tensor:
-    """The least-squares super-block scale for sub-scales r [N, 8] and levels lv [N, 256], stored."""
-    a = (r.unsqueeze(-1) * lv.reshape(-1, 8, 32)).reshape(lv.shape)
+def _refit_super(w: Tensor, imp: Tensor, d: Tensor, r: Tensor) -> Tensor:
+    """The least-squares super-block scale (stored) for the codes that d [N] and the sub-block
+    scales r [N, 8] give each weight."""
+    dl = (d.unsqueeze(-1) * r).reshape(-1, 1)                                # [N * 8, 1]
+    lv = LEVELS.snap(w.reshape(-1, 32) * inverse(dl.squeeze(-1)))
+    a = (r.reshape(-1, 1) * lv).reshape(w.shape)                             # value / d
     ia = imp * a
     num, den = torch.linalg.vecdot(ia, w), torch.linalg.vecdot(ia, a)
     return to_f16((num / den).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
@@ -132,17 +135,15 @@ def _fit_super(w: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
 def _fit_super_chunk(w: Tensor, imp: Tensor) -> tuple[Tensor, Tensor]:
     n = w.shape[0]
     s, _ = search_scale(w.reshape(n * 8, 32), imp.reshape(n * 8, 32), LEVELS, ANCHORS, FACTORS, store=keep)
-    s = s.reshape(n, 8)
+    s = s.reshape(n, 8)                                                      # each sub-block's own scale
     smax = signed_absmax(s)
     tried = []
     for t in SUPER_TARGETS:
         d = to_f16(smax / t)
-        err, r, _ = _sub_scales(w, imp, d, s)
-        tried.append((err, d, r))
-    err, d, r = pick(*zip(*tried, strict=True))
-    _, _, lv = _sub_scales(w, imp, d, s)
-    d2 = _refit_super(w, imp, r, lv)
-    err2, r2, _ = _sub_scales(w, imp, d2, r * d.unsqueeze(-1))
+        tried.append((*_sub_scales(w, imp, d, s), d))
+    err, r, d = pick(*zip(*tried, strict=True))
+    d2 = _refit_super(w, imp, d, r)
+    err2, r2 = _sub_scales(w, imp, d2, r * d.unsqueeze(-1))
     _, d, r = pick((err, err2), (d, d2), (r, r2))
     return d, r
 

@@ -123,13 +123,18 @@ class _Symmetric(_Legacy):
     def levels(self) -> Levels:
         return Levels.integers(self.lo, self.lo + self.n_levels - 1)
 
+    @property
+    def anchors(self) -> tuple[int, ...]:
+        """The extreme levels a block's largest weight may sit on (one, for a symmetric grid)."""
+        hi = self.lo + self.n_levels - 1
+        return (self.lo,) if hi == -self.lo else (self.lo, hi)
+
     def fit(self, w: Tensor, imp: Tensor) -> ScaleParams:
-        levels = self.levels
-        anchors = (self.lo, self.lo + self.n_levels - 1) if self.lo + self.n_levels - 1 != -self.lo else (self.lo,)
-        d, _ = search_scale(w, imp, levels, anchors, self.factors)
+        d, _ = search_scale(w, imp, self.levels, self.anchors, self.factors)
         return ScaleParams(d)
 
     def table(self, params: ScaleParams) -> Tensor:
+        # d as the bytes hold it, so that any params match their encoding
         return to_f16(params.d).reshape(-1, 1, 1) * self.levels.values.reshape(1, 1, -1)
 
     def encode(self, params: ScaleParams, codes: Tensor) -> Tensor:

@@ -265,24 +265,25 @@ def nearest_monotone(table: Tensor, w: Tensor, guess: Tensor) -> tuple[Tensor, T
     happens (or that repeat a value) are looked up exactly by binary search."""
     n, s, levels = table.shape
     t, rows = table.reshape(n * s, levels), (n * s, w.shape[-1] // s)
-    (codes,) = by_chunks(_nearest_rows, t, w.reshape(rows), guess.reshape(rows), rows=CHUNK * 4)
-    return codes.to(torch.uint8).reshape(w.shape), t.gather(1, codes).reshape(w.shape)
+    codes, values = by_chunks(_nearest_rows, t, w.reshape(rows), guess.reshape(rows), rows=CHUNK * 4)
+    return codes.reshape(w.shape), values.reshape(w.shape)
 
 
-def _nearest_rows(t: Tensor, x: Tensor, guess: Tensor) -> tuple[Tensor]:
+def _nearest_rows(t: Tensor, x: Tensor, guess: Tensor) -> tuple[Tensor, Tensor]:
     levels = t.shape[1]
-    g = guess.clamp(1, levels - 2)
-    ta, tb, tc = t.gather(1, g - 1), t.gather(1, g), t.gather(1, g + 1)
-    da, db, dc = (x - ta).abs_(), (x - tb).abs_(), (x - tc).abs_()
-    codes = torch.where(dc < torch.minimum(da, db), g + 1, g - (db >= da).long())
+    b = guess.clamp(1, levels - 2)
+    a, c = b - 1, b + 1
+    da, db, dc = (x - t.gather(1, a)).abs_(), (x - t.gather(1, b)).abs_(), (x - t.gather(1, c)).abs_()
+    take_c, take_a = dc < torch.minimum(da, db), db >= da
+    codes = torch.where(take_c, c, torch.where(take_a, a, b))
     steps = t[:, 1:] - t[:, :-1]
     strict = (steps > 0).all(1) | (steps < 0).all(1)
-    edge = ((codes == g - 1) & (codes != 0)) | ((codes == g + 1) & (codes != levels - 1))
+    edge = (take_c & (c != levels - 1)) | (~take_c & take_a & (a != 0))  # the window's inner edge
     redo = (~strict) | edge.any(1)
     if redo.any():
         rows = redo.nonzero().squeeze(1)
         codes[rows] = _nearest_exact(t[rows], x[rows])
-    return (codes,)
+    return codes.to(torch.uint8), t.gather(1, codes)
 
 
 def _nearest_exact(t: Tensor, x: Tensor) -> Tensor:
