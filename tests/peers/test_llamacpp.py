@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from lowbit.errors import ConfigError
-from lowbit.peers import llamacpp
+from lowbit.peers import llamacpp, llamacpp_build
 from lowbit.peers.llamacpp import (
     LLAMA_CPP_PYTHON_VERSION,
+    NEEDS_IMATRIX,
+    SUPPORTED_QTYPES,
     LlamaCppError,
     LlamaCppTools,
     built_tools,
@@ -34,7 +36,8 @@ def _fake_tools(cache, version=LLAMA_CPP_PYTHON_VERSION):
     """A tools folder as ensure_llamacpp leaves it, with stand-in tools.
 
     The 'converter' writes its input folder's config.json to --outfile; the 'quantizer' copies
-    its input and appends the type name, so the tests can see what ran on what.
+    its input and appends the type name (and the imatrix file's name, when given one), so the
+    tests can see what ran on what.
     """
     root = tools_dir(cache) / f"llama-cpp-python-{version}"
     root.mkdir(parents=True)
@@ -46,11 +49,15 @@ def _fake_tools(cache, version=LLAMA_CPP_PYTHON_VERSION):
         "assert args[args.index('--outtype') + 1] == 'f32'\n"
     )
     binary = root / "llama-quantize"
-    binary.write_text(f'#!{sys.executable}\nimport sys, shutil\n'
-                      "shutil.copy(sys.argv[1], sys.argv[2])\n"
-                      "open(sys.argv[2], 'a').write(sys.argv[3])\n")
+    binary.write_text(f'#!{sys.executable}\nimport os, sys, shutil\n'
+                      "args = sys.argv[1:]\n"
+                      "im = args[1] if args[0] == '--imatrix' else None\n"
+                      "args = args[2:] if im else args\n"
+                      "shutil.copy(args[0], args[1])\n"
+                      "open(args[1], 'a').write(args[2] + (' imatrix ' + os.path.basename(im) if im else ''))\n")
     binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    (root / "llama-bench").write_text("#!/bin/sh\nexit 0\n")
+    for other in ("llama-bench", "llama-imatrix", "llama-perplexity"):
+        (root / other).write_text("#!/bin/sh\nexit 0\n")
     (root / "lowbit-llamacpp.json").write_text(json.dumps({"llama_cpp_python": version}))
     return LlamaCppTools(root, version, script, binary)
 
@@ -67,12 +74,22 @@ def _hf_folder(tmp_path):
 def test_check_qtype_accepts_known_names_any_case():
     assert check_qtype("q4_k_m") == "Q4_K_M"
     assert check_qtype("Q2_K") == "Q2_K"
+    assert check_qtype("iq4_xs") == "IQ4_XS"
+    assert all(check_qtype(t, imatrix=True) == t for t in SUPPORTED_QTYPES)
 
 
-@pytest.mark.parametrize("bad", ["Q4_0", "IQ2_XS", "q4km", "", None])
+@pytest.mark.parametrize("bad", ["Q9_0", "IQ1_S", "q4km", "", None])
 def test_check_qtype_rejects_others(bad):
     with pytest.raises(ConfigError, match="Q4_K_M"):
         check_qtype(bad)
+
+
+@pytest.mark.parametrize("qtype", NEEDS_IMATRIX)
+def test_low_bit_i_quants_need_an_importance_matrix(qtype):
+    with pytest.raises(ConfigError, match=f"llamacpp-imatrix:{qtype}"):
+        check_qtype(qtype.lower())
+    assert {"IQ2_XXS", "IQ3_XXS", "IQ3_M", "Q2_K_S"} <= set(NEEDS_IMATRIX)
+    assert not {"IQ4_XS", "IQ4_NL", "Q2_K", "Q3_K_S"} & set(NEEDS_IMATRIX)
 
 
 def test_quantize_rejects_bad_qtype_before_running_anything(tmp_path):
@@ -104,6 +121,23 @@ def test_quantize_runs_convert_then_quantize_and_caches(tmp_path):
     with pytest.raises(LlamaCppError, match="llama-quantize"):
         quantize_with_llamacpp(folder, "Q2_K", out, tools, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["tiny-hf.Q4_K_M.gguf", "tiny-hf.f32.gguf"]
+
+
+def test_quantize_with_an_importance_matrix(tmp_path):
+    tools, folder, out = _fake_tools(tmp_path), _hf_folder(tmp_path), tmp_path / "out"
+    imatrix = tmp_path / "tiny-hf.imatrix-c4-s0-8x64.gguf"
+    with pytest.raises(ConfigError, match="imatrix"):
+        quantize_with_llamacpp(folder, "IQ3_XXS", out, tools, progress=False)  # needs one
+    with pytest.raises(ConfigError, match=imatrix.name):
+        quantize_with_llamacpp(folder, "IQ3_XXS", out, tools, progress=False, imatrix=imatrix)  # missing
+    imatrix.write_text("synthetic")
+    got = quantize_with_llamacpp(folder, "iq3_xxs", out, tools, progress=False, imatrix=imatrix)
+    assert got == out / "tiny-hf.IQ3_XXS.imatrix-c4-s0-8x64.gguf"
+    assert got.read_text() == '{"model_type": "llama"}IQ3_XXS imatrix ' + imatrix.name
+    # with and without an imatrix are two files
+    plain = quantize_with_llamacpp(folder, "Q4_K_M", out, tools, progress=False)
+    weighted = quantize_with_llamacpp(folder, "Q4_K_M", out, tools, progress=False, imatrix=imatrix)
+    assert plain != weighted and plain.read_text().endswith("Q4_K_M")
 
 
 # --- bits per weight -------------------------------------------------------------------------
@@ -152,8 +186,8 @@ def _no_build(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("ensure_llamacpp tried to download or build")
 
-    monkeypatch.setattr(llamacpp, "_download_sdist", refuse)
-    monkeypatch.setattr(llamacpp, "_build_quantize", refuse)
+    monkeypatch.setattr(llamacpp_build, "_download_sdist", refuse)
+    monkeypatch.setattr(llamacpp_build, "_build_tools", refuse)
 
 
 def test_tools_dir_follows_the_cache(tmp_path, monkeypatch):
@@ -168,20 +202,27 @@ def test_ensure_returns_built_tools_at_once(tmp_path, monkeypatch):
     assert ensure_llamacpp(cache=tmp_path, progress=False) == fake
     assert built_tools(tmp_path) == fake
     assert built_tools(tmp_path, version="0.0.1") is None  # another version is not built
+    assert fake.imatrix_bin.is_file() and fake.perplexity_bin.is_file() and fake.bench_bin.is_file()
+
+
+def test_a_folder_missing_a_tool_is_not_built(tmp_path):
+    fake = _fake_tools(tmp_path)
+    fake.perplexity_bin.unlink()  # built before llama-perplexity was one of the targets
+    assert built_tools(tmp_path) is None
 
 
 def test_folder_without_record_is_not_built(tmp_path, monkeypatch):
     fake = _fake_tools(tmp_path)
     (fake.root / "lowbit-llamacpp.json").unlink()  # as after an interrupted copy
     assert built_tools(tmp_path) is None
-    monkeypatch.setattr(llamacpp.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(llamacpp_build.shutil, "which", lambda *a, **k: None)
     with pytest.raises(LlamaCppError, match="pip install cmake"):
         ensure_llamacpp(cache=tmp_path, progress=False)
 
 
 def test_missing_compiler_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(llamacpp, "_find_cmake", lambda: "/usr/bin/cmake")
-    monkeypatch.setattr(llamacpp.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(llamacpp_build, "_find_cmake", lambda: "/usr/bin/cmake")
+    monkeypatch.setattr(llamacpp_build.shutil, "which", lambda *a, **k: None)
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(LlamaCppError, match="C\\+\\+17 compiler"):
         ensure_llamacpp(cache=tmp_path, progress=False)
