@@ -58,6 +58,12 @@ def cmd_eval(args) -> int:
     else:
         target = load_model(args.model, dtype=dtype, cache=args.cache)
         recipe = None
+        if args.reference == "auto" and target.source.kind == "gguf":
+            from lowbit.to_gguf import written_from
+
+            source = written_from(target.source.path)  # a GGUF lowbit wrote names its source model
+            if source is not None:
+                reference = load_model(source, dtype=dtype, cache=args.cache)
     if args.reference not in ("auto", "none"):
         reference = load_model(args.reference, dtype=dtype, cache=args.cache)
     label = args.model if kv is None else f"{args.model} (kv {kv.label}, chunks of {args.kv_chunk})"

@@ -13,7 +13,7 @@ from lowbit.errors import ConfigError
 
 def gguf_mix(fmt: str) -> str:
     """'gguf:Q4_K_M' -> 'Q4_K_M', checked against the mixes lowbit writes."""
-    from lowbit.formats.ggml.mixes import MIXES
+    from lowbit.formats.ggml.mixes import check_mix
 
     kind, _, mix = fmt.partition(":")
     if kind != "gguf":
@@ -21,9 +21,7 @@ def gguf_mix(fmt: str) -> str:
     if not mix:
         raise ConfigError("--format gguf needs a mix, e.g. --format gguf:Q4_K_M (a size budget over llama.cpp's "
                           "block types is not supported yet)")
-    if mix not in MIXES:
-        raise ConfigError(f"--format {fmt}: {mix!r} is not a mix lowbit writes; choose one of {', '.join(MIXES)}")
-    return mix
+    return check_mix(mix)
 
 
 def cmd_quantize_gguf(args, recipe) -> int:
@@ -54,8 +52,9 @@ def cmd_quantize_gguf(args, recipe) -> int:
     types = Counter(res.types.values())
     _say(f"wrote {res.path} ({_mb(res.path.stat().st_size)}): decoder blocks at {res.bits_per_weight:.3f} bits/weight; "
          + ", ".join(f"{t} x{n}" for t, n in sorted(types.items())))
-    for name, (want, got) in res.fallbacks.items():
-        _say(f"note: {name} is {got}, not {want}: its rows are not whole {want} blocks (llama.cpp does the same)")
+    for (want, got), count in Counter(res.fallbacks.values()).items():
+        _say(f"note: {count} tensors are {got}, not {want}: their rows are not whole {want} blocks (llama.cpp "
+             "does the same)")
     if res.quantized.fallbacks and not args.allow_fallback:
         _say(f"lowbit: {res.quantized.fallback_summary()}; the file is written, but it is not what the recipe "
              "asked for: pass --allow-fallback to accept it (exit 0)")

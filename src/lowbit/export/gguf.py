@@ -101,7 +101,7 @@ def to_gguf_layout(arch: str, gguf_name: str, value: BlockWeight | torch.Tensor,
             return BlockWeight(value.block_type, value.shape, value.data[rows].contiguous())
         return value[rows].contiguous()
     if arch == "gemma3" and gguf_name.endswith("norm.weight"):
-        return value.float() + 1
+        return value + 1
     return value
 
 
@@ -125,6 +125,8 @@ def write_gguf(path: str | Path, tensors: Mapping[str, BlockWeight | torch.Tenso
         if isinstance(value, BlockWeight):
             qtype = gguf.GGMLQuantizationType[value.block_type]
             writer.add_tensor(name, value.data.numpy(), raw_dtype=qtype)
+        elif isinstance(value, torch.Tensor) and value.dtype == torch.float16:
+            writer.add_tensor(name, value.detach().contiguous().numpy())
         elif isinstance(value, torch.Tensor) and value.is_floating_point():
             writer.add_tensor(name, value.detach().float().contiguous().numpy())
         else:

@@ -34,6 +34,7 @@ import torch
 
 from lowbit.errors import ShapeError
 
+CHUNK = 65536  # blocks quantized at a time by quantize_blocks
 Params = Any  # each type's own (a dataclass of [N, ...] tensors); only the type reads it
 
 
@@ -79,12 +80,18 @@ class BlockType(ABC):
 
     def quantize_blocks(self, w: torch.Tensor, imp: torch.Tensor | None = None) -> torch.Tensor:
         """Round-to-nearest on this type's grid with the importance-weighted scale search:
-        w float32 [N, block] -> uint8 [N, type_size]. Without `imp`, every weight counts the same."""
+        w float32 [N, block] -> uint8 [N, type_size]. Without `imp`, every weight counts the same.
+        Works through CHUNK blocks at a time, so a table of an embedding's millions of blocks is
+        never held at once."""
         w = w.float()
         imp = torch.ones_like(w) if imp is None else imp.float().expand_as(w)
-        params = self.fit(w, imp)
-        codes, _ = self.nearest(self.table(params), w)
-        return self.encode(params, codes)
+        out = torch.empty(w.shape[0], self.type_size, dtype=torch.uint8)
+        for i in range(0, w.shape[0], CHUNK):
+            wc, ic = w[i:i + CHUNK], imp[i:i + CHUNK]
+            params = self.fit(wc, ic)
+            codes, _ = self.nearest(self.table(params), wc)
+            out[i:i + CHUNK] = self.encode(params, codes)
+        return out
 
 
 def blocks_of(w: torch.Tensor, bt: BlockType, name: str = "weight") -> torch.Tensor:
