@@ -76,6 +76,7 @@ def test_cli_writes_a_gguf_and_refuses_to_overwrite_a_foreign_file(env, capsys):
     assert main(["eval", "out.gguf", "--data", "text.txt", "--max-tokens", "128", "--seqlen", "64", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["datasets"]["text.txt"]["kl_mean"] > 0   # the source named in the file is the reference
+    assert result["size"]["bits_per_weight"] == pytest.approx(8.5)  # Q8_0: 34 bytes per 32 weights
     assert main(args) == 2                       # exists: needs --force
     assert main([*args, "--force"]) == 0         # lowbit wrote it: replaced
     (env / "mine.gguf").write_bytes(b"not lowbit's")

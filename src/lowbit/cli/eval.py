@@ -77,6 +77,10 @@ def cmd_eval(args) -> int:
         except LowbitError:  # a manifest from another lowbit version: show what it says
             res.recipe = f"{recipe.get('method')} w{recipe.get('bits')} g{recipe.get('group_size')}"
     src_kind = target.manifest.source.kind if hasattr(target, "manifest") else target.source.kind
+    if src_kind == "gguf":  # the file's own storage of the decoder blocks, as stored (scales included)
+        from lowbit.peers.llamacpp import gguf_bits_per_weight
+
+        res.size["bits_per_weight"], res.size["gguf_types"] = gguf_bits_per_weight(target.source.path)
     if src_kind in ("known", "gguf"):
         res.notes.append(REFERENCE_NOTE)
     if args.json:  # strict JSON: a NaN or infinite number is written as null (the notes say which)
