@@ -263,7 +263,7 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
         c = compare_to_reference(loaded.model, ReferenceLogits.open(ref_path), tokens, spec["seqlen"], progress=False)
         out["datasets"][ds] = {"ppl": c.ppl, "ref_ppl": c.ref_ppl, "kl": c.kl_mean, "top1": c.top1_agreement,
                                "n_tokens_scored": c.n_tokens_scored}
-    if gguf is not None and spec.get("llama_perplexity"):
+    if gguf is not None and spec.get("with_llama_perplexity"):
         tokenizer = loaded.tokenizer
         del loaded  # llama-perplexity runs beside this process: free the dequantized model first
         out["llama_perplexity"] = _llama_perplexity(spec, gguf, tokenizer)
@@ -338,7 +338,7 @@ def run_accuracy_bench(opts: AccuracyBenchOptions) -> None:
                         "max_tokens": opts.max_tokens, "seqlen": opts.seqlen, "references": refs["paths"],
                         "cache": opts.cache, "data_dir": opts.data_dir, "work": str(work),
                         "budget_generations": opts.budget_generations, "calib_dtype": opts.calib_dtype,
-                        "llama_perplexity": opts.llama_perplexity}
+                        "with_llama_perplexity": opts.llama_perplexity}
                 if job.method not in GGUF_METHODS and target_bpw(job.setting) is None:
                     s = Setting.parse(job.setting.partition("-is")[0])
                     spec.update(bits=s.bits, group_size=s.group_size)
