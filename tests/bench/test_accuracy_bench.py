@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 from rendered import image_links, markdown_table, number, numbers
@@ -35,7 +36,7 @@ def test_jobs_parse_and_refuse_what_cannot_run():
     assert Setting.parse("w2.5g128").bits == 2.5
     assert Job.parse("awq-slim:w2.5g128") == Job("awq-slim", "w2.5g128")
     assert Job.parse("budget:2.92bpw").setting == "2.92bpw"  # a size given directly, not a uniform format's
-    for bad, match in (("gptq:w2.5g128", "need method slim or awq-slim"), ("llamacpp:Q9_Z", "llama.cpp type"),
+    for bad, match in (("gptq:w2.5g128", "need method slim or awq-slim"), ("llamacpp:Q9_Z", "Q9_Z"),
                        ("sparsegpt:w4g128", "METHOD:SETTING"), ("gptq", "METHOD:SETTING"),
                        ("hqq:w4g128-is8", "integer scales"), ("gptq:2.92bpw", "w<bits>g<group>"),
                        ("budget:0.5bpw", "in \\(1, 16\\]"), ("budget:2.92bpw-is8", "integer scales")):
@@ -45,6 +46,21 @@ def test_jobs_parse_and_refuse_what_cannot_run():
     assert [str(j) for j in jobs] == ["rtn:w4g128", "gptq:w4g128", "rtn:w3g64", "gptq:w3g64"]
     suite = [str(j) for j in select_jobs("methods", None, "", "")]
     assert {"awq-gptq:w3g128", "slim:w2.5g128", "budget:w2g32", "llamacpp:Q2_K", "hqq:w2g128"} <= set(suite)
+
+
+def test_gguf_jobs_parse_and_refuse_what_llama_cpp_cannot_do():
+    assert Job.parse("llamacpp:Q4_0") == Job("llamacpp", "Q4_0")
+    assert Job.parse("llamacpp:q3_k_m") == Job("llamacpp", "Q3_K_M")  # llama-quantize's spelling
+    assert Job.parse("llamacpp-imatrix:iq3_xxs") == Job("llamacpp-imatrix", "IQ3_XXS")
+    assert Job.parse("llamacpp-imatrix:Q4_K_M") == Job("llamacpp-imatrix", "Q4_K_M")
+    assert Job.parse("gguf:out/m.Q4_K_M.gguf") == Job("gguf", "out/m.Q4_K_M.gguf")
+    for bad, match in (("llamacpp:IQ3_XXS", "llamacpp-imatrix:IQ3_XXS"), ("llamacpp:IQ2_M", "llamacpp-imatrix:IQ2_M"),
+                       ("llamacpp:Q2_K_S", "llamacpp-imatrix:Q2_K_S"), ("llamacpp-imatrix:IQ1_S", "IQ1_S"),
+                       ("llamacpp:Q4_K_M-is8", "Q4_K_M-is8"), ("gguf:model.bin", "model.bin")):
+        with pytest.raises(ConfigError, match=match):
+            Job.parse(bad)
+    with pytest.raises(ConfigError, match="llamacpp-imatrix"):
+        select_jobs(None, None, "gptq,llamacpp-imatrix", "w4g128")
 
 
 def test_old_records_keep_their_identity():
@@ -114,6 +130,39 @@ def test_render_writes_table_and_plot(tmp_path):
     assert (tmp_path / "BENCHMARKS-pareto-m.png").stat().st_size > 1000
 
 
+def test_render_adds_llama_perplexity_numbers_for_gguf_rows(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "commands.txt").write_text("lowbit bench accuracy m --jobs llamacpp:Q4_K_M\n")
+    (work / "reference-m.json").write_text(json.dumps({"max_tokens": 4096, "seqlen": 1024, "sha256": "ab" * 32,
+                                                       "ppl": {"wikitext2": 20.0, "c4": 25.0}}))
+    def row(method, setting, bpw, ppl, llama=None):
+        r = {"model": "m", "method": method, "setting": setting, "bits_per_weight": bpw, "quant_seconds": 1.0,
+             "peak_rss_bytes": 2**30, "calib_samples": 8, "calib_seqlen": 64,
+             "datasets": {d: {"ppl": ppl, "kl": 0.1, "top1": 0.9} for d in ("wikitext2", "c4")}}
+        if llama:
+            r["llama_perplexity"] = {d: {"ppl": p, "ref_ppl": 19.0, "kl": kl, "top1": t1, "n_ctx": 1024,
+                                         "n_chunks": 4, "n_tokens_scored": 4 * 511} for d, (p, kl, t1) in llama.items()}
+        return r
+    rows = [row("gptq", "w4g128", 4.15, 21.0),
+            row("llamacpp", "Q4_K_M", 4.9, 20.5, {"wikitext2": (19.5, 0.021, 0.95), "c4": (24.0, 0.03, 0.93)}),
+            {**row("llamacpp-imatrix", "IQ3_XXS", 3.3, 24.0, {"wikitext2": (23.0, 0.11, 0.85)}),
+             "imatrix": {"chunks": 8, "n_ctx": 64, "token_agreement": 0.987, "chunks_equal": 7}}]
+    text = render(["m"], ["wikitext2", "c4"], {result_key(r): r for r in rows}, work)
+    first, second = text.split("llama-perplexity (llama.cpp's evaluator)")
+    llama_table = markdown_table(second)
+    assert [(r["method"], r["setting"]) for r in llama_table] == [
+        ("reference", "f32 GGUF"), ("llamacpp", "Q4_K_M"), ("llamacpp-imatrix", "IQ3_XXS")]
+    assert number(llama_table[0]["wikitext2 ppl"]) == 19.0
+    q4 = llama_table[1]
+    assert [number(q4[c]) for c in ("wikitext2 ppl", "wikitext2 KL", "wikitext2 top-1", "c4 ppl", "c4 KL")] == [
+        19.5, 0.021, 0.95, 24.0, 0.03]
+    assert llama_table[2]["c4 ppl"] == "-"  # not measured on c4
+    assert numbers(second.split("\n")[0])[:3] == [4, 1024, 4 * 511]  # chunks, their length, tokens scored
+    notes = next(r for r in markdown_table(first) if r["method"] == "llamacpp-imatrix")["notes"]
+    assert numbers(notes.split("llama-imatrix")[1])[:3] == [8, 64, 98.7]  # chunks x tokens, % of the same ids
+
+
 def _dies(spec, queue):
     import os
 
@@ -161,3 +210,48 @@ def test_pareto_plot_clips_blown_up_rows_and_reports_them(tmp_path):
     assert plot.path.stat().st_size > 1000 and plot.y_top < 5.0 * 20.0 * 1.05
     assert plot.above == (("gptq", "w2g64", 2.28, 400.0), ("rtn", "w2g64", 2.28, 3.4e4))  # by size, then ppl
     assert plot_pareto("m", rows[:3], ref, "wikitext2", tmp_path).above == ()  # nothing beyond the range
+
+
+def test_llama_cpp_rows_end_to_end_with_both_evaluators(tmp_path, shared_data, monkeypatch):
+    """llamacpp, llamacpp-imatrix and gguf jobs on a tiny GGUF model, through the child processes,
+    lowbit's evaluator and llama-perplexity (needs the llama.cpp tools built in the usual cache)."""
+    import sys
+
+    from lowbit.bench.accuracy import AccuracyBenchOptions, run_accuracy_bench
+    from lowbit.peers.llamacpp import built_tools, tools_dir
+
+    tools = built_tools()
+    if tools is None:
+        pytest.skip(f"llama.cpp tools not built in {tools_dir()} (lowbit.peers.llamacpp.ensure_llamacpp)")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "peers"))
+    from test_llamacpp_imatrix import write_tiny_llama
+
+    cache = tmp_path / "cache"
+    (cache / "llamacpp").mkdir(parents=True)
+    (cache / "llamacpp" / tools.root.name).symlink_to(tools.root)  # the built tools, models cached apart
+    monkeypatch.setenv("LOWBIT_CACHE", str(cache))
+    model = tmp_path / "tiny.gguf"
+    write_tiny_llama(model)  # float32 tensors: as a gguf job, the reference itself
+    work, out = tmp_path / "work", tmp_path / "B.md"
+    run_accuracy_bench(AccuracyBenchOptions(
+        models=(str(model),), jobs=f"llamacpp:Q8_0,llamacpp-imatrix:IQ4_XS,gguf:{model}", data="wikitext2",
+        max_tokens=512, seqlen=128, calib_samples=4, calib_seqlen=64, llama_perplexity=True, cache=str(cache),
+        data_dir=str(shared_data), work_dir=str(work), output=str(out), quiet=True))
+    recs = {r["method"]: r for r in map(json.loads, (work / "accuracy.jsonl").read_text().splitlines())}
+    assert all("error" not in r for r in recs.values()), [r.get("error") for r in recs.values()]
+    same, q8, iq4 = recs["gguf"], recs["llamacpp"], recs["llamacpp-imatrix"]
+    assert same["bits_per_weight"] == 32 and q8["bits_per_weight"] == 8.5  # Q8_0: 34 bytes per 32
+    assert iq4["imatrix"]["chunks"] == 4 and iq4["imatrix"]["n_ctx"] == 64
+    assert 0 <= iq4["imatrix"]["token_agreement"] <= 1
+    for ds in ("wikitext2",):
+        mine = {m: r["datasets"][ds] for m, r in recs.items()}
+        llama = {m: r["llama_perplexity"][ds] for m, r in recs.items()}
+        assert mine["gguf"]["kl"] < 1e-6 and llama["gguf"]["kl"] < 1e-4  # the reference against itself
+        assert llama["gguf"]["top1"] == 1.0
+        assert llama["gguf"]["ref_ppl"] == pytest.approx(llama["gguf"]["ppl"], rel=1e-3)
+        assert (llama["llamacpp"]["n_chunks"], llama["llamacpp"]["n_ctx"]) == (512 // 128, 128)
+        # both evaluators see Q8_0 closer to the reference than IQ4_XS
+        assert mine["gguf"]["kl"] < mine["llamacpp"]["kl"] < mine["llamacpp-imatrix"]["kl"]
+        assert llama["gguf"]["kl"] < llama["llamacpp"]["kl"] < llama["llamacpp-imatrix"]["kl"]
+    table = out.read_text().split("llama-perplexity (llama.cpp's evaluator)")[1]
+    assert {r["method"] for r in markdown_table(table)} == {"reference", "gguf", "llamacpp", "llamacpp-imatrix"}

@@ -220,6 +220,23 @@ def test_folder_without_record_is_not_built(tmp_path, monkeypatch):
         ensure_llamacpp(cache=tmp_path, progress=False)
 
 
+def test_the_log_flush_is_added_to_llama_perplexity_once(tmp_path):
+    source = tmp_path / "llama.cpp"
+    tool = source / "tools" / "perplexity" / "perplexity.cpp"
+    tool.parent.mkdir(parents=True)
+    body = "    LOG(\"\\n\");\n    common_memory_breakdown_print(ctx);\n\n    llama_backend_free();\n    return 0;\n}\n"
+    tool.write_text(body)
+    assert llamacpp_build._patch_sources(source, progress=False) == ["tools/perplexity/perplexity.cpp"]
+    lines = tool.read_text().splitlines()
+    flush = lines.index(next(line for line in lines if "common_log_flush(common_log_main());" in line))
+    assert lines[flush - 1].strip() == "common_memory_breakdown_print(ctx);"
+    assert lines[flush + 2].strip() == "llama_backend_free();"
+    assert len(lines) == len(body.splitlines()) + 1
+    tool.write_text("int main() { return 0; }\n")  # another llama.cpp: left as it is
+    assert llamacpp_build._patch_sources(source, progress=False) == []
+    assert tool.read_text() == "int main() { return 0; }\n"
+
+
 def test_missing_compiler_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(llamacpp_build, "_find_cmake", lambda: "/usr/bin/cmake")
     monkeypatch.setattr(llamacpp_build.shutil, "which", lambda *a, **k: None)

@@ -39,8 +39,9 @@ def _byte_bpe():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     words = ["lowbit", "quantizes", "weights", "of", "language", "models", "to", "few", "bits", "per", "weight"]
-    corpus = [" ".join(words[(i * 7 + k) % len(words)] for k in range(12)) + "." for i in range(200)]
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+    corpus = [" ".join(words[(i * 7 + k) % len(words)] for k in range(12)) + (",." if i % 2 else ".")
+              for i in range(200)]  # ",." becomes one token
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
     return tok, corpus
@@ -74,6 +75,22 @@ def test_byte_level_bpe_windows_come_back_nearly_exactly(tmp_path):
     # themselves add nothing, so the chunks stay aligned
     assert calib.agreement > 0.95
     assert calib.chunks_equal >= 6
+
+
+def test_a_join_the_tokenizer_cannot_miss_costs_one_token_not_the_alignment(tmp_path):
+    tok, _ = _byte_bpe()
+
+    def enc(text):
+        return tok(text)["input_ids"]
+
+    assert len(enc(",.")) == 1 and enc(" .") != enc(".")  # "" and " " both change the ids
+    left = enc("lowbit quantizes weights of language models to few bits per weight,")[-10:]
+    right = enc(". lowbit quantizes weights of language models to few bits per weight")[:10]
+    samples = torch.tensor([left, right, left])
+    calib = write_calibration_text(tok, samples, tmp_path / "calib.txt")
+    chunks = imatrix_chunks(tok, calib.path.read_text(), 10, 3)
+    assert (chunks != samples).sum() == 1 and chunks[1, 0] != samples[1, 0]  # "." stood in for by "\n"
+    assert calib.agreement == pytest.approx(1 - 1 / 30) and calib.chunks_equal == 2
 
 
 def test_bos_tokenizer_gets_bos_on_each_chunk_and_nothing_else_changes(tmp_path):

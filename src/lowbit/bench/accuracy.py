@@ -14,14 +14,22 @@ A job is METHOD:SETTING:
                                   per-layer levels chosen for exactly its bits per weight (GPTQ);
                                   or <x>bpw, a size given directly   e.g. budget:2.92bpw
 - llamacpp                      : a llama.cpp type           e.g. llamacpp:Q4_K_M
+- llamacpp-imatrix              : a llama.cpp type, quantized with an importance matrix that
+                                  llama-imatrix computes on lowbit's calibration windows
+                                  (the run's --calib-samples x --calib-seqlen)   e.g. llamacpp-imatrix:IQ3_XXS
+- gguf                          : a GGUF file of the same model, evaluated as it is   e.g. gguf:out/m.gguf
 A setting may end in -is<k> for k-bit integer group scales (Integer Scale): gptq:w4g128-is8.
 `--jobs` lists them; without it, every method in --methods runs at every --settings.
 `--suite methods` is the weight-methods comparison at about 4, 3, 2.5 and 2 bits per weight.
+With `llama_perplexity`, the GGUF rows (llamacpp, llamacpp-imatrix, gguf) are also measured by
+llama.cpp's own evaluator, llama-perplexity: perplexity, KL divergence and top-1 agreement against
+the reference's float32 GGUF on the same text (see lowbit.peers.llamacpp_perplexity).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +39,7 @@ from lowbit.bench.accuracy_jobs import (
     CALIBRATED,
     DEFAULT_METHODS,
     DEFAULT_SETTINGS,
+    GGUF_METHODS,
     Setting,
     file_label,
     result_key,
@@ -61,6 +70,7 @@ class AccuracyBenchOptions:
     calib_samples: int = 128
     calib_seqlen: int = 512
     calib_dtype: str = "float32"
+    llama_perplexity: bool = False               # GGUF rows also through llama-perplexity
     work_dir: str = "benchmarks/results"
     output: str = "BENCHMARKS.md"
     cache: str | None = None                     # model cache directory
@@ -89,26 +99,97 @@ def _uniform_bpw(model, names, setting: Setting) -> float:
     return 8 * total / n
 
 
-def _llamacpp_quantized(spec: dict[str, Any], extra: dict[str, Any]):
-    """llama.cpp's converter and quantizer on the model, loaded back; (model, bits per weight)."""
-    import torch
-
+def _reference_folder(spec: dict[str, Any]) -> Path:
+    """The job's model as a Hugging Face folder (a GGUF model converted once, dequantized)."""
     from lowbit.models import resolve_model
     from lowbit.models.convert import ensure_converted
+
+    source = resolve_model(spec["model"], cache=spec.get("cache"), progress=False)
+    return Path(ensure_converted(source.path, source.sha256, cache=spec.get("cache"), progress=False)
+                if source.kind in ("known", "gguf") else source.path)
+
+
+def _imatrix(spec: dict[str, Any], folder: Path, tools, extra: dict[str, Any]) -> Path:
+    """llama-imatrix on the reference GGUF over the windows lowbit calibrates on in this run."""
+    from transformers import AutoTokenizer
+
+    from lowbit.data import calibration_samples
+    from lowbit.peers.llamacpp import convert_to_gguf
+    from lowbit.peers.llamacpp_imatrix import compute_imatrix, write_calibration_text
+    from lowbit.recipes import CalibrationConfig
+
+    c = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    samples = calibration_samples(tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=spec.get("data_dir"))
+    out = Path(spec["work"]) / "llamacpp"
+    tag = f"{file_label(c.dataset)}-s{c.seed}-{c.n_samples}x{c.seqlen}"
+    calib = write_calibration_text(tokenizer, samples, out / f"{folder.name}.calib-{tag}.txt")
+    f32 = convert_to_gguf(folder, out, tools, progress=False)
+    t0 = time.perf_counter()
+    path = compute_imatrix(f32, calib, out / f"{folder.name}.imatrix-{tag}.gguf", tools, progress=False)
+    extra["imatrix"] = {"dataset": c.dataset, "seed": c.seed, "chunks": calib.n_chunks, "n_ctx": calib.n_ctx,
+                        "token_agreement": calib.agreement, "chunks_equal": calib.chunks_equal,
+                        "seconds": time.perf_counter() - t0}
+    return path
+
+
+def _gguf_quantized(spec: dict[str, Any], extra: dict[str, Any]):
+    """A GGUF row's file (llama.cpp's quantizer on the model, with or without an importance
+    matrix, or the file a gguf job names), loaded back: (model, bits per weight, file)."""
     from lowbit.peers.llamacpp import (
         ensure_llamacpp,
         load_llamacpp_quant,
         quantize_with_llamacpp,
     )
 
-    source = resolve_model(spec["model"], cache=spec.get("cache"), progress=False)
-    folder = (ensure_converted(source.path, source.sha256, cache=spec.get("cache"), progress=False)
-              if source.kind in ("known", "gguf") else source.path)
-    tools = ensure_llamacpp(cache=spec.get("cache"), progress=False)
-    gguf = quantize_with_llamacpp(folder, spec["setting"], Path(spec["work"]) / "llamacpp", tools, progress=False)
-    loaded = load_llamacpp_quant(gguf, dtype=torch.float32, cache=spec.get("cache"), progress=False)
+    if spec["method"] == "gguf":
+        gguf = Path(spec["setting"])
+    else:
+        folder = _reference_folder(spec)
+        tools = ensure_llamacpp(cache=spec.get("cache"), progress=False)
+        imatrix = _imatrix(spec, folder, tools, extra) if spec["method"] == "llamacpp-imatrix" else None
+        gguf = quantize_with_llamacpp(folder, spec["setting"], Path(spec["work"]) / "llamacpp", tools,
+                                      progress=False, imatrix=imatrix)
+    loaded = load_llamacpp_quant(gguf, cache=spec.get("cache"), progress=False)
     extra["llamacpp_tensor_types"] = loaded.tensor_types
-    return loaded, loaded.bits_per_weight
+    return loaded, loaded.bits_per_weight, gguf
+
+
+def _eval_text_file(spec: dict[str, Any], ds: str, tokenizer, n_tokens: int, out_dir: Path) -> Path:
+    """The start of a dataset's eval text that holds about `n_tokens` tokens (and a fifth more), as
+    a file for llama-perplexity: its tokenizer need not read the whole text (SentencePiece in
+    llama.cpp is slow on long text) to reach the same first tokens as lowbit's evaluator."""
+    from lowbit.data import eval_text, eval_tokens
+
+    path = out_dir / f"eval-{file_label(ds)}-{n_tokens}.txt"
+    if not path.is_file():
+        text = eval_text(ds, spec.get("data_dir"))
+        total = eval_tokens(tokenizer, ds, None, spec.get("data_dir")).shape[1]  # cached on disk
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial.write_text(text[: int(len(text) * min(1.0, 1.2 * n_tokens / total)) + 1000], encoding="utf-8")
+        os.replace(partial, path)
+    return path
+
+
+def _llama_perplexity(spec: dict[str, Any], gguf: Path, tokenizer) -> dict[str, Any]:
+    """llama-perplexity's numbers for a GGUF file per dataset: against the reference's float32
+    GGUF on the first max_tokens // seqlen chunks of seqlen tokens of the dataset's eval text."""
+    from lowbit.peers.llamacpp import convert_to_gguf, ensure_llamacpp
+    from lowbit.peers.llamacpp_perplexity import llama_kl_divergence, save_kl_base
+
+    tools = ensure_llamacpp(cache=spec.get("cache"), progress=False)
+    out_dir = Path(spec["work"]) / "llamacpp"
+    reference = convert_to_gguf(_reference_folder(spec), out_dir, tools, progress=False)
+    chunks = max(1, spec["max_tokens"] // spec["seqlen"])
+    found = {}
+    for ds in spec["references"]:
+        text = _eval_text_file(spec, ds, tokenizer, (chunks + 1) * spec["seqlen"], out_dir)
+        base = out_dir / f"{reference.stem}.{file_label(ds)}-{chunks}x{spec['seqlen']}.kld-base"
+        save_kl_base(reference, text, spec["seqlen"], base, tools, chunks=chunks, progress=False)
+        r = llama_kl_divergence(gguf, base, tools, progress=False)
+        found[ds] = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kl": r.kl_mean, "top1": r.top1_agreement,
+                     "n_ctx": r.n_ctx, "n_chunks": r.n_chunks, "n_tokens_scored": r.n_tokens_scored}
+    return found
 
 
 def _quantized_in_place(spec: dict[str, Any], loaded, extra: dict[str, Any]) -> float:
@@ -164,8 +245,9 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
-    if spec["method"] == "llamacpp":
-        loaded, bpw = _llamacpp_quantized(spec, extra)
+    gguf = None
+    if spec["method"] in GGUF_METHODS:
+        loaded, bpw, gguf = _gguf_quantized(spec, extra)
         load_rss = peak_rss_bytes()
     else:
         loaded = load_model(spec["model"], dtype=torch.float32, cache=spec.get("cache"), progress=False)
@@ -181,6 +263,10 @@ def _run_job(spec: dict[str, Any]) -> dict[str, Any]:
         c = compare_to_reference(loaded.model, ReferenceLogits.open(ref_path), tokens, spec["seqlen"], progress=False)
         out["datasets"][ds] = {"ppl": c.ppl, "ref_ppl": c.ref_ppl, "kl": c.kl_mean, "top1": c.top1_agreement,
                                "n_tokens_scored": c.n_tokens_scored}
+    if gguf is not None and spec.get("with_llama_perplexity"):
+        tokenizer = loaded.tokenizer
+        del loaded  # llama-perplexity runs beside this process: free the dequantized model first
+        out["llama_perplexity"] = _llama_perplexity(spec, gguf, tokenizer)
     return out
 
 
@@ -245,14 +331,15 @@ def run_accuracy_bench(opts: AccuracyBenchOptions) -> None:
             for job in tqdm(jobs, desc=f"{model} jobs", disable=opts.quiet):
                 key = result_key({"model": model, "method": job.method, "setting": job.setting,
                             "calib_dtype": opts.calib_dtype})
-                if key in done and "error" not in done[key]:
+                if key in done and "error" not in done[key] and not _lacks_llama_perplexity(done[key], opts):
                     continue
                 spec = {"model": model, "method": job.method, "setting": job.setting,
                         "calib_samples": opts.calib_samples, "calib_seqlen": opts.calib_seqlen,
                         "max_tokens": opts.max_tokens, "seqlen": opts.seqlen, "references": refs["paths"],
                         "cache": opts.cache, "data_dir": opts.data_dir, "work": str(work),
-                        "budget_generations": opts.budget_generations, "calib_dtype": opts.calib_dtype}
-                if job.method != "llamacpp" and target_bpw(job.setting) is None:
+                        "budget_generations": opts.budget_generations, "calib_dtype": opts.calib_dtype,
+                        "with_llama_perplexity": opts.llama_perplexity}
+                if job.method not in GGUF_METHODS and target_bpw(job.setting) is None:
                     s = Setting.parse(job.setting.partition("-is")[0])
                     spec.update(bits=s.bits, group_size=s.group_size)
                 r = _run_in_child(spec)
@@ -271,6 +358,12 @@ def run_accuracy_bench(opts: AccuracyBenchOptions) -> None:
     print(section)
 
 
+def _lacks_llama_perplexity(r: dict[str, Any], opts: AccuracyBenchOptions) -> bool:
+    """A GGUF row done without llama-perplexity, in a run that asks for it: run it again (its
+    files are cached, so only the evaluations run)."""
+    return opts.llama_perplexity and r["method"] in GGUF_METHODS and "llama_perplexity" not in r
+
+
 def command_line(opts: AccuracyBenchOptions) -> str:
     """The command that reproduces the run."""
     if opts.suite:
@@ -282,5 +375,6 @@ def command_line(opts: AccuracyBenchOptions) -> str:
     return (f"lowbit bench accuracy {' '.join(opts.models)} {what} "
             f"--data {opts.data} --max-tokens {opts.max_tokens} --seqlen {opts.seqlen} "
             f"--calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} --work-dir {opts.work_dir}"
-            + (f" --calib-dtype {opts.calib_dtype}" if opts.calib_dtype != "float32" else ""))
+            + (f" --calib-dtype {opts.calib_dtype}" if opts.calib_dtype != "float32" else "")
+            + (" --llama-perplexity" if opts.llama_perplexity else ""))
 

@@ -12,11 +12,13 @@ from typing import Any
 from lowbit.errors import ConfigError
 from lowbit.methods import METHODS as WEIGHT_METHODS
 
-# lowbit's weight methods (lowbit.methods), then a size budget and the peers
-METHODS = (*WEIGHT_METHODS, "budget", "hqq", "llamacpp")
+# lowbit's weight methods (lowbit.methods), then a size budget, the peers, and a GGUF file as it is
+METHODS = (*WEIGHT_METHODS, "budget", "hqq", "llamacpp", "llamacpp-imatrix", "gguf")
+# the rows that are GGUF files (llama.cpp's quantizer, or any GGUF given): llama-perplexity can
+# evaluate them too (AccuracyBenchOptions.llama_perplexity)
+GGUF_METHODS = ("llamacpp", "llamacpp-imatrix", "gguf")
 DEFAULT_METHODS = ("rtn", "gptq", "hqq")
 DEFAULT_SETTINGS = ("w4g128", "w4g64", "w3g128", "w3g64", "w2g64")
-LLAMACPP_TYPES = ("Q4_K_M", "Q3_K_M", "Q2_K", "Q4_K_S", "Q5_K_M", "Q6_K", "Q8_0")
 
 
 def _suite_methods() -> list[str]:
@@ -29,8 +31,6 @@ def _suite_methods() -> list[str]:
 
 
 SUITES = {"methods": _suite_methods}
-
-
 
 
 @dataclass(frozen=True)
@@ -54,21 +54,21 @@ class Setting:
 @dataclass(frozen=True)
 class Job:
     method: str
-    setting: str   # w<bits>g<group>, or a llama.cpp type
+    setting: str   # w<bits>g<group>, a llama.cpp type, or a GGUF file's path
 
     @classmethod
     def parse(cls, text: str) -> Job:
         method, _, setting = text.partition(":")
         if method not in METHODS or not setting:
             raise ConfigError(f"job {text!r}: use METHOD:SETTING with METHOD one of {', '.join(METHODS)} "
-                              "(e.g. gptq:w3g128, slim:w2.5g128, llamacpp:Q4_K_M)")
+                              "(e.g. gptq:w3g128, slim:w2.5g128, llamacpp:Q4_K_M, llamacpp-imatrix:IQ3_XXS, "
+                              "gguf:path/to/model.gguf)")
+        if method in GGUF_METHODS:
+            return cls(method, _gguf_setting(text, method, setting))
         base, _, iscale = setting.partition("-is")
-        if iscale and (method in ("hqq", "llamacpp", "budget") or not iscale.isdigit()):
+        if iscale and (method in ("hqq", "budget") or not iscale.isdigit()):
             raise ConfigError(f"job {text!r}: -is<bits> (integer scales) applies to rtn, gptq, awq, awq-gptq, slim")
-        if method == "llamacpp":
-            if setting not in LLAMACPP_TYPES:
-                raise ConfigError(f"job {text!r}: llama.cpp type must be one of {', '.join(LLAMACPP_TYPES)}")
-        elif method == "budget" and setting.endswith("bpw"):
+        if method == "budget" and setting.endswith("bpw"):
             if target_bpw(setting) is None:
                 raise ConfigError(f"job {text!r}: a budget's size is w<bits>g<group> or <bits per weight>bpw with "
                                   "bits per weight in (1, 16], e.g. budget:w3g128 or budget:2.92bpw")
@@ -81,6 +81,21 @@ class Job:
 
     def __str__(self) -> str:
         return f"{self.method}:{self.setting}"
+
+
+def _gguf_setting(text: str, method: str, setting: str) -> str:
+    """A GGUF job's setting: llama.cpp's type name (upper case), or the path of a .gguf file."""
+    if method == "gguf":
+        if not setting.endswith(".gguf"):
+            raise ConfigError(f"job {text!r}: a gguf job names a .gguf file, e.g. gguf:out/model.Q4_K_M.gguf")
+        return setting
+    # imported here, not at the top: lowbit.peers imports torch, and the CLI imports this module
+    from lowbit.peers.llamacpp import check_qtype
+
+    try:
+        return check_qtype(setting, imatrix=method == "llamacpp-imatrix")
+    except ConfigError as e:
+        raise ConfigError(f"job {text!r}: {e}") from None
 
 
 def target_bpw(setting: str) -> float | None:
@@ -96,10 +111,11 @@ def select_jobs(suite: str | None, jobs: str | None, methods: str, settings: str
     if jobs:
         return [Job.parse(j) for j in jobs.split(",") if j]
     chosen = [m for m in methods.split(",") if m]
-    bad = [m for m in chosen if m not in METHODS or m == "llamacpp"]
+    bad = [m for m in chosen if m not in METHODS or m in GGUF_METHODS]
     if bad:
-        raise ConfigError(f"--methods: unknown {bad}; choose from {', '.join(m for m in METHODS if m != 'llamacpp')} "
-                          "(llama.cpp types go in --jobs, e.g. llamacpp:Q4_K_M)")
+        raise ConfigError(f"--methods: unknown {bad}; choose from "
+                          f"{', '.join(m for m in METHODS if m not in GGUF_METHODS)} (llama.cpp types and GGUF "
+                          "files go in --jobs, e.g. llamacpp:Q4_K_M, llamacpp-imatrix:IQ4_XS, gguf:model.gguf)")
     return [Job.parse(f"{m}:{s}") for s in settings.split(",") if s for m in chosen]
 
 
@@ -115,7 +131,8 @@ def file_label(model: str) -> str:
 def result_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
     """Result identity; records written before jobs had labels carry bits and group_size only,
     and those written before calibration had a dtype calibrated in float32. Methods without
-    calibration (RTN, HQQ, llama.cpp) have one result whatever --calib-dtype said."""
+    calibration (RTN, HQQ, llama.cpp) have one result whatever --calib-dtype said, and so does
+    llamacpp-imatrix (llama-imatrix runs in llama.cpp's own float32)."""
     return (r["model"], r["method"], r.get("setting") or f"w{r['bits']}g{r['group_size']}",
             r.get("calib_dtype", "float32") if r["method"] in CALIBRATED else "float32")
 

@@ -25,9 +25,14 @@ def _notes(r: dict[str, Any]) -> str:
         elif b.get("only_fit"):
             kl = "; the only allocation that fits, so nothing was searched"
         return f"size of {r['setting']}: {counts}{kl}"
-    if r["method"] == "llamacpp":
+    if r["method"] in ("llamacpp", "llamacpp-imatrix", "gguf"):
         types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
-        return f"llama.cpp {r['setting']} of the same reference; block tensors stored as {types}"
+        if r["method"] == "gguf":
+            return f"the GGUF file as it is; block tensors stored as {types}"
+        im = r.get("imatrix")
+        with_im = (f" with llama-imatrix on {im['chunks']}x{im['n_ctx']} of lowbit's calibration tokens "
+                   f"({100 * im['token_agreement']:.1f}% of them the same ids)") if im else ""
+        return f"llama.cpp {r['setting']} of the same reference{with_im}; block tensors stored as {types}"
     if r["method"] == "hqq":
         return "hqq 0.2.8, float zero"
     if r["method"] == "slim" and r.get("slim_choices"):
@@ -71,7 +76,9 @@ METHOD = (
     "search, kept only if it also wins on unseen windows), GPTQ. "
     "HQQ 0.2.8 (data-free, its default optimizer, float zero and scale per group). llamacpp: llama.cpp's "
     "converter and quantizer (from the llama-cpp-python source release) on the same reference, loaded back "
-    "through transformers' GGUF dequantization. Bits per weight count scales and zeros (llama.cpp: the "
+    "through transformers' GGUF dequantization; llamacpp-imatrix: the same with llama-imatrix's importance "
+    "matrix, computed on lowbit's calibration windows decoded to text (chunks of calib seqlen, one per "
+    "sample). Bits per weight count scales and zeros (llama.cpp: the "
     "decoder-block weight tensors' bytes). Quantization time and peak RSS are of a fresh child process per "
     "job (model load included in the RSS)."
 )
@@ -129,11 +136,34 @@ def render(run_models: list[str], datasets: list[str], results: dict, work: Path
                          f"{r['quant_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {calib} | {_notes(r)} |"
                          + (f" {numbers[r.get('machine', LEGACY_MACHINE)]} |" if numbers else ""))
         lines.append("")
+        lines += llama_perplexity_table(ref, [r for r in rows if "llama_perplexity" in r], datasets)
         if plot_dir is not None and datasets:
             plot = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)
             if plot is not None:
                 lines += [f"![{datasets[0]} perplexity against bits per weight, {model}]({plot.path.name})", ""]
     return "\n".join(lines)
+
+
+def llama_perplexity_table(ref: dict[str, Any], rows: list[dict[str, Any]], datasets: list[str]) -> list[str]:
+    """The GGUF rows as llama.cpp's own evaluator, llama-perplexity, measured them (no lines if none)."""
+    if not rows:
+        return []
+    first = next(iter(rows[0]["llama_perplexity"].values()))
+    intro = (f"llama-perplexity (llama.cpp's evaluator) on the same text: {first['n_chunks']} chunks of "
+             f"{first['n_ctx']} tokens, each scored on its second half ({first['n_tokens_scored']} tokens), KL and "
+             "top-1 against the reference's float32 GGUF; its perplexities are not comparable with the table above.")
+    lines = [intro, "", "| method | setting | bits/weight | " + " | ".join(f"{d} ppl | {d} KL | {d} top-1" for d in datasets)
+             + " |", "|" + "---|" * (3 + 3 * len(datasets))]
+    refs = [next((r["llama_perplexity"][d]["ref_ppl"] for r in rows if d in r["llama_perplexity"]), None)
+            for d in datasets]
+    lines.append("| reference | f32 GGUF | 32 | " + " | ".join("- | - | -" if p is None else f"{p:.3f} | 0 | 1"
+                                                            for p in refs) + " |")
+    for r in rows:
+        got = r["llama_perplexity"]
+        cells = " | ".join(f"{got[d]['ppl']:.3f} | {got[d]['kl']:.4f} | {got[d]['top1']:.3f}" if d in got
+                           else "- | - | -" for d in datasets)
+        lines.append(f"| {r['method']} | {result_key(r)[2]} | {r['bits_per_weight']:.3f} | {cells} |")
+    return [*lines, ""]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -180,7 +210,7 @@ def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dat
     top = min(max(ppl), clip * ref_ppl) * 1.04
     bottom = min(min(ppl), ref_ppl) / 1.04
     fig, ax = plt.subplots(figsize=(10, 5.6))
-    markers = dict(zip(METHODS, "os^vDP*Xh"))
+    markers = dict(zip(METHODS, "os^vDP*Xhd<"))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for method in METHODS:
         pts = [(r["bits_per_weight"], p) for r, p in zip(rows, ppl) if r["method"] == method and p <= top]

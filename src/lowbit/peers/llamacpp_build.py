@@ -129,13 +129,15 @@ def ensure_llamacpp(
         sdist = _download_sdist(version, work / "sdist")
         say(progress, f"extracting {sdist.name}")
         source = _extract_llamacpp(sdist, work / "src")
+        patched = _patch_sources(source, progress)
         log = work / "build.log"
         _build_tools(cmake, source, work / "build", jobs, log, progress)
         stage = work / "tools"
         _stage_tools(source, work / "build", stage)
         shutil.copy2(log, stage / "build.log")
         seconds = time.perf_counter() - start
-        record = {"llama_cpp_python": version, "sdist": sdist.name, "build_seconds": round(seconds)}
+        record = {"llama_cpp_python": version, "sdist": sdist.name, "build_seconds": round(seconds),
+                  "patches": patched}
         (stage / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         try:
             stage.rename(dest)
@@ -193,6 +195,32 @@ def _download_sdist(version: str, dest: Path) -> Path:
             f"(exit {proc.returncode}):\n{detail}\nCheck PyPI access (pip config, proxy)."
         )
     return sdists[0]
+
+
+# llama.cpp's tools log through a queue that a thread of their own prints, and the logger is
+# leaked on purpose (upstream issue 22142), so the lines still queued when a tool returns are lost.
+# llama-perplexity prints its results last; one line added before it returns flushes the queue.
+# (file, the lines the flush goes after, the line added)
+_LOG_FLUSH_PATCHES = (
+    ("tools/perplexity/perplexity.cpp", "    common_memory_breakdown_print(ctx);\n",
+     "    common_log_flush(common_log_main()); // added by lowbit: print the queued results before returning\n"),
+)
+
+
+def _patch_sources(source: Path, progress: bool) -> list[str]:
+    """Apply _LOG_FLUSH_PATCHES to the extracted sources; the files patched. A file whose text
+    has changed is left as it is (lowbit.peers.llamacpp_perplexity then reruns a tool whose
+    results went missing)."""
+    done = []
+    for rel, anchor, line in _LOG_FLUSH_PATCHES:
+        path = source / rel
+        text = path.read_text() if path.is_file() else ""
+        if text.count(anchor) != 1:
+            say(progress, f"note: {rel} has changed; not adding the log flush there")
+            continue
+        path.write_text(text.replace(anchor, anchor + line))
+        done.append(rel)
+    return done
 
 
 def _extract_llamacpp(sdist: Path, dest: Path) -> Path:

@@ -4,7 +4,8 @@ lowbit calibrates on token windows ([n_samples, seqlen] ids, lowbit.data.calibra
 llama-imatrix reads a text file, tokenizes it whole, cuts the ids into chunks of its context size
 and runs the model on each chunk. To give it the same data, `write_calibration_text` decodes each
 window back to text (special tokens kept as text, parsed back with --parse-special) and writes
-the windows one after the other, joined so that the tokenizer does not see the joins;
+the windows one after the other, joined so that the tokenizer does not see the joins (or, where
+it cannot help seeing one, so that the chunks stay aligned);
 `compute_imatrix` runs llama-imatrix with context = seqlen and
 chunks = n_samples.
 
@@ -57,18 +58,30 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _join(tokenizer, left: list[int], right: list[int]) -> str:
-    """The separator between two windows that the tokenizer does not see: the first of _JOINS
-    with which the text around the join tokenizes as its two sides do apart. "" for byte-level
-    BPE and SentencePiece (their decoded text carries its own spaces), " " for a tokenizer that
-    splits on whitespace; "" when none does (the agreement measure then shows the cost)."""
+def _join(tokenizer, left: list[int], right: list[int]) -> tuple[str, int]:
+    """How to join two windows' text: (separator, tokens of `right` to leave out).
+
+    First choice: a separator of _JOINS with which the text around the join tokenizes as its two
+    sides do apart ("" for byte-level BPE and SentencePiece, whose text carries its own spaces;
+    " " for a tokenizer that splits on whitespace). When every one merges across the join (a
+    window ending in "," before one starting with "."), a separator that is one token of its own
+    takes the place of right's first token, so that the chunks stay aligned at the cost of that
+    one token. Else "" (the chunks after it shift; the agreement measure shows it)."""
     a, b = _decode(tokenizer, left[-_EDGE:]), _decode(tokenizer, right[:_EDGE])
 
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     apart = encode(a) + encode(b)
-    return next((sep for sep in _JOINS if encode(a + sep + b) == apart), "")
+    for sep in _JOINS:
+        if encode(a + sep + b) == apart:
+            return sep, 0
+    rest = _decode(tokenizer, right[1:_EDGE])
+    for sep in _JOINS[1:]:
+        one = encode(sep)
+        if len(one) == 1 and encode(a + sep + rest) == encode(a) + one + encode(rest):
+            return sep, 1
+    return "", 0
 
 
 def calibration_text(tokenizer, samples: torch.Tensor) -> str:
@@ -84,7 +97,8 @@ def calibration_text(tokenizer, samples: torch.Tensor) -> str:
     rows.append(rows[0])
     parts = [_decode(tokenizer, rows[0][1:] if _adds_bos(tokenizer) else rows[0])]
     for left, right in itertools.pairwise(rows):
-        parts += [_join(tokenizer, left, right), _decode(tokenizer, right)]
+        sep, skip = _join(tokenizer, left, right)
+        parts += [sep, _decode(tokenizer, right[skip:])]
     return "".join(parts)
 
 

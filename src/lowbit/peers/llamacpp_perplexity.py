@@ -44,9 +44,10 @@ _NUMBERS = {  # the lines of llama-perplexity's report this module reads
 }
 # The running values printed after each chunk, which the summary repeats: "[k]ppl," in a plain
 # run; in a KL run a row "k  ppl ± u  ln(ppl/base) ± u  KL ± u  dp ± u %  same-top ± u %". The
-# tool writes its log from a thread of its own and lines still queued at exit are lost (llama.cpp
-# leaks its logger on purpose): the last chunk's running values stand in for a lost summary, and a
-# run that lost those too is run again (TRIES in all).
+# tool writes its log from a thread of its own, and lines still queued at exit are lost (the
+# logger is leaked on purpose upstream): lowbit's build adds a flush before the tool returns
+# (llamacpp_build._LOG_FLUSH_PATCHES); for a build without it, the last chunk's running values
+# stand in for a lost summary, and a run that lost those too is run again (TRIES in all).
 _NUM = r"(-?[0-9.]+(?:[eE][+-]?\d+)?|-?nan|-?inf)"
 _RUNNING_PPL = re.compile(r"\[(\d+)\]" + _NUM + ",")
 _KL_ROW = re.compile(r"^\s*(\d+)" + (r"\s+" + _NUM + r"\s*\S+\s*" + _NUM) * 3
