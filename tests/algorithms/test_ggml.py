@@ -38,14 +38,15 @@ def test_importance_weighting_lowers_the_output_error_of_rtn(type_name):
     assert _output_error(w, x, ggml_rtn(w, type_name, torch.diag(H))) < _output_error(w, x, ggml_rtn(w, type_name))
 
 
-def test_gptq_records_decode_to_the_values_gptq_fed_back():
-    """The loop rounds on the exact table of the type's decoder: the bytes decode to a weight whose
-    rounding error gives back GPTQ's own loss."""
-    w, x, H = _layer(out=8, n_in=64)
-    rec, loss, _ = ggml_gptq(w, H, "Q4_0", GPTQConfig(block_size=16))
-    bt = BLOCK_TYPES["Q4_0"]
-    assert torch.equal(rec.dequantize(), bt.decode(rec.data.reshape(-1, bt.type_size)).reshape(8, 64))
-    assert rec.nbytes() == 8 * 64 // 32 * bt.type_size
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_1", "Q4_K", "Q6_K", "IQ4_XS"])
+def test_with_uncorrelated_inputs_gptq_is_the_types_own_rounding(type_name):
+    """With H = I no error is fed forward, so GPTQ's bytes are RTN's with the same importance:
+    the loop rounds on the exact grid the type's encoder chose, block by block."""
+    w, _, _ = _layer(out=8, n_in=512)
+    rec, loss, _ = ggml_gptq(w, torch.eye(512), type_name, GPTQConfig(block_size=96))
+    assert torch.equal(rec.data, ggml_rtn(w, type_name, torch.ones(512)).data)
+    assert loss == pytest.approx(float(((w - rec.dequantize()) ** 2).sum()) / 2 * (1 + GPTQConfig().damp), rel=1e-4)
+    assert rec.nbytes() == 8 * 512 // BLOCK_TYPES[type_name].block * BLOCK_TYPES[type_name].type_size
 
 
 def test_bad_widths_and_act_order_are_refused_naming_the_tensor():
