@@ -40,6 +40,7 @@ from lowbit.bench.accuracy_jobs import (
     DEFAULT_METHODS,
     DEFAULT_SETTINGS,
     GGUF_METHODS,
+    LOWBIT_GGUF,
     Setting,
     file_label,
     result_key,
@@ -144,6 +145,8 @@ def _gguf_quantized(spec: dict[str, Any], extra: dict[str, Any]):
 
     if spec["method"] == "gguf":
         gguf = Path(spec["setting"])
+    elif spec["method"] in LOWBIT_GGUF:
+        gguf = _lowbit_gguf(spec, extra)
     else:
         folder = _reference_folder(spec)
         tools = ensure_llamacpp(cache=spec.get("cache"), progress=False)
@@ -153,6 +156,27 @@ def _gguf_quantized(spec: dict[str, Any], extra: dict[str, Any]):
     loaded = load_llamacpp_quant(gguf, cache=spec.get("cache"), progress=False)
     extra["llamacpp_tensor_types"] = loaded.tensor_types
     return loaded, loaded.bits_per_weight, gguf
+
+
+def _lowbit_gguf(spec: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """lowbit's own GGUF of the job's mix, rounded by the job's method, calibrated on the run's
+    calibration samples (the ones llama-imatrix sees in llamacpp-imatrix rows)."""
+    from lowbit.models import load_model
+    from lowbit.recipes import CalibrationConfig, Recipe
+    from lowbit.to_gguf import quantize_to_gguf
+
+    method = spec["method"].removeprefix("gguf-")
+    loaded = load_model(spec["model"], cache=spec.get("cache"), progress=False)
+    calib = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"],
+                              dtype=spec.get("calib_dtype", "float32"))
+    out = Path(spec["work"]) / "lowbit-gguf" / f"{file_label(spec['model'])}.{method}.{spec['setting']}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = quantize_to_gguf(loaded, Recipe(method=method, calibration=calib), spec["setting"], out,
+                           data_dir=spec.get("data_dir"), progress=False, overwrite=True)
+    extra["gguf_seconds"] = time.perf_counter() - t0
+    extra["gguf_fallbacks"] = len(res.fallbacks)
+    return out
 
 
 def _eval_text_file(spec: dict[str, Any], ds: str, tokenizer, n_tokens: int, out_dir: Path) -> Path:

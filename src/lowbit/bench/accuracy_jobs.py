@@ -13,10 +13,12 @@ from lowbit.errors import ConfigError
 from lowbit.methods import METHODS as WEIGHT_METHODS
 
 # lowbit's weight methods (lowbit.methods), then a size budget, the peers, and a GGUF file as it is
-METHODS = (*WEIGHT_METHODS, "budget", "hqq", "llamacpp", "llamacpp-imatrix", "gguf")
+# lowbit's own GGUF files: gguf-<method>:<llama.cpp mix>, rounded by that lowbit method (to_gguf.py)
+LOWBIT_GGUF = ("gguf-rtn", "gguf-gptq", "gguf-awq-gptq")
+METHODS = (*WEIGHT_METHODS, "budget", "hqq", "llamacpp", "llamacpp-imatrix", "gguf", *LOWBIT_GGUF)
 # the rows that are GGUF files (llama.cpp's quantizer, or any GGUF given): llama-perplexity can
 # evaluate them too (AccuracyBenchOptions.llama_perplexity)
-GGUF_METHODS = ("llamacpp", "llamacpp-imatrix", "gguf")
+GGUF_METHODS = ("llamacpp", "llamacpp-imatrix", "gguf", *LOWBIT_GGUF)
 DEFAULT_METHODS = ("rtn", "gptq", "hqq")
 DEFAULT_SETTINGS = ("w4g128", "w4g64", "w3g128", "w3g64", "w2g64")
 
@@ -62,7 +64,7 @@ class Job:
         if method not in METHODS or not setting:
             raise ConfigError(f"job {text!r}: use METHOD:SETTING with METHOD one of {', '.join(METHODS)} "
                               "(e.g. gptq:w3g128, slim:w2.5g128, llamacpp:Q4_K_M, llamacpp-imatrix:IQ3_XXS, "
-                              "gguf:path/to/model.gguf)")
+                              "gguf:path/to/model.gguf, gguf-gptq:Q3_K_M)")
         if method in GGUF_METHODS:
             return cls(method, _gguf_setting(text, method, setting))
         base, _, iscale = setting.partition("-is")
@@ -89,6 +91,13 @@ def _gguf_setting(text: str, method: str, setting: str) -> str:
         if not setting.endswith(".gguf"):
             raise ConfigError(f"job {text!r}: a gguf job names a .gguf file, e.g. gguf:out/model.Q4_K_M.gguf")
         return setting
+    if method in LOWBIT_GGUF:
+        from lowbit.formats.ggml.mixes import check_mix
+
+        try:
+            return check_mix(setting)
+        except ConfigError as e:
+            raise ConfigError(f"job {text!r}: {e}") from None
     # imported here, not at the top: lowbit.peers imports torch, and the CLI imports this module
     from lowbit.peers.llamacpp import check_qtype
 
@@ -137,4 +146,4 @@ def result_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
             r.get("calib_dtype", "float32") if r["method"] in CALIBRATED else "float32")
 
 
-CALIBRATED = (*(m for m, spec in WEIGHT_METHODS.items() if spec.needs_data), "budget")
+CALIBRATED = (*(m for m, spec in WEIGHT_METHODS.items() if spec.needs_data), "budget", "gguf-gptq", "gguf-awq-gptq")

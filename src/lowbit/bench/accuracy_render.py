@@ -3,12 +3,19 @@ size), what was measured and how, and a plot of perplexity against bits per weig
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowbit.bench.accuracy_jobs import CALIBRATED, METHODS, file_label, result_key
+from lowbit.bench.accuracy_jobs import (
+    CALIBRATED,
+    GGUF_METHODS,
+    METHODS,
+    file_label,
+    result_key,
+)
 from lowbit.bench.common import machine
 
 
@@ -25,8 +32,11 @@ def _notes(r: dict[str, Any]) -> str:
         elif b.get("only_fit"):
             kl = "; the only allocation that fits, so nothing was searched"
         return f"size of {r['setting']}: {counts}{kl}"
-    if r["method"] in ("llamacpp", "llamacpp-imatrix", "gguf"):
+    if r["method"] in GGUF_METHODS:
         types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
+        if r["method"].startswith("gguf-"):
+            return (f"lowbit's GGUF of llama.cpp's {r['setting']} mix, rounded by {r['method'][5:]}; block tensors "
+                    f"stored as {types}")
         if r["method"] == "gguf":
             return f"the GGUF file as it is; block tensors stored as {types}"
         im = r.get("imatrix")
@@ -210,7 +220,7 @@ def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dat
     top = min(max(ppl), clip * ref_ppl) * 1.04
     bottom = min(min(ppl), ref_ppl) / 1.04
     fig, ax = plt.subplots(figsize=(10, 5.6))
-    markers = dict(zip(METHODS, "os^vDP*Xhd<"))
+    markers = dict(zip(METHODS, itertools.cycle("os^vDP*Xhd<>p8")))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for method in METHODS:
         pts = [(r["bits_per_weight"], p) for r, p in zip(rows, ppl) if r["method"] == method and p <= top]
