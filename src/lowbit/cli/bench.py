@@ -50,6 +50,9 @@ def _accuracy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="float32",
                    help="dtype of the calibration forwards (bfloat16: autocast, several times faster on CPUs with "
                         "native bf16; weights and Hessians stay float32); a separate row from float32 results")
+    p.add_argument("--llama-perplexity", action="store_true", help="also measure every GGUF row (llamacpp, "
+                   "llamacpp-imatrix, gguf, gguf-<method>) with llama.cpp's llama-perplexity --kl-divergence "
+                   "against the reference's float32 GGUF (builds llama.cpp's tools once)")
     p.add_argument("--work-dir", default="benchmarks/results", help="reference caches and raw JSON results (the "
                    "JSON is kept in git there; the caches are ignored)")
     p.add_argument("--output", default="BENCHMARKS.md", help="markdown file whose accuracy section is rewritten")
@@ -63,7 +66,8 @@ def accuracy_options(args: argparse.Namespace):
         models=tuple(args.models), settings=args.settings, methods=args.methods, jobs=args.jobs, suite=args.suite,
         budget_generations=args.budget_generations, render_only=args.render_only, data=args.data,
         max_tokens=args.max_tokens, seqlen=args.seqlen, calib_samples=args.calib_samples,
-        calib_seqlen=args.calib_seqlen, calib_dtype=args.calib_dtype, work_dir=args.work_dir, output=args.output,
+        calib_seqlen=args.calib_seqlen, calib_dtype=args.calib_dtype, llama_perplexity=args.llama_perplexity,
+        work_dir=args.work_dir, output=args.output,
         cache=args.cache, data_dir=args.data_dir, quiet=args.quiet)
 
 
