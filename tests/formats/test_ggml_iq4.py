@@ -4,11 +4,9 @@ own values, and a scale search that beats the plain max-abs scale choice."""
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ggml_legacy import (
-    KINDS,
     at_codes,
     gguf_decode,
     importances,
@@ -17,7 +15,7 @@ from test_ggml_legacy import (
     weights,
 )
 
-from lowbit.formats.ggml import BLOCK_TYPES, iq4
+from lowbit.formats.ggml import iq4
 from lowbit.formats.ggml.base import BlockType
 from lowbit.formats.ggml.legacy import ScaleParams
 from lowbit.formats.ggml.search import inverse, signed_absmax, to_f16
@@ -40,34 +38,6 @@ def max_abs_params(bt: BlockType, w: torch.Tensor):
     s = signed_absmax(w.reshape(-1, 32)).reshape(-1, 8) / -127
     d = to_f16(signed_absmax(s) / -32)
     return iq4.SuperScaleParams(d, (s * inverse(d)).round().clamp(-32, 31).long())
-
-
-def test_the_registry_holds_the_iq4_types_with_llama_cpp_geometry():
-    assert iq4.KVALUES == quants.IQ4_NL.kvalues
-    for bt in IQ4:
-        assert BLOCK_TYPES[bt.name] is bt
-        block, type_size = quants.GGML_QUANT_SIZES[GGMLQuantizationType[bt.name]]
-        assert (bt.block, bt.type_size) == (block, type_size)
-
-
-@settings(max_examples=40, deadline=None)
-@given(bt=st.sampled_from(IQ4), kind=st.sampled_from(KINDS), n=st.integers(1, 3),
-       imp_kind=st.sampled_from(["none", "random", "sparse"]), seed=st.integers(0, 10_000))
-def test_encoded_blocks_decode_as_gguf_reads_them_and_as_their_table(bt, kind, n, imp_kind, seed):
-    w = weights(kind, n, bt.block, seed)
-    imp = importances(imp_kind, w, seed)
-    params = bt.fit(w, torch.ones_like(w) if imp is None else imp)
-    table = bt.table(params)
-    codes, values = bt.nearest(table, w)
-    data = bt.encode(params, codes)
-    assert data.dtype == torch.uint8 and data.shape == (n, bt.type_size)
-    assert int(codes.max()) < bt.n_levels
-    decoded = bt.decode(data)
-    assert same_bits(decoded, gguf_decode(bt, data))
-    assert same_bits(decoded, at_codes(table, codes))
-    assert same_bits(decoded, values)
-    assert torch.isfinite(decoded).all()
-    assert torch.equal(bt.quantize_blocks(w, imp), data)
 
 
 @settings(max_examples=30, deadline=None)

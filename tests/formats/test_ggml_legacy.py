@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType, quants
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.formats.ggml import BLOCK_TYPES, legacy
+from lowbit.formats.ggml import BLOCK_TYPES, iq4, legacy
 from lowbit.formats.ggml.base import BlockType
 from lowbit.formats.ggml.search import (
     Levels,
@@ -21,6 +21,7 @@ from lowbit.formats.ggml.search import (
 )
 
 LEGACY = legacy.TYPES
+SCALAR = (*legacy.TYPES, *iq4.TYPES)  # one scale (and min) per block of 32, or IQ4_XS's 6-bit sub-scales
 KINDS = ("gauss", "student_t", "zeros", "constant", "outlier", "tiny", "huge", "mixed")
 
 
@@ -87,15 +88,16 @@ def random_params(bt: BlockType, n: int, rng: np.random.Generator):
     return legacy.ScaleParams(random_f16(n, rng))
 
 
-def test_the_registry_holds_the_legacy_types_with_llama_cpp_geometry():
-    for bt in LEGACY:
+def test_the_registry_holds_the_legacy_and_iq4_types_with_llama_cpp_geometry():
+    assert iq4.KVALUES == quants.IQ4_NL.kvalues
+    for bt in SCALAR:
         assert BLOCK_TYPES[bt.name] is bt
         block, type_size = quants.GGML_QUANT_SIZES[GGMLQuantizationType[bt.name]]
         assert (bt.block, bt.type_size) == (block, type_size)
 
 
-@settings(max_examples=60, deadline=None)
-@given(bt=st.sampled_from(LEGACY), kind=st.sampled_from(KINDS), n=st.integers(1, 5),
+@settings(max_examples=80, deadline=None)
+@given(bt=st.sampled_from(SCALAR), kind=st.sampled_from(KINDS), n=st.integers(1, 5),
        imp_kind=st.sampled_from(["none", "random", "sparse"]), seed=st.integers(0, 10_000))
 def test_encoded_blocks_decode_as_gguf_reads_them_and_as_their_table(bt, kind, n, imp_kind, seed):
     w = weights(kind, n, bt.block, seed)
