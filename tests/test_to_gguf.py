@@ -96,3 +96,35 @@ def test_a_budget_over_block_types_is_refused_clearly(env):
     with pytest.raises(ConfigError, match="budget"):
         quantize_to_gguf(loaded, recipe, "Q4_0", env / "b.gguf", progress=False)
     assert not (env / "b.gguf").exists()
+
+
+def test_a_hugging_face_folder_gets_its_metadata_from_llama_cpps_converter(env, monkeypatch):
+    """A model that did not come from a GGUF: llama.cpp's converter (--vocab-only) supplies the
+    hyper-parameters and tokenizer (needs the llama.cpp tools built in the usual cache)."""
+    import sys
+    from pathlib import Path
+
+    from lowbit.export.gguf import GGUFMetadata
+    from lowbit.peers.llamacpp import built_tools, tools_dir
+
+    with monkeypatch.context() as m:
+        m.delenv("LOWBIT_CACHE")  # the usual cache, not the test's
+        tools, where = built_tools(), tools_dir()
+    if tools is None:
+        pytest.skip(f"llama.cpp tools not built in {where} (lowbit.peers.llamacpp.ensure_llamacpp)")
+    (env / "cache" / "llamacpp").mkdir(parents=True)
+    (env / "cache" / "llamacpp" / tools.root.name).symlink_to(tools.root)
+    sys.path.insert(0, str(Path(__file__).parent / "peers"))
+    from test_llamacpp_imatrix import write_tiny_llama
+
+    write_tiny_llama(env / "src.gguf")
+    folder = load_model("src.gguf", cache=env / "cache", progress=False).model.name_or_path
+    loaded = load_model(folder, cache=env / "cache", progress=False)
+    assert loaded.source.kind == "hf_folder"
+    quantize_to_gguf(loaded, Recipe(method="rtn"), "Q8_0", env / "out.gguf", progress=False)
+    src, out = GGUFMetadata.from_file(env / "src.gguf").fields, GGUFMetadata.from_file(env / "out.gguf").fields
+    for key in ("llama.block_count", "llama.embedding_length", "llama.attention.head_count",
+                "llama.attention.head_count_kv", "tokenizer.ggml.tokens"):
+        assert out[key][0] == src[key][0], key
+    back = load_model("out.gguf", cache=env / "cache", progress=False)
+    assert back.tokenizer("w3 w7").input_ids == loaded.tokenizer("w3 w7").input_ids

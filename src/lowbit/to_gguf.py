@@ -42,6 +42,8 @@ from lowbit.formats.ggml.mixes import check_mix, fallback_type, tensor_type
 from lowbit.models import KNOWN_MODELS
 from lowbit.models.load import LoadedModel
 from lowbit.outputs import rename_noreplace
+from lowbit.paths import cache_dir
+from lowbit.peers.llamacpp import ensure_llamacpp, vocab_gguf
 from lowbit.pipeline import QuantizedModel, quantize, target_layers
 from lowbit.qtensor import BlockWeight
 from lowbit.recipes import Recipe
@@ -95,15 +97,18 @@ def plan_types(model: nn.Module, mix: str, names: dict[str, str], has_imatrix: b
     return types, fallbacks
 
 
-def source_metadata(loaded: LoadedModel) -> GGUFMetadata:
-    """The GGUF keys of the source model: its own file when it came from one."""
+def source_metadata(loaded: LoadedModel, cache: Path | None = None, progress: bool = True) -> GGUFMetadata:
+    """The GGUF keys of the source model: its own file when it came from one; for a Hugging Face
+    folder, what llama.cpp's converter writes for it (--vocab-only; builds llama.cpp's tools once)."""
     src = loaded.source
     if src.gguf_file and src.path is not None:
         path = src.path if src.path.suffix.lower() == ".gguf" else src.path / src.gguf_file
         return GGUFMetadata.from_file(path)
+    if src.kind == "hf_folder" and src.path is not None:
+        tools = ensure_llamacpp(cache=cache, progress=progress)
+        return GGUFMetadata.from_file(vocab_gguf(src.path, cache_dir(cache) / "gguf-metadata", tools, progress))
     raise ConfigError(f"{src.spec}: GGUF output needs the model's tokenizer and hyper-parameters in GGUF form; "
-                      "this model was not loaded from a GGUF file. Convert it once with llama.cpp's "
-                      "convert_hf_to_gguf.py and quantize that file")
+                      "give a local Hugging Face folder or a GGUF file")
 
 
 def _source_tensors(loaded: LoadedModel) -> dict[str, Any]:
@@ -126,7 +131,7 @@ def quantize_to_gguf(loaded: LoadedModel, recipe: Recipe, mix: str, path: str | 
         raise ConfigError("a size budget over llama.cpp block types is not supported yet; pass a mix (gguf:Q4_K_M)")
     model = loaded.model
     arch = model_arch(model)
-    metadata = source_metadata(loaded)
+    metadata = source_metadata(loaded, progress=progress)
     names = gguf_names(model, arch)
     types, fallbacks = plan_types(model, mix, names, has_imatrix=recipe.needs_calibration)
     for (want, got), count in Counter(fallbacks.values()).items():

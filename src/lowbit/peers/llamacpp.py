@@ -66,10 +66,25 @@ _BLOCK_LINEAR = re.compile(
 )
 
 __all__ = [
-    "BENCH_BIN", "IMATRIX_BIN", "LLAMA_CPP_PYTHON_VERSION", "NEEDS_IMATRIX", "PERPLEXITY_BIN",
-    "QUANTIZE_BIN", "SUPPORTED_QTYPES", "LlamaCppError", "LlamaCppQuant", "LlamaCppTools",
-    "built_tools", "check_qtype", "convert_to_gguf", "ensure_llamacpp", "gguf_bits_per_weight",
-    "load_llamacpp_quant", "quantize_with_llamacpp", "tools_dir",
+    "BENCH_BIN",
+    "IMATRIX_BIN",
+    "LLAMA_CPP_PYTHON_VERSION",
+    "NEEDS_IMATRIX",
+    "PERPLEXITY_BIN",
+    "QUANTIZE_BIN",
+    "SUPPORTED_QTYPES",
+    "LlamaCppError",
+    "LlamaCppQuant",
+    "LlamaCppTools",
+    "built_tools",
+    "check_qtype",
+    "convert_to_gguf",
+    "ensure_llamacpp",
+    "gguf_bits_per_weight",
+    "load_llamacpp_quant",
+    "quantize_with_llamacpp",
+    "tools_dir",
+    "vocab_gguf",
 ]  # fmt: skip
 
 
@@ -131,6 +146,26 @@ def convert_to_gguf(hf_folder: Path, out_dir: Path, tools: LlamaCppTools, progre
         env = {k: v for k, v in os.environ.items() if k != CONVERT_SCRIPT_ENV_DROP}
         run_step(convert, partial, f32, "convert_hf_to_gguf.py", env=env)
     return f32
+
+
+def vocab_gguf(hf_folder: Path, out_dir: Path, tools: LlamaCppTools, progress: bool = True) -> Path:
+    """`<out_dir>/<name>.vocab.gguf`: the Hugging Face folder's hyper-parameters, tokenizer and chat
+    template as llama.cpp's converter writes them (--vocab-only, no tensors): the metadata of a
+    GGUF lowbit writes for a model that did not come from one."""
+    hf_folder = Path(hf_folder)
+    if not (hf_folder / "config.json").is_file():
+        raise ConfigError(f"{hf_folder} is not a Hugging Face model folder (no config.json)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = out_dir / f"{hf_folder.name}.vocab.gguf"
+    if not vocab.is_file():
+        say(progress, f"reading {hf_folder}'s tokenizer and hyper-parameters with llama.cpp's converter")
+        partial = vocab.with_name(f".{vocab.name}.partial")
+        convert = [sys.executable, str(tools.convert_script), str(hf_folder), "--outfile", str(partial),
+                   "--vocab-only"]
+        env = {k: v for k, v in os.environ.items() if k != CONVERT_SCRIPT_ENV_DROP}
+        run_step(convert, partial, vocab, "convert_hf_to_gguf.py --vocab-only", env=env)
+    return vocab
 
 
 def quantize_with_llamacpp(
