@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.algorithms.gptq import inverse_hessian_cholesky
+from lowbit.algorithms.gptq import feed_back, inverse_hessian_cholesky
 from lowbit.errors import ConfigError
 from lowbit.formats.ggml import BLOCK_TYPES, BlockType, blocks_of
 from lowbit.qtensor import BlockWeight
@@ -94,11 +94,7 @@ def ggml_gptq(w: torch.Tensor, H: torch.Tensor, type_name: str, config: GPTQConf
             q = (wcol.unsqueeze(1) - levels).abs().argmin(dim=1)
             dq = levels.gather(1, q.unsqueeze(1)).squeeze(1)
             codes[:, col] = q.to(torch.uint8)
-            d = Hinv1[i, i]
-            err = (wcol - dq) / d
-            loss += (wcol - dq) ** 2 / d**2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            feed_back(W1, Err1, Hinv1, i, dq, loss)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     data.append(bt.encode(params, codes[:, in_f - bt.block:]))
     record = BlockWeight(bt.name, (out_f, in_f), torch.cat(data, dim=1))

@@ -74,6 +74,18 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
     return torch.eye(n, dtype=H.dtype), float("inf")
 
 
+def feed_back(W1: torch.Tensor, Err1: torch.Tensor, Hinv1: torch.Tensor, i: int, dq: torch.Tensor,
+              loss: torch.Tensor) -> None:
+    """GPTQ's step after column i of the lazy batch W1 is rounded to dq: its scaled error goes into
+    Err1 (for the later batches) and onto the batch's remaining columns; loss accumulates (in place)."""
+    wcol = W1[:, i]
+    d = Hinv1[i, i]
+    err = (wcol - dq) / d
+    loss += (wcol - dq) ** 2 / d**2
+    W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+    Err1[:, i] = err
+
+
 def gptq_quantize(
     w: torch.Tensor,
     H: torch.Tensor,
@@ -163,11 +175,7 @@ def gptq_quantize(
             q = affine.quantize_groups(wcol.unsqueeze(1), scale, zero, width(g))[:, 0]
             codes[:, col] = q
             dq = (q.float() - zero) * scale
-            d = Hinv1[i, i]
-            err = (wcol - dq) / d
-            loss += (wcol - dq) ** 2 / d**2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            feed_back(W1, Err1, Hinv1, i, dq, loss)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if static is not None:
