@@ -47,6 +47,10 @@ class _FakeQuantModel:
             return w
         return self.cache[key]
 
+    def held(self, choice: list[int]) -> tuple[str, ...]:
+        """What each layer holds under `choice`, by name (str of its level for its width)."""
+        return tuple(str(self.rounding.option(k, self.orig[n].shape[1])) for n, k in zip(self.names, choice))
+
     def set(self, choice: list[int | None]) -> None:
         """Each layer at its level; None keeps the layer's original weight."""
         for name, k in zip(self.names, choice):
@@ -136,6 +140,7 @@ class Scorer:
         self.dtype = recipe.calibration.dtype
         self.ids = sets
         self._ref: dict[str, list[torch.Tensor]] = {}
+        self._scores: dict[tuple[str, tuple[str, ...]], float] = {}
         self.model = model
         self.fq = _FakeQuantModel(model, names, rounding if rounding is not None else AffineRounding(recipe, levels))
 
@@ -152,10 +157,17 @@ class Scorer:
 
     def drop(self, on: str) -> None:
         self._ref.pop(on, None)
+        self._scores = {k: v for k, v in self._scores.items() if k[0] != on}
 
     def __call__(self, choice: list[int], on: str = "search") -> float:
-        kls = self.windows(choice, on)
-        return sum(kls) / len(kls)
+        """Mean KL per token over set `on`; an allocation whose layers hold what a scored one's
+        held (the same levels, or block types that a layer's width turns into the same type) is
+        not run again."""
+        key = (on, self.fq.held(choice))
+        if key not in self._scores:
+            kls = self.windows(choice, on)
+            self._scores[key] = sum(kls) / len(kls)
+        return self._scores[key]
 
     def probe(self, k: int, tokens: int, progress: bool = True, reuse_prefix: bool = True) -> torch.Tensor:
         """[L] KL with one layer at a time quantized at level k, the others unquantized, on the
