@@ -119,6 +119,8 @@ class Recipe:
         if self.budget is not None:
             b = self.budget
             target = f"{b.target_bpw} bpw" if b.target_bpw is not None else f"{b.target_bytes / 1e6:.0f} MB"
+            if b.block_types:
+                return f"{self.method} budget {target} over {', '.join(map(str, b.levels))}"
             return f"{self.method} budget {target} {sym}{iscale}"
         if self.rules:
             return f"{self.method} mixed per layer ({len(self.rules)} rules) {sym}{iscale}"

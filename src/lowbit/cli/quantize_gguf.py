@@ -64,8 +64,7 @@ def cmd_quantize_gguf(args, recipe) -> int:
     if recipe.budget is None:
         _say(f"recipe: {recipe.method} on llama.cpp's {mix} mix")
     else:
-        _say(f"recipe: {recipe.describe()} over {', '.join(map(str, recipe.budget.levels))}; the other tensors as "
-             f"under {mix or BUDGET_MIX}")
+        _say(f"recipe: {recipe.describe()}; the other tensors as under {mix or BUDGET_MIX}")
     res = quantize_to_gguf(loaded, recipe, mix, out, args.data_dir, progress=not args.quiet, overwrite=args.force)
     if res.quantized.budget is not None:
         _say(res.quantized.budget.summary())
