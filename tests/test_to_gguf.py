@@ -89,13 +89,17 @@ def test_cli_writes_a_gguf_and_refuses_to_overwrite_a_foreign_file(env, capsys):
     capsys.readouterr()
 
 
-def test_a_budget_over_block_types_is_refused_clearly(env):
+def test_gguf_needs_a_mix_or_a_budget_over_block_types(env):
+    """Without a mix a budget must choose the types (tests/budget/test_ggml_budget.py writes such
+    files); one over affine levels someone chose cannot, and names them."""
     write_tiny_gguf_of(env / "src.gguf", "llama")
     loaded = load_model("src.gguf", cache=env / "cache", progress=False)
-    recipe = Recipe.from_dict({"method": "rtn", "budget": {"target_bpw": 3.0}})
-    with pytest.raises(ConfigError, match="budget"):
+    with pytest.raises(ConfigError, match="mix"):
+        quantize_to_gguf(loaded, Recipe(method="rtn"), None, env / "a.gguf", progress=False)
+    recipe = Recipe.from_dict({"method": "rtn", "budget": {"target_bpw": 3.0, "levels": ["w3g64", "w4g64"]}})
+    with pytest.raises(ConfigError, match="w3g64"):
         quantize_to_gguf(loaded, recipe, "Q4_0", env / "b.gguf", progress=False)
-    assert not (env / "b.gguf").exists()
+    assert not (env / "a.gguf").exists() and not (env / "b.gguf").exists()
 
 
 def test_a_hugging_face_folder_gets_its_metadata_from_llama_cpps_converter(env, monkeypatch):

@@ -130,15 +130,21 @@ class Rule:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+AFFINE_LEVELS = ("w2g64", "w2g128", "w3g64", "w3g128", "w4g64", "w4g128", "w5g128", "w6g128", "w8g128")
+# the default choices of a budget written as a GGUF (--format gguf): llama.cpp's K types, Q8_0, IQ4_XS
+BLOCK_LEVELS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS")
+
+
 @dataclass(frozen=True)
 class BudgetConfig:
-    """A size budget: per-layer bit width and group size chosen to meet it (lowbit/budget/)."""
+    """A size budget: each layer's level chosen to meet it (lowbit/budget/). The levels are affine
+    (w3g64: a bit width and group size, for lowbit checkpoints) or llama.cpp block types (Q4_K,
+    for GGUF files), one kind or the other."""
 
     target_bpw: float | None = None        # average bits per quantized weight, scales and zeros counted
-    target_bytes: int | None = None        # whole model: quantized layers + dense tensors at 16 bits
-    # the levels to choose from; given as strings ("w3g64", from TOML or the CLI), held as Levels
-    levels: tuple[Level, ...] = ("w2g64", "w2g128", "w3g64", "w3g128", "w4g64", "w4g128", "w5g128", "w6g128",
-                                 "w8g128")
+    target_bytes: int | None = None        # whole model: quantized layers + the other tensors as stored
+    # the levels to choose from; given as strings ("w3g64", "Q4_K": from TOML or the CLI), held as Levels
+    levels: tuple[Level, ...] = AFFINE_LEVELS
     generations: int = 30                  # evolutionary search steps (0: the sensitivity greedy alone)
     offspring: int = 4                     # candidates per generation
     search_tokens: int = 2048              # held-out calibration tokens that score candidates (KL)
@@ -157,6 +163,16 @@ class BudgetConfig:
         except ConfigError as e:
             raise ConfigError(f"recipe field 'budget.levels': {e}") from None
         object.__setattr__(self, "levels", levels)
+        kinds = {lv.is_block_type for lv in levels}
+        if True in kinds:
+            from lowbit.formats.ggml import BLOCK_TYPES
+
+            unknown = [str(lv) for lv in levels if lv.is_block_type and lv.block_type not in BLOCK_TYPES]
+            _require(not unknown, "budget.levels", f"{', '.join(unknown)}: not a block type lowbit writes; choose "
+                     f"from {', '.join(BLOCK_TYPES)}")
+        _require(len(kinds) == 1, "budget.levels",
+                 f"{', '.join(map(str, levels))} mixes affine levels (w3g64) and llama.cpp block types (Q4_K); "
+                 "choose block types for a GGUF file (--format gguf), affine levels for a lowbit checkpoint")
         _require(self.generations >= 0 and self.offspring >= 1, "budget.generations",
                  "generations must be >= 0 and offspring >= 1")
         _require(self.search_tokens >= 64, "budget.search_tokens", f"must be >= 64, got {self.search_tokens}")
@@ -164,3 +180,19 @@ class BudgetConfig:
 
     def parsed_levels(self) -> list[Level]:
         return list(self.levels)
+
+    @property
+    def block_types(self) -> bool:
+        """Whether the levels are llama.cpp block types (the budget writes a GGUF file)."""
+        return self.levels[0].is_block_type
+
+    def on_block_types(self) -> BudgetConfig:
+        """This budget for a GGUF file: its own block types, or BLOCK_LEVELS in place of the
+        default affine levels. Affine levels someone chose are refused, naming the fix."""
+        if self.block_types:
+            return self
+        if tuple(map(str, self.levels)) == AFFINE_LEVELS:
+            return dataclasses.replace(self, levels=BLOCK_LEVELS)
+        raise ConfigError(f"recipe field 'budget.levels': {', '.join(map(str, self.levels))} are affine levels, "
+                          f"which a GGUF file cannot hold; give llama.cpp block types (e.g. --levels "
+                          f"{','.join(BLOCK_LEVELS)})")

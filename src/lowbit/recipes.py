@@ -16,6 +16,7 @@ from lowbit.errors import ConfigError
 from lowbit.levels import PER_CHANNEL, Allocation, Level, group_size_problem
 from lowbit.methods import METHODS, Method, width_range
 from lowbit.recipe_sections import (  # noqa: F401 - the sections, re-exported
+    BLOCK_LEVELS,
     CALIB_DTYPES,
     AWQConfig,
     BudgetConfig,
@@ -118,6 +119,8 @@ class Recipe:
         if self.budget is not None:
             b = self.budget
             target = f"{b.target_bpw} bpw" if b.target_bpw is not None else f"{b.target_bytes / 1e6:.0f} MB"
+            if b.block_types:
+                return f"{self.method} budget {target} over {', '.join(map(str, b.levels))}"
             return f"{self.method} budget {target} {sym}{iscale}"
         if self.rules:
             return f"{self.method} mixed per layer ({len(self.rules)} rules) {sym}{iscale}"
@@ -135,6 +138,9 @@ class Recipe:
         else the first rule whose pattern matches, else the recipe's."""
         if allocation is not None and module_name in allocation:
             level = allocation[module_name]
+            if level.is_block_type:
+                raise ConfigError(f"{module_name}: level {level} is a llama.cpp block type, which only a GGUF file "
+                                  "holds: write one with --format gguf (lowbit.to_gguf)")
             return dataclasses.replace(self, rules=(), budget=None, bits=level.bits, group_size=level.group_size)
         return self.for_layer_rule(next((r for r in self.rules if re.search(r.pattern, module_name)), None))
 

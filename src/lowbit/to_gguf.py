@@ -11,6 +11,12 @@ linear layers are rounded on those types: rtn (the type's importance-weighted sc
 the norms first). The embeddings and an untied output head are rounded data-free on their types;
 norms stay float32. Tensors of the source GGUF that the transformers model does not hold (e.g.
 rope_freqs) are copied through unchanged.
+
+With a size budget (recipe.budget, levels that are block types: BudgetConfig.on_block_types) the
+budget chooses the type of each decoder-block linear layer (budget.plan.plan_block_budget) and
+the mix (default BUDGET_MIX) types only the other tensors, whose bytes count against a target
+size as the file stores them. Such a file follows no llama.cpp mix, so general.file_type is left
+out: llama.cpp then names the file by its most common tensor type, marked as guessed.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from torch import nn
 
 from lowbit.algorithms.ggml import ggml_rtn
+from lowbit.budget.plan import BudgetReport, plan_block_budget
 from lowbit.errors import ConfigError
 from lowbit.export.gguf import (
     GGUFMetadata,
@@ -39,6 +46,7 @@ from lowbit.export.gguf import (
 )
 from lowbit.formats.ggml import BLOCK_TYPES
 from lowbit.formats.ggml.mixes import check_mix, fallback_type, tensor_type
+from lowbit.levels import Allocation
 from lowbit.models import KNOWN_MODELS
 from lowbit.models.load import LoadedModel
 from lowbit.outputs import rename_noreplace
@@ -54,6 +62,7 @@ GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 DENSE_TYPES = {"F32": torch.float32, "F16": torch.float16}  # what a tensor llama.cpp keeps unquantized is stored as
 WRITER_KEY = "lowbit.writer"  # marks a GGUF lowbit wrote (what --force may replace)
 SOURCE_KEY = "lowbit.source"  # the model it was quantized from: `lowbit eval`'s reference
+BUDGET_MIX = "Q4_K_M"  # with a budget and no mix: the mix whose rules type the embeddings and the output head
 
 
 @dataclass
@@ -119,32 +128,83 @@ def _source_tensors(loaded: LoadedModel) -> dict[str, Any]:
     return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
 
-def quantize_to_gguf(loaded: LoadedModel, recipe: Recipe, mix: str, path: str | Path, data_dir: str | None = None,
-                     progress: bool = True, overwrite: bool = False) -> GGUFResult:
-    """Quantize `loaded` onto the block types of `mix` and write `path` (see the module docstring).
-    The file appears complete or not at all; an existing `path` is replaced only with `overwrite`
-    (the caller checks it is a file lowbit wrote: is_lowbit_gguf)."""
+def quantize_to_gguf(loaded: LoadedModel, recipe: Recipe, mix: str | None, path: str | Path,
+                     data_dir: str | None = None, progress: bool = True, overwrite: bool = False) -> GGUFResult:
+    """Quantize `loaded` onto the block types of `mix`, or of a size budget (recipe.budget: then
+    `mix`, default BUDGET_MIX, types only the tensors outside the decoder blocks), and write `path`
+    (see the module docstring). The file appears complete or not at all; an existing `path` is
+    replaced only with `overwrite` (the caller checks it is a file lowbit wrote: is_lowbit_gguf)."""
     if recipe.method not in GGUF_METHODS:
         raise ConfigError(f"method {recipe.method!r} has no llama.cpp block type; GGUF output takes "
                           f"{', '.join(GGUF_METHODS)}")
+    if mix is None and recipe.budget is None:
+        raise ConfigError("GGUF output needs each tensor's llama.cpp block type: give a mix (e.g. Q4_K_M) or a size "
+                          "budget (target_bpw or target_bytes) that chooses them")
     if recipe.budget is not None:
-        raise ConfigError("a size budget over llama.cpp block types is not supported yet; pass a mix (gguf:Q4_K_M)")
+        recipe = dataclasses.replace(recipe, budget=recipe.budget.on_block_types())
     model = loaded.model
     arch = model_arch(model)
     metadata = source_metadata(loaded, progress=progress)
     names = gguf_names(model, arch)
-    types, fallbacks = plan_types(model, mix, names, has_imatrix=recipe.needs_calibration)
-    for (want, got), count in Counter(fallbacks.values()).items():
-        log.warning("%d tensors have rows that are not whole %s blocks: written as %s, as llama.cpp does",
-                    count, want, got)
+    types, fallbacks = plan_types(model, mix or BUDGET_MIX, names, has_imatrix=recipe.needs_calibration)
     recipe = dataclasses.replace(recipe, head_bits=0)
     layers, _ = target_layers(model, recipe)
     dense_layers = [n for n in layers if types[f"{n}.weight"] in DENSE_TYPES]
     if dense_layers:
         recipe = dataclasses.replace(recipe, skip=(*recipe.skip, *(f"^{re.escape(n)}$" for n in dense_layers)))
         layers, _ = target_layers(model, recipe)
-    result = quantize(loaded, recipe, data_dir, progress, block_types={n: types[f"{n}.weight"] for n in layers})
+    source_tensors = _source_tensors(loaded)
+    budget = None
+    if recipe.budget is not None:
+        budget = _plan_budget(loaded, recipe, layers, types, source_tensors, data_dir, progress)
+        types.update({f"{n}.weight": str(lv) for n, lv in budget[0].items()})
+        chosen = {names[f"{n}.weight"] for n in layers}  # the mix's fallbacks there no longer apply
+        fallbacks = {g: v for g, v in fallbacks.items() if g not in chosen}
+    for (want, got), count in Counter(fallbacks.values()).items():
+        log.warning("%d tensors have rows that are not whole %s blocks: written as %s, as llama.cpp does",
+                    count, want, got)
+    result = quantize(loaded, dataclasses.replace(recipe, budget=None), data_dir, progress,
+                      block_types={n: types[f"{n}.weight"] for n in layers})
+    if budget is not None:
+        allocation, report = budget
+        result = dataclasses.replace(result, recipe=recipe, budget=report, allocation=allocation,
+                                     extra={**result.extra, "budget": report.to_dict()})
+    tensors = _file_tensors(model, arch, names, types, result, source_tensors)
+    _write(loaded, path, tensors, metadata, None if budget is not None else mix, overwrite)
+    block_bytes = sum(r.nbytes() for r in result.weights.values())
+    block_weights = sum(r.shape[0] * r.shape[1] for r in result.weights.values())
+    written = {n: (v.block_type if isinstance(v, BlockWeight) else "F16" if v.dtype == torch.float16 else "F32")
+               for n, v in tensors.items()}
+    return GGUFResult(Path(path), result, written, fallbacks, block_bytes, block_weights)
 
+
+def _plan_budget(loaded: LoadedModel, recipe: Recipe, layers: list[str], types: dict[str, str],
+                 source_tensors: dict[str, Any], data_dir: str | None, progress: bool,
+                 ) -> tuple[Allocation, BudgetReport]:
+    """The budget's block type per layer of `layers`; every other tensor counted at its bytes in the
+    file (`types`, dense float32 for norms and the source's extra tensors)."""
+    budgeted = {f"{n}.weight" for n in layers}
+    other = 0
+    for full, p in loaded.model.named_parameters():
+        if full in budgeted:
+            continue
+        kind = types.get(full, "F32")
+        if kind in DENSE_TYPES:
+            other += p.numel() * DENSE_TYPES[kind].itemsize
+        else:
+            bt = BLOCK_TYPES[kind]
+            other += p.shape[0] * (p.shape[1] // bt.block) * bt.type_size
+    names = set(gguf_names(loaded.model, model_arch(loaded.model)).values())
+    other += sum(4 * int(t.n_elements) for n, t in source_tensors.items() if n not in names)
+    allocation, report = plan_block_budget(loaded, recipe, layers, other, data_dir, progress)
+    log.info(report.summary())
+    return allocation, report
+
+
+def _file_tensors(model: nn.Module, arch: str, names: dict[str, str], types: dict[str, str], result: QuantizedModel,
+                  source_tensors: dict[str, Any]) -> dict[str, BlockWeight | torch.Tensor]:
+    """GGUF name -> what the file holds: the decoder blocks' records, the other matrices rounded
+    data-free on their types, dense tensors in their float type, the source's extra tensors."""
     tensors: dict[str, BlockWeight | torch.Tensor] = {}
     for full, p in model.named_parameters():
         gname = names[full]
@@ -153,9 +213,15 @@ def quantize_to_gguf(loaded: LoadedModel, recipe: Recipe, mix: str, path: str | 
             rec = ggml_rtn(p.detach(), types[full], name=gname)
         dense = p.detach().to(DENSE_TYPES[types.get(full, "F32")]) if rec is None else None
         tensors[gname] = to_gguf_layout(arch, gname, rec if rec is not None else dense, model.config)
-    extra = {n: t for n, t in _source_tensors(loaded).items() if n not in tensors}
-    for n, t in extra.items():
-        tensors[n] = _raw(t)
+    for n, t in source_tensors.items():
+        if n not in tensors:
+            tensors[n] = _raw(t)
+    return tensors
+
+
+def _write(loaded: LoadedModel, path: str | Path, tensors: dict[str, BlockWeight | torch.Tensor],
+           metadata: GGUFMetadata, file_type: str | None, overwrite: bool) -> None:
+    """Write the file beside `path` and move it into place (replacing only with `overwrite`)."""
     fields = dict(metadata.fields)
     fields[WRITER_KEY] = ("lowbit", gguf.GGUFValueType.STRING, None)
     src = loaded.source
@@ -164,18 +230,13 @@ def quantize_to_gguf(loaded: LoadedModel, recipe: Recipe, mix: str, path: str | 
     path = Path(path)
     partial = path.with_name(f".{path.name}.lowbit-partial-{os.getpid()}")
     try:
-        write_gguf(partial, tensors, GGUFMetadata(metadata.arch, fields), mix)
+        write_gguf(partial, tensors, GGUFMetadata(metadata.arch, fields), file_type)
         if overwrite:
             os.replace(partial, path)
         else:
             rename_noreplace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    block_bytes = sum(r.nbytes() for r in result.weights.values())
-    block_weights = sum(r.shape[0] * r.shape[1] for r in result.weights.values())
-    written = {n: (v.block_type if isinstance(v, BlockWeight) else "F16" if v.dtype == torch.float16 else "F32")
-               for n, v in tensors.items()}
-    return GGUFResult(path, result, written, fallbacks, block_bytes, block_weights)
 
 
 def is_lowbit_gguf(path: str | Path) -> bool:

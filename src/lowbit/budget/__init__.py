@@ -1,7 +1,9 @@
-"""Budgeted allocation across layers: which bit width and group size each linear layer gets so
-that the model meets a size budget (average bits per weight, or total bytes) with the least loss.
+"""Budgeted allocation across layers: which bit width and group size (or, for a GGUF file, which
+llama.cpp block type) each linear layer gets so that the model meets a size budget (average bits
+per weight, or total bytes) with the least loss.
 
-1. Cost of every (layer, level): exact packed bytes (qtensor.format_nbytes).
+1. Cost of every (layer, level): exact stored bytes (qtensor.format_nbytes; for a block type,
+   rows * cols / block * type_size, the bytes the file holds).
 2. Sensitivity of every (layer, level), Q-BERT style but measured: the layer's output error
    tr(D H D^T) for the round-to-nearest error D at that level, H from one calibration pass.
 3. Greedy allocations: from a floor (the smallest level everywhere, or one uniform level that
@@ -31,9 +33,14 @@ the size of the smallest level, say), that allocation is the only one: steps 2-6
 the report says so.
 
 The result is a list of per-layer rules (recipes.Rule) the normal pipeline then quantizes with
-(GPTQ, AWQ...), and a report of what was chosen and why.
+(GPTQ, AWQ...), and a report of what was chosen and why. Over block types (plan_block_budget,
+for to_gguf.py) the same steps run with each layer rounded by ggml_rtn on the type, and the
+result is each layer's type; a type whose block does not divide a layer's rows is offered to that
+layer as the 32-weight type llama.cpp stores such rows in (costs.stored_level).
 
-Where each step lives: costs.py (1, and the budget in bytes), sensitivity.py (2, and the probe's
-rescaling), search.py (3-5), scorer.py (the KL scorer, the fake-quantized model, the probe's block
-replay, the confirmation test), plan.py (plan_budget: all of it in order, and the BudgetReport).
+Where each step lives: costs.py (1, and the budget in bytes), rounding.py (how a layer is rounded
+at a level while measuring and scoring), sensitivity.py (2, and the probe's rescaling), search.py
+(3-5), scorer.py (the KL scorer, the fake-quantized model, the probe's block replay, the
+confirmation test), plan.py (plan_budget / plan_block_budget: all of it in order, and the
+BudgetReport).
 """

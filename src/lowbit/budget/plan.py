@@ -1,9 +1,11 @@
-"""A size budget from end to end (steps 1-6 of lowbit.budget): plan_budget returns the Allocation
-(each layer's Level, by exact name) and a BudgetReport of what was chosen and why."""
+"""A size budget from end to end (steps 1-6 of lowbit.budget): plan_budget (affine levels, for a
+lowbit checkpoint) and plan_block_budget (llama.cpp block types, for a GGUF file) return the
+Allocation (each layer's Level, by exact name) and a BudgetReport of what was chosen and why."""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +18,14 @@ from lowbit.budget.costs import (
     budget_bytes,
     layer_bytes,
 )
+from lowbit.budget.rounding import AffineRounding, BlockRounding
 from lowbit.budget.scorer import Scorer, clearly_better
 from lowbit.budget.search import evolve, greedy, only_allocation, start_candidates
 from lowbit.budget.sensitivity import kl_scaled, probe_level, sensitivity
 from lowbit.data import calibration_samples
+from lowbit.errors import ConfigError
 from lowbit.levels import Allocation
+from lowbit.methods import METHODS
 from lowbit.models.load import LoadedModel
 from lowbit.recipes import Recipe
 
@@ -75,16 +80,18 @@ def held_out_ids(loaded: LoadedModel, recipe: Recipe, data_dir: str | None = Non
     return calibration_samples(loaded.tokenizer, c.dataset, n_eval, c.seqlen, c.seed + which, data_dir=data_dir)
 
 
-def _choose(loaded: LoadedModel, recipe: Recipe, names: list[str], levels, costs: torch.Tensor, budget: int,
-            data_dir: str | None, progress: bool) -> tuple[list[int], dict[str, Any]]:
+def _choose(loaded: LoadedModel, recipe: Recipe, names: list[str], rounding: AffineRounding | BlockRounding,
+            costs: torch.Tensor, budget: int, data_dir: str | None, progress: bool,
+            ) -> tuple[list[int], dict[str, Any]]:
     """Steps 2-6 of lowbit.budget's docstring: the allocation, and what the search saw."""
     cfg, model, c = recipe.budget, loaded.model, recipe.calibration
+    levels = rounding.levels
     ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
-    errors, shrinks = sensitivity(loaded, names, levels, recipe, ids, progress)
+    errors, rounding = sensitivity(loaded, names, levels, recipe, ids, progress, rounding=rounding)
     if cfg.generations <= 0:
         return greedy(costs, errors, budget), {}
-    score = Scorer(model, names, levels, recipe, shrinks, search=held_out_ids(loaded, recipe, data_dir, 1),
-                    confirm=held_out_ids(loaded, recipe, data_dir, 2))
+    score = Scorer(model, names, levels, recipe, rounding, search=held_out_ids(loaded, recipe, data_dir, 1),
+                   confirm=held_out_ids(loaded, recipe, data_dir, 2))
     try:
         kl_errors = None
         if cfg.probe_tokens > 0:
@@ -116,30 +123,66 @@ def _choose(loaded: LoadedModel, recipe: Recipe, names: list[str], levels, costs
 
 def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir: str | None = None,
                 progress: bool = True) -> tuple[Allocation, BudgetReport]:
-    """Choose a level per layer for recipe.budget; returns each layer's level and the report."""
+    """Choose an affine level per layer for recipe.budget; returns each layer's level and the report."""
+    cfg = recipe.budget
+    if cfg.block_types:
+        raise ConfigError(f"budget levels {', '.join(map(str, cfg.levels))} are llama.cpp block types, which only "
+                          "a GGUF file holds: write one with --format gguf -o FILE.gguf (lowbit.to_gguf)")
+    budget = budget_bytes(loaded.model, names, cfg, recipe)
+    return _plan(loaded, recipe, names, AffineRounding(recipe, cfg.parsed_levels()), budget, data_dir, progress)
+
+
+def plan_block_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], other_bytes: int,
+                      data_dir: str | None = None, progress: bool = True) -> tuple[Allocation, BudgetReport]:
+    """Choose a llama.cpp block type per layer for recipe.budget, whose levels are block types.
+
+    `other_bytes`: what every tensor outside `names` takes in the file (embeddings, output head,
+    norms), counted against a target size. A type whose block does not divide a layer's rows is
+    offered to that layer as the 32-weight type llama.cpp would store it in (costs.stored_level), and
+    the allocation names the type each layer is stored in. Each (layer, type) is measured and
+    scored rounded by ggml_rtn, with the data-free importance for RTN and the Hessian's diagonal
+    for the methods that calibrate (budget/rounding.py)."""
+    cfg = recipe.budget
+    if not cfg.block_types:
+        raise ConfigError(f"budget levels {', '.join(map(str, cfg.levels))} are affine; a GGUF file needs "
+                          "llama.cpp block types (BudgetConfig.on_block_types)")
+    budget = budget_bytes(loaded.model, names, cfg, recipe, other_bytes=other_bytes)
+    rounding = BlockRounding(cfg.parsed_levels(), hessian_importance=METHODS[recipe.method].needs_data)
+    return _plan(loaded, recipe, names, rounding, budget, data_dir, progress)
+
+
+def _plan(loaded: LoadedModel, recipe: Recipe, names: list[str], rounding: AffineRounding | BlockRounding,
+          budget: int, data_dir: str | None, progress: bool) -> tuple[Allocation, BudgetReport]:
     cfg = recipe.budget
     model = loaded.model
-    levels = cfg.parsed_levels()
+    levels = rounding.levels
+    finer, smaller = ("IQ4_XS, Q3_K", "Q2_K") if cfg.block_types else ("more group sizes", "w2g-1")
     costs = layer_bytes(model, names, levels, recipe)
-    budget = budget_bytes(model, names, cfg, recipe)
     n_q = sum(model.get_submodule(n).weight.numel() for n in names)
     top = int(costs.max(dim=1).values.sum())
     if top < budget * (1 - WITHIN):
         raise BudgetError(f"the budget allows {budget} bytes for the quantized layers but the largest level everywhere "
                           f"takes only {top} ({8 * top / n_q:.2f} bits/weight); lower the target or add wider levels")
+    low = int(costs.min(dim=1).values.sum())
+    if low > budget:
+        least = math.ceil(8000 * low / n_q) / 1000
+        raise BudgetError(f"the smallest allocation takes {low} bytes for the quantized layers "
+                          f"({8 * low / n_q:.3f} bits/weight), more than the budget of {budget} "
+                          f"({8 * budget / n_q:.3f}){_replaced(model, names, rounding, costs)}; raise the target to at "
+                          f"least {least:.3f} bits/weight or add smaller levels (e.g. {smaller})")
     forced = only_allocation(costs, budget)
     if forced is None:
-        choice, report_kls = _choose(loaded, recipe, names, levels, costs, budget, data_dir, progress)
+        choice, report_kls = _choose(loaded, recipe, names, rounding, costs, budget, data_dir, progress)
     else:
         choice, report_kls = forced, {"only_fit": True}
     used = sum(int(costs[i, k]) for i, k in enumerate(choice))
     if used < budget * (1 - WITHIN):
         raise BudgetError(f"could not get within {WITHIN:.0%} of the budget with levels {', '.join(map(str, cfg.levels))}: "
-                          f"{used} of {budget} bytes; add finer levels (e.g. more group sizes)")
+                          f"{used} of {budget} bytes; add finer levels (e.g. {finer})")
     if forced is not None:
         log.warning("budget: only the smallest level in every layer fits, so there was nothing to search; "
-                    "add smaller levels (e.g. w2g-1) to give the allocation room")
-    allocation = {n: levels[k] for n, k in zip(names, choice)}
+                    "add smaller levels (e.g. %s) to give the allocation room", smaller)
+    allocation = {n: rounding.option(k, model.get_submodule(n).in_features) for n, k in zip(names, choice)}
     chosen = {n: str(lv) for n, lv in allocation.items()}
     counts: dict[str, int] = {}
     for lv in chosen.values():
@@ -147,3 +190,15 @@ def plan_budget(loaded: LoadedModel, recipe: Recipe, names: list[str], data_dir:
     target = f"{cfg.target_bpw} bits/weight" if cfg.target_bpw is not None else f"{cfg.target_bytes / 1e6:.1f} MB"
     report = BudgetReport(target, budget, used, 8 * used / n_q, chosen, counts, **report_kls)
     return allocation, report
+
+
+def _replaced(model, names: list[str], rounding: AffineRounding | BlockRounding, costs: torch.Tensor) -> str:
+    """Where layers cannot take the smallest level (a block type replaced for their width), in words."""
+    k = int(costs.sum(0).argmin())
+    widths = sorted({model.get_submodule(n).in_features for n in names
+                     if rounding.option(k, model.get_submodule(n).in_features) != rounding.levels[k]})
+    if not widths:
+        return ""
+    stored = rounding.option(k, widths[0])
+    return (f" (rows of {', '.join(map(str, widths))} weights are not whole {rounding.levels[k]} blocks, so those "
+            f"layers take {stored} instead, as llama.cpp stores them)")

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.algorithms.rtn import rtn_quantize, rtn_shrink
-from lowbit.budget.sensitivity import ShrinkStore
+from lowbit.budget.rounding import AffineRounding, BlockRounding
 from lowbit.calibration.capture import base_model, capture_block_inputs
 from lowbit.levels import Level
 from lowbit.models.arch import decoder_layers
@@ -25,34 +24,32 @@ REF_DTYPE = torch.float16
 
 
 class _FakeQuantModel:
-    """The model with each layer's weight replaced by its round-to-nearest weight at a level."""
+    """The model with each layer's weight replaced by its rounding at a level (budget/rounding.py)."""
 
-    def __init__(self, model: nn.Module, names: list[str], levels: list[Level], recipe: Recipe,
-                 cache_bytes: int = 2 << 30,
-                 shrinks: ShrinkStore | None = None):
-        self.model, self.names, self.levels, self.recipe = model, names, levels, recipe
-        self.shrinks = shrinks if shrinks is not None else ShrinkStore()
+    def __init__(self, model: nn.Module, names: list[str], rounding: AffineRounding | BlockRounding,
+                 cache_bytes: int = 2 << 30):
+        self.model, self.names, self.rounding = model, names, rounding
         # set() swaps whole tensors in and never writes into one: the originals need no copy
         self.orig = {n: model.get_submodule(n).weight.detach() for n in names}
         self.current: dict[str, int | None] = {n: None for n in names}
-        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.cache: dict[tuple[str, str], torch.Tensor] = {}
         self.cache_bytes, self.cached = cache_bytes, 0
 
     def weight(self, name: str, k: int) -> torch.Tensor:
-        key = (name, k)
+        orig = self.orig[name]
+        key = (name, str(self.rounding.option(k, orig.shape[1])))  # levels a layer holds alike share one entry
         if key not in self.cache:
-            r = self.recipe
-            fmt = r.level_format(self.levels[k], self.orig[name].shape[1])
-            clip = r.clip if r.clip.enabled else None
-            if key not in self.shrinks:  # searched once; re-quantizing with the factors is exact and fast
-                self.shrinks.put(name, k, rtn_shrink(self.orig[name], fmt, clip))
-            w = rtn_quantize(self.orig[name], fmt, clip, self.shrinks.get(name, k)).dequantize(self.orig[name].dtype)
+            w = self.rounding.dequantized(name, orig, k, orig.dtype)
             size = w.numel() * w.element_size()
             if self.cached + size <= self.cache_bytes:
                 self.cache[key] = w
                 self.cached += size
             return w
         return self.cache[key]
+
+    def held(self, choice: list[int]) -> tuple[str, ...]:
+        """What each layer holds under `choice`, by name (str of its level for its width)."""
+        return tuple(str(self.rounding.option(k, self.orig[n].shape[1])) for n, k in zip(self.names, choice))
 
     def set(self, choice: list[int | None]) -> None:
         """Each layer at its level; None keeps the layer's original weight."""
@@ -139,12 +136,13 @@ class Scorer:
     """KL(model || model with each layer fake-quantized at its level) on sets of held-out windows."""
 
     def __init__(self, model: nn.Module, names: list[str], levels: list[Level], recipe: Recipe,
-                 shrinks: ShrinkStore | None = None, **sets: torch.Tensor):
+                 rounding: AffineRounding | BlockRounding | None = None, **sets: torch.Tensor):
         self.dtype = recipe.calibration.dtype
         self.ids = sets
         self._ref: dict[str, list[torch.Tensor]] = {}
+        self._scores: dict[tuple[str, tuple[str, ...]], float] = {}
         self.model = model
-        self.fq = _FakeQuantModel(model, names, levels, recipe, shrinks=shrinks)
+        self.fq = _FakeQuantModel(model, names, rounding if rounding is not None else AffineRounding(recipe, levels))
 
     def _set(self, on: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The windows of set `on` and the unquantized model's log-probabilities on them, computed
@@ -159,10 +157,17 @@ class Scorer:
 
     def drop(self, on: str) -> None:
         self._ref.pop(on, None)
+        self._scores = {k: v for k, v in self._scores.items() if k[0] != on}
 
     def __call__(self, choice: list[int], on: str = "search") -> float:
-        kls = self.windows(choice, on)
-        return sum(kls) / len(kls)
+        """Mean KL per token over set `on`; an allocation whose layers hold what a scored one's
+        held (the same levels, or block types that a layer's width turns into the same type) is
+        not run again."""
+        key = (on, self.fq.held(choice))
+        if key not in self._scores:
+            kls = self.windows(choice, on)
+            self._scores[key] = sum(kls) / len(kls)
+        return self._scores[key]
 
     def probe(self, k: int, tokens: int, progress: bool = True, reuse_prefix: bool = True) -> torch.Tensor:
         """[L] KL with one layer at a time quantized at level k, the others unquantized, on the

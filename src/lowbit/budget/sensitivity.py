@@ -1,6 +1,6 @@
 """Step 2 of a size budget: each (layer, level)'s output error tr(D H D^T) for its round-to-nearest
-error D, the clipping factors found on the way, and the probe's rescaling of those errors into
-model KL."""
+error D (rounded as budget/rounding.py says, which keeps what it found on the way), and the
+probe's rescaling of those errors into model KL."""
 
 from __future__ import annotations
 
@@ -9,51 +9,25 @@ import re
 import torch
 from torch import nn
 
-from lowbit.algorithms.rtn import rtn_quantize, rtn_shrink
 from lowbit.algorithms.slim import output_error
+from lowbit.budget.rounding import AffineRounding, BlockRounding, ShrinkStore  # noqa: F401 - ShrinkStore re-exported
 from lowbit.calibration.sequential import run_sequential
 from lowbit.levels import Level
 from lowbit.models.load import LoadedModel
 from lowbit.recipes import Recipe
 
 
-class ShrinkStore:
-    """The clipping search's range factors of each (layer, level), kept so that a layer can be
-    re-quantized at a level without searching again (rtn_shrink / rtn_quantize(shrink=...)).
-    The factors take few distinct values (the search's grid): stored as one byte each."""
-
-    def __init__(self) -> None:
-        self._items: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
-
-    def put(self, name: str, k: int, shrink: torch.Tensor | None) -> None:
-        if shrink is None:
-            self._items[(name, k)] = None
-            return
-        values, index = torch.unique(shrink, return_inverse=True)
-        self._items[(name, k)] = (values, index.to(torch.uint8)) if len(values) <= 256 else (shrink, None)
-
-    def __contains__(self, key: tuple[str, int]) -> bool:
-        return key in self._items
-
-    def get(self, name: str, k: int) -> torch.Tensor | None:
-        item = self._items[(name, k)]
-        if item is None:
-            return None
-        values, index = item
-        return values if index is None else values[index.long()]
-
-
 def sensitivity(
     loaded: LoadedModel, names: list[str], levels: list[Level], recipe: Recipe, ids: torch.Tensor,
-    progress: bool = True,
-) -> tuple[torch.Tensor, ShrinkStore]:
+    progress: bool = True, rounding: AffineRounding | BlockRounding | None = None,
+) -> tuple[torch.Tensor, AffineRounding | BlockRounding]:
     """[L, K] output error tr(D H D^T) of each layer's round-to-nearest error D at each level, and
-    the clipping factors the round-to-nearest found (so that scoring need not search again)."""
+    the rounding (default: the recipe's affine format at each level) holding what it found, so
+    that scoring need not search again."""
     model = loaded.model
     index = {n: i for i, n in enumerate(names)}
     errors = torch.full((len(names), len(levels)), float("nan"))
-    shrinks = ShrinkStore()
-    clip = recipe.clip if recipe.clip.enabled else None
+    rounding = rounding if rounding is not None else AffineRounding(recipe, levels)
     prefixes = _block_prefixes(model, names)
 
     def measure(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]) -> dict:
@@ -63,17 +37,14 @@ def sensitivity(
                 continue
             w = lin.weight.detach().float()
             H = hessians[name]
-            for k, level in enumerate(levels):
-                fmt = recipe.level_format(level, w.shape[1])
-                shrink = rtn_shrink(w, fmt, clip)
-                shrinks.put(full, k, shrink)
-                q = rtn_quantize(w, fmt, clip, shrink).dequantize()
-                errors[index[full], k] = output_error(w, q, H)
+            rounding.observe(full, H)
+            for k in range(len(levels)):
+                errors[index[full], k] = output_error(w, rounding.dequantized(full, w, k), H)
         return {}
 
     run_sequential(model, ids, measure, true_sequential=False, progress=progress,
                    dtype=recipe.calibration.dtype)
-    return errors, shrinks
+    return errors, rounding
 
 
 def _block_prefixes(model: nn.Module, names: list[str]) -> dict[int, str]:
