@@ -147,7 +147,8 @@ def test_render_adds_llama_perplexity_numbers_for_gguf_rows(tmp_path):
     rows = [row("gptq", "w4g128", 4.15, 21.0),
             row("llamacpp", "Q4_K_M", 4.9, 20.5, {"wikitext2": (19.5, 0.021, 0.95), "c4": (24.0, 0.03, 0.93)}),
             {**row("llamacpp-imatrix", "IQ3_XXS", 3.3, 24.0, {"wikitext2": (23.0, 0.11, 0.85)}),
-             "imatrix": {"chunks": 8, "n_ctx": 64, "token_agreement": 0.987, "chunks_equal": 7}}]
+             "imatrix": {"chunks": 8, "n_ctx": 64, "token_agreement": 0.987, "chunks_equal": 7, "seconds": 30.0,
+                         "reused": False}}]
     text = render(["m"], ["wikitext2", "c4"], {result_key(r): r for r in rows}, work)
     first, second = text.split("llama-perplexity (llama.cpp's evaluator)")
     llama_table = markdown_table(second)
@@ -160,7 +161,8 @@ def test_render_adds_llama_perplexity_numbers_for_gguf_rows(tmp_path):
     assert llama_table[2]["c4 ppl"] == "-"  # not measured on c4
     assert numbers(second.split("\n")[0])[:3] == [4, 1024, 4 * 511]  # chunks, their length, tokens scored
     notes = next(r for r in markdown_table(first) if r["method"] == "llamacpp-imatrix")["notes"]
-    assert numbers(notes.split("llama-imatrix")[1])[:3] == [8, 64, 98.7]  # chunks x tokens, % of the same ids
+    # chunks x tokens, ids that differ, the imatrix's time
+    assert numbers(notes.split("llama-imatrix")[1])[:5] == [8, 64, 7, 512, 30]
 
 
 def _dies(spec, queue):

@@ -126,11 +126,12 @@ def _imatrix(spec: dict[str, Any], folder: Path, tools, extra: dict[str, Any]) -
     tag = f"{file_label(c.dataset)}-s{c.seed}-{c.n_samples}x{c.seqlen}"
     calib = write_calibration_text(tokenizer, samples, out / f"{folder.name}.calib-{tag}.txt")
     f32 = convert_to_gguf(folder, out, tools, progress=False)
-    t0 = time.perf_counter()
-    path = compute_imatrix(f32, calib, out / f"{folder.name}.imatrix-{tag}.gguf", tools, progress=False)
+    path = out / f"{folder.name}.imatrix-{tag}.gguf"
+    reused, t0 = path.is_file(), time.perf_counter()
+    compute_imatrix(f32, calib, path, tools, progress=False)
     extra["imatrix"] = {"dataset": c.dataset, "seed": c.seed, "chunks": calib.n_chunks, "n_ctx": calib.n_ctx,
                         "token_agreement": calib.agreement, "chunks_equal": calib.chunks_equal,
-                        "seconds": time.perf_counter() - t0}
+                        "seconds": time.perf_counter() - t0, "reused": reused}
     return path
 
 
@@ -179,13 +180,12 @@ def _lowbit_gguf(spec: dict[str, Any], extra: dict[str, Any]) -> Path:
     return out
 
 
-def _eval_text_file(spec: dict[str, Any], ds: str, tokenizer, n_tokens: int, out_dir: Path) -> Path:
+def _eval_text_file(spec: dict[str, Any], ds: str, tokenizer, n_tokens: int, path: Path) -> Path:
     """The start of a dataset's eval text that holds about `n_tokens` tokens (and a fifth more), as
     a file for llama-perplexity: its tokenizer need not read the whole text (SentencePiece in
     llama.cpp is slow on long text) to reach the same first tokens as lowbit's evaluator."""
     from lowbit.data import eval_text, eval_tokens
 
-    path = out_dir / f"eval-{file_label(ds)}-{n_tokens}.txt"
     if not path.is_file():
         text = eval_text(ds, spec.get("data_dir"))
         total = eval_tokens(tokenizer, ds, None, spec.get("data_dir")).shape[1]  # cached on disk
@@ -207,8 +207,9 @@ def _llama_perplexity(spec: dict[str, Any], gguf: Path, tokenizer) -> dict[str, 
     chunks = max(1, spec["max_tokens"] // spec["seqlen"])
     found = {}
     for ds in spec["references"]:
-        text = _eval_text_file(spec, ds, tokenizer, (chunks + 1) * spec["seqlen"], out_dir)
-        base = out_dir / f"{reference.stem}.{file_label(ds)}-{chunks}x{spec['seqlen']}.kld-base"
+        name = f"{reference.stem}.{file_label(ds)}-{chunks}x{spec['seqlen']}"
+        text = _eval_text_file(spec, ds, tokenizer, (chunks + 1) * spec["seqlen"], out_dir / f"{name}.txt")
+        base = out_dir / f"{name}.kld-base"
         save_kl_base(reference, text, spec["seqlen"], base, tools, chunks=chunks, progress=False)
         r = llama_kl_divergence(gguf, base, tools, progress=False)
         found[ds] = {"ppl": r.ppl, "ref_ppl": r.ref_ppl, "kl": r.kl_mean, "top1": r.top1_agreement,

@@ -40,8 +40,13 @@ def _notes(r: dict[str, Any]) -> str:
         if r["method"] == "gguf":
             return f"the GGUF file as it is; block tensors stored as {types}"
         im = r.get("imatrix")
-        with_im = (f" with llama-imatrix on {im['chunks']}x{im['n_ctx']} of lowbit's calibration tokens "
-                   f"({100 * im['token_agreement']:.1f}% of them the same ids)") if im else ""
+        with_im = ""
+        if im:
+            n = im["chunks"] * im["n_ctx"]
+            run = ("reused from an earlier row" if im.get("reused", im["seconds"] < 1)
+                   else f"{im['seconds']:.0f} s of the quant time")
+            with_im = (f" with llama-imatrix on {im['chunks']}x{im['n_ctx']} of lowbit's calibration tokens "
+                       f"({round((1 - im['token_agreement']) * n)} of the {n} ids differ; imatrix {run})")
         return f"llama.cpp {r['setting']} of the same reference{with_im}; block tensors stored as {types}"
     if r["method"] == "hqq":
         return "hqq 0.2.8, float zero"
