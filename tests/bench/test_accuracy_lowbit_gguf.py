@@ -19,6 +19,9 @@ def test_jobs_name_a_method_and_a_llama_cpp_mix():
     assert Job.parse("gguf-rtn:Q4_0") == Job("gguf-rtn", "Q4_0")
     with pytest.raises(ConfigError, match="Q9_Z"):
         Job.parse("gguf-rtn:Q9_Z")
+    assert Job.parse("gguf-budget:3.5bpw") == Job("gguf-budget", "3.5bpw")
+    with pytest.raises(ConfigError, match="bpw"):
+        Job.parse("gguf-budget:Q4_K_M")  # a budget names a size, not a mix
 
 
 def _run(tmp_path, shared_data, monkeypatch, jobs: str, llama_perplexity: bool = False, write=write_tiny_gguf_of):
@@ -46,6 +49,15 @@ def test_lowbit_gguf_rows_are_measured_from_the_written_file(tmp_path, shared_da
     assert rows[("gguf-gptq", "Q4_0")]["llamacpp_tensor_types"] == {"Q4_0": 14}  # 2 blocks x 7 matrices
     kl = {s: r["datasets"]["wikitext2"]["kl"] for s, r in by_mix.items()}
     assert 0 < kl["Q8_0"] < kl["Q4_0"]
+
+
+def test_a_budget_row_chooses_block_types_within_its_size(tmp_path, shared_data, monkeypatch):
+    recs = _run(tmp_path, shared_data, monkeypatch, "gguf-budget:5.5bpw")
+    r = recs["gguf-budget"]
+    assert "error" not in r, r.get("error")
+    assert r["bits_per_weight"] <= 5.5  # measured from the file's block tensors
+    assert sum(r["budget"]["counts"].values()) == 14  # every matrix of the 2 blocks got a type
+    assert sum(r["llamacpp_tensor_types"].values()) == 14
 
 
 def test_llama_cpp_reads_lowbit_gguf_files(tmp_path, shared_data, monkeypatch):

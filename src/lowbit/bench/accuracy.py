@@ -18,6 +18,10 @@ A job is METHOD:SETTING:
                                   llama-imatrix computes on lowbit's calibration windows
                                   (the run's --calib-samples x --calib-seqlen)   e.g. llamacpp-imatrix:IQ3_XXS
 - gguf                          : a GGUF file of the same model, evaluated as it is   e.g. gguf:out/m.gguf
+- gguf-rtn, gguf-gptq,          : lowbit's own GGUF of a llama.cpp mix (the mix's block type per tensor,
+  gguf-awq-gptq                   lowbit's rounding on it)   e.g. gguf-gptq:Q3_K_M
+- gguf-budget                   : lowbit's GGUF whose block type per tensor a size budget chooses (KL-scored,
+                                  GPTQ rounding), bits per weight of the decoder-block tensors   e.g. gguf-budget:3.0bpw
 A setting may end in -is<k> for k-bit integer group scales (Integer Scale): gptq:w4g128-is8.
 `--jobs` lists them; without it, every method in --methods runs at every --settings.
 `--suite methods` is the weight-methods comparison at about 4, 3, 2.5 and 2 bits per weight.
@@ -163,21 +167,34 @@ def _lowbit_gguf(spec: dict[str, Any], extra: dict[str, Any]) -> Path:
     """lowbit's own GGUF of the job's mix, rounded by the job's method, calibrated on the run's
     calibration samples (the ones llama-imatrix sees in llamacpp-imatrix rows)."""
     from lowbit.models import load_model
-    from lowbit.recipes import CalibrationConfig, Recipe
+    from lowbit.recipes import BudgetConfig, CalibrationConfig, Recipe
     from lowbit.to_gguf import quantize_to_gguf
 
     method = spec["method"].removeprefix("gguf-")
     loaded = load_model(spec["model"], cache=spec.get("cache"), progress=False)
     calib = CalibrationConfig(n_samples=spec["calib_samples"], seqlen=spec["calib_seqlen"],
                               dtype=spec.get("calib_dtype", "float32"))
+    if method == "budget":  # the budget chooses every block tensor's type; the rounding is GPTQ's
+        budget = BudgetConfig(target_bpw=target_bpw(spec["setting"]), generations=spec.get("budget_generations", 10),
+                              offspring=2, search_tokens=2048)
+        mix, recipe = None, Recipe(method="gptq", calibration=calib, budget=budget)
+    else:
+        mix, recipe = spec["setting"], Recipe(method=method, calibration=calib)
     out = Path(spec["work"]) / "lowbit-gguf" / f"{file_label(spec['model'])}.{method}.{spec['setting']}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    res = quantize_to_gguf(loaded, Recipe(method=method, calibration=calib), spec["setting"], out,
-                           data_dir=spec.get("data_dir"), progress=False, overwrite=True)
+    res = quantize_to_gguf(loaded, recipe, mix, out, data_dir=spec.get("data_dir"), progress=False, overwrite=True)
     extra["gguf_seconds"] = time.perf_counter() - t0
     extra["gguf_fallbacks"] = len(res.fallbacks)
+    if "budget" in res.quantized.extra:
+        extra["budget"] = _budget_extra(res.quantized.extra["budget"])
     return out
+
+
+def _budget_extra(b: dict[str, Any]) -> dict[str, Any]:
+    """What a row keeps of a budget's report."""
+    return {k: b.get(k) for k in ("target", "counts", "start", "starts", "start_kl", "final_kl", "accepted",
+                                  "confirm", "kept", "only_fit")}
 
 
 def _eval_text_file(spec: dict[str, Any], ds: str, tokenizer, n_tokens: int, path: Path) -> Path:
@@ -251,9 +268,7 @@ def _quantized_in_place(spec: dict[str, Any], loaded, extra: dict[str, Any]) -> 
     # head_bits=0: the rows compare the methods on the decoder blocks, the head dense in every row
     res = quantize(loaded, recipe, data_dir=spec.get("data_dir"), progress=False)
     if "budget" in res.extra:
-        b = res.extra["budget"]
-        extra["budget"] = {k: b[k] for k in ("target", "counts", "start", "starts", "start_kl", "final_kl",
-                                             "accepted", "confirm", "kept")}
+        extra["budget"] = _budget_extra(res.extra["budget"])
     choices = [lr.extra["slim_choice"] for lr in res.layers.values() if "slim_choice" in lr.extra]
     if choices:
         extra["slim_choices"] = {c: choices.count(c) for c in sorted(set(choices))}

@@ -14,7 +14,7 @@ from lowbit.methods import METHODS as WEIGHT_METHODS
 
 # lowbit's weight methods (lowbit.methods), then a size budget, the peers, and a GGUF file as it is
 # lowbit's own GGUF files: gguf-<method>:<llama.cpp mix>, rounded by that lowbit method (to_gguf.py)
-LOWBIT_GGUF = ("gguf-rtn", "gguf-gptq", "gguf-awq-gptq")
+LOWBIT_GGUF = ("gguf-rtn", "gguf-gptq", "gguf-awq-gptq", "gguf-budget")
 METHODS = (*WEIGHT_METHODS, "budget", "hqq", "llamacpp", "llamacpp-imatrix", "gguf", *LOWBIT_GGUF)
 # the rows that are GGUF files (llama.cpp's quantizer, or any GGUF given): llama-perplexity can
 # evaluate them too (AccuracyBenchOptions.llama_perplexity)
@@ -91,6 +91,11 @@ def _gguf_setting(text: str, method: str, setting: str) -> str:
         if not setting.endswith(".gguf"):
             raise ConfigError(f"job {text!r}: a gguf job names a .gguf file, e.g. gguf:out/model.Q4_K_M.gguf")
         return setting
+    if method == "gguf-budget":
+        if target_bpw(setting) is None:
+            raise ConfigError(f"job {text!r}: a GGUF budget's size is <bits per weight>bpw with bits per weight in "
+                              "(1, 16], e.g. gguf-budget:3.0bpw")
+        return setting
     if method in LOWBIT_GGUF:
         from lowbit.formats.ggml.mixes import check_mix
 
@@ -146,4 +151,5 @@ def result_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
             r.get("calib_dtype", "float32") if r["method"] in CALIBRATED else "float32")
 
 
-CALIBRATED = (*(m for m, spec in WEIGHT_METHODS.items() if spec.needs_data), "budget", "gguf-gptq", "gguf-awq-gptq")
+CALIBRATED = (*(m for m, spec in WEIGHT_METHODS.items() if spec.needs_data), "budget", "gguf-gptq", "gguf-awq-gptq",
+              "gguf-budget")

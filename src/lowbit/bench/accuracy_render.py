@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lowbit.bench.accuracy_gguf import plot_gguf_kl, same_type_table
 from lowbit.bench.accuracy_jobs import (
     CALIBRATED,
     GGUF_METHODS,
@@ -19,19 +20,25 @@ from lowbit.bench.accuracy_jobs import (
 from lowbit.bench.common import machine
 
 
+def _budget_notes(b: dict[str, Any]) -> str:
+    """A budget row's allocation and search, in a few words."""
+    counts = " ".join(f"{k}x{v}" for k, v in sorted(b["counts"].items()))
+    kl = ""
+    if b.get("start_kl") is not None:
+        unseen = (f"unseen {b['confirm']['start']:.3f}->{b['confirm']['searched']:.3f}: kept the {b['kept']}"
+                  if b["confirm"] else "no offspring beat it: kept the start")
+        kl = (f"; search from {b['start']} (best of {len(b['starts'])} starts), KL {b['start_kl']:.3f}->"
+              f"{b['final_kl']:.3f}, {unseen}")
+    elif b.get("only_fit"):
+        kl = "; the only allocation that fits, so nothing was searched"
+    return f"{counts}{kl}"
+
+
 def _notes(r: dict[str, Any]) -> str:
     if r["method"] == "budget" and "budget" in r:
-        b = r["budget"]
-        counts = " ".join(f"{k}x{v}" for k, v in sorted(b["counts"].items()))
-        kl = ""
-        if b.get("start_kl") is not None:
-            unseen = (f"unseen {b['confirm']['start']:.3f}->{b['confirm']['searched']:.3f}: kept the {b['kept']}"
-                      if b["confirm"] else "no offspring beat it: kept the start")
-            kl = (f"; search from {b['start']} (best of {len(b['starts'])} starts), KL {b['start_kl']:.3f}->"
-                  f"{b['final_kl']:.3f}, {unseen}")
-        elif b.get("only_fit"):
-            kl = "; the only allocation that fits, so nothing was searched"
-        return f"size of {r['setting']}: {counts}{kl}"
+        return f"size of {r['setting']}: {_budget_notes(r['budget'])}"
+    if r["method"] == "gguf-budget" and "budget" in r:
+        return f"lowbit's GGUF, a block type per tensor for {r['setting']} (GPTQ rounding): {_budget_notes(r['budget'])}"
     if r["method"] in GGUF_METHODS:
         types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
         if r["method"].startswith("gguf-"):
@@ -152,7 +159,14 @@ def render(run_models: list[str], datasets: list[str], results: dict, work: Path
                          + (f" {numbers[r.get('machine', LEGACY_MACHINE)]} |" if numbers else ""))
         lines.append("")
         lines += llama_perplexity_table(ref, [r for r in rows if "llama_perplexity" in r], datasets)
+        ok = [r for r in rows if "error" not in r]
+        if datasets:
+            lines += same_type_table(ok, datasets[0])
         if plot_dir is not None and datasets:
+            gguf_plot = plot_gguf_kl(model, ok, datasets[0], plot_dir)
+            if gguf_plot is not None:
+                lines += [f"![{datasets[0]} KL against bits per weight of the GGUF files, {model}]({gguf_plot.name})",
+                          ""]
             plot = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)
             if plot is not None:
                 lines += [f"![{datasets[0]} perplexity against bits per weight, {model}]({plot.path.name})", ""]
