@@ -94,3 +94,48 @@ def test_bytes_per_token_counts_the_int8_weights_oneDNN_holds():
     model.model.layers[0].mlp.down_proj = w8
     # the float weight goes; one byte per weight (held by oneDNN, not a buffer) and a float scale per row come
     assert bytes_per_token(model) == before - dense + lin.weight.numel() + 4 * lin.out_features
+
+
+def test_gguf_files_run_in_llama_bench_side_by_side(tmp_path, monkeypatch):
+    """GGUF files in place of checkpoints: each through llama-bench in the same rounds, labelled with
+    its block types (needs the llama.cpp tools built in the usual cache)."""
+    import sys
+    from pathlib import Path
+
+    from lowbit.bench.speed import gguf_types
+    from lowbit.peers.llamacpp import built_tools, tools_dir
+
+    tools = built_tools()
+    if tools is None:
+        pytest.skip(f"llama.cpp tools not built in {tools_dir()} (lowbit.peers.llamacpp.ensure_llamacpp)")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "llamacpp").mkdir(parents=True)
+    (tmp_path / "cache" / "llamacpp" / tools.root.name).symlink_to(tools.root)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "peers"))
+    from test_llamacpp_imatrix import write_tiny_llama
+
+    write_tiny_llama(tmp_path / "src.gguf")
+    for mix in ("Q8_0", "Q4_0"):
+        assert main(["quantize", str(tmp_path / "src.gguf"), "--method", "rtn", "--format", f"gguf:{mix}",
+                     "-o", str(tmp_path / f"{mix}.gguf"), "-q"]) == 0
+    assert gguf_types(tmp_path / "Q4_0.gguf").split()[0].startswith("Q4_0x")
+    work = tmp_path / "work"
+    code = main(["bench", "speed", str(tmp_path / "Q8_0.gguf"), str(tmp_path / "Q4_0.gguf"), "--prompt-tokens", "8",
+                 "--new-tokens", "4", "--repeats", "2", "--threads", "1", "--work-dir", str(work),
+                 "--output", str(tmp_path / "B.md")])
+    assert code == 0
+    rec = json.loads((work / "speed.jsonl").read_text().splitlines()[-1])
+    names = list(rec["runtimes"])
+    assert len(names) == 2 and "Q8_0.gguf" in names[0] and "Q4_0.gguf" in names[1]
+    for rows in rec["runtimes"].values():
+        assert len(rows) == 2 and all(r["decode_tok_s"] > 0 for r in rows)
+    q8, q4 = (rec["runtimes"][n][0]["bytes_per_token"] for n in names)
+    assert q4 < q8  # the Q4_0 file's matrices are about half the bytes
+    assert not rec["kernels"]  # no lowbit checkpoint: no kernel table
+
+
+def test_bench_speed_refuses_a_missing_gguf_file(tmp_path, capsys):
+    code = main(["bench", "speed", str(tmp_path / "absent.gguf"), "--work-dir", str(tmp_path / "w"),
+                 "--output", str(tmp_path / "B.md")])
+    assert "absent.gguf" in error_line(code, capsys.readouterr().err)
+    assert not (tmp_path / "B.md").exists()

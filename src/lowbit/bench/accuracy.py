@@ -78,6 +78,7 @@ class AccuracyBenchOptions:
     llama_perplexity: bool = False               # GGUF rows also through llama-perplexity
     work_dir: str = "benchmarks/results"
     output: str = "BENCHMARKS.md"
+    section: str = "accuracy"                    # the section of `output` rewritten (its plots are named after it)
     cache: str | None = None                     # model cache directory
     data_dir: str | None = None
     quiet: bool = False
@@ -393,8 +394,8 @@ def run_accuracy_bench(opts: AccuracyBenchOptions) -> None:
             r = json.loads(line)
             done.setdefault(result_key(r), r)
     out = Path(opts.output)
-    section = render(list(opts.models), datasets, done, work, plot_dir=out.parent)
-    write_section(out, section)
+    section = render(list(opts.models), datasets, done, work, plot_dir=out.parent, section=opts.section)
+    write_section(out, section, opts.section)
     print(section)
 
 
@@ -416,5 +417,6 @@ def command_line(opts: AccuracyBenchOptions) -> str:
             f"--data {opts.data} --max-tokens {opts.max_tokens} --seqlen {opts.seqlen} "
             f"--calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} --work-dir {opts.work_dir}"
             + (f" --calib-dtype {opts.calib_dtype}" if opts.calib_dtype != "float32" else "")
-            + (" --llama-perplexity" if opts.llama_perplexity else ""))
+            + (" --llama-perplexity" if opts.llama_perplexity else "")
+            + (f" --section {opts.section}" if opts.section != "accuracy" else ""))
 

@@ -112,7 +112,7 @@ def plot_gguf_kl(model: str, rows: list[dict[str, Any]], dataset: str, out_dir: 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"BENCHMARKS-gguf-{file_label(model)}.png"
+    path = out_dir / f"BENCHMARKS-gguf-kl-{file_label(model)}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

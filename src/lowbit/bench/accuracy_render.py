@@ -113,13 +113,19 @@ REFERENCE_NOTE = (
 )
 
 
-def render(run_models: list[str], datasets: list[str], results: dict, work: Path, plot_dir: Path | None = None) -> str:
-    """The accuracy section: every model with results, and those of this run (`run_models`)."""
+TITLES = {"accuracy": "Accuracy: reference vs lowbit's methods and the peers",
+          "gguf": "GGUF files: lowbit's rounding against llama.cpp's quantizer"}
+
+
+def render(run_models: list[str], datasets: list[str], results: dict, work: Path, plot_dir: Path | None = None,
+           section: str = "accuracy") -> str:
+    """The accuracy section: every model with results, and those of this run (`run_models`). A
+    section other than "accuracy" gets its own title and plot names."""
     commands = list(dict.fromkeys((work / "commands.txt").read_text().splitlines()))
     models = list(dict.fromkeys([k[0] for k in results] + list(run_models)))
     machines, numbers = machines_note(list(results.values()))
     lines = [
-        "## Accuracy: reference vs lowbit's methods and the peers",
+        f"## {TITLES.get(section, f'Accuracy ({section})')}",
         "",
         "Commands (results accumulate in the work folder; a job already done is not rerun):",
         "",
@@ -167,7 +173,8 @@ def render(run_models: list[str], datasets: list[str], results: dict, work: Path
             if gguf_plot is not None:
                 lines += [f"![{datasets[0]} KL against bits per weight of the GGUF files, {model}]({gguf_plot.name})",
                           ""]
-            plot = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir)
+            plot = plot_pareto(model, [r for r in rows if "error" not in r], ref, datasets[0], plot_dir,
+                               stem="pareto" if section == "accuracy" else f"{section}-pareto")
             if plot is not None:
                 lines += [f"![{datasets[0]} perplexity against bits per weight, {model}]({plot.path.name})", ""]
     return "\n".join(lines)
@@ -216,7 +223,7 @@ class ParetoPlot:
 
 
 def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dataset: str, out_dir: Path,
-                clip: float = 5.0) -> ParetoPlot | None:
+                clip: float = 5.0, stem: str = "pareto") -> ParetoPlot | None:
     """Perplexity against bits per weight, one marker per method, the Pareto front drawn. The y
     range stops at `clip` times the reference perplexity (log scale within it, plain numbers), so
     that the informative rows get the height; rows beyond it are arrows at the top edge with their
@@ -273,7 +280,7 @@ def plot_pareto(model: str, rows: list[dict[str, Any]], ref: dict[str, Any], dat
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"BENCHMARKS-pareto-{file_label(model)}.png"
+    path = out_dir / f"BENCHMARKS-{stem}-{file_label(model)}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

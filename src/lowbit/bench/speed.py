@@ -6,7 +6,10 @@ host slows all of them alike; the table gives medians over rounds):
 - each checkpoint, loaded packed (runtime/packed.py: the native kernels) in bfloat16;
 - "bf16": the checkpoint's source model, unquantized, in bfloat16 through the same generation code;
 - "llama.cpp": llama.cpp's own `llama-bench` (built from the llama-cpp-python source release on
-  PyPI, see lowbit.peers.llamacpp) on the source model's original GGUF file, when it has one.
+  PyPI, see lowbit.peers.llamacpp) on the source model's original GGUF file, when it has one;
+- every GGUF file given in place of a checkpoint (lowbit's, `lowbit quantize --format gguf:MIX`, and
+  llama-quantize's of the same mix, say), through llama-bench in the same rounds: files of the same
+  block types should decode at the same speed whoever rounded them.
 
 Each lowbit runtime runs in a fresh child process (so its load time and peak RSS are its own):
 load, prefill a prompt of --prompt-tokens in one forward (time to first token), then greedy
@@ -169,6 +172,17 @@ def gguf_bytes_per_token(path: Path) -> int:
     return total
 
 
+def gguf_types(path: Path) -> str:
+    """The block types of a GGUF file's quantized tensors, most common first: "Q4_Kx169 Q6_Kx29"."""
+    from collections import Counter
+
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    dense = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+    counts = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors if t.tensor_type not in dense)
+    return " ".join(f"{k}x{v}" for k, v in counts.most_common())
+
+
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes/s of summing a float32 tensor of `gib` GiB, best of `repeats` (a read-only stream)."""
     import torch
@@ -277,28 +291,40 @@ def run_speed_bench(opts: SpeedBenchOptions) -> None:
     from lowbit.models import resolve_model
 
     threads = opts.threads or os.cpu_count() or 1
+    ggufs = [Path(c) for c in opts.checkpoints if c.endswith(".gguf")]
+    named = [c for c in opts.checkpoints if not c.endswith(".gguf")]
+    int8 = [c.endswith("@int8") for c in named]
+    ckpts = [Path(c.removesuffix("@int8")) for c in named]
+    infos = [_checkpoint_source(c) for c in ckpts]
+    specs = {s["source"]["spec"] for s in infos}
+    if len(specs) > 1:
+        raise ConfigError(f"the checkpoints come from different models ({', '.join(sorted(specs))}); "
+                          "bench one source model per run")
+    for g in ggufs:
+        if not g.is_file():
+            raise ConfigError(f"{g}: no such GGUF file")
     # native kernels built (or found) here, once, so that no timed child process builds one
     from lowbit import kernels
 
     for name in kernels.NAMES:
         kernels.available(name)
-    int8 = [c.endswith("@int8") for c in opts.checkpoints]
-    ckpts = [Path(c.removesuffix("@int8")) for c in opts.checkpoints]
-    infos = [_checkpoint_source(c) for c in ckpts]
-    specs = {s["source"]["spec"] for s in infos}
-    if len(specs) != 1:
-        raise ConfigError(f"the checkpoints come from different models ({', '.join(sorted(specs))}); "
-                          "bench one source model per run")
-    source = infos[0]["source"]
     common = {"prompt_tokens": opts.prompt_tokens, "new_tokens": opts.new_tokens, "threads": threads,
               "cache": opts.cache}
     runtimes: list[tuple[str, Any, dict[str, Any]]] = [
         (info["label"] + (" (int8 activations)" if a8 else ""), _lowbit_job,
          {**common, "kind": "checkpoint", "path": str(c), "int8": a8}) for c, info, a8 in zip(ckpts, infos, int8)]
-    if not opts.no_bf16:
-        runtimes.append(("bf16 (unquantized)", _lowbit_job, {**common, "kind": "model", "path": source["spec"]}))
     skipped = []
-    if not opts.no_llamacpp:
+    if ggufs:  # GGUF files run in llama.cpp, side by side in the same rounds
+        from lowbit.peers.llamacpp import ensure_llamacpp
+
+        tools = ensure_llamacpp(cache=common["cache"])
+        runtimes += [(f"llama.cpp {g.name} ({gguf_types(g)})", _llamacpp_job,
+                      {**common, "bench_bin": str(tools.bench_bin), "gguf": str(g),
+                       "bytes_per_token": gguf_bytes_per_token(g)}) for g in ggufs]
+    source = infos[0]["source"] if infos else {"spec": ", ".join(g.name for g in ggufs)}
+    if not opts.no_bf16 and infos:
+        runtimes.append(("bf16 (unquantized)", _lowbit_job, {**common, "kind": "model", "path": source["spec"]}))
+    if not opts.no_llamacpp and infos:
         resolved = resolve_model(source["spec"], cache=common["cache"], progress=False)
         if resolved.kind in ("known", "gguf") and resolved.path is not None and str(resolved.path).endswith(".gguf"):
             from lowbit.peers.llamacpp import ensure_llamacpp
@@ -322,7 +348,7 @@ def run_speed_bench(opts: SpeedBenchOptions) -> None:
             res["bandwidth_beside"] = beside
             results[name].append(res)
     kernel_rows = []
-    if not opts.no_kernels:
+    if not opts.no_kernels and ckpts:
         torch.set_num_threads(threads)
         shape = _largest_projection(ckpts[0])
         kernel_rows = kernel_table(shape, threads)

@@ -56,6 +56,8 @@ def _accuracy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default="benchmarks/results", help="reference caches and raw JSON results (the "
                    "JSON is kept in git there; the caches are ignored)")
     p.add_argument("--output", default="BENCHMARKS.md", help="markdown file whose accuracy section is rewritten")
+    p.add_argument("--section", default="accuracy", help="the section of --output to rewrite (another name, e.g. "
+                   "gguf, keeps a second set of results beside the accuracy tables: give it its own --work-dir)")
 
 
 def accuracy_options(args: argparse.Namespace):
@@ -67,7 +69,7 @@ def accuracy_options(args: argparse.Namespace):
         budget_generations=args.budget_generations, render_only=args.render_only, data=args.data,
         max_tokens=args.max_tokens, seqlen=args.seqlen, calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen, calib_dtype=args.calib_dtype, llama_perplexity=args.llama_perplexity,
-        work_dir=args.work_dir, output=args.output,
+        work_dir=args.work_dir, output=args.output, section=args.section,
         cache=args.cache, data_dir=args.data_dir, quiet=args.quiet)
 
 
@@ -112,7 +114,8 @@ def kv_options(args: argparse.Namespace):
 # ---------------------------------------------------------------- speed
 def _speed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", help="lowbit checkpoint folders (of one source model); CKPT@int8 runs "
-                   "that one with int8 activations (W8A8: 8-bit per-channel symmetric checkpoints)")
+                   "that one with int8 activations (W8A8: 8-bit per-channel symmetric checkpoints); a .gguf file runs "
+                   "in llama.cpp's llama-bench, side by side with the others")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for prefill / time to first token")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded greedily after the prompt")
     p.add_argument("--repeats", type=int, default=3, help="rounds; the table gives medians")
