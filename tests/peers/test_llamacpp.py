@@ -180,6 +180,41 @@ def test_bits_per_weight_without_block_linears_is_an_error(tmp_path):
         gguf_bits_per_weight(path)
 
 
+def _write_tensors(path, tensors):
+    writer = gguf.GGUFWriter(path, "llama")
+    for name, (data, qtype) in tensors.items():
+        if qtype is None:
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_tensors_on_reference_counts_those_that_land_back_on_its_values(tmp_path):
+    """A reference whose weight is a dequantized Q8_0 tensor: re-quantizing it to Q8_0 gives its
+    values back exactly, a 4-bit type does not, and neither does Q8_0 of a weight off that grid."""
+    from lowbit.peers.llamacpp import tensors_on_reference
+
+    rng = np.random.default_rng(0)
+    Q8, Q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
+    on_grid = gguf.quants.dequantize(gguf.quants.quantize(rng.standard_normal((8, 64)).astype(np.float32), Q8), Q8)
+    off_grid = rng.standard_normal((8, 64)).astype(np.float32)
+    ref = tmp_path / "ref.f32.gguf"
+    _write_tensors(ref, {"blk.0.attn_q.weight": (on_grid, None), "blk.0.attn_k.weight": (on_grid, None),
+                         "blk.0.ffn_up.weight": (off_grid, None)})
+    quant = tmp_path / "q.gguf"
+    _write_tensors(quant, {"blk.0.attn_q.weight": (on_grid, Q8), "blk.0.attn_k.weight": (on_grid, Q4),
+                           "blk.0.ffn_up.weight": (off_grid, Q8)})
+    assert tensors_on_reference(quant, ref) == (1, 3)
+    other = tmp_path / "other.gguf"
+    _write_tensors(other, {"blk.0.attn_v.weight": (on_grid, Q8)})
+    with pytest.raises(ConfigError, match="attn_v"):
+        tensors_on_reference(other, ref)
+
+
 # --- building: cached path and missing prerequisites -----------------------------------------
 
 def _no_build(monkeypatch):

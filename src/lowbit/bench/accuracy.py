@@ -144,9 +144,12 @@ def _gguf_quantized(spec: dict[str, Any], extra: dict[str, Any]):
     """A GGUF row's file (llama.cpp's quantizer on the model, with or without an importance
     matrix, or the file a gguf job names), loaded back: (model, bits per weight, file)."""
     from lowbit.peers.llamacpp import (
+        built_tools,
+        convert_to_gguf,
         ensure_llamacpp,
         load_llamacpp_quant,
         quantize_with_llamacpp,
+        tensors_on_reference,
     )
 
     if spec["method"] == "gguf":
@@ -161,6 +164,10 @@ def _gguf_quantized(spec: dict[str, Any], extra: dict[str, Any]):
                                       progress=False, imatrix=imatrix)
     loaded = load_llamacpp_quant(gguf, cache=spec.get("cache"), progress=False)
     extra["llamacpp_tensor_types"] = loaded.tensor_types
+    tools = built_tools(spec.get("cache"))
+    if tools is not None:  # the reference's own float32 GGUF needs llama.cpp's converter
+        reference = convert_to_gguf(_reference_folder(spec), Path(spec["work"]) / "llamacpp", tools, progress=False)
+        extra["on_reference"] = tensors_on_reference(gguf, reference)
     return loaded, loaded.bits_per_weight, gguf
 
 

@@ -41,6 +41,9 @@ def _notes(r: dict[str, Any]) -> str:
         return f"lowbit's GGUF, a block type per tensor for {r['setting']} (GPTQ rounding): {_budget_notes(r['budget'])}"
     if r["method"] in GGUF_METHODS:
         types = " ".join(f"{k}x{v}" for k, v in sorted(r.get("llamacpp_tensor_types", {}).items()))
+        if r.get("on_reference") and r["on_reference"][0]:
+            same, total = r["on_reference"]
+            types += f"; {same} of {total} equal the reference's own values (its source grid)"
         if r["method"].startswith("gguf-"):
             return (f"lowbit's GGUF of llama.cpp's {r['setting']} mix, rounded by {r['method'][5:]}; block tensors "
                     f"stored as {types}")

@@ -258,6 +258,30 @@ def gguf_bits_per_weight(gguf_path: Path) -> tuple[float, dict[str, int]]:
     return 8 * n_bytes / n_elements, dict(types)
 
 
+def tensors_on_reference(gguf_path: Path, reference: Path) -> tuple[int, int]:
+    """(how many, of how many) decoder-block linear weights of a quantized GGUF dequantize to exactly
+    the reference GGUF's values (the float32 file convert_to_gguf writes, same tensor names and
+    layout). Such a tensor landed back on the grid the reference itself came from: re-quantizing
+    a dequantized Q4_K model to Q4_K can reproduce it bit for bit, which flatters that row."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    ref = {t.name: t for t in GGUFReader(reference).tensors}
+    same = total = 0
+    for tensor in GGUFReader(gguf_path).tensors:
+        if not _BLOCK_LINEAR.match(tensor.name) or len(tensor.shape) != 2:
+            continue
+        total += 1
+        theirs = ref.get(tensor.name)
+        if theirs is None:
+            raise ConfigError(f"{reference} has no tensor {tensor.name}: it is not the reference of {gguf_path}")
+        ours = dequantize(tensor.data, tensor.tensor_type).reshape(-1)
+        want = dequantize(theirs.data, theirs.tensor_type).reshape(-1)
+        same += bool(ours.shape == want.shape and np.array_equal(ours.astype(np.float32), want.astype(np.float32)))
+    return same, total
+
+
 def load_llamacpp_quant(
     gguf_path: Path, dtype: torch.dtype | None = None, cache: Path | None = None,
     progress: bool = True,
