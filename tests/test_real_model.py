@@ -139,3 +139,23 @@ def test_greedy_generation_matches_transformers_and_a_lossless_cache(reference):
     ours = generate(model, ids, 16, prefill_chunk=3).tokens
     evict_nothing = generate(model, ids, 16, kv_cache_for(model.config, "h2o@4096", mode="prompt")).tokens
     assert ours == hf and evict_nothing == hf
+
+
+def test_compressed_tensors_export_loads_in_transformers_with_lowbits_logits(tokens, tmp_path_factory):
+    """The real model's export read by transformers' own compressed-tensors loader: the same weights,
+    so the same float32 logits (tests/export/check_real_model.py also times it and tries bf16)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    from lowbit.export.compressed_tensors import export_compressed_tensors
+
+    work = tmp_path_factory.mktemp("ct")
+    loaded = load_model(MODEL, progress=False)
+    save(quantize(loaded, Recipe(method="rtn", bits=4, group_size=64, symmetric=True), progress=False), work / "ck")
+    export_compressed_tensors(work / "ck", work / "ct", torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(work / "ct", dtype=torch.float32).eval()
+    ours = load_checkpoint(work / "ck").model
+    ids = tokens[:, :256]
+    with torch.inference_mode():
+        a, b = hf(ids).logits, ours(ids).logits.float()
+    assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
