@@ -77,6 +77,8 @@ def test_cli_writes_a_gguf_and_refuses_to_overwrite_a_foreign_file(env, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["datasets"]["text.txt"]["kl_mean"] > 0   # the source named in the file is the reference
     assert result["size"]["bits_per_weight"] == pytest.approx(8.5)  # Q8_0: 34 bytes per 32 weights
+    assert main(["generate", "out.gguf", "--prompt", "w3 w7", "--raw", "--max-new-tokens", "4", "--json"]) == 0
+    assert 1 <= len(json.loads(capsys.readouterr().out)["tokens"]) <= 4  # runs like any GGUF model
     assert main(args) == 2                       # exists: needs --force
     assert main([*args, "--force"]) == 0         # lowbit wrote it: replaced
     (env / "mine.gguf").write_bytes(b"not lowbit's")
