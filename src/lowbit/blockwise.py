@@ -36,6 +36,14 @@ class LayerReport:
     extra: dict[str, Any] = field(default_factory=dict)  # method details (AWQ alpha, ...)
     fallback: bool = False          # GPTQ's Hessian never factorized: quantized round-to-nearest
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"fmt": self.fmt, "shape": list(self.shape), "loss": self.loss, "damp": self.damp, "extra": self.extra,
+                "fallback": self.fallback}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerReport:
+        return cls(d["fmt"], tuple(d["shape"]), d["loss"], d["damp"], d["extra"], d["fallback"])
+
 
 def block_prefix(model: nn.Module, i: int) -> str:
     """The qualified name of decoder block `i` (model.layers.3)."""

@@ -261,11 +261,13 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     return float(peak)
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with a NaN or infinite value in any floating parameter, naming the tensor:
-    quantized, it would give NaN or infinite scales (and, under GPTQ, NaN Hessians)."""
-    for name, p in model.named_parameters():
-        if not p.is_floating_point() or bool(torch.isfinite(p).all()):
+def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    """Refuse a model with a NaN or infinite value in any floating parameter, naming the tensor
+    (`prefix` before the names: the module's own name in its model): quantized, it would give NaN
+    or infinite scales (and, under GPTQ, NaN Hessians). Parameters on the meta device hold no
+    values and are passed over."""
+    for name, p in model.named_parameters(prefix.rstrip(".")):
+        if not p.is_floating_point() or p.device.type == "meta" or bool(torch.isfinite(p).all()):
             continue
         n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
         hint = (f" (in {p.dtype}, values above {torch.finfo(p.dtype).max:.0f} overflow: if the file holds "

@@ -51,13 +51,13 @@ from lowbit.outputs import (
 from lowbit.qtensor import QuantizedWeight
 
 
-def _split_state(weights: Mapping[str, QuantizedWeight], model: nn.Module
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, LayerEntry]]:
+def split_state(weights: Mapping[str, QuantizedWeight], state: Mapping[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, LayerEntry]]:
     """(quantized tensors, dense tensors, per-layer manifest entries) from the records and the
-    model holding every other tensor; tied tensors stored once. A quantized layer's bias is the
-    model's `<name>.bias` and is stored with its record; whatever else the model holds under a
-    quantized layer's name (its float weight, or a runtime module's buffers) is not stored."""
-    state = model.state_dict()
+    state dict of the model (or of the part of it, keys in full) holding every other tensor; tied
+    tensors stored once. A quantized layer's bias is the state's `<name>.bias` and is stored with
+    its record; whatever else the state holds under a quantized layer's name (its float weight, or
+    a runtime module's buffers) is not stored."""
     quant: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerEntry] = {}
     for name, qw in weights.items():
@@ -103,13 +103,34 @@ def save_checkpoint(
     finished Manifest that returns it. Every file written except manifest.json and REPORT.md is
     listed in the manifest's "files" with its size and sha256.
     """
+    quant, dense, layers = split_state(weights, model.state_dict())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return write_checkpoint(quant, dense, layers, model.config, tokenizer, dtype, out_dir, info, report, overwrite,
+                            protect)
+
+
+def write_checkpoint(
+    quant: Mapping[str, torch.Tensor],
+    dense: Mapping[str, torch.Tensor],
+    layers: dict[str, LayerEntry],
+    config: Any,
+    tokenizer: Any,
+    dtype: str,
+    out_dir: str | os.PathLike,
+    info: dict[str, Any],
+    report: str | Callable[[Manifest], str] | None = None,
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """save_checkpoint from the tensors split_state gives (quantized parts, dense tensors), the
+    layers' manifest entries, the model's config and `dtype` (its name, "float32"): what a job
+    that never holds the whole model (streaming.py) writes."""
     out = check_output(out_dir, overwrite, protect)
     staging = make_staging(out)
     try:
-        quant, dense, layers = _split_state(weights, model)
-        save_file(quant, staging / QUANT_FILE, metadata={"format": FORMAT})
-        save_file(dense, staging / DENSE_FILE, metadata={"format": FORMAT})
-        model.config.save_pretrained(staging)
+        save_file(dict(quant), staging / QUANT_FILE, metadata={"format": FORMAT})
+        save_file(dict(dense), staging / DENSE_FILE, metadata={"format": FORMAT})
+        config.save_pretrained(staging)
         _mark_config(staging / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -118,7 +139,7 @@ def save_checkpoint(
         if isinstance(info.get("stats"), dict):
             info["stats"] = {**info["stats"], "disk_bytes": sum(f["bytes"] for f in files.values())}
         manifest = Manifest(
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            dtype=dtype,
             layers=layers,
             files=files,
             info=info,

@@ -1,9 +1,10 @@
 """A model without its weights, for jobs that stream a model through memory one block at a time.
 
-    sk = load_skeleton("smollm2-135m")        # every parameter on the meta device
-    materialize(sk.model, "model.embed_tokens", sk.weights)   # real tensors, read from the folder
+    sk = load_skeleton("smollm2-135m")             # every parameter on the meta device
+    names = parameters_under(sk.model, "model.layers.0")
+    materialize(sk.model, names, sk.weights, torch.float32)   # real tensors, read from the folder
     ...
-    release(sk.model.model.layers[0])         # back to the meta device, its memory freed
+    release(sk.model, names)                       # back on the meta device, their memory freed
 
 The model is built from config.json under accelerate's init_empty_weights (parameters on the meta
 device, buffers such as rotary frequencies real), and its weights are read from the folder's
@@ -14,6 +15,7 @@ with its shape, before any is read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,7 @@ class Skeleton:
     """A loaded model whose parameters are on the meta device, and the weights to fill them from."""
 
     loaded: LoadedModel
-    weights: FolderWeights
+    weights: FolderWeights  # the folder's tensors by name
     dtype: torch.dtype
 
     @property
@@ -105,18 +107,27 @@ def _owned_parameters(module: nn.Module) -> list[str]:
     return list(dict(module.named_parameters()))  # named_parameters drops duplicates
 
 
-def materialize(model: nn.Module, prefix: str, weights: FolderWeights, dtype: torch.dtype) -> None:
-    """Read every parameter of the submodule `prefix` ("" for the whole model) from `weights` into
-    `model`, floats as `dtype`; tied parameters follow (a head tied to the embeddings is filled with
-    them)."""
-    module = model.get_submodule(prefix) if prefix else model
-    for name in _owned_parameters(module):
-        full = f"{prefix}.{name}" if prefix else name
-        set_module_tensor_to_device(module, name, "cpu", value=weights.get(full, dtype))
+def parameters_under(module: nn.Module, prefix: str) -> list[str]:
+    """The full names of `module`'s parameters under the submodule `prefix` ("" for all), a tied
+    parameter under its first name only."""
+    return [n for n in _owned_parameters(module) if not prefix or n.startswith(prefix + ".")]
+
+
+def materialize(model: nn.Module, names: Iterable[str], weights: FolderWeights, dtype: torch.dtype) -> None:
+    """Read the parameters `names` (full names) from `weights` into `model`, floats as `dtype`;
+    tied parameters follow (a head tied to the embeddings is filled with them)."""
+    for name in names:
+        set_module_tensor_to_device(model, name, "cpu", value=weights.get(name, dtype))
     model.tie_weights()  # a new parameter replaced the shared one: tie the head to it again
 
 
-def release(module: nn.Module) -> None:
-    """Every parameter of `module` back on the meta device: the memory its weights held is freed."""
-    for name in _owned_parameters(module):
-        set_module_tensor_to_device(module, name, "meta")
+def assign(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put `tensors` ({full parameter name: tensor}) in `model` as its parameters."""
+    for name, t in tensors.items():
+        set_module_tensor_to_device(model, name, "cpu", value=t)
+
+
+def release(model: nn.Module, names: Iterable[str]) -> None:
+    """The parameters `names` back on the meta device: the memory their weights held is freed."""
+    for name in names:
+        set_module_tensor_to_device(model, name, "meta")
