@@ -37,7 +37,7 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as st:
-            out.update({f"{f.name}:{k}": st.get_tensor(k) for k in st.keys()})
+            out.update({f"{f.name}:{k}": st.get_tensor(k) for k in st.keys()})  # noqa: SIM118 - not a dict
     return out
 
 
@@ -48,7 +48,11 @@ def differing_tensors(a: Path, b: Path) -> list[str]:
     differ = sorted(set(ta) ^ set(tb))
     for k in set(ta) & set(tb):
         x, y = ta[k], tb[k]
-        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(torch.uint8) if x.numel() else x,
-                                                                       y.view(torch.uint8) if y.numel() else y):
+        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(_bytes(x), _bytes(y)):
             differ.append(k)
     return differ
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes (a NaN equals itself, -0.0 differs from 0.0)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)

@@ -177,7 +177,7 @@ def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
 
 
 def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = None,
-             eval_seqlen: int | None = None) -> dict[str, float]:
+             eval_seqlen: int | None = None, stream: bool = False) -> dict[str, float]:
     """Rough memory (bytes) and time (seconds) for the job, printed before it starts.
 
     Time assumes ~60 GFLOP/s of useful work in the calibration forward passes (what a 2-core AVX2
@@ -214,12 +214,12 @@ def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = No
     else:
         grid = recipe.clip.grid + 1 if recipe.clip.enabled else 1
         est["seconds"] = block_params * grid * 2e-8
-    est["peak_bytes"] = peak_bytes(model, recipe, block_params, est, baseline_bytes, eval_seqlen)
+    est["peak_bytes"] = peak_bytes(model, recipe, block_params, est, baseline_bytes, eval_seqlen, stream)
     return est
 
 
 def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[str, float],
-               baseline_bytes: float | None = None, eval_seqlen: int | None = None) -> float:
+               baseline_bytes: float | None = None, eval_seqlen: int | None = None, stream: bool = False) -> float:
     """The job's peak resident memory, in bytes: what the process held before loading the model
     (`baseline_bytes`: torch, transformers and lowbit imported; default its size now), the model,
     and the largest of the phases that follow.
@@ -232,6 +232,8 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     Evaluation (`eval_seqlen`: --eval's window) loads the reference beside the quantized model
     and holds both models' logits of one window with their log-softmax. Measured against peak
     RSS on smollm2-135m (BENCHMARKS.md, "Memory: the estimate against peak RSS").
+    With `stream` (streaming.py) the model's place is taken by the tensors outside the blocks and
+    the largest block, and saving by the join of the packed records and the dense tensors.
     """
     baseline = float(rss_bytes() if baseline_bytes is None else baseline_bytes)
     model_bytes = est["model_bytes"]
@@ -250,7 +252,12 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
             work += block_params * itemsize
     dense = model_bytes - block_params * itemsize
     saving = dense + block_params * max(recipe.bits, recipe.head_bits or 0, 2) / 8
-    peak = baseline + model_bytes + quantizing + max(work, saving)
+    if stream:  # streaming.py: the tensors outside the blocks and one block, then the packed records
+        blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)]
+        resident = model_bytes - (sum(blocks) - max(blocks)) * itemsize
+        peak = baseline + max(resident + quantizing / len(blocks) + work, saving)
+    else:
+        peak = baseline + model_bytes + quantizing + max(work, saving)
     if eval_seqlen:
         vocab = getattr(cfg, "vocab_size", 0)
         quantized_model = dense + block_params

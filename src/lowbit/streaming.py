@@ -29,10 +29,13 @@ passes): that is refused.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,7 @@ from lowbit.calibration.sequential import (
 from lowbit.checkpoint.manifest import LayerEntry
 from lowbit.checkpoint.partial import PartialCheckpoint
 from lowbit.checkpoint.write import split_state, write_checkpoint
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, ResourceError
 from lowbit.eval.report import quantize_report
 from lowbit.eval.size import QuantizedSize
 from lowbit.marks import MANIFEST, partial_record
@@ -138,33 +141,38 @@ def check_stream_output(out: str | Path, resume: bool, force: bool, inputs: list
     return check_output(out, force, inputs)  # refuses what exists, with the reason
 
 
-def quantize_streamed(model: str | ModelSource, recipe: Recipe, out: str | Path, *, dtype: torch.dtype = torch.float32,
-                      data_dir: str | None = None, cache: Path | None = None, resume: bool = False,
-                      force: bool = False, progress: bool = True, command: str | None = None) -> StreamedResult:
-    """Quantize `model` (a spec load_model takes, or its ModelSource) by `recipe` one block at a
-    time into the checkpoint folder `out` (see the module docstring). `resume` continues the
-    unfinished folder of the same job (ConfigError if it was started by another); `force` starts
-    an unfinished one over. `command` is what to tell a user to run again to resume (the CLI's
-    command line); the library's default names this call."""
+def quantize_streamed(model: str | ModelSource | Skeleton, recipe: Recipe, out: str | Path, *,
+                      dtype: torch.dtype = torch.float32, data_dir: str | None = None, cache: Path | None = None,
+                      resume: bool = False, force: bool = False, progress: bool = True,
+                      command: str | None = None) -> StreamedResult:
+    """Quantize `model` (a spec load_model takes, its ModelSource, or the Skeleton load_skeleton
+    gave) by `recipe` one block at a time into the checkpoint folder `out` (see the module
+    docstring). `resume` continues the unfinished folder of the same job (ConfigError if another
+    job started it); `force` starts an unfinished one over. `command` is what a user runs again to
+    resume, without --resume (the CLI's command line); by default this call is named. A disk that
+    fills up is a ResourceError: the finished blocks stay, to be resumed."""
     t0 = time.perf_counter()
     check_streamable(recipe)
-    source = model if isinstance(model, ModelSource) else resolve_model(model, cache=cache, progress=progress)
+    if isinstance(model, Skeleton):
+        sk, source = model, model.loaded.source
+    else:
+        source = model if isinstance(model, ModelSource) else resolve_model(model, cache=cache, progress=progress)
+        sk = None
     protect = [source.path] if source.path is not None else []
     out = check_stream_output(out, resume, force, protect)
-    sk = load_skeleton(source, dtype, cache, progress=progress)
+    sk = sk or load_skeleton(source, dtype, cache, progress=progress)
     recipe = with_head(sk.model, recipe)
     names, skipped = target_layers(sk.model, recipe)
     if not names:
         raise ConfigError("the recipe's skip list excludes every linear layer; nothing to quantize")
     layers = LayerQuantizer(sk.model, recipe, layer_specs(sk.model, names, recipe))
     ids = calibration_ids(sk.loaded, recipe, data_dir) if METHODS[recipe.method].needs_data else None
-    job = _job(sk, recipe, ids)
-    n_blocks = len(decoder_layers(sk.model))
     command = command or f"quantize_streamed({source.spec!r}, ..., {str(out)!r})"
+    job = _job(sk, recipe, ids)
     partial = (PartialCheckpoint.resume(out, job, command) if resume
-               else PartialCheckpoint.start(out, job, command, n_blocks))
+               else PartialCheckpoint.start(out, job, command, len(decoder_layers(sk.model))))
     resumed = partial.n_finished
-    with partial.locked():
+    with partial.locked(), _disk_full_says_resume(partial):
         _load_outside_blocks(sk, recipe)
         if ids is None:
             _run_data_free(sk, layers, partial, progress)
@@ -172,6 +180,20 @@ def quantize_streamed(model: str | ModelSource, recipe: Recipe, out: str | Path,
             _run_calibrated(sk, layers, partial, ids, progress)
         head = _quantize_head(sk, layers)
         return _finish(sk, layers, partial, head, skipped, ids, protect, t0, resumed)
+
+
+@contextmanager
+def _disk_full_says_resume(partial: PartialCheckpoint) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) as a ResourceError that says how to go on: the blocks finished
+    before it stay in the folder."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ResourceError(f"the disk filled up while writing {e.filename or partial.path} ({e.strerror}); "
+                            f"{partial.n_finished} of {partial.n_blocks} blocks are finished and kept in "
+                            f"{partial.path}: free some space and resume with `{partial.command} --resume`") from None
 
 
 def _job(sk: Skeleton, recipe: Recipe, ids: torch.Tensor | None) -> dict[str, Any]:
