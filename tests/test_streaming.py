@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from stream_helpers import CALIB, differing_tensors, tiny_folder, word_data
 
 from lowbit import streaming
@@ -32,14 +33,18 @@ def _manifest(path):
     return m
 
 
-@pytest.mark.parametrize(("method", "arch", "tie"), [("rtn", "llama", True), ("gptq", "qwen2", False),
-                                                      ("awq-gptq", "qwen2", False), ("gptq", "gemma3", False)])
-def test_the_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, data, method, arch, tie):
+@pytest.mark.parametrize(("method", "arch", "tie", "dtype"), [
+    ("rtn", "llama", True, torch.float32), ("gptq", "qwen2", False, torch.float32),
+    ("awq-gptq", "qwen2", False, torch.float32), ("gptq", "gemma3", False, torch.float32),
+    ("gptq", "llama", False, torch.bfloat16)])
+def test_the_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, data, method, arch, tie, dtype):
     """Every tensor of both folders, and every manifest entry but the run's time and memory."""
     folder = tiny_folder(tmp_path / "model", arch, tie)
     recipe = Recipe(method=method, bits=3, group_size=32, calibration=CALIB)
-    whole = save(quantize(load_model(str(folder)), recipe, data_dir=str(data), progress=False), tmp_path / "whole")
-    streamed = quantize_streamed(str(folder), recipe, tmp_path / "streamed", data_dir=str(data), progress=False)
+    whole = save(quantize(load_model(str(folder), dtype), recipe, data_dir=str(data), progress=False),
+                 tmp_path / "whole")
+    streamed = quantize_streamed(str(folder), recipe, tmp_path / "streamed", dtype=dtype, data_dir=str(data),
+                                 progress=False)
     assert streamed.path == (tmp_path / "streamed").resolve()
     assert differing_tensors(whole, streamed.path) == []
     assert _manifest(whole) == _manifest(streamed.path)

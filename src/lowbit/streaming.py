@@ -255,8 +255,8 @@ def _restore_block(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpo
     tensors = dict(dense)
     for name, layer in partial.blocks[i].layers.items():
         entry = LayerEntry.from_dict(layer["entry"])
-        parts = {k[len(name) + 1:]: t for k, t in quant.items() if k.startswith(name + ".")}
-        bias = parts.pop("bias", None)
+        parts = _parts_of(quant, name)
+        bias = quant.get(f"{name}.bias")
         tensors[f"{name}.weight"] = QuantizedWeight.from_packed(parts, entry.fmt, entry.shape).dequantize(layers.dtype)
         if bias is not None:
             tensors[f"{name}.bias"] = bias.to(layers.dtype)
@@ -326,10 +326,7 @@ def _finish(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpoint, he
         for name, layer in block.layers.items():
             entries[name] = LayerEntry.from_dict(layer["entry"])
             reports[name] = LayerReport.from_dict(layer["report"])
-    records = {n: PackedWeight(e.fmt, e.shape, {p: t for p_key, t in quant.items()
-                                                 for p in [p_key[len(n) + 1:]] if p_key.startswith(n + ".")
-                                                 and p != "bias"})
-               for n, e in entries.items()}
+    records = {n: PackedWeight(e.fmt, e.shape, _parts_of(quant, n)) for n, e in entries.items()}
     calibration = None if ids is None else calibration_report(recipe, ids)
     result = QuantizedModel(sk.loaded, recipe, records, reports, skipped, calibration, time.perf_counter() - t0,
                             peak_rss_bytes())
@@ -341,3 +338,8 @@ def _finish(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpoint, he
                             result.manifest_info(), report=lambda m: quantize_report(m, []), overwrite=True,
                             protect=protect)
     return StreamedResult(path, result.seconds, result.peak_rss_bytes, result.size, resumed, result.fallbacks)
+
+
+def _parts_of(quant: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Layer `name`'s packed record parts among split_state's quantized tensors (its bias aside)."""
+    return {k[len(name) + 1:]: t for k, t in quant.items() if k.startswith(name + ".") and k != f"{name}.bias"}
