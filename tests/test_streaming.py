@@ -7,7 +7,13 @@ import json
 
 import pytest
 import torch
-from stream_helpers import CALIB, differing_tensors, tiny_folder, word_data
+from stream_helpers import (
+    CALIB,
+    differing_tensors,
+    own_cache,  # noqa: F401 - the module's own lowbit cache
+    tiny_folder,
+    word_data,
+)
 
 from lowbit import streaming
 from lowbit.errors import ConfigError
@@ -34,7 +40,8 @@ def _manifest(path):
 
 
 @pytest.mark.parametrize(("method", "arch", "tie", "dtype"), [
-    ("rtn", "llama", True, torch.float32), ("gptq", "qwen2", False, torch.float32),
+    ("rtn", "llama", True, torch.float32), ("gptq", "llama", False, torch.float32),
+    ("awq-gptq", "llama", False, torch.float32), ("gptq", "qwen2", False, torch.float32),
     ("awq-gptq", "qwen2", False, torch.float32), ("gptq", "gemma3", False, torch.float32),
     ("gptq", "llama", False, torch.bfloat16)])
 def test_the_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path, data, method, arch, tie, dtype):
@@ -54,7 +61,7 @@ def test_the_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path,
 def test_only_one_block_is_in_memory_while_a_block_is_calibrated(tmp_path, data, monkeypatch):
     """At each block step, the decoder blocks with real (not meta) parameters are that block alone,
     and the model's real parameters are the embeddings, the final norm and that block."""
-    folder = tiny_folder(tmp_path / "model", "qwen2", tie=False, layers=5)
+    folder = tiny_folder(tmp_path / "model", "llama", tie=False, layers=5)
     seen = []
     stack = []
     capture, calibrate = streaming.capture_block_inputs, streaming.calibrate_block

@@ -14,7 +14,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from stream_helpers import CALIB, differing_tensors, tiny_folder, word_data
+from stream_helpers import (
+    CALIB,
+    differing_tensors,
+    own_cache,  # noqa: F401 - the module's own lowbit cache
+    tiny_folder,
+    word_data,
+)
 
 from lowbit import streaming
 from lowbit.checkpoint import partial as partial_module
@@ -32,7 +38,7 @@ RECIPE = Recipe(method="gptq", bits=3, group_size=32, calibration=CALIB)
 def setup(tmp_path_factory):
     """The model folder, its data, and the checkpoint of an uninterrupted streamed run."""
     root = tmp_path_factory.mktemp("resume")
-    folder = tiny_folder(root / "model", "qwen2", tie=False, layers=4)
+    folder = tiny_folder(root / "model", "llama", tie=False, layers=4)
     data = word_data(root / "data")
     whole = quantize_streamed(str(folder), RECIPE, root / "whole", data_dir=str(data), progress=False).path
     return folder, data, whole
@@ -131,7 +137,7 @@ def test_resuming_with_another_recipe_or_model_is_refused(setup, tmp_path, monke
     other = Recipe(method="gptq", bits=4, group_size=32, calibration=CALIB)
     with pytest.raises(ConfigError, match="bits"):
         quantize_streamed(str(folder), other, out, data_dir=str(data), progress=False, resume=True)
-    other_model = tiny_folder(tmp_path / "other", "qwen2", tie=False, layers=4)
+    other_model = tiny_folder(tmp_path / "other", "llama", tie=False, layers=4)
     with pytest.raises(ConfigError, match="sha256"):
         quantize_streamed(str(_changed_copy(other_model)), RECIPE, out, data_dir=str(data), progress=False,
                           resume=True)

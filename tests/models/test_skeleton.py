@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from stream_helpers import own_cache  # noqa: F401 - the module's own lowbit cache
 from tiny_models import CHAT_WORDS, FOLDER_POSITIONS, build_tiny, save_tiny_folder
 
 from lowbit.errors import ConfigError

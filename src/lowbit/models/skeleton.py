@@ -50,6 +50,14 @@ class Skeleton:
     def model(self) -> nn.Module:
         return self.loaded.model
 
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def source(self) -> ModelSource:
+        return self.loaded.source
+
 
 def load_skeleton(spec_or_source: str | ModelSource, dtype: torch.dtype = torch.float32, cache: Path | None = None,
                   fetch: bool = True, progress: bool = True) -> Skeleton:
@@ -116,8 +124,8 @@ def parameters_under(module: nn.Module, prefix: str) -> list[str]:
 def materialize(model: nn.Module, names: Iterable[str], weights: FolderWeights, dtype: torch.dtype) -> None:
     """Read the parameters `names` (full names) from `weights` into `model`, floats as `dtype`;
     tied parameters follow (a head tied to the embeddings is filled with them)."""
-    for name in names:
-        set_module_tensor_to_device(model, name, "cpu", value=weights.get(name, dtype))
+    for name, t in weights.get_many(names, dtype).items():
+        set_module_tensor_to_device(model, name, "cpu", value=t)
     model.tie_weights()  # a new parameter replaced the shared one: tie the head to it again
 
 

@@ -4,9 +4,10 @@
     w = weights.get("model.layers.3.mlp.up_proj.weight", torch.float32)
 
 The folder is a Hugging Face one: model.safetensors, or shards listed by
-model.safetensors.index.json. Every shard is opened with safetensors' safe_open (memory-mapped:
-a tensor's pages are read when it is), and its header checked against the file's size when the
-folder is opened, so a missing or truncated shard is refused, by name, before any work.
+model.safetensors.index.json. Shards are read with safetensors' safe_open (memory-mapped while a
+group of tensors is read, unmapped after), and every shard's header is checked against the file's
+size when the folder is opened, so a missing or truncated shard is refused, by name, before any
+work.
 """
 
 from __future__ import annotations
@@ -31,17 +32,18 @@ class FolderWeights:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self._where: dict[str, str] = {}  # tensor name -> shard file name
-        self._shards: dict[str, object] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for shard, names in self._listed_shards().items():
-            handle = self._open(shard)
-            present = set(handle.keys())
-            missing = [n for n in names if n not in present] if names is not None else []
-            if missing:
-                raise ConfigError(f"{self.folder / shard}: {INDEX} lists {len(missing)} tensors in this shard that "
-                                  f"it does not hold (e.g. {missing[0]}); the shard is from another model or the "
-                                  "download is incomplete: download the model again")
-            for name in present:
-                self._where[name] = shard
+            with self._open(shard) as handle:
+                present = set(handle.keys())
+                missing = [n for n in names if n not in present] if names is not None else []
+                if missing:
+                    raise ConfigError(f"{self.folder / shard}: {INDEX} lists {len(missing)} tensors in this shard "
+                                      f"that it does not hold (e.g. {missing[0]}); the shard is from another model or "
+                                      "the download is incomplete: download the model again")
+                for name in present:
+                    self._where[name] = shard
+                    self._shapes[name] = tuple(handle.get_slice(name).get_shape())
 
     def _listed_shards(self) -> dict[str, list[str] | None]:
         """{shard file: the tensors the index puts there (None: whatever it holds)}."""
@@ -66,17 +68,16 @@ class FolderWeights:
                           "model folder (quantize without --stream to load other layouts)")
 
     def _open(self, shard: str):
+        """The shard opened by safe_open (a context manager: leaving it unmaps the file)."""
         path = self.folder / shard
         if not path.is_file():
             raise ConfigError(f"the model's shard {path} is missing; the download is incomplete: download the "
                               "model again")
         try:
-            handle = safe_open(path, framework="pt")
+            return safe_open(path, framework="pt")
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"the model's shard {path} could not be read as safetensors ({e}): it is truncated "
                               "or damaged; download the model again") from None
-        self._shards[shard] = handle
-        return handle
 
     def keys(self) -> Iterable[str]:
         return self._where.keys()
@@ -85,18 +86,32 @@ class FolderWeights:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._shards[self._where[name]].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def shard(self, name: str) -> Path:
         return self.folder / self._where[name]
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The tensor `name`, a float tensor converted to `dtype` (an integer one as stored)."""
-        if name not in self._where:
-            raise ConfigError(f"{self.folder} holds no tensor {name}; the folder does not match its config.json")
-        try:
-            t = self._shards[self._where[name]].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ConfigError(f"reading {name} from the model's shard {self.shard(name)} failed ({e}); the file "
-                              "changed or is damaged: download the model again") from None
-        return t.to(dtype) if t.is_floating_point() else t
+        return self.get_many([name], dtype)[name]
+
+    def get_many(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors `names`, as get() gives them, each shard opened once. The shards are mapped
+        only while they are read: pages of a mapped file count in the process's resident memory
+        until it is unmapped, so a streamed job would otherwise end up holding the whole model."""
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self._where:
+                raise ConfigError(f"{self.folder} holds no tensor {name}; the folder does not match its config.json")
+            by_shard.setdefault(self._where[name], []).append(name)
+        out = {}
+        for shard, wanted in by_shard.items():
+            try:
+                with self._open(shard) as handle:
+                    for name in wanted:
+                        t = handle.get_tensor(name)
+                        out[name] = t.to(dtype) if t.is_floating_point() else t.clone()
+            except SafetensorError as e:
+                raise ConfigError(f"reading the model's shard {self.folder / shard} failed ({e}); the file changed "
+                                  "or is damaged: download the model again") from None
+        return out
