@@ -225,3 +225,19 @@ def test_a_disk_that_fills_up_while_the_checkpoint_is_joined_leaves_the_unfinish
     monkeypatch.setattr(streaming, "calibrate_block", lambda *a: calibrated.append(a[0]))
     quantize_streamed(str(folder), RECIPE, out, data_dir=str(data), progress=False, resume=True)
     assert calibrated == [] and differing_tensors(whole, out) == []
+
+
+def test_a_folder_another_process_is_writing_is_neither_resumed_nor_started_over(setup, tmp_path, monkeypatch):
+    """While a run holds the folder's lock, a second --resume or --force run changes nothing."""
+    from lowbit.checkpoint.partial import folder_lock
+
+    folder, data, _ = setup
+    out = tmp_path / "out"
+    _interrupted(folder, data, out, monkeypatch, after=1)
+    (out / ".block-00002.safetensors.tmp-1").write_bytes(b"being written")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with folder_lock(out):
+        for kw in ({"resume": True}, {"force": True}):
+            with pytest.raises(ConfigError, match="another lowbit process"):
+                quantize_streamed(str(folder), RECIPE, out, data_dir=str(data), progress=False, **kw)
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == before

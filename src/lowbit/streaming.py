@@ -61,7 +61,7 @@ from lowbit.calibration.sequential import (
     forward_block,
 )
 from lowbit.checkpoint.manifest import LayerEntry
-from lowbit.checkpoint.partial import PartialCheckpoint
+from lowbit.checkpoint.partial import PartialCheckpoint, folder_lock
 from lowbit.checkpoint.write import split_state, write_checkpoint
 from lowbit.errors import ConfigError, ResourceError
 from lowbit.eval.report import quantize_report
@@ -127,7 +127,8 @@ def check_stream_output(out: str | Path, resume: bool, force: bool, inputs: list
         return out
     if unfinished and force:
         check_output(out, True, inputs)
-        remove_tree(out)
+        with folder_lock(out):
+            remove_tree(out)
         return out
     if unfinished:
         raise ConfigError(f"-o {out} holds an unfinished streamed job; add --resume to continue it, or --force to "
@@ -146,8 +147,8 @@ def quantize_streamed(model: str | ModelSource | Skeleton, recipe: Recipe, out: 
                       resume: bool = False, force: bool = False, progress: bool = True,
                       command: str | None = None) -> StreamedResult:
     """Quantize `model` (a spec load_model takes, its ModelSource, or the Skeleton load_skeleton
-    gave) by `recipe` one block at a time into the checkpoint folder `out` (see the module
-    docstring). `resume` continues the unfinished folder of the same job (ConfigError if another
+    gave, whose dtype then stands) by `recipe` one block at a time into the checkpoint folder `out`
+    (see the module docstring). `resume` continues the unfinished folder of the same job (ConfigError if another
     job started it); `force` starts an unfinished one over. `command` is what a user runs again to
     resume, without --resume (the CLI's command line); by default this call is named. A disk that
     fills up is a ResourceError: the finished blocks stay, to be resumed."""
@@ -169,17 +170,18 @@ def quantize_streamed(model: str | ModelSource | Skeleton, recipe: Recipe, out: 
     ids = calibration_ids(sk.loaded, recipe, data_dir) if METHODS[recipe.method].needs_data else None
     command = command or f"quantize_streamed({source.spec!r}, ..., {str(out)!r})"
     job = _job(sk, recipe, ids)
-    partial = (PartialCheckpoint.resume(out, job, command) if resume
-               else PartialCheckpoint.start(out, job, command, len(decoder_layers(sk.model))))
-    resumed = partial.n_finished
-    with partial.locked(), _disk_full_says_resume(partial):
-        _load_outside_blocks(sk, recipe)
-        if ids is None:
-            _run_data_free(sk, layers, partial, progress)
-        else:
-            _run_calibrated(sk, layers, partial, ids, progress)
-        head = _quantize_head(sk, layers)
-        return _finish(sk, layers, partial, head, skipped, ids, protect, t0, resumed)
+    started = None if resume else PartialCheckpoint.start(out, job, command, len(decoder_layers(sk.model)))
+    with folder_lock(out):
+        partial = started or PartialCheckpoint.resume(out, job, command)
+        resumed = partial.n_finished
+        with _disk_full_says_resume(partial):
+            _load_outside_blocks(sk, recipe)
+            if ids is None:
+                _run_data_free(sk, layers, partial, progress)
+            else:
+                _run_calibrated(sk, layers, partial, ids, progress)
+            head = _quantize_head(sk, layers)
+            return _finish(sk, layers, partial, head, skipped, ids, protect, t0, resumed)
 
 
 @contextmanager

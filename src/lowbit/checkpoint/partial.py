@@ -8,7 +8,7 @@
                                  entries and reports
       block-00000.safetensors    one finished block: its records' packed parts ("quantized/<name>.<part>")
       block-00001.safetensors    and its other tensors ("dense/<name>"), as split_state splits them
-      .lowbit-lock               held (flock) by the process writing the folder
+      .lowbit-lock               held (flock: folder_lock) by the process writing the folder
 
 A block file is written under a temporary name, flushed to disk and renamed into place, and only
 then added to the record (itself replaced in one rename): a block file the record does not list,
@@ -102,7 +102,7 @@ class PartialCheckpoint:
     def resume(cls, path: Path, job: dict[str, Any], command: str) -> PartialCheckpoint:
         """The folder at `path` as a job identical to `job` left it: its blocks checked in order,
         the first half-written or damaged one and everything after it deleted to be redone.
-        Refuses (ConfigError) a folder started by another job."""
+        Refuses (ConfigError) a folder started by another job. Call it holding folder_lock."""
         record = partial_record(path)
         if record is None:
             raise ConfigError(f"{path} holds no unfinished streamed job ({PARTIAL_RECORD} is missing or damaged); "
@@ -148,20 +148,6 @@ class PartialCheckpoint:
             if f.name not in keep and f.is_file():
                 f.unlink()
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Held while this process writes the folder; a second process is refused."""
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(f"another lowbit process is writing {self.path}; wait for it to finish or stop "
-                                  "it first") from None
-            yield
-        finally:
-            os.close(fd)
-
     # ------------------------------------------------------------ blocks
     @property
     def n_finished(self) -> int:
@@ -205,6 +191,22 @@ class PartialCheckpoint:
     def describe(self) -> str:
         return incomplete_message(self.path, {"blocks": self.blocks, "n_blocks": self.n_blocks,
                                               "command": self.command})
+
+
+@contextmanager
+def folder_lock(path: Path) -> Iterator[None]:
+    """Held while this process writes (or deletes) the unfinished folder `path`; a second process
+    is refused, so one run's files are never cleaned away or redone under another."""
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another lowbit process is writing {path}; wait for it to finish or stop it "
+                              "first") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _fsync(path: Path) -> None:
