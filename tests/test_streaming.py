@@ -19,7 +19,7 @@ from lowbit import streaming
 from lowbit.errors import ConfigError
 from lowbit.models import load_model
 from lowbit.pipeline import quantize, save
-from lowbit.recipes import BudgetConfig, Recipe
+from lowbit.recipes import BudgetConfig, IntegerScaleConfig, Recipe
 from lowbit.streaming import quantize_streamed
 
 # what differs between two runs of one job: when and how long it ran
@@ -56,6 +56,18 @@ def test_the_streamed_checkpoint_is_bit_identical_to_the_in_memory_one(tmp_path,
     assert differing_tensors(whole, streamed.path) == []
     assert _manifest(whole) == _manifest(streamed.path)
     assert sorted(p.name for p in whole.iterdir()) == sorted(p.name for p in streamed.path.iterdir())
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(method="gptq", bits=4, group_size=32, calibration=CALIB, skip=(r"mlp\.down_proj",), head_bits=0),
+    Recipe(method="slim", bits=2.5, group_size=32, calibration=CALIB),
+    Recipe(method="awq", bits=3, group_size=32, calibration=CALIB, integer_scale=IntegerScaleConfig(enabled=True))])
+def test_skips_a_dense_head_mixed_widths_and_integer_scales_stream_bit_identically(tmp_path, data, recipe):
+    folder = tiny_folder(tmp_path / "model", "llama", tie=False, layers=2)
+    whole = save(quantize(load_model(str(folder)), recipe, data_dir=str(data), progress=False), tmp_path / "whole")
+    streamed = quantize_streamed(str(folder), recipe, tmp_path / "streamed", data_dir=str(data), progress=False)
+    assert differing_tensors(whole, streamed.path) == []
+    assert _manifest(whole) == _manifest(streamed.path)
 
 
 def test_only_one_block_is_in_memory_while_a_block_is_calibrated(tmp_path, data, monkeypatch):

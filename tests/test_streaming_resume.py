@@ -28,10 +28,11 @@ from lowbit.checkpoint import verify_checkpoint
 from lowbit.cli import main
 from lowbit.errors import CheckpointError, ConfigError, ResourceError
 from lowbit.marks import PARTIAL_RECORD
-from lowbit.recipes import Recipe
+from lowbit.recipes import GPTQConfig, Recipe
 from lowbit.streaming import quantize_streamed
 
-RECIPE = Recipe(method="gptq", bits=3, group_size=32, calibration=CALIB)
+# act-order: the finished blocks rebuilt on a resume carry each record's column permutation
+RECIPE = Recipe(method="gptq", bits=3, group_size=32, calibration=CALIB, gptq=GPTQConfig(act_order=True))
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_checkpoint(setup
     folder, data, whole = setup
     out = tmp_path / "out"
     argv = ["quantize", str(folder), "-o", str(out), "--method", "gptq", "--bits", "3", "--group-size", "32",
-            "--calib-samples", str(CALIB.n_samples), "--calib-seqlen", str(CALIB.seqlen), "--data-dir", str(data),
-            "--stream", "-q"]
+            "--act-order", "--calib-samples", str(CALIB.n_samples), "--calib-seqlen", str(CALIB.seqlen),
+            "--data-dir", str(data), "--stream", "-q"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = subprocess.run([sys.executable, "-c", _KILLER, "1", where, *argv], env=env, capture_output=True, text=True,
                             timeout=600, check=False)
@@ -159,8 +160,8 @@ def test_an_unfinished_folder_is_refused_by_eval_info_and_verify_saying_how_to_r
     folder, data, _ = setup
     out = tmp_path / "out"
     argv = ["quantize", str(folder), "-o", str(out), "--method", "gptq", "--bits", "3", "--group-size", "32",
-            "--calib-samples", str(CALIB.n_samples), "--calib-seqlen", str(CALIB.seqlen), "--data-dir", str(data),
-            "--stream", "-q"]
+            "--act-order", "--calib-samples", str(CALIB.n_samples), "--calib-seqlen", str(CALIB.seqlen),
+            "--data-dir", str(data), "--stream", "-q"]
     write = partial_module.PartialCheckpoint.write_block
 
     def stopping(self, i, *args):
