@@ -268,13 +268,20 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     return float(peak)
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value of `t` is finite, checked `chunk` values at a time: torch.isfinite
+    allocates temporaries the size of its input (an embedding table's float copy, at its peak)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+
+
 def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
     """Refuse a model with a NaN or infinite value in any floating parameter, naming the tensor
     (`prefix` before the names: the module's own name in its model): quantized, it would give NaN
     or infinite scales (and, under GPTQ, NaN Hessians). Parameters on the meta device hold no
     values and are passed over."""
     for name, p in model.named_parameters(prefix.rstrip(".")):
-        if not p.is_floating_point() or p.device.type == "meta" or bool(torch.isfinite(p).all()):
+        if not p.is_floating_point() or p.device.type == "meta" or _all_finite(p.detach()):
             continue
         n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
         hint = (f" (in {p.dtype}, values above {torch.finfo(p.dtype).max:.0f} overflow: if the file holds "

@@ -67,7 +67,7 @@ from lowbit.errors import ConfigError, ResourceError
 from lowbit.eval.report import quantize_report
 from lowbit.eval.size import QuantizedSize
 from lowbit.marks import MANIFEST, partial_record
-from lowbit.memory import peak_rss_bytes
+from lowbit.memory import peak_rss_bytes, release_freed_memory
 from lowbit.models.arch import decoder_layers
 from lowbit.models.load import ModelSource, resolve_model
 from lowbit.models.skeleton import (
@@ -246,7 +246,15 @@ def _save_block(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpoint
                                           for n in records})
     for n in records:
         del layers.weights[n], layers.reports[n]
+    _free(sk, prefix)
+
+
+def _free(sk: Skeleton, prefix: str) -> None:
+    """The block `prefix` back on the meta device, and the memory it held handed back to the
+    system (the C allocator would otherwise keep the freed blocks, and the process grow by one
+    block's worth of fragments each time)."""
     release(sk.model, parameters_under(sk.model, prefix))
+    release_freed_memory()
 
 
 def _restore_block(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpoint, i: int) -> str:
@@ -281,7 +289,7 @@ def _run_calibrated(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckp
             if i < partial.n_finished:
                 prefix = _restore_block(sk, layers, partial, i)
                 forward_block(blocks[i], x, args, kwargs, steps.batch_size)
-                release(model, parameters_under(model, prefix))
+                _free(sk, prefix)
             else:
                 prefix = _load_block(sk, i)
                 calibrate_block(i, blocks[i], x, args, kwargs, steps)

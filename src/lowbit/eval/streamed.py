@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lowbit.calibration.capture import capture_block_inputs
 from lowbit.calibration.sequential import forward_block
 from lowbit.eval.windows import count_windows
+from lowbit.memory import release_freed_memory
 from lowbit.models.arch import decoder_layers
 from lowbit.models.skeleton import Skeleton, materialize, parameters_under, release
 
@@ -66,6 +67,7 @@ class StreamedModel:
             materialize(model, names, sk.weights, sk.dtype)
             forward_block(blocks[i], hidden, inputs.layer_args[i], inputs.layer_kwargs[i], batch_size=1)
             release(model, names)
+            release_freed_memory()  # the C allocator would keep the block's freed memory
         originals = list(blocks)
         try:
             for w in range(n_windows):
