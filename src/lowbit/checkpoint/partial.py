@@ -37,7 +37,6 @@ from lowbit.errors import CheckpointError, ConfigError
 from lowbit.marks import (
     PARTIAL_FORMAT,
     PARTIAL_RECORD,
-    incomplete_message,
     partial_record,
 )
 from lowbit.models.hashing import sha256_file
@@ -187,10 +186,6 @@ class PartialCheckpoint:
         record = {"format": PARTIAL_FORMAT, "version": PARTIAL_VERSION, "command": self.command, "job": self.job,
                   "n_blocks": self.n_blocks, "blocks": [b.to_dict() for b in self.blocks]}
         write_atomically(self.path / PARTIAL_RECORD, json.dumps(record, indent=1) + "\n")
-
-    def describe(self) -> str:
-        return incomplete_message(self.path, {"blocks": self.blocks, "n_blocks": self.n_blocks,
-                                              "command": self.command})
 
 
 @contextmanager
