@@ -217,7 +217,7 @@ def test_a_disk_that_fills_up_while_the_checkpoint_is_joined_leaves_the_unfinish
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "quantized.safetensors")
 
     with monkeypatch.context() as m:
-        m.setattr(write, "save_file", full)
+        m.setattr(write, "write_tensors", full)
         with pytest.raises(ResourceError):
             quantize_streamed(str(folder), RECIPE, out, data_dir=str(data), progress=False)
     assert _blocks(out) == 4 and not (out / "manifest.json").exists()

@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,33 +323,33 @@ def _quantize_head(sk: Skeleton, layers: LayerQuantizer) -> str | None:
 
 def _finish(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpoint, head: str | None, skipped: list[str],
             ids: torch.Tensor | None, protect: list, t0: float, resumed: int) -> StreamedResult:
-    """The block files joined into the checkpoint, which replaces the unfinished folder."""
+    """The block files joined into the checkpoint, which replaces the unfinished folder; the
+    tensors go from the block files to the checkpoint's one at a time."""
     model, recipe = sk.model, layers.recipe
     blocks = block_prefix(model, 0).rsplit(".", 1)[0]
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks + ".")}
-    quant, dense, entries = split_state({head: layers.weights[head]} if head else {}, rest)
+    head_quant, rest_dense, entries = split_state({head: layers.weights[head]} if head else {}, rest)
     reports = {head: layers.reports[head]} if head else {}
-    for i, block in enumerate(partial.blocks):
-        q, d = partial.read_block(i)
-        quant.update(q)
-        dense.update(d)
+    for block in partial.blocks:
         for name, layer in block.layers.items():
             entries[name] = LayerEntry.from_dict(layer["entry"])
             reports[name] = LayerReport.from_dict(layer["report"])
-    records = {n: PackedWeight(e.fmt, e.shape, _parts_of(quant, n)) for n, e in entries.items()}
-    calibration = None if ids is None else calibration_report(recipe, ids)
-    result = QuantizedModel(sk.loaded, recipe, records, reports, skipped, calibration, time.perf_counter() - t0,
-                            peak_rss_bytes())
-    if result.fallbacks:
-        result.extra["fallbacks"] = result.fallbacks
-        log.warning(result.fallback_summary())
-    dtype = str(sk.dtype).removeprefix("torch.")
-    path = write_checkpoint(quant, dense, entries, model.config, sk.loaded.tokenizer, dtype, partial.path,
-                            result.manifest_info(), report=lambda m: quantize_report(m, []), overwrite=True,
-                            protect=protect)
-    return StreamedResult(path, result.seconds, result.peak_rss_bytes, result.size, resumed, result.fallbacks)
+    with partial.joined() as (block_quant, block_dense):
+        quant, dense = block_quant.with_tensors(head_quant), block_dense.with_tensors(rest_dense)
+        records = {n: PackedWeight(e.fmt, e.shape, _parts_of(quant.layout, n)) for n, e in entries.items()}
+        calibration = None if ids is None else calibration_report(recipe, ids)
+        result = QuantizedModel(sk.loaded, recipe, records, reports, skipped, calibration, time.perf_counter() - t0,
+                                peak_rss_bytes())
+        if result.fallbacks:
+            result.extra["fallbacks"] = result.fallbacks
+            log.warning(result.fallback_summary())
+        dtype = str(sk.dtype).removeprefix("torch.")
+        path = write_checkpoint(quant, dense, entries, model.config, sk.loaded.tokenizer, dtype, partial.path,
+                                result.manifest_info(), report=lambda m: quantize_report(m, []), overwrite=True,
+                                protect=protect)
+    return StreamedResult(path, result.seconds, peak_rss_bytes(), result.size, resumed, result.fallbacks)
 
 
-def _parts_of(quant: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def _parts_of(quant: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """Layer `name`'s packed record parts among split_state's quantized tensors (its bias aside)."""
     return {k[len(name) + 1:]: t for k, t in quant.items() if k.startswith(name + ".") and k != f"{name}.bias"}

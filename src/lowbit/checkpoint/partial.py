@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowbit.checkpoint.tensors import LazyTensors, _Tensors
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.marks import (
     PARTIAL_FORMAT,
@@ -181,6 +182,23 @@ class PartialCheckpoint:
         quant = {k[len(_QUANT):]: t for k, t in tensors.items() if k.startswith(_QUANT)}
         dense = {k[len(_DENSE):]: t for k, t in tensors.items() if k.startswith(_DENSE)}
         return quant, dense
+
+    @contextmanager
+    def joined(self) -> Iterator[tuple[LazyTensors, LazyTensors]]:
+        """Every finished block's (quantized parts, dense tensors) together, as LazyTensors read
+        one tensor at a time from the block files (plain reads: nothing mapped piles up)."""
+        files = [_Tensors(self.path / b.file) for b in self.blocks]
+        try:
+            where = {key: f for f in files for key in f.keys}
+
+            def part(prefix: str) -> LazyTensors:
+                layout = {k[len(prefix):]: f.meta(k) for k, f in where.items() if k.startswith(prefix)}
+                return LazyTensors(layout, lambda name: where[prefix + name].get(prefix + name))
+
+            yield part(_QUANT), part(_DENSE)
+        finally:
+            for f in files:
+                f.close()
 
     def _write_record(self) -> None:
         record = {"format": PARTIAL_FORMAT, "version": PARTIAL_VERSION, "command": self.command, "job": self.job,

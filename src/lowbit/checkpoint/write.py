@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.checkpoint.manifest import (
@@ -37,6 +36,7 @@ from lowbit.checkpoint.manifest import (
     LayerEntry,
     Manifest,
 )
+from lowbit.checkpoint.tensors import LazyTensors, write_tensors
 from lowbit.errors import CheckpointError
 from lowbit.marks import FORMAT, MANIFEST, QUANT_FILE
 from lowbit.models.hashing import sha256_file
@@ -110,8 +110,8 @@ def save_checkpoint(
 
 
 def write_checkpoint(
-    quant: Mapping[str, torch.Tensor],
-    dense: Mapping[str, torch.Tensor],
+    quant: Mapping[str, torch.Tensor] | LazyTensors,
+    dense: Mapping[str, torch.Tensor] | LazyTensors,
     layers: dict[str, LayerEntry],
     config: Any,
     tokenizer: Any,
@@ -124,12 +124,14 @@ def write_checkpoint(
 ) -> Path:
     """save_checkpoint from the tensors split_state gives (quantized parts, dense tensors), the
     layers' manifest entries, the model's config and `dtype` (its name, "float32"): what a job
-    that never holds the whole model (streaming.py) writes."""
+    that never holds the whole model (streaming.py) writes, from LazyTensors read one at a time.
+    The tensor files are written a tensor at a time (tensors.write_tensors: save_file's bytes)."""
     out = check_output(out_dir, overwrite, protect)
     staging = make_staging(out)
     try:
-        save_file(dict(quant), staging / QUANT_FILE, metadata={"format": FORMAT})
-        save_file(dict(dense), staging / DENSE_FILE, metadata={"format": FORMAT})
+        for fname, tensors in ((QUANT_FILE, quant), (DENSE_FILE, dense)):
+            lazy = tensors if isinstance(tensors, LazyTensors) else LazyTensors.of(tensors)
+            write_tensors(staging / fname, lazy.layout, lazy.read, {"format": FORMAT})
         config.save_pretrained(staging)
         _mark_config(staging / "config.json")
         if tokenizer is not None:
