@@ -233,7 +233,7 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     and holds both models' logits of one window with their log-softmax. Measured against peak
     RSS on smollm2-135m (BENCHMARKS.md, "Memory: the estimate against peak RSS").
     With `stream` (streaming.py) the model's place is taken by the tensors outside the blocks and
-    the largest block, and saving by the join of the packed records and the dense tensors.
+    the largest block; its checkpoint is joined from the block files one tensor at a time.
     """
     baseline = float(rss_bytes() if baseline_bytes is None else baseline_bytes)
     model_bytes = est["model_bytes"]
@@ -255,7 +255,7 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     if stream:  # streaming.py: the tensors outside the blocks and one block, then the packed records
         blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)]
         resident = model_bytes - (sum(blocks) - max(blocks)) * itemsize
-        peak = baseline + max(resident + quantizing / len(blocks) + work, saving)
+        peak = baseline + resident + quantizing / len(blocks) + work  # the join writes a tensor at a time
     else:
         peak = baseline + model_bytes + quantizing + max(work, saving)
     if eval_seqlen:

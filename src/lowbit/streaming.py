@@ -10,8 +10,9 @@ model's safetensors files, it is calibrated and quantized by the very steps the 
 (blockwise.block_steps, calibration/sequential.py: calibrate_block), its records and other tensors
 are written to the output folder as one file (checkpoint/partial.py), and its weights go back to
 the meta device. The head is read and rounded last, then the block files are joined into the
-checkpoint, which replaces the unfinished folder in one rename. Peak memory: one block in float32
-and its Hessians, the calibration activations, the embeddings, and at the end the packed records.
+checkpoint (one tensor at a time: checkpoint/tensors.py, write_tensors), which replaces the
+unfinished folder in one rename. Peak memory: the embeddings (and final norm), one block in
+float32 with its Hessians, and the calibration activations; the head at the end.
 The checkpoint is bit-identical to the one quantize() + save() write (tests/test_streaming.py).
 
 Resuming (`resume=True`, the same job) skips the blocks the folder holds, but block k's
