@@ -242,3 +242,28 @@ def test_a_folder_another_process_is_writing_is_neither_resumed_nor_started_over
             with pytest.raises(ConfigError, match="another lowbit process"):
                 quantize_streamed(str(folder), RECIPE, out, data_dir=str(data), progress=False, **kw)
             assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_really_full_disk_keeps_the_finished_blocks_and_resumes_once_there_is_room(setup, tmp_path):
+    """-o on a 64 KiB tmpfs (room for about two blocks): the job stops with a ResourceError, no
+    temporary file is left, and once the file system is enlarged the same job resumes to the
+    uninterrupted checkpoint."""
+    folder, data, whole = setup
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True,
+                             check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = mnt / "out"
+        with pytest.raises(ResourceError, match="--resume"):
+            quantize_streamed(str(folder), RECIPE, out, data_dir=str(data), progress=False)
+        assert _blocks(out) < 4 and not (out / "manifest.json").exists()
+        assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []
+        subprocess.run(["mount", "-o", "remount,size=4m", str(mnt)], check=True)
+        quantize_streamed(str(folder), RECIPE, out, data_dir=str(data), progress=False, resume=True)
+        assert differing_tensors(whole, out) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
