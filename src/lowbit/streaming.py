@@ -176,7 +176,7 @@ def quantize_streamed(model: str | ModelSource | Skeleton, recipe: Recipe, out: 
         partial = started or PartialCheckpoint.resume(out, job, command)
         resumed = partial.n_finished
         with _disk_full_says_resume(partial):
-            _load_outside_blocks(sk, recipe)
+            _load_outside_blocks(sk)
             if ids is None:
                 _run_data_free(sk, layers, partial, progress)
             else:
@@ -209,7 +209,7 @@ def _job(sk: Skeleton, recipe: Recipe, ids: torch.Tensor | None) -> dict[str, An
     return json.loads(json.dumps(job))
 
 
-def _load_outside_blocks(sk: Skeleton, recipe: Recipe) -> None:
+def _load_outside_blocks(sk: Skeleton) -> None:
     """The tensors outside the decoder blocks (embeddings, final norm), but an untied head, which
     is read at the end."""
     model = sk.model
