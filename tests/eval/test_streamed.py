@@ -19,6 +19,7 @@ from lowbit.eval.streamed import StreamedModel
 from lowbit.eval.windows import window_logits
 from lowbit.models import load_model
 from lowbit.models.skeleton import load_skeleton
+from lowbit.paths import cache_dir
 
 SEQLEN = 24
 
@@ -38,6 +39,20 @@ def test_streamed_windows_are_the_whole_models_windows(tmp_path, arch, tie):
     for (ids_a, a), (ids_b, b) in zip(whole, streamed):
         assert torch.equal(ids_a, ids_b)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hidden_states_kept_on_disk_give_the_same_logits(tmp_path, dtype):
+    """Hidden states in a temporary file (as when they do not fit in memory): the very logits of
+    hidden states kept in memory, and the file is gone afterwards."""
+    folder = tiny_folder(tmp_path / "m", "llama", False, layers=3)
+    tokens = _tokens()
+    runs = {}
+    for on_disk in (False, True):
+        ref = StreamedModel(load_skeleton(str(folder), dtype), hidden_on_disk=on_disk)
+        runs[on_disk] = list(ref.window_logits(tokens, SEQLEN, progress=False))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(runs[False], runs[True]))
+    assert not any((cache_dir() / "tmp").iterdir())
 
 
 def test_a_streamed_reference_compares_as_the_live_one(tmp_path):
@@ -62,13 +77,15 @@ def test_one_block_is_in_memory_at_a_time(tmp_path, monkeypatch):
     forward = streamed_module.forward_block
 
     def watching(block, *args, **kwargs):
-        seen.append([j for j, b in enumerate(sk.model.model.layers)
-                     if any(p.device.type != "meta" for p in b.parameters())])
+        blocks = list(sk.model.model.layers)
+        real = [j for j, b in enumerate(blocks) if any(p.device.type != "meta" for p in b.parameters())]
+        seen.append((blocks.index(block), real))
         return forward(block, *args, **kwargs)
 
     monkeypatch.setattr(streamed_module, "forward_block", watching)
     list(StreamedModel(sk).window_logits(_tokens(), SEQLEN, progress=False))
-    assert seen == [[0], [1], [2], [3]]
+    assert [i for i, _ in seen] == sorted(i for i, _ in seen) and {i for i, _ in seen} == {0, 1, 2, 3}
+    assert all(real == [i] for i, real in seen)
 
 
 def test_lowbit_eval_stream_gives_the_numbers_of_the_whole_reference(tmp_path, capsys):
