@@ -252,10 +252,14 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
             work += block_params * itemsize
     dense = model_bytes - block_params * itemsize
     saving = dense + block_params * max(recipe.bits, recipe.head_bits or 0, 2) / 8
-    if stream:  # streaming.py: the tensors outside the blocks and one block, then the packed records
+    if stream:  # streaming.py: the tensors around the blocks and one block; an untied head at the end
         blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)]
-        resident = model_bytes - (sum(blocks) - max(blocks)) * itemsize
-        peak = baseline + resident + quantizing / len(blocks) + work  # the join writes a tensor at a time
+        head = model.get_output_embeddings()
+        untied = head is not None and head.weight is not model.get_input_embeddings().weight
+        head_params = head.weight.numel() if untied else 0
+        outside = model_bytes - sum(blocks) * itemsize  # embeddings, norms, the head
+        calibrating = outside - head_params * itemsize + max(blocks) * itemsize + quantizing / len(blocks) + work
+        peak = baseline + max(calibrating, outside + head_params)  # the join writes a tensor at a time
     else:
         peak = baseline + model_bytes + quantizing + max(work, saving)
     if eval_seqlen:
