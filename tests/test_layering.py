@@ -178,11 +178,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("recipes", "peers"),                                           # the recipe; other tools' quantizers
     ("algorithms",),                                                # weight + statistics + format -> record
     ("calibration", "checkpoint"),                                  # block-by-block driver; records on disk
-    ("budget", "runtime"),                                          # size budgets; running records
+    ("budget", "runtime", "blockwise"),                             # size budgets; running records; per-block steps
     ("eval",),                                                      # measuring a model
     ("loading", "export"),                                          # lowbit.load; other engines' formats
     ("pipeline",),                                                  # quantize, save
-    ("to_gguf",),                                                   # quantize onto llama.cpp's types, write a GGUF
+    ("to_gguf", "streaming"),                                       # onto llama.cpp's types; one block at a time
     ("bench",),                                                     # side-by-side benchmarks
     ("cli",),                                                       # the commands
 )

@@ -26,6 +26,7 @@ _API = {
     "Recipe": "lowbit.recipes",
     "quantize": "lowbit.pipeline",
     "save": "lowbit.pipeline",
+    "quantize_streamed": "lowbit.streaming",
     "evaluate": "lowbit.eval.evaluate",
     "save_checkpoint": "lowbit.checkpoint",
     "load": "lowbit.loading",

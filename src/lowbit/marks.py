@@ -16,6 +16,8 @@ MANIFEST = "manifest.json"
 QUANT_FILE = "quantized.safetensors"
 CONFIG_FILE = "config.json"
 MAX_JSON_BYTES = 64 << 20           # a manifest or config larger than this is not read
+PARTIAL_RECORD = "lowbit-partial.json"  # the progress record of a streamed job's unfinished folder
+PARTIAL_FORMAT = "lowbit-partial"   # its "format"
 
 
 def read_json_or_none(path: Path) -> object | None:
@@ -49,7 +51,7 @@ def checkpoint_signs(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_dir():
         return []
-    signs = [name for name in (MANIFEST, QUANT_FILE) if (p / name).exists()]
+    signs = [name for name in (MANIFEST, QUANT_FILE, PARTIAL_RECORD) if (p / name).exists()]
     if names_lowbit(p / CONFIG_FILE):
         signs.append(f"a {CONFIG_FILE} whose quantization_config names lowbit")
     return signs
@@ -76,8 +78,30 @@ def check_not_checkpoint(path: str | os.PathLike) -> None:
     raise CheckpointError(missing_manifest(p))
 
 
+def partial_record(path: Path) -> dict | None:
+    """The progress record of the unfinished streamed job in folder `path`, or None where there is
+    none (or it is not one of lowbit's)."""
+    record = read_json_or_none(path / PARTIAL_RECORD)
+    return record if isinstance(record, dict) and record.get("format") == PARTIAL_FORMAT else None
+
+
+def incomplete_message(path: Path, record: dict) -> str:
+    """What to say about the unfinished folder `path` of a streamed job, with how to resume it."""
+    blocks, total = record.get("blocks"), record.get("n_blocks")
+    done = f"{len(blocks)} of {total} blocks" if isinstance(blocks, list) and isinstance(total, int) else "part"
+    command = record.get("command")
+    how = (f"`{command} --resume`" if isinstance(command, str) and command.startswith("lowbit ")
+           else "the same `lowbit quantize ... --stream` command with --resume added")
+    return (f"{path} is an incomplete checkpoint: a streamed `lowbit quantize` wrote {done} of it and stopped. "
+            f"Continue it with {how}; it cannot be evaluated or loaded before it is finished")
+
+
 def missing_manifest(path: Path) -> str:
-    """The message for a folder with a checkpoint's marks but no manifest."""
+    """The message for a folder with a checkpoint's marks but no manifest (an unfinished streamed
+    job's folder says how to resume it)."""
+    record = partial_record(path)
+    if record is not None:
+        return incomplete_message(path, record)
     sign = next(s for s in checkpoint_signs(path) if s != MANIFEST)
     return (f"{path} looks like a damaged lowbit checkpoint: it has {sign} but no {MANIFEST}, so nothing says "
             "which layers are quantized or which bytes are right; re-run `lowbit quantize` or copy the "

@@ -40,6 +40,7 @@ from lowbit.errors import CheckpointError, ConfigError
 from lowbit.marks import (
     CONFIG_FILE,
     MANIFEST,
+    PARTIAL_RECORD,
     QUANT_FILE,
     is_lowbit_manifest,
     names_lowbit,
@@ -153,8 +154,9 @@ def _check_writable(out: Path, given: str) -> None:
 
 # ---------------------------------------------------------------- what counts as lowbit's
 def is_lowbit_folder(path: Path) -> bool:
-    """A lowbit checkpoint (any format version), a damaged one, or a staging folder lowbit left."""
-    if (path / STAGING_MARKER).is_file() or (path / QUANT_FILE).is_file() or names_lowbit(path / CONFIG_FILE):
+    """A lowbit checkpoint (any format version), a damaged one, a staging folder lowbit left, or
+    the unfinished folder of a streamed job."""
+    if (path / STAGING_MARKER).is_file() or (path / PARTIAL_RECORD).is_file() or (path / QUANT_FILE).is_file() or names_lowbit(path / CONFIG_FILE):
         return True
     return is_lowbit_manifest(path / MANIFEST)  # another tool's manifest.json is no licence to replace
 

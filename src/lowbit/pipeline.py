@@ -22,15 +22,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from lowbit.algorithms.cores import CORES, LayerJob, LayerResult
-from lowbit.algorithms.rtn import rtn_quantize
+from lowbit.algorithms.cores import CORES
+from lowbit.blockwise import (
+    LayerQuantizer,
+    LayerReport,
+    block_prefix,
+    dense_twin,
+    quantize_calibrated,
+    quantize_data_free,
+    quantize_head,
+)
 from lowbit.budget.plan import BudgetReport, plan_budget
-from lowbit.calibration.sequential import run_sequential
-from lowbit.calibration.smoothing import smooth_block
 from lowbit.checkpoint import save_checkpoint
-from lowbit.data import calibration_samples
 from lowbit.errors import ConfigError
 from lowbit.eval.evaluate import EvalResult
 from lowbit.eval.report import quantize_report
@@ -38,21 +42,13 @@ from lowbit.eval.size import QuantizedSize, dense_tensors, head_name, quantized_
 from lowbit.memory import peak_rss_bytes, rss_bytes
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 from lowbit.models.load import LoadedModel
-from lowbit.qtensor import BlockWeight, QuantizedWeight
+from lowbit.qtensor import QuantizedWeight
 from lowbit.recipes import METHODS, Allocation, LayerSpec, Recipe
+
+_dense_twin = dense_twin  # the name tests and callers knew
 from lowbit.runtime.convert import to_runtime
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerReport:
-    fmt: dict[str, Any]
-    shape: tuple[int, int]
-    loss: float | None = None       # GPTQ proxy loss
-    damp: float | None = None       # damping finally used (GPTQ)
-    extra: dict[str, Any] = field(default_factory=dict)  # method details (AWQ alpha, ...)
-    fallback: bool = False          # GPTQ's Hessian never factorized: quantized round-to-nearest
 
 
 @dataclass
@@ -138,7 +134,7 @@ def target_layers(model: nn.Module, recipe: Recipe) -> tuple[list[str], list[str
     """Full names of the decoder-block linear layers to quantize, and of those the recipe skips."""
     names, skipped = [], []
     for i, block in enumerate(decoder_layers(model)):
-        prefix = _block_prefix(model, i)
+        prefix = block_prefix(model, i)
         for group in sequential_linear_groups(block):
             for name in group:
                 full = f"{prefix}.{name}"
@@ -168,14 +164,6 @@ def with_head(model: nn.Module, recipe: Recipe) -> Recipe:
     return recipe.with_head(untied)
 
 
-def _block_prefix(model: nn.Module, i: int) -> str:
-    layers = decoder_layers(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return f"{name}.{i}"
-    raise ConfigError("could not locate the decoder layers in the model")
-
-
 def layer_specs(model: nn.Module, names: list[str], recipe: Recipe,
                 allocation: Allocation | None = None) -> dict[str, LayerSpec]:
     """Each layer's method and format, resolved for its width once (Recipe.layer_spec). Fails
@@ -189,7 +177,7 @@ def check_shapes(model: nn.Module, names: list[str], recipe: Recipe) -> None:
 
 
 def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = None,
-             eval_seqlen: int | None = None) -> dict[str, float]:
+             eval_seqlen: int | None = None, stream: bool = False) -> dict[str, float]:
     """Rough memory (bytes) and time (seconds) for the job, printed before it starts.
 
     Time assumes ~60 GFLOP/s of useful work in the calibration forward passes (what a 2-core AVX2
@@ -226,12 +214,12 @@ def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = No
     else:
         grid = recipe.clip.grid + 1 if recipe.clip.enabled else 1
         est["seconds"] = block_params * grid * 2e-8
-    est["peak_bytes"] = peak_bytes(model, recipe, block_params, est, baseline_bytes, eval_seqlen)
+    est["peak_bytes"] = peak_bytes(model, recipe, block_params, est, baseline_bytes, eval_seqlen, stream)
     return est
 
 
 def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[str, float],
-               baseline_bytes: float | None = None, eval_seqlen: int | None = None) -> float:
+               baseline_bytes: float | None = None, eval_seqlen: int | None = None, stream: bool = False) -> float:
     """The job's peak resident memory, in bytes: what the process held before loading the model
     (`baseline_bytes`: torch, transformers and lowbit imported; default its size now), the model,
     and the largest of the phases that follow.
@@ -244,6 +232,8 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     Evaluation (`eval_seqlen`: --eval's window) loads the reference beside the quantized model
     and holds both models' logits of one window with their log-softmax. Measured against peak
     RSS on smollm2-135m (BENCHMARKS.md, "Memory: the estimate against peak RSS").
+    With `stream` (streaming.py) the model's place is taken by the tensors outside the blocks and
+    the largest block; its checkpoint is joined from the block files one tensor at a time.
     """
     baseline = float(rss_bytes() if baseline_bytes is None else baseline_bytes)
     model_bytes = est["model_bytes"]
@@ -262,7 +252,16 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
             work += block_params * itemsize
     dense = model_bytes - block_params * itemsize
     saving = dense + block_params * max(recipe.bits, recipe.head_bits or 0, 2) / 8
-    peak = baseline + model_bytes + quantizing + max(work, saving)
+    if stream:  # streaming.py: the tensors around the blocks and one block; an untied head at the end
+        blocks = [sum(p.numel() for p in b.parameters()) for b in decoder_layers(model)]
+        head = model.get_output_embeddings()
+        untied = head is not None and head.weight is not model.get_input_embeddings().weight
+        head_params = head.weight.numel() if untied else 0
+        outside = model_bytes - sum(blocks) * itemsize  # embeddings, norms, the head
+        calibrating = outside - head_params * itemsize + max(blocks) * itemsize + quantizing / len(blocks) + work
+        peak = baseline + max(calibrating, outside + head_params)  # the join writes a tensor at a time
+    else:
+        peak = baseline + model_bytes + quantizing + max(work, saving)
     if eval_seqlen:
         vocab = getattr(cfg, "vocab_size", 0)
         quantized_model = dense + block_params
@@ -273,20 +272,20 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     return float(peak)
 
 
-def _dense_twin(lin: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> nn.Linear:
-    """An nn.Linear computing exactly what QuantLinear.from_quantized(qw, lin.bias) computes."""
-    twin = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-    twin.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
-    if lin.bias is not None:
-        twin.bias = nn.Parameter(lin.bias.detach().to(dtype), requires_grad=False)
-    return twin
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value of `t` is finite, checked `chunk` values at a time: torch.isfinite
+    allocates temporaries the size of its input (an embedding table's float copy, at its peak)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """Refuse a model with a NaN or infinite value in any floating parameter, naming the tensor:
-    quantized, it would give NaN or infinite scales (and, under GPTQ, NaN Hessians)."""
-    for name, p in model.named_parameters():
-        if not p.is_floating_point() or bool(torch.isfinite(p).all()):
+def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
+    """Refuse a model with a NaN or infinite value in any floating parameter, naming the tensor
+    (`prefix` before the names: the module's own name in its model): quantized, it would give NaN
+    or infinite scales (and, under GPTQ, NaN Hessians). Parameters on the meta device hold no
+    values and are passed over."""
+    for name, p in model.named_parameters(prefix.rstrip(".")):
+        if not p.is_floating_point() or p.device.type == "meta" or _all_finite(p.detach()):
             continue
         n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
         hint = (f" (in {p.dtype}, values above {torch.finfo(p.dtype).max:.0f} overflow: if the file holds "
@@ -296,93 +295,6 @@ def check_finite_weights(model: nn.Module) -> None:
             "quantizing it would give NaN or infinite scales. The model file is damaged or was saved with "
             "overflowed weights: re-download or re-export it"
         )
-
-
-class _Layers:
-    """The records and reports quantize collects, layer by layer, and the one dispatch to a core."""
-
-    def __init__(self, model: nn.Module, recipe: Recipe, specs: dict[str, LayerSpec]):
-        self.model, self.recipe, self.specs = model, recipe, specs
-        self.dtype = next(model.parameters()).dtype
-        self.weights: dict[str, QuantizedWeight] = {}
-        self.reports: dict[str, LayerReport] = {}
-
-    def quantize(self, name: str, lin: nn.Linear, hessian: torch.Tensor | None = None,
-                 inputs: torch.Tensor | None = None, details: dict[str, Any] | None = None) -> nn.Linear:
-        """Quantize one layer by its method's core; returns the module to run in its place."""
-        spec = self.specs[name]
-        core = CORES[spec.method.core]
-        if core.needs_hessian and hessian is None:
-            raise ConfigError(f"method {spec.method.name!r}: its core {spec.method.core!r} needs a Hessian; "
-                              "its table entry (lowbit.methods) must say needs_data=True")
-        result = core.quantize(LayerJob(name, lin.weight.detach(), spec, self.recipe, hessian, inputs))
-        return self.keep(name, lin, result, details or {})
-
-    def keep(self, name: str, lin: nn.Linear, result: LayerResult, details: dict[str, Any]) -> nn.Linear:
-        # While calibrating, a quantized layer runs as a dense Linear holding exactly the
-        # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
-        # the QuantLinear modules are swapped in once every block is done.
-        qw = result.qweight
-        qw.check_finite(name)
-        self.weights[name] = qw
-        self.reports[name] = LayerReport(qw.fmt if isinstance(qw, BlockWeight) else qw.fmt.to_dict(), qw.shape, result.loss,
-                                         None if result.fallback else result.damp,
-                                         {**details, **result.details}, result.fallback)
-        return _dense_twin(lin, qw, self.dtype)
-
-
-def _quantize_data_free(layers: _Layers, names: list[str], progress: bool) -> None:
-    """Every layer by its core, from its weight alone (no calibration data)."""
-    model = layers.model
-    for name in tqdm(names, desc=layers.recipe.method.upper(), unit="layer", disable=not progress):
-        model.set_submodule(name, layers.quantize(name, model.get_submodule(name)))
-
-
-def _quantize_calibrated(layers: _Layers, loaded: LoadedModel, data_dir: str | None,
-                         progress: bool) -> dict[str, Any]:
-    """Block by block on calibration samples (calibration/sequential.py): AWQ smoothing first when
-    the method smooths (layers whose core needs no Hessian are quantized right after it), then
-    each remaining layer by its core with its Hessian. Returns what the calibration was."""
-    model, recipe, specs = layers.model, layers.recipe, layers.specs
-    c = recipe.calibration
-    ids = calibration_samples(loaded.tokenizer, c.dataset, c.n_samples, c.seqlen, c.seed, data_dir=data_dir)
-    method = METHODS[recipe.method]
-    smoothed: dict[str, dict[str, Any]] = {}  # smoothing's report of layers still to quantize
-
-    def prepare_block(i: int, block: nn.Module, run) -> dict[str, nn.Module]:
-        prefix = _block_prefix(model, i)
-        out = {}
-        for name, info in smooth_block(block, run, int(ids.numel()), recipe.awq, prefix, specs).items():
-            full = f"{prefix}.{name}"
-            if CORES[specs[full].method.core].needs_hessian:
-                smoothed[full] = info.report
-            else:
-                out[name] = layers.quantize(full, block.get_submodule(name), inputs=info.inputs, details=info.report)
-        return out
-
-    def quantize_group(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
-        prefix = _block_prefix(model, i)
-        out = {}
-        for name, lin in linears.items():
-            full = f"{prefix}.{name}"
-            if full in specs and full not in layers.weights:  # not skipped, nor quantized by prepare_block
-                out[name] = layers.quantize(full, lin, hessians[name], details=smoothed.pop(full, {}))
-        return out
-
-    hessian_free = method.smoothing and not CORES[method.core].needs_hessian  # the smoothing step does all
-    run_sequential(model, ids, None if hessian_free else quantize_group, recipe.gptq.true_sequential, progress,
-                   prepare_block=prepare_block if method.smoothing else None, dtype=c.dtype)
-    return {"dataset": c.dataset, "n_samples": c.n_samples, "seqlen": c.seqlen, "seed": c.seed,
-            "dtype": c.dtype, "n_tokens": int(ids.numel())}
-
-
-def _quantize_head(layers: _Layers) -> None:
-    """The output head (recipe.head_bits): round-to-nearest, kept as a record beside the blocks'."""
-    name, lin = output_head(layers.model)
-    recipe = layers.recipe
-    qw = rtn_quantize(lin.weight.detach(), recipe.head_format(lin.in_features),
-                      recipe.clip if recipe.clip.enabled else None)
-    layers.keep(name, lin, LayerResult(qw), {})
 
 
 def quantize(
@@ -421,14 +333,14 @@ def quantize(
         extra["budget"] = budget_report.to_dict()
         log.info(budget_report.summary())
         specs = layer_specs(model, names, recipe, allocation)
-    layers = _Layers(model, recipe, specs)
+    layers = LayerQuantizer(model, recipe, specs)
     calibration = None
     if METHODS[recipe.method].needs_data:
-        calibration = _quantize_calibrated(layers, loaded, data_dir, progress)
+        calibration = quantize_calibrated(layers, loaded, data_dir, progress)
     else:
-        _quantize_data_free(layers, names, progress)
+        quantize_data_free(layers, names, progress)
     if recipe.head_bits:
-        _quantize_head(layers)
+        quantize_head(layers, *output_head(model))
     records = {n: r for n, r in layers.weights.items() if isinstance(r, QuantizedWeight)}
     to_runtime(model, records, "reference", layers.dtype)  # each dense twin (its bias the layer's) -> QuantLinear
     peak = peak_rss_bytes()

@@ -159,7 +159,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "write_tensors", boom)
     with pytest.raises(OSError):
         save_checkpoint(records_of(model), model, None, tmp_path / "ck", {})
     assert list(tmp_path.iterdir()) == []

@@ -65,14 +65,14 @@ def test_quantize_is_refused_before_any_work_when_the_estimate_does_not_fit(env,
     """As in a 600 MB container: the job stops with one line naming options, nothing written."""
     from hostile_cli import assert_clean_error, run_cli, tree
 
-    from lowbit import pipeline
+    from lowbit import blockwise, pipeline
 
     # a tiny model's whole job fits in the noise of this process's size, so the estimate is made
     # large: what is tested is that the CLI checks it before any work, and what it does then
     monkeypatch.setattr(pipeline, "peak_bytes", lambda *a, **k: float(memory.rss_bytes() + (64 << 30)))
     monkeypatch.setattr(memory, "available_bytes", lambda *a, **k: 1 << 30)
     worked = []
-    monkeypatch.setattr(pipeline, "run_sequential", lambda *a, **k: worked.append(1))
+    monkeypatch.setattr(blockwise, "run_sequential", lambda *a, **k: worked.append(1))
     before = tree(env)
     rc, _, err = run_cli(capsys, "quantize", "tiny", "-o", "out", "--method", "gptq", "--group-size", "32",
                          "--calib-data", "text.txt",
@@ -102,3 +102,26 @@ def test_the_estimate_grows_with_what_the_job_holds(env):
     assert peak(budget) > peak(large)
     assert peak(small, eval_seqlen=1024) > peak(small)
     assert peak(small, baseline_bytes=1e9) == pytest.approx(peak(small) + 1e9)
+
+
+def test_a_job_that_does_not_fit_names_stream_and_streamed_it_runs(env, capsys, monkeypatch):
+    """Where the in-memory job's estimate is over the memory left and the streamed one's is not,
+    the refusal names --stream (and bf16 calibration forwards), and the same command with --stream
+    runs under the same limit."""
+    from hostile_cli import assert_clean_error, run_cli
+
+    from lowbit import pipeline
+
+    def peak(model, recipe, block_params, est, baseline=None, eval_seqlen=None, stream=False):
+        return float(memory.rss_bytes() + ((1 << 20) if stream else (64 << 30)))
+
+    monkeypatch.setattr(pipeline, "peak_bytes", peak)
+    monkeypatch.setattr(memory, "available_bytes", lambda *a, **k: 1 << 30)
+    argv = ["quantize", "tiny", "-o", "out", "--method", "gptq", "--group-size", "32", "--calib-data", "text.txt",
+            "--calib-samples", "4", "--calib-seqlen", "64", "-q"]
+    line = assert_clean_error(*run_cli(capsys, *argv)[::2])
+    assert "--stream" in line and "--calib-dtype bfloat16" in line
+    assert not (env / "out").exists()
+    rc, _, err = run_cli(capsys, *argv, "--stream")
+    assert rc == 0, err
+    assert (env / "out" / "manifest.json").is_file()

@@ -195,6 +195,32 @@ def test_gguf_claiming_more_blocks_than_it_holds_is_refused_and_not_cached(env, 
     assert not hf.exists() or not any(hf.iterdir())  # nothing converted, nothing left half-done
 
 
+def test_a_gguf_streams_from_its_conversion_to_the_in_memory_checkpoint(env, capsys):
+    """--stream reads a GGUF's weights from the safetensors folder it is converted to: the
+    checkpoint is the one the in-memory job writes, tensor for tensor."""
+    from safetensors import safe_open
+
+    write_tiny_gguf(env / "tiny.gguf")
+    for out, extra in (("whole", []), ("streamed", ["--stream"])):
+        rc, _, err = run_cli(capsys, "quantize", "tiny.gguf", "--method", "rtn", "--group-size", "32", "-o", out,
+                             "-q", *extra)
+        assert rc == 0, err
+    for name in ("quantized.safetensors", "dense.safetensors"):
+        with safe_open(env / "whole" / name, "pt") as a, safe_open(env / "streamed" / name, "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
+
+
+def test_a_gguf_claiming_more_blocks_is_refused_when_streamed_too(env, capsys):
+    write_tiny_gguf(env / "liar.gguf", block_count=4)
+    rc, _, err = run_cli(capsys, "quantize", "liar.gguf", "--method", "rtn", "-o", "out", "-q", "--stream")
+    line = assert_clean_error(rc, err)
+    assert "liar.gguf" in line and "block_count" in line
+    assert not (env / "out").exists()
+    hf = env / "cache" / "hf"
+    assert not hf.exists() or not any(hf.iterdir())
+
+
 def test_transformers_missing_keys_are_refused_even_past_the_header_check(env, monkeypatch):
     """If the header check were fooled, transformers' MISSING report still stops the conversion."""
     from lowbit.models import convert

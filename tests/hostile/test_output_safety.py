@@ -350,7 +350,7 @@ def test_a_failed_save_leaves_nothing(env, capsys, monkeypatch):
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lowbit.checkpoint.write, "save_file", disk_full)
+    monkeypatch.setattr(lowbit.checkpoint.write, "write_tensors", disk_full)
     before = {k: v for k, v in tree(env).items() if not k.startswith("cache")}
     try:
         rc = quantize(capsys, "tiny", "ck")[0]

@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,6 +46,17 @@ def _run_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> 
     return out[0] if isinstance(out, tuple) else out
 
 
+@dataclass
+class BlockSteps:
+    """What calibrating one block does besides collecting Hessians: `quantize_group` may be None
+    when `prepare_block` (run first: AWQ smoothing) quantizes the block itself."""
+
+    quantize_group: GroupQuantizer | None
+    true_sequential: bool = True
+    batch_size: int = 8
+    prepare_block: BlockPreparer | None = None
+
+
 @torch.inference_mode()
 def run_sequential(
     model: nn.Module,
@@ -64,61 +76,84 @@ def run_sequential(
     the batch), which keeps the matmuls large enough to run efficiently on a CPU. `dtype`
     (recipes.CalibrationConfig.dtype) "bfloat16" runs the blocks under CPU autocast, matrix
     products in bfloat16; the weights, the residual stream and every Hessian stay float32.
+    A streamed job (lowbit.streaming) runs the same calibrate_block on one block in memory at a time.
     """
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        _run(model, input_ids, quantize_group, true_sequential, progress, batch_size, prepare_block)
+    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block)
+    with calibration_autocast(dtype):
+        layers = decoder_layers(model)
+        inputs = capture_block_inputs(model, layers, input_ids)
+        bar = tqdm(total=len(layers), desc="quantizing blocks", unit="block", disable=not progress)
+        for i, block in enumerate(layers):
+            t0 = time.perf_counter()
+            calibrate_block(i, block, inputs.hidden, inputs.layer_args[i], inputs.layer_kwargs[i], steps)
+            bar.set_postfix_str(f"block {i}: {time.perf_counter() - t0:.1f}s")
+            bar.update(1)
+        bar.close()
 
 
-def _run(model, input_ids, quantize_group, true_sequential, progress, batch_size, prepare_block) -> None:
-    layers = decoder_layers(model)
-    inputs = capture_block_inputs(model, layers, input_ids)
-    x = inputs.hidden
-    bar = tqdm(total=len(layers), desc="quantizing blocks", unit="block", disable=not progress)
-    for i, block in enumerate(layers):
-        t0 = time.perf_counter()
-        args, kwargs = inputs.layer_args[i], inputs.layer_kwargs[i]
-        groups = sequential_linear_groups(block) if quantize_group is not None else []
-        if prepare_block is not None:
+def calibration_autocast(dtype: str):
+    """The context the calibration forward passes run in: CPU autocast to bfloat16 for "bfloat16"."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
-            def run_all(block=block, args=args, kwargs=kwargs) -> None:
-                for j in range(0, x.shape[0], batch_size):
-                    _run_block(block, x[j : j + batch_size], args, kwargs)
 
-            for name, module in prepare_block(i, block, run_all).items():
+@torch.inference_mode()
+def forward_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, batch_size: int = 8) -> None:
+    """Replace the block's inputs x [n, seqlen, hidden] by its outputs, `batch_size` samples at a time."""
+    for j in range(0, x.shape[0], batch_size):
+        x[j : j + batch_size] = _run_block(block, x[j : j + batch_size], args, kwargs)
+
+
+@torch.inference_mode()
+def calibrate_block(i: int, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, steps: BlockSteps) -> None:
+    """Calibrate and quantize block `i` on its inputs x [n, seqlen, hidden] (prepare_block, then
+    each group of linear layers by quantize_group on its Hessian), then replace x by the quantized
+    block's outputs: the next block's inputs."""
+    batch_size = steps.batch_size
+    groups = sequential_linear_groups(block) if steps.quantize_group is not None else []
+    if steps.prepare_block is not None:
+
+        def run_all() -> None:
+            for j in range(0, x.shape[0], batch_size):
+                _run_block(block, x[j : j + batch_size], args, kwargs)
+
+        for name, module in steps.prepare_block(i, block, run_all).items():
+            block.set_submodule(name, module)
+    # true sequential: one pass per group, after the groups before it are quantized;
+    # otherwise one pass collects every group's Hessian from the unquantized block
+    passes = [[g] for g in groups] if steps.true_sequential else ([groups] if groups else [])
+    for pass_groups in passes:
+        accs = _collect_hessians(block, x, args, kwargs, pass_groups, batch_size)
+        for g in pass_groups:
+            linears = {name: block.get_submodule(name) for name in g}
+            replaced = steps.quantize_group(i, linears, {name: accs[g[0]].H for name in g})
+            del accs[g[0]]
+            for name, module in replaced.items():
                 block.set_submodule(name, module)
-        # true sequential: one pass per group, after the groups before it are quantized;
-        # otherwise one pass collects every group's Hessian from the unquantized block
-        passes = [[g] for g in groups] if true_sequential else ([groups] if groups else [])
-        for pass_groups in passes:
-            # the layers of a group read the same input (models/arch.py): one Hessian serves all
-            accs = {g[0]: HessianAccumulator(block.get_submodule(g[0]).in_features) for g in pass_groups}
-            watched = [name for g in pass_groups for name in g]
-            seen: set[str] = set()
+    forward_block(block, x, args, kwargs, batch_size)
 
-            def hook(module, hook_args, output, name=None, accs=accs, watched=watched, seen=seen):
-                if name in accs:
-                    accs[name].add(hook_args[0])
-                seen.add(name)
-                if len(seen) == len(watched):
-                    raise _GroupDone
 
-            handles = [block.get_submodule(name).register_forward_hook(functools.partial(hook, name=name))
-                       for name in watched]
-            try:
-                for j in range(0, x.shape[0], batch_size):
-                    seen.clear()
-                    _run_block(block, x[j : j + batch_size], args, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for g in pass_groups:
-                linears = {name: block.get_submodule(name) for name in g}
-                replaced = quantize_group(i, linears, {name: accs[g[0]].H for name in g})
-                del accs[g[0]]
-                for name, module in replaced.items():
-                    block.set_submodule(name, module)
+def _collect_hessians(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, pass_groups: list[list[str]],
+                      batch_size: int) -> dict[str, HessianAccumulator]:
+    """{first layer of each group: the Hessian of its inputs} over every sample; the layers of a
+    group read the same input (models/arch.py), so one Hessian serves all."""
+    accs = {g[0]: HessianAccumulator(block.get_submodule(g[0]).in_features) for g in pass_groups}
+    watched = [name for g in pass_groups for name in g]
+    seen: set[str] = set()
+
+    def hook(module, hook_args, output, name=None) -> None:
+        if name in accs:
+            accs[name].add(hook_args[0])
+        seen.add(name)
+        if len(seen) == len(watched):
+            raise _GroupDone
+
+    handles = [block.get_submodule(name).register_forward_hook(functools.partial(hook, name=name))
+               for name in watched]
+    try:
         for j in range(0, x.shape[0], batch_size):
-            x[j : j + batch_size] = _run_block(block, x[j : j + batch_size], args, kwargs)
-        bar.set_postfix_str(f"block {i}: {time.perf_counter() - t0:.1f}s")
-        bar.update(1)
-    bar.close()
+            seen.clear()
+            _run_block(block, x[j : j + batch_size], args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs

@@ -1,12 +1,15 @@
 """The bounded safetensors reader a checkpoint is loaded with: every header checked (known dtypes,
 shapes that fill their byte ranges, ranges inside the file and apart) before anything it claims
-is allocated, then one tensor read at a time."""
+is allocated, then one tensor read at a time; and write_tensors, which writes one tensor at a
+time the very bytes safetensors' save_file writes."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +158,60 @@ class _Tensors:
     def _read_into(self, dst: torch.Tensor, key: str) -> None:
         if dst.numel() and self._fh.readinto(memoryview(dst.numpy())) != dst.numel():
             raise CheckpointError(f"{self.path}: tensor {key} is cut short; the file is truncated")
+
+
+# safetensors' own save_file lays tensors out by dtype in this order, then by name; the header is
+# compact JSON ("__metadata__" first, then the tensors in file order) padded with spaces to a
+# multiple of 8 bytes. write_tensors follows it, so its files are byte-identical to save_file's
+# (tests/checkpoint/test_tensors.py holds it to that).
+_FILE_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+_ST_NAMES = {**{dtype: name for name, dtype in _ST_DTYPES.items()}, torch.float64: "F64"}
+
+
+def write_tensors(path: Path, layout: Mapping[str, torch.Tensor], read: Callable[[str], torch.Tensor],
+                  metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file of the tensors `layout` describes ({name: a tensor of its dtype and
+    shape, on the meta device or not}), each one's data asked of `read(name)` only when it is
+    written: the file is written with one tensor in memory at a time. safetensors' save_file
+    holds every tensor and a bytes copy of each at once (twice a checkpoint's size)."""
+    unknown = sorted(k for k, t in layout.items() if t.dtype not in _ST_NAMES)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: dtype {layout[unknown[0]].dtype} has no safetensors name here")
+    order = sorted(layout, key=lambda k: (_FILE_ORDER.index(_ST_NAMES[layout[k].dtype]), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for k in order:
+        t = layout[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k in order:
+            t = read(k)
+            if t.dtype != layout[k].dtype or t.shape != layout[k].shape:
+                raise ValueError(f"{k}: read a {t.dtype} {tuple(t.shape)} tensor, the layout says "
+                                 f"{layout[k].dtype} {tuple(layout[k].shape)}")
+            f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+@dataclass(frozen=True)
+class LazyTensors:
+    """Tensors known by their layout ({name: tensor of their dtype and shape, e.g. on the meta
+    device}) and read one at a time by `read(name)`: what write_tensors writes from without
+    holding them all."""
+
+    layout: Mapping[str, torch.Tensor]
+    read: Callable[[str], torch.Tensor]
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> LazyTensors:
+        """Tensors already in memory."""
+        return cls(tensors, tensors.__getitem__)
+
+    def with_tensors(self, more: Mapping[str, torch.Tensor]) -> LazyTensors:
+        """These tensors and `more` (in memory) together."""
+        return LazyTensors({**self.layout, **more}, lambda k: more[k] if k in more else self.read(k))

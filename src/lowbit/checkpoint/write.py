@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.checkpoint.manifest import (
@@ -37,6 +36,7 @@ from lowbit.checkpoint.manifest import (
     LayerEntry,
     Manifest,
 )
+from lowbit.checkpoint.tensors import LazyTensors, write_tensors
 from lowbit.errors import CheckpointError
 from lowbit.marks import FORMAT, MANIFEST, QUANT_FILE
 from lowbit.models.hashing import sha256_file
@@ -51,13 +51,13 @@ from lowbit.outputs import (
 from lowbit.qtensor import QuantizedWeight
 
 
-def _split_state(weights: Mapping[str, QuantizedWeight], model: nn.Module
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, LayerEntry]]:
+def split_state(weights: Mapping[str, QuantizedWeight], state: Mapping[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, LayerEntry]]:
     """(quantized tensors, dense tensors, per-layer manifest entries) from the records and the
-    model holding every other tensor; tied tensors stored once. A quantized layer's bias is the
-    model's `<name>.bias` and is stored with its record; whatever else the model holds under a
-    quantized layer's name (its float weight, or a runtime module's buffers) is not stored."""
-    state = model.state_dict()
+    state dict of the model (or of the part of it, keys in full) holding every other tensor; tied
+    tensors stored once. A quantized layer's bias is the state's `<name>.bias` and is stored with
+    its record; whatever else the state holds under a quantized layer's name (its float weight, or
+    a runtime module's buffers) is not stored."""
     quant: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerEntry] = {}
     for name, qw in weights.items():
@@ -103,13 +103,36 @@ def save_checkpoint(
     finished Manifest that returns it. Every file written except manifest.json and REPORT.md is
     listed in the manifest's "files" with its size and sha256.
     """
+    quant, dense, layers = split_state(weights, model.state_dict())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return write_checkpoint(quant, dense, layers, model.config, tokenizer, dtype, out_dir, info, report, overwrite,
+                            protect)
+
+
+def write_checkpoint(
+    quant: Mapping[str, torch.Tensor] | LazyTensors,
+    dense: Mapping[str, torch.Tensor] | LazyTensors,
+    layers: dict[str, LayerEntry],
+    config: Any,
+    tokenizer: Any,
+    dtype: str,
+    out_dir: str | os.PathLike,
+    info: dict[str, Any],
+    report: str | Callable[[Manifest], str] | None = None,
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """save_checkpoint from the tensors split_state gives (quantized parts, dense tensors), the
+    layers' manifest entries, the model's config and `dtype` (its name, "float32"): what a job
+    that never holds the whole model (streaming.py) writes, from LazyTensors read one at a time.
+    The tensor files are written a tensor at a time (tensors.write_tensors: save_file's bytes)."""
     out = check_output(out_dir, overwrite, protect)
     staging = make_staging(out)
     try:
-        quant, dense, layers = _split_state(weights, model)
-        save_file(quant, staging / QUANT_FILE, metadata={"format": FORMAT})
-        save_file(dense, staging / DENSE_FILE, metadata={"format": FORMAT})
-        model.config.save_pretrained(staging)
+        for fname, tensors in ((QUANT_FILE, quant), (DENSE_FILE, dense)):
+            lazy = tensors if isinstance(tensors, LazyTensors) else LazyTensors.of(tensors)
+            write_tensors(staging / fname, lazy.layout, lazy.read, {"format": FORMAT})
+        config.save_pretrained(staging)
         _mark_config(staging / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -118,7 +141,7 @@ def save_checkpoint(
         if isinstance(info.get("stats"), dict):
             info["stats"] = {**info["stats"], "disk_bytes": sum(f["bytes"] for f in files.values())}
         manifest = Manifest(
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            dtype=dtype,
             layers=layers,
             files=files,
             info=info,

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     bug (one `lowbit: internal error:` line; -v prints the traceback), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, to say how to run it again
     for dest in ("eval", "data"):  # datasets may be given as "wikitext2 c4" or "wikitext2,c4"
         if isinstance(getattr(args, dest, None), list):
             setattr(args, dest, [d for item in getattr(args, dest) for d in item.split(",") if d])

@@ -59,12 +59,31 @@ def check_quantize(args: argparse.Namespace) -> Recipe:
                           "budget reads no calibration data; drop "
                           f"{'them' if len(given) > 1 else 'it'}, or calibrate (--method gptq or awq, or a budget "
                           "with --target-bpw / --target-size)")
+    _check_stream_flags(args, recipe)
     given = _given(args, EVAL_FLAGS)
     if given and not args.eval:
         raise ConfigError(f"{', '.join(given)} shape{'' if len(given) > 1 else 's'} the evaluation after "
                           "quantizing, and none was asked for: add --eval DATASET or drop "
                           f"{'them' if len(given) > 1 else 'it'}")
     return recipe
+
+
+def _check_stream_flags(args: argparse.Namespace, recipe: Recipe) -> None:
+    """--stream and --resume against the rest: a streamed job writes a lowbit checkpoint, is
+    evaluated afterwards, and runs every method but a budget."""
+    if getattr(args, "resume", False) and not args.stream:
+        raise ConfigError("--resume continues a streamed run: add --stream (the command that started the run, "
+                          "with --resume added)")
+    if not getattr(args, "stream", False):
+        return
+    if args.format != "lowbit":
+        raise ConfigError(f"--stream writes a lowbit checkpoint, not --format {args.format}; drop one of them")
+    if args.eval:
+        raise ConfigError("--stream does not evaluate while quantizing (the quantized model is never whole in "
+                          "memory): drop --eval and run `lowbit eval` on the checkpoint afterwards")
+    from lowbit.streaming import check_streamable
+
+    check_streamable(recipe)
 
 
 def check_generate(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import math
 
 from lowbit.cli.common import _int_from, _kv_arguments, common_arguments
 from lowbit.dtypes import add_dtype_argument, resolve_dtype
-from lowbit.errors import LowbitError
+from lowbit.errors import ConfigError, LowbitError
 
 
 def register(sub) -> None:
@@ -19,6 +19,9 @@ def register(sub) -> None:
     add_dtype_argument(e, "auto", "compute dtype of the model and the reference (always the same)")
     e.add_argument("--reference", default="auto",
                    help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
+    e.add_argument("--stream", action="store_true",
+                   help="read the reference one decoder block at a time (every window runs through a block before "
+                        "the next is read), for a reference that does not fit in memory beside the checkpoint")
     e.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="int8: evaluate a checkpoint as it runs W8A8 (activations quantized per token)")
     _kv_arguments(e)
@@ -42,7 +45,9 @@ def cmd_eval(args) -> int:
     )
     from lowbit.loading import load_checkpoint
     from lowbit.models import load_model
+    from lowbit.models.skeleton import load_skeleton
 
+    _check_stream(args, is_checkpoint(args.model))
     dtype = resolve_dtype(args.dtype)
     reference = None
     kv = args.kv_spec  # parsed by main() before any loading
@@ -54,7 +59,7 @@ def cmd_eval(args) -> int:
         recipe = target.manifest.recipe
         check_no_overlap((target.manifest.calibration or {}).get("dataset"), args.data)
         if args.reference == "auto":
-            reference = load_reference_for(target.manifest.source, dtype, args.cache)
+            reference = load_reference_for(target.manifest.source, dtype, args.cache, stream=args.stream)
     else:
         target = load_model(args.model, dtype=dtype, cache=args.cache)
         recipe = None
@@ -65,7 +70,8 @@ def cmd_eval(args) -> int:
             if source is not None:
                 reference = load_model(source, dtype=dtype, cache=args.cache)
     if args.reference not in ("auto", "none"):
-        reference = load_model(args.reference, dtype=dtype, cache=args.cache)
+        reference = (load_skeleton(args.reference, dtype=dtype, cache=args.cache, progress=not args.quiet)
+                     if args.stream else load_model(args.reference, dtype=dtype, cache=args.cache))
     label = args.model if kv is None else f"{args.model} (kv {kv.label}, chunks of {args.kv_chunk})"
     res = evaluate(target, args.data, label, args.max_tokens, args.seqlen, reference, args.data_dir,
                    not args.quiet, kv=kv, kv_chunk=args.kv_chunk)
@@ -90,6 +96,15 @@ def cmd_eval(args) -> int:
         for n in res.notes:
             print(f"\nNote: {n}")
     return 1 if res.non_finite else 0
+
+
+def _check_stream(args, checkpoint: bool) -> None:
+    """--stream streams a reference: there must be one, beside a checkpoint or a model."""
+    if not args.stream:
+        return
+    if args.reference == "none" or (args.reference == "auto" and not checkpoint):
+        raise ConfigError("--stream reads the reference one block at a time, and there is none here: evaluate a "
+                          "checkpoint (its source is the reference) or name one with --reference MODEL")
 
 
 def _finite_or_none(value):

@@ -79,6 +79,11 @@ def register(sub) -> None:
                    help="with --eval: evaluation window (default min(2048, context))")
     q.add_argument("--force", action="store_true", help="replace an existing lowbit checkpoint at -o (never "
                    "another folder, the input model, or the current folder or its parents)")
+    q.add_argument("--stream", action="store_true", help="hold one decoder block in memory at a time (weights "
+                   "read from the model's safetensors files), writing each finished block to -o as it goes: for "
+                   "models larger than memory; the checkpoint is the same bit for bit. Every method but a budget")
+    q.add_argument("--resume", action="store_true", help="with --stream: continue the unfinished -o folder of an "
+                   "interrupted run of the same command from its last finished block")
     q.add_argument("--allow-fallback", action="store_true", help="exit 0 even when layers fell back to "
                    "round-to-nearest because their Hessian would not factorize (the report lists them)")
     common_arguments(q)
@@ -94,6 +99,10 @@ def cmd_quantize(args) -> int:
         from lowbit.cli.quantize_gguf import cmd_quantize_gguf
 
         return cmd_quantize_gguf(args, recipe)
+    if args.stream:
+        from lowbit.cli.quantize_stream import cmd_quantize_streamed
+
+        return cmd_quantize_streamed(args, recipe)
     _check_eval_flags(args)
     out = _check_inputs(args, recipe)
     dtype = resolve_dtype(args.dtype)
@@ -103,7 +112,7 @@ def cmd_quantize(args) -> int:
          f"Hessians {_mb(est['hessian_bytes'])}, peak memory {_mb(est['peak_bytes'])}; "
          f"roughly {est['seconds'] / 60:.1f} min on a 2-core CPU")
     check_fits(est["peak_bytes"], f"quantizing {args.model}" + (" and evaluating it" if args.eval else ""),
-               _memory_options(args, recipe, dtype))
+               memory_options(args, recipe, dtype, est.get("stream_peak_bytes")))
     result = quantize(loaded, recipe, data_dir=args.data_dir, progress=not args.quiet)
     size = result.size
     _say(f"quantized in {result.seconds:.1f}s; {size.bits_per_weight:.3f} bits/weight, model {_mb(size.model_bytes)}")
@@ -140,19 +149,23 @@ def _check_inputs(args, recipe) -> Path:
     """The output folder (checked against the input model and --force), and the calibration and
     evaluation data, present: fail on those now, not after minutes of work."""
     from lowbit.data import calibration_documents, eval_text
-    from lowbit.models import KNOWN_MODELS, known_model_path
     from lowbit.outputs import check_output
 
-    if args.model in KNOWN_MODELS:
-        inputs = [known_model_path(args.model, args.cache)]
-    else:
-        inputs = [Path(args.model).expanduser()] if Path(args.model).expanduser().exists() else []
-    out = check_output(args.output, args.force, inputs)
+    out = check_output(args.output, args.force, input_paths(args))
     if recipe.needs_calibration:
         calibration_documents(recipe.calibration.dataset, args.data_dir)
     for ds in args.eval or ():
         eval_text(ds, args.data_dir)
     return out
+
+
+def input_paths(args) -> list[Path]:
+    """The input model's file or folder, which -o may never be or hold."""
+    from lowbit.models import KNOWN_MODELS, known_model_path
+
+    if args.model in KNOWN_MODELS:
+        return [known_model_path(args.model, args.cache)]
+    return [Path(args.model).expanduser()] if Path(args.model).expanduser().exists() else []
 
 
 def _load_and_check(args, recipe, dtype):
@@ -190,6 +203,7 @@ def _load_and_check(args, recipe, dtype):
                                   + "lower --seqlen")
     eval_seqlen = (args.seqlen or default_seqlen(loaded.model)) if args.eval else None
     est = estimate(loaded.model, recipe, baseline_bytes=baseline, eval_seqlen=eval_seqlen)
+    est["stream_peak_bytes"] = estimate(loaded.model, recipe, baseline_bytes=baseline, stream=True)["peak_bytes"]
     return loaded, names, est
 
 
@@ -246,14 +260,21 @@ def _evaluate_saved(args, result, recipe, dtype, loaded, path: Path) -> list:
     return evals
 
 
-def _memory_options(args, recipe, dtype) -> list[str]:
-    """What would make a quantize job need less memory, for the message that refuses it."""
+def memory_options(args, recipe, dtype, stream_peak: float | None = None) -> list[str]:
+    """What would make a quantize job need less memory, for the message that refuses it;
+    `stream_peak`: the estimated peak of the same job with --stream, when it is not streamed."""
     options = []
+    if stream_peak is not None and recipe.budget is None:
+        options.append(f"--stream (one block in memory at a time: about {stream_peak / 1e9:.2f} GB at its peak; "
+                       "evaluate afterwards with `lowbit eval`)")
     if args.eval:
         options.append("evaluate later with `lowbit eval` (drop --eval) or a shorter --seqlen")
     if recipe.needs_calibration:
-        options.append(f"fewer or shorter calibration samples (--calib-samples, now {recipe.calibration.n_samples}; "
-                       f"--calib-seqlen, now {recipe.calibration.seqlen})")
+        c = recipe.calibration
+        options.append(f"fewer or shorter calibration samples (--calib-samples, now {c.n_samples}; "
+                       f"--calib-seqlen, now {c.seqlen})")
+        if c.dtype == "float32":
+            options.append("--calib-dtype bfloat16 (the calibration forward passes' activations in bfloat16)")
     if dtype == torch.float32:
         options.append("--dtype bf16 (half the model's memory; its weights are rounded to bf16 first)")
     options.append("a machine or container with more memory")

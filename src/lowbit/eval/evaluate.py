@@ -22,6 +22,8 @@ from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.eval import compare_to_reference, default_seqlen, perplexity
 from lowbit.eval.size import QuantizedSize, model_size
+from lowbit.eval.streamed import StreamedModel
+from lowbit.models.skeleton import Skeleton
 from lowbit.runtime.kvcache import CacheSpec, parse_cache
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ def evaluate(
     if seqlen < 2:
         raise ConfigError(f"--seqlen must be >= 2, got {seqlen}")
     dtype = next(model.parameters()).dtype
+    if isinstance(reference, Skeleton):  # a reference that does not fit: every window through one block at a time
+        reference = StreamedModel(reference)
     if reference is not None:
         ref_dtype = next(reference.model.parameters()).dtype
         if ref_dtype != dtype:
@@ -131,7 +135,8 @@ def evaluate(
             dr = DatasetResult(ds, seqlen, tokens.shape[1], r.n_tokens_scored, r.ppl)
             stats = {"kv_bytes": r.kv_bytes, "kv_bf16_bytes": r.kv_bf16_bytes}
         else:
-            c = compare_to_reference(model, reference.model, tokens, seqlen, progress, desc=f"{ds} vs reference",
+            ref = reference if isinstance(reference, StreamedModel) else reference.model
+            c = compare_to_reference(model, ref, tokens, seqlen, progress, desc=f"{ds} vs reference",
                                      kv=kv, kv_chunk=kv_chunk, kv_stats=stats)
             dr = DatasetResult(ds, seqlen, tokens.shape[1], c.n_tokens_scored, c.ppl, c.ref_ppl, c.kl_mean,
                                c.kl_p99, c.top1_agreement)
@@ -185,19 +190,21 @@ def check_no_overlap(calibration: str | None, datasets: list[str]) -> None:
                               "Evaluate on another --data set.")
 
 
-def load_reference_for(src: Source, dtype: torch.dtype, cache: str | None = None):
+def load_reference_for(src: Source, dtype: torch.dtype, cache: str | None = None, stream: bool = False):
     """Load the model a checkpoint was made from, as recorded in its manifest (Manifest.source).
 
     The manifest is data from the checkpoint's author, so nothing is fetched on its word: a known
     model must already be in the cache, a file or folder must exist here at its recorded path (of
     the recorded kind), and a hub repository is refused (pass it with --reference if you trust it).
     A source whose sha256 differs from the recorded one is refused: KL against another model would
-    be meaningless.
+    be meaningless. With `stream`, the model comes without its weights (models/skeleton.py), to be
+    evaluated one block at a time (evaluate() takes it as the reference).
     """
     from pathlib import Path
 
     from lowbit.errors import ModelNotFoundError
     from lowbit.models import load_model, resolve_model
+    from lowbit.models.skeleton import load_skeleton
 
     kind = src.kind
     spec = src.path if kind in ("gguf", "hf_folder") else src.spec
@@ -220,7 +227,7 @@ def load_reference_for(src: Source, dtype: torch.dtype, cache: str | None = None
     if source.kind != kind:
         raise ConfigError(f"the checkpoint's source {spec!r} is recorded as {kind} but is a {source.kind} here; "
                           "pass --reference MODEL or --reference none")
-    ref = load_model(source, dtype=dtype, cache=cache)
+    ref = load_skeleton(source, dtype, cache, progress=False) if stream else load_model(source, dtype=dtype, cache=cache)
     if src.sha256 and ref.source.sha256 and ref.source.sha256 != src.sha256:
         raise ConfigError(
             f"the source model at {spec} has sha256 {ref.source.sha256[:16]}..., but the checkpoint was made "

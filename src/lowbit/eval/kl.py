@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import ConfigError, DataNotFoundError
+from lowbit.eval.streamed import StreamedModel
 from lowbit.eval.windows import (
     count_windows,
     evaluating,
@@ -198,7 +199,7 @@ class ReferenceLogits:
             yield _Scored(logp=logp, top1=torch.from_numpy(top1[w]), nll=self.window_nll[w])
 
 
-Reference = torch.nn.Module | ReferenceLogits
+Reference = torch.nn.Module | ReferenceLogits | StreamedModel
 
 
 def _reference_windows(
@@ -208,6 +209,8 @@ def _reference_windows(
     if isinstance(reference, ReferenceLogits):
         reference.check_matches(tokens, seqlen)  # before any forward pass is spent
         return reference.windows()
+    if isinstance(reference, StreamedModel):
+        return (_score(ids, logits) for ids, logits in reference.window_logits(tokens, seqlen))
     windows = window_logits(reference, tokens, seqlen, progress=False)
     return (_score(ids, logits) for ids, logits in windows)
 
@@ -225,8 +228,9 @@ def compare_to_reference(
 ) -> ComparisonResult:
     """KL(reference || model), top-1 agreement and both perplexities on `tokens` [1, N].
 
-    `reference` is a live model (run window by window alongside `model`) or a ReferenceLogits
-    built from the same tokens and seqlen. Only one window of each is in memory at a time.
+    `reference` is a live model (run window by window alongside `model`), a ReferenceLogits
+    built from the same tokens and seqlen, or a StreamedModel (every window through one block at
+    a time, then one window at a time). Only one window of each is in memory at a time.
     With `kv`, the candidate runs through that compressed KV cache (see windows.window_logits);
     the reference always runs with its full cache.
     """
@@ -234,7 +238,7 @@ def compare_to_reference(
     kl_per_token = []  # n_windows x [seqlen - 1] float64, on the CPU
     nll = ref_nll = 0.0
     agree = 0
-    live = () if isinstance(reference, ReferenceLogits) else (reference,)
+    live = (reference,) if isinstance(reference, torch.nn.Module) else ()
     with torch.inference_mode(), evaluating(model, *live):
         references = _reference_windows(reference, tokens, seqlen)
         candidates = window_logits(model, tokens, seqlen, progress, desc, kv, kv_chunk, kv_stats)
