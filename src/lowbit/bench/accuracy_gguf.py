@@ -106,6 +106,7 @@ def plot_gguf_kl(model: str, rows: list[dict[str, Any]], dataset: str, out_dir: 
             ax.annotate(s, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6, color=color)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("bits per weight (decoder-block tensors' bytes in the file)")
     ax.set_ylabel(f"{dataset} KL to the reference (nats/token, log scale)")
     ax.set_title(f"{model}: GGUF files, lowbit's against llama-quantize's (lower is better)", fontsize=9)
