@@ -321,7 +321,7 @@ def run_speed_bench(opts: SpeedBenchOptions) -> None:
         runtimes += [(f"llama.cpp {g.name} ({gguf_types(g)})", _llamacpp_job,
                       {**common, "bench_bin": str(tools.bench_bin), "gguf": str(g),
                        "bytes_per_token": gguf_bytes_per_token(g)}) for g in ggufs]
-    source = infos[0]["source"] if infos else {"spec": ", ".join(g.name for g in ggufs)}
+    source = infos[0]["source"] if infos else {"spec": f"{len(ggufs)} GGUF files through llama-bench"}
     if not opts.no_bf16 and infos:
         runtimes.append(("bf16 (unquantized)", _lowbit_job, {**common, "kind": "model", "path": source["spec"]}))
     if not opts.no_llamacpp and infos:
