@@ -102,7 +102,7 @@ def test_gguf_files_run_in_llama_bench_side_by_side(tmp_path, monkeypatch):
     import sys
     from pathlib import Path
 
-    from lowbit.bench.speed import gguf_types
+    from lowbit.bench.speed_llamacpp import gguf_types
     from lowbit.peers.llamacpp import built_tools, tools_dir
 
     tools = built_tools()

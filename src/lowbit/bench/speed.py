@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import resource
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lowbit.bench.common import machine, run_in_child, write_section
+from lowbit.bench.speed_llamacpp import (
+    gguf_bytes_per_token,
+    gguf_runtimes,
+    llamacpp_job,
+)
 from lowbit.errors import ConfigError
 from lowbit.memory import peak_rss_bytes
 
@@ -138,49 +141,6 @@ def _in_child(target, spec: dict[str, Any]) -> dict[str, Any]:
     """A measurement in a fresh process, timed from its spawn; a crash in native code is an error row."""
     return run_in_child(target, {**spec, "t_spawn": time.time()},
                         lambda code: {"error": f"the measuring process exited with code {code} before reporting"})
-
-
-def _llamacpp_job(spec: dict[str, Any], queue) -> None:
-    """llama-bench in a process of its own, so RUSAGE_CHILDREN is llama-bench's peak alone."""
-    cmd = [spec["bench_bin"], "-m", spec["gguf"], "-p", str(spec["prompt_tokens"]), "-n", str(spec["new_tokens"]),
-           "-t", str(spec["threads"]), "-r", "1", "-o", "json"]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        queue.put({"error": f"llama-bench exit {done.returncode}: {done.stderr.strip()[-400:]}"})
-        return
-    tests = json.loads(done.stdout)
-    pp = next(t for t in tests if t["n_prompt"] > 0)
-    tg = next(t for t in tests if t["n_gen"] > 0)
-    queue.put({"prefill_tok_s": pp["avg_ts"], "ttft_s": spec["prompt_tokens"] / pp["avg_ts"],
-               "decode_tok_s": tg["avg_ts"], "wall_s": wall, "bytes_per_token": spec["bytes_per_token"],
-               "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-               "build": f"{pp.get('build_commit', '?')}", "model_type": pp.get("model_type", "")})
-
-
-def gguf_bytes_per_token(path: Path) -> int:
-    """Bytes of a GGUF model's tensors less the token embedding table when the output head is a
-    tensor of its own (a decode step reads one embedding row)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
-    total = sum(sizes.values())
-    if "output.weight" in sizes and "token_embd.weight" in sizes:
-        total -= sizes["token_embd.weight"]
-    return total
-
-
-def gguf_types(path: Path) -> str:
-    """The block types of a GGUF file's quantized tensors, most common first: "Q4_Kx169 Q6_Kx29"."""
-    from collections import Counter
-
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    dense = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-    counts = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors if t.tensor_type not in dense)
-    return " ".join(f"{k}x{v}" for k, v in counts.most_common())
 
 
 def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -314,13 +274,7 @@ def run_speed_bench(opts: SpeedBenchOptions) -> None:
         (info["label"] + (" (int8 activations)" if a8 else ""), _lowbit_job,
          {**common, "kind": "checkpoint", "path": str(c), "int8": a8}) for c, info, a8 in zip(ckpts, infos, int8)]
     skipped = []
-    if ggufs:  # GGUF files run in llama.cpp, side by side in the same rounds
-        from lowbit.peers.llamacpp import ensure_llamacpp
-
-        tools = ensure_llamacpp(cache=common["cache"])
-        runtimes += [(f"llama.cpp {g.name} ({gguf_types(g)})", _llamacpp_job,
-                      {**common, "bench_bin": str(tools.bench_bin), "gguf": str(g),
-                       "bytes_per_token": gguf_bytes_per_token(g)}) for g in ggufs]
+    runtimes += gguf_runtimes(ggufs, common)
     source = infos[0]["source"] if infos else {"spec": f"{len(ggufs)} GGUF files through llama-bench"}
     if not opts.no_bf16 and infos:
         runtimes.append(("bf16 (unquantized)", _lowbit_job, {**common, "kind": "model", "path": source["spec"]}))
@@ -330,7 +284,7 @@ def run_speed_bench(opts: SpeedBenchOptions) -> None:
             from lowbit.peers.llamacpp import ensure_llamacpp
 
             tools = ensure_llamacpp(cache=common["cache"])
-            runtimes.append((f"llama.cpp {Path(resolved.path).name}", _llamacpp_job,
+            runtimes.append((f"llama.cpp {Path(resolved.path).name}", llamacpp_job,
                              {**common, "bench_bin": str(tools.bench_bin), "gguf": str(resolved.path),
                               "bytes_per_token": gguf_bytes_per_token(Path(resolved.path))}))
         else:
