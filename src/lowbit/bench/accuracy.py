@@ -167,7 +167,10 @@ def _gguf_quantized(spec: dict[str, Any], extra: dict[str, Any]):
     tools = built_tools(spec.get("cache"))
     if tools is not None:  # the reference's own float32 GGUF needs llama.cpp's converter
         reference = convert_to_gguf(_reference_folder(spec), Path(spec["work"]) / "llamacpp", tools, progress=False)
-        extra["on_reference"] = tensors_on_reference(gguf, reference)
+        try:
+            extra["on_reference"] = tensors_on_reference(gguf, reference)
+        except ConfigError:  # a file given as it is (gguf:PATH) whose tensors are named otherwise: not counted
+            pass
     return loaded, loaded.bits_per_weight, gguf
 
 
