@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from lowbit.calibration.capture import capture_block_inputs
 from lowbit.calibration.hessian import HessianAccumulator
+from lowbit.calibration.replay import ChildReplay
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class BlockSteps:
     true_sequential: bool = True
     batch_size: int = 8
     prepare_block: BlockPreparer | None = None
+    replay: bool = True  # keep and replay the outputs of children that no longer change (replay.py)
 
 
 @torch.inference_mode()
@@ -67,6 +70,7 @@ def run_sequential(
     batch_size: int = 8,
     prepare_block: BlockPreparer | None = None,
     dtype: str = "float32",
+    replay: bool = True,
 ) -> None:
     """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
 
@@ -76,9 +80,10 @@ def run_sequential(
     the batch), which keeps the matmuls large enough to run efficiently on a CPU. `dtype`
     (recipes.CalibrationConfig.dtype) "bfloat16" runs the blocks under CPU autocast, matrix
     products in bfloat16; the weights, the residual stream and every Hessian stay float32.
+    `replay` (BlockSteps.replay) keeps the outputs of block children that no longer change.
     A streamed job (lowbit.streaming) runs the same calibrate_block on one block in memory at a time.
     """
-    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block)
+    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block, replay)
     with calibration_autocast(dtype):
         layers = decoder_layers(model)
         inputs = capture_block_inputs(model, layers, input_ids)
@@ -97,17 +102,23 @@ def calibration_autocast(dtype: str):
 
 
 @torch.inference_mode()
-def forward_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, batch_size: int = 8) -> None:
-    """Replace the block's inputs x [n, seqlen, hidden] by its outputs, `batch_size` samples at a time."""
-    for j in range(0, x.shape[0], batch_size):
-        x[j : j + batch_size] = _run_block(block, x[j : j + batch_size], args, kwargs)
+def forward_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, batch_size: int = 8,
+                  replay: ChildReplay | None = None) -> None:
+    """Replace the block's inputs x [n, seqlen, hidden] by its outputs, `batch_size` samples at a time
+    (with `replay`, the children whose outputs it keeps are not run again)."""
+    with _replaying(replay, x.shape[0], batch_size):
+        for j in range(0, x.shape[0], batch_size):
+            if replay is not None:
+                replay.start(j)
+            x[j : j + batch_size] = _run_block(block, x[j : j + batch_size], args, kwargs)
 
 
 @torch.inference_mode()
 def calibrate_block(i: int, block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, steps: BlockSteps) -> None:
     """Calibrate and quantize block `i` on its inputs x [n, seqlen, hidden] (prepare_block, then
     each group of linear layers by quantize_group on its Hessian), then replace x by the quantized
-    block's outputs: the next block's inputs."""
+    block's outputs: the next block's inputs. The passes after the first replay the outputs of the
+    block's children that no longer change (calibration/replay.py)."""
     batch_size = steps.batch_size
     groups = sequential_linear_groups(block) if steps.quantize_group is not None else []
     if steps.prepare_block is not None:
@@ -118,41 +129,52 @@ def calibrate_block(i: int, block: nn.Module, x: torch.Tensor, args: tuple, kwar
 
         for name, module in steps.prepare_block(i, block, run_all).items():
             block.set_submodule(name, module)
+    replay = ChildReplay(block, [name for g in groups for name in g]) if steps.replay else None
     # true sequential: one pass per group, after the groups before it are quantized;
     # otherwise one pass collects every group's Hessian from the unquantized block
     passes = [[g] for g in groups] if steps.true_sequential else ([groups] if groups else [])
     for pass_groups in passes:
-        accs = _collect_hessians(block, x, args, kwargs, pass_groups, batch_size)
+        accs = _collect_hessians(block, x, args, kwargs, pass_groups, batch_size, replay)
         for g in pass_groups:
             linears = {name: block.get_submodule(name) for name in g}
             replaced = steps.quantize_group(i, linears, {name: accs[g[0]].H for name in g})
             del accs[g[0]]
             for name, module in replaced.items():
                 block.set_submodule(name, module)
-    forward_block(block, x, args, kwargs, batch_size)
+            if replay is not None:
+                replay.quantized(g)
+    forward_block(block, x, args, kwargs, batch_size, replay)
+
+
+def _replaying(replay: ChildReplay | None, n: int, batch_size: int):
+    return replay.active(-(-n // batch_size)) if replay is not None else nullcontext()
 
 
 def _collect_hessians(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, pass_groups: list[list[str]],
-                      batch_size: int) -> dict[str, HessianAccumulator]:
+                      batch_size: int, replay: ChildReplay | None = None) -> dict[str, HessianAccumulator]:
     """{first layer of each group: the Hessian of its inputs} over every sample; the layers of a
-    group read the same input (models/arch.py), so one Hessian serves all."""
-    accs = {g[0]: HessianAccumulator(block.get_submodule(g[0]).in_features) for g in pass_groups}
-    watched = [name for g in pass_groups for name in g]
+    group read the same input (models/arch.py), so one Hessian serves all. The input is taken
+    before the first layer runs, and the sample stops there once every group's input is seen:
+    no layer of the pass's groups is computed."""
+    firsts = [g[0] for g in pass_groups]
+    accs = {name: HessianAccumulator(block.get_submodule(name).in_features) for name in firsts}
     seen: set[str] = set()
 
-    def hook(module, hook_args, output, name=None) -> None:
-        if name in accs:
-            accs[name].add(hook_args[0])
+    def hook(module, hook_args, name=None) -> None:
+        accs[name].add(hook_args[0])
         seen.add(name)
-        if len(seen) == len(watched):
+        if len(seen) == len(firsts):
             raise _GroupDone
 
-    handles = [block.get_submodule(name).register_forward_hook(functools.partial(hook, name=name))
-               for name in watched]
+    handles = [block.get_submodule(name).register_forward_pre_hook(functools.partial(hook, name=name))
+               for name in firsts]
     try:
-        for j in range(0, x.shape[0], batch_size):
-            seen.clear()
-            _run_block(block, x[j : j + batch_size], args, kwargs)
+        with _replaying(replay, x.shape[0], batch_size):
+            for j in range(0, x.shape[0], batch_size):
+                seen.clear()
+                if replay is not None:
+                    replay.start(j)
+                _run_block(block, x[j : j + batch_size], args, kwargs)
     finally:
         for h in handles:
             h.remove()
