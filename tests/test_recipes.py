@@ -149,3 +149,15 @@ def test_binary_recipe_file_is_a_config_error(tmp_path):
     (tmp_path / "r.toml").write_bytes(b"\xff\xfe\x00\x01method")
     with pytest.raises(ConfigError, match="r.toml"):
         Recipe.from_file(tmp_path / "r.toml")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_calibration_dtype_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    import lowbit.recipe_sections as sections
+    from lowbit.recipes import CalibrationConfig
+
+    monkeypatch.setattr(sections, "cpu_has_fast_bf16", lambda: native)
+    assert CalibrationConfig().dtype == ("bfloat16" if native else "float32")
+    assert Recipe(method="gptq").calibration.dtype == ("bfloat16" if native else "float32")
+    assert CalibrationConfig(dtype="float32").dtype == "float32"
+    assert CalibrationConfig(dtype="bfloat16").dtype == "bfloat16"

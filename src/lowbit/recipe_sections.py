@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from lowbit.dtypes import cpu_has_fast_bf16
 from lowbit.errors import ConfigError
 from lowbit.levels import Level, group_size_problem
 
@@ -86,7 +87,7 @@ class IntegerScaleConfig:
                  f"{self.multiplier!r} is not one of max, pow2")
 
 
-CALIB_DTYPES = ("float32", "bfloat16")
+CALIB_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,17 @@ class CalibrationConfig:
     seed: int = 0
     # the blocks' forward passes during calibration: "float32", or "bfloat16" (autocast: matrix
     # products in bf16, several times faster on CPUs with native bf16; weights, Hessians and the
-    # quantization itself stay float32)
-    dtype: str = "float32"
+    # quantization itself stay float32); "auto" is bfloat16 where the CPU computes it natively
+    # (AVX512_BF16 or AMX), else float32, and is resolved when the recipe is made
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.n_samples >= 1, "calibration.n_samples", f"must be >= 1, got {self.n_samples}")
         _require(self.seqlen >= 2, "calibration.seqlen", f"must be >= 2, got {self.seqlen}")
         _require(self.dtype in CALIB_DTYPES, "calibration.dtype",
                  f"must be one of {', '.join(CALIB_DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", "bfloat16" if cpu_has_fast_bf16() else "float32")
 
 
 @dataclass(frozen=True)

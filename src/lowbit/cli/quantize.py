@@ -66,9 +66,9 @@ def register(sub) -> None:
     q.add_argument("--calib-seqlen", type=_int_from(2), help="tokens per calibration sample (default 512)")
     q.add_argument("--seed", type=int, help="calibration sampling seed (default 0)")
     q.add_argument("--calib-dtype", choices=CALIB_DTYPES,
-                   help="dtype of the calibration forward passes (default float32; bfloat16 runs them under "
-                        "autocast, several times faster on CPUs with native bf16, while weights, Hessians and "
-                        "the quantization stay float32)")
+                   help="dtype of the calibration forward passes (default auto: bfloat16 where the CPU computes "
+                        "it natively (AVX512_BF16, AMX), else float32; bfloat16 runs them under autocast, several "
+                        "times faster there, while weights, Hessians and the quantization stay float32)")
     q.add_argument("--skip", action="append", help="regex of module names to keep in full precision (repeatable)")
     add_dtype_argument(q, "float32", "the dtype the model is loaded and calibrated in, and evaluated in with "
                        "--eval (float32 by default so weights are quantized unrounded)")
