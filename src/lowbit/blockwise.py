@@ -158,7 +158,8 @@ def quantize_calibrated(layers: LayerQuantizer, loaded: LoadedModel, data_dir: s
     ids = calibration_ids(loaded, layers.recipe, data_dir)
     steps = block_steps(layers, int(ids.numel()))
     run_sequential(layers.model, ids, steps.quantize_group, steps.true_sequential, progress,
-                   prepare_block=steps.prepare_block, dtype=layers.recipe.calibration.dtype, replay=steps.replay)
+                   prepare_block=steps.prepare_block, dtype=layers.recipe.calibration.dtype, replay=steps.replay,
+                   tail_bytes=steps.tail_bytes)
     return calibration_report(layers.recipe, ids)
 
 

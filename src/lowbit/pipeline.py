@@ -34,6 +34,7 @@ from lowbit.blockwise import (
     quantize_head,
 )
 from lowbit.budget.plan import BudgetReport, plan_budget
+from lowbit.calibration.sequential import TAIL_BYTES
 from lowbit.checkpoint import save_checkpoint
 from lowbit.errors import ConfigError
 from lowbit.eval.evaluate import EvalResult
@@ -227,7 +228,8 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     Quantizing keeps, per quantized weight, a dense twin of the model's dtype and one byte of
     codes beside the original (the originals are memory-mapped from the file and count once they
     are read); calibration adds the block inputs, one batch of 8 samples' activations (attention
-    scores, the MLP's wide products), the attention outputs kept for replay and the Hessians; a budget holds a fake-quantized copy of
+    scores, the MLP's wide products), the attention outputs and the layer inputs kept for replay and
+    the Hessians; a budget holds a fake-quantized copy of
     the block weights; saving serializes the dense tensors and the packed codes in memory.
     Evaluation (`eval_seqlen`: --eval's window) loads the reference beside the quantized model
     and holds both models' logits of one window with their log-softmax. Measured against peak
@@ -246,8 +248,10 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
         batch = min(8, c.n_samples)
         heads = getattr(cfg, "num_attention_heads", 1)
         wide = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
-        # the block's inputs and the outputs calibration/replay.py keeps (one tensor of their size)
-        work = (est["calib_bytes"] + est["hessian_bytes"]
+        # the block's inputs, the outputs calibration/replay.py keeps (one tensor of their size) and
+        # its tails: the MLP's wide inputs in memory, at most one more tensor of the inputs' size streamed
+        tail = est["calib_bytes"] / 2 if stream else min(TAIL_BYTES, 4.0 * c.n_samples * c.seqlen * wide)
+        work = (est["calib_bytes"] + tail + est["hessian_bytes"]
                 + 4.0 * batch * c.seqlen * (3 * wide + heads * c.seqlen + 4 * cfg.hidden_size))
         if recipe.budget is not None:
             work += block_params * itemsize

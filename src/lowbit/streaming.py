@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,9 @@ def _run_calibrated(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckp
     with calibration_autocast(layers.recipe.calibration.dtype):
         inputs = capture_block_inputs(model, blocks, ids)
         x = inputs.hidden
+        # replay tails (calibration/replay.py) up to the size of the block inputs: the attention's, not a
+        # wide MLP's, whose inputs would raise the peak this job exists to keep low
+        steps = replace(steps, tail_bytes=x.numel() * x.element_size())
         bar = tqdm(total=len(blocks), desc="quantizing blocks (streamed)", unit="block", disable=not progress)
         for i in range(len(blocks)):
             args, kwargs = inputs.layer_args[i], inputs.layer_kwargs[i]

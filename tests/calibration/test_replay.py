@@ -23,44 +23,63 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def _quantize(arch, data_dir, monkeypatch, replay: bool, recipe: Recipe):
-    """Records of `recipe` on a tiny model, and how many times its attention modules ran."""
-    monkeypatch.setattr(lowbit.blockwise, "BlockSteps", functools.partial(BlockSteps, replay=replay))
+def _quantize(arch, data_dir, monkeypatch, recipe: Recipe, **steps):
+    """Records of `recipe` on a tiny model, and how many times its attention and MLP modules ran
+    (BlockSteps set by `steps`)."""
+    monkeypatch.setattr(lowbit.blockwise, "BlockSteps", functools.partial(BlockSteps, **steps))
     lm = loaded_tiny(arch)
-    attn_cls = type(lm.model.model.layers[0].self_attn)
-    calls = []
-    original = attn_cls.forward
+    calls = {"self_attn": 0, "mlp": 0}
+    for child in calls:
+        cls = type(lm.model.model.layers[0].get_submodule(child))
 
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
+        def counted(self, *args, _original=cls.forward, _child=child, **kwargs):
+            calls[_child] += 1
+            return _original(self, *args, **kwargs)
 
-    monkeypatch.setattr(attn_cls, "forward", counted)
+        monkeypatch.setattr(cls, "forward", counted)
     res = quantize(lm, recipe, data_dir=data_dir, progress=False)
-    monkeypatch.setattr(attn_cls, "forward", original)
-    return res.weights, len(calls)
+    monkeypatch.undo()
+    return res.weights, calls
 
 
 @pytest.mark.parametrize("gptq", [GPTQConfig(), GPTQConfig(act_order=True, static_groups=True)])
-def test_replay_gives_the_records_of_full_passes_with_fewer_attention_runs(arch, data_dir, monkeypatch, gptq):
+@pytest.mark.parametrize("tails", [True, False])
+def test_replay_gives_the_records_of_full_passes_with_fewer_runs(arch, data_dir, monkeypatch, gptq, tails):
     recipe = Recipe(method="gptq", bits=3, group_size=16, gptq=gptq,
                     calibration=CalibrationConfig(n_samples=20, seqlen=32))  # 3 batches, the last one short
-    fast, fast_calls = _quantize(arch, data_dir, monkeypatch, True, recipe)
-    full, full_calls = _quantize(arch, data_dir, monkeypatch, False, recipe)
+    fast, fast_calls = _quantize(arch, data_dir, monkeypatch, recipe, tail_bytes=2**30 if tails else 0)
+    full, full_calls = _quantize(arch, data_dir, monkeypatch, recipe, replay=False)
     assert set(fast) == set(full) and len(fast) == 14
     for name, qw in full.items():
         for key, t in qw.packed().items():
             assert torch.equal(fast[name].packed()[key], t), (name, key)
-    # per block and batch, attention is entered by the passes for the q/k/v Hessian (which stops at
-    # q_proj), the o, gate/up and down Hessians and the final forward: 5; with replay the last two
-    # take its kept output
-    assert full_calls == 2 * 3 * 5 and fast_calls == 2 * 3 * 3
+    # per block (2) and batch (3), attention is entered by the passes for the q/k/v Hessian (which
+    # stops at q_proj), the o, gate/up and down Hessians and the final forward: 5; with replay the
+    # last two take its kept output, and with tails the gate/up pass runs it on the first batch
+    # only (o_proj runs alone on the kept inputs of the others). The MLP is entered by the gate/up
+    # and down passes and the final forward; with tails that one runs it on the first batch only.
+    assert full_calls == {"self_attn": 2 * 3 * 5, "mlp": 2 * 3 * 3}
+    if tails:
+        assert fast_calls == {"self_attn": 2 * (3 + 3 + 1), "mlp": 2 * (3 + 3 + 1)}
+    else:
+        assert fast_calls == {"self_attn": 2 * 3 * 3, "mlp": 2 * 3 * 3}
+
+
+def test_tails_stay_within_their_bytes(data_dir, monkeypatch):
+    """A tail that does not fit is not kept (the pass runs the child in full); records unchanged."""
+    recipe = Recipe(method="gptq", bits=4, group_size=16, calibration=CalibrationConfig(n_samples=16, seqlen=32))
+    # the attention's o_proj inputs take 16 x 32 x 64 float32 = 128 KiB; the MLP's down_proj ones more
+    small, small_calls = _quantize("llama", data_dir, monkeypatch, recipe, tail_bytes=200 * 1024)
+    full, _ = _quantize("llama", data_dir, monkeypatch, recipe, replay=False)
+    assert all(torch.equal(small[n].dequantize(torch.float32), full[n].dequantize(torch.float32)) for n in full)
+    assert small_calls == {"self_attn": 2 * (2 + 2 + 1), "mlp": 2 * 2 * 3}
 
 
 def test_replay_changes_nothing_without_true_sequential(data_dir, monkeypatch):
     recipe = Recipe(method="gptq", bits=4, group_size=16, gptq=GPTQConfig(true_sequential=False),
                     calibration=CalibrationConfig(n_samples=8, seqlen=32))
-    fast, fast_calls = _quantize("llama", data_dir, monkeypatch, True, recipe)
-    full, full_calls = _quantize("llama", data_dir, monkeypatch, False, recipe)
+    fast, fast_calls = _quantize("llama", data_dir, monkeypatch, recipe)
+    full, full_calls = _quantize("llama", data_dir, monkeypatch, recipe, replay=False)
     assert all(torch.equal(fast[n].dequantize(torch.float32), full[n].dequantize(torch.float32)) for n in full)
-    assert fast_calls == full_calls == 2 * 1 * 2  # the one Hessian pass and the final forward, per block
+    # the one Hessian pass and the final forward, per block
+    assert fast_calls == full_calls == {"self_attn": 2 * 1 * 2, "mlp": 2 * 1 * 2}

@@ -35,6 +35,11 @@ GroupQuantizer = Callable[[int, dict[str, nn.Linear], dict[str, torch.Tensor]], 
 BlockPreparer = Callable[[int, nn.Module, Callable[[], None]], dict[str, nn.Module]]
 
 
+# replay tails kept in memory (calibration/replay.py): a 1.5B model's down_proj inputs at 128 x 512
+# calibration tokens take 2.3 GB (this lets them in, the streamed job sets its own)
+TAIL_BYTES = 4 * 2**30
+
+
 class _GroupDone(Exception):
     """Raised by a hook once every layer of the group has seen its input: the rest of the block
     need not run for this sample."""
@@ -58,6 +63,7 @@ class BlockSteps:
     batch_size: int = 8
     prepare_block: BlockPreparer | None = None
     replay: bool = True  # keep and replay the outputs of children that no longer change (replay.py)
+    tail_bytes: float = TAIL_BYTES  # at most this many bytes of layer inputs kept as replay tails
 
 
 @torch.inference_mode()
@@ -71,6 +77,7 @@ def run_sequential(
     prepare_block: BlockPreparer | None = None,
     dtype: str = "float32",
     replay: bool = True,
+    tail_bytes: float = TAIL_BYTES,
 ) -> None:
     """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
 
@@ -83,7 +90,7 @@ def run_sequential(
     `replay` (BlockSteps.replay) keeps the outputs of block children that no longer change.
     A streamed job (lowbit.streaming) runs the same calibrate_block on one block in memory at a time.
     """
-    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block, replay)
+    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block, replay, tail_bytes)
     with calibration_autocast(dtype):
         layers = decoder_layers(model)
         inputs = capture_block_inputs(model, layers, input_ids)
@@ -106,10 +113,10 @@ def forward_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, 
                   replay: ChildReplay | None = None) -> None:
     """Replace the block's inputs x [n, seqlen, hidden] by its outputs, `batch_size` samples at a time
     (with `replay`, the children whose outputs it keeps are not run again)."""
-    with _replaying(replay, x.shape[0], batch_size):
+    with _replaying(replay, x.shape[0], batch_size, keep=False):
         for j in range(0, x.shape[0], batch_size):
             if replay is not None:
-                replay.start(j)
+                replay.start(j // batch_size)
             x[j : j + batch_size] = _run_block(block, x[j : j + batch_size], args, kwargs)
 
 
@@ -129,7 +136,7 @@ def calibrate_block(i: int, block: nn.Module, x: torch.Tensor, args: tuple, kwar
 
         for name, module in steps.prepare_block(i, block, run_all).items():
             block.set_submodule(name, module)
-    replay = ChildReplay(block, [name for g in groups for name in g]) if steps.replay else None
+    replay = ChildReplay(block, [name for g in groups for name in g], steps.tail_bytes) if steps.replay else None
     # true sequential: one pass per group, after the groups before it are quantized;
     # otherwise one pass collects every group's Hessian from the unquantized block
     passes = [[g] for g in groups] if steps.true_sequential else ([groups] if groups else [])
@@ -146,8 +153,8 @@ def calibrate_block(i: int, block: nn.Module, x: torch.Tensor, args: tuple, kwar
     forward_block(block, x, args, kwargs, batch_size, replay)
 
 
-def _replaying(replay: ChildReplay | None, n: int, batch_size: int):
-    return replay.active(-(-n // batch_size)) if replay is not None else nullcontext()
+def _replaying(replay: ChildReplay | None, n: int, batch_size: int, keep: bool = True):
+    return replay.active(-(-n // batch_size), keep) if replay is not None else nullcontext()
 
 
 def _collect_hessians(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, pass_groups: list[list[str]],
@@ -173,7 +180,7 @@ def _collect_hessians(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
             for j in range(0, x.shape[0], batch_size):
                 seen.clear()
                 if replay is not None:
-                    replay.start(j)
+                    replay.start(j // batch_size)
                 _run_block(block, x[j : j + batch_size], args, kwargs)
     finally:
         for h in handles:
