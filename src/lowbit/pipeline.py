@@ -182,8 +182,9 @@ def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = No
     """Rough memory (bytes) and time (seconds) for the job, printed before it starts.
 
     Time assumes ~60 GFLOP/s of useful work in the calibration forward passes (what a 2-core AVX2
-    CPU gave in fp32: smollm2-135m, 128 x 512 tokens, took ~700 s), ~3 passes per block with
-    true-sequential GPTQ, plus the column loop of GPTQ. AWQ adds one pass and its grid search on
+    CPU gave in fp32: smollm2-135m, 128 x 512 tokens, took ~700 s before replay), about one pass per
+    block with true-sequential GPTQ (each pass after the first replays what no longer changes:
+    calibration/replay.py) and two without, plus the column loop of GPTQ. AWQ adds one pass and its grid search on
     up to awq.search_tokens tokens per layer; a budget adds one pass for the sensitivities and
     generations x offspring forward passes of the whole model on budget.search_tokens tokens.
     """
@@ -201,7 +202,7 @@ def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = No
         est["hessian_bytes"] = float(3 * widest * widest * 4)
         method = METHODS[recipe.method]
         hessians = CORES[method.core].needs_hessian
-        passes = (3 if recipe.gptq.true_sequential else 2) if hessians else int(method.smoothing)
+        passes = (1 if recipe.gptq.true_sequential else 2) if hessians else int(method.smoothing)
         flops = passes * 2 * block_params * tokens
         column_work = block_params * 60 / 1e9 if hessians else 0.0
         if method.smoothing:
