@@ -184,7 +184,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline",),                                                  # quantize, save
     ("to_gguf", "streaming"),                                       # onto llama.cpp's types; one block at a time
     ("bench",),                                                     # side-by-side benchmarks
-    ("cli",),                                                       # the commands
+    ("cli", "__main__"),                                            # the commands; python -m lowbit
 )
 
 

@@ -9,7 +9,7 @@ dequantizes to (dense_twin): the next layers and blocks are calibrated on the qu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from lowbit.models.arch import decoder_layers
 from lowbit.models.load import LoadedModel
 from lowbit.qtensor import BlockWeight, QuantizedWeight
 from lowbit.recipes import METHODS, LayerSpec, Recipe
+
+if TYPE_CHECKING:
+    from lowbit.calibration.distributed import Communicator
 
 
 @dataclass
@@ -65,25 +68,54 @@ def dense_twin(lin: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype) -> nn.Li
 
 
 
-class LayerQuantizer:
-    """The records and reports quantize collects, layer by layer, and the one dispatch to a core."""
+@dataclass
+class LayerTask:
+    """One layer to quantize by LayerQuantizer.quantize_all: its Hessian or smoothed inputs when its core takes them."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, specs: dict[str, LayerSpec]):
-        self.model, self.recipe, self.specs = model, recipe, specs
+    name: str
+    lin: nn.Linear
+    hessian: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class LayerQuantizer:
+    """The records and reports quantize collects, layer by layer, and the one dispatch to a core.
+    With `comm` (a rank of a distributed job), quantize_all shares the layers out over the ranks."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, specs: dict[str, LayerSpec], comm: Communicator | None = None):
+        self.model, self.recipe, self.specs, self.comm = model, recipe, specs, comm
         self.dtype = next(model.parameters()).dtype
         self.weights: dict[str, QuantizedWeight] = {}
         self.reports: dict[str, LayerReport] = {}
+        self._turn = 0  # the rank that solves the next layer, round-robin over the job (quantize_all)
 
     def quantize(self, name: str, lin: nn.Linear, hessian: torch.Tensor | None = None,
                  inputs: torch.Tensor | None = None, details: dict[str, Any] | None = None) -> nn.Linear:
         """Quantize one layer by its method's core; returns the module to run in its place."""
-        spec = self.specs[name]
+        return self.keep(name, lin, self.solve(LayerTask(name, lin, hessian, inputs)), details or {})
+
+    def solve(self, task: LayerTask) -> LayerResult:
+        """One layer's result by its method's core."""
+        spec = self.specs[task.name]
         core = CORES[spec.method.core]
-        if core.needs_hessian and hessian is None:
+        if core.needs_hessian and task.hessian is None:
             raise ConfigError(f"method {spec.method.name!r}: its core {spec.method.core!r} needs a Hessian; "
                               "its table entry (lowbit.methods) must say needs_data=True")
-        result = core.quantize(LayerJob(name, lin.weight.detach(), spec, self.recipe, hessian, inputs))
-        return self.keep(name, lin, result, details or {})
+        return core.quantize(LayerJob(task.name, task.lin.weight.detach(), spec, self.recipe, task.hessian, task.inputs))
+
+    def quantize_all(self, tasks: list[LayerTask]) -> dict[str, nn.Linear]:
+        """Quantize independent layers (a group's, which share their input); returns {name: module
+        to run in its place}. With a communicator, layer k is solved on rank (turn + k) mod W and
+        its result broadcast from there: every rank keeps every record, each solved once."""
+        comm = self.comm
+        if comm is None or comm.world_size == 1:
+            return {t.name: self.quantize(t.name, t.lin, t.hessian, t.inputs, t.details) for t in tasks}
+        owners = [(self._turn + k) % comm.world_size for k in range(len(tasks))]
+        self._turn = (self._turn + len(tasks)) % comm.world_size
+        mine = {t.name: self.solve(t) for t, r in zip(tasks, owners, strict=True) if r == comm.rank}
+        return {t.name: self.keep(t.name, t.lin, comm.broadcast_object(mine.get(t.name), r, f"the record of {t.name}"),
+                                  t.details) for t, r in zip(tasks, owners, strict=True)}
 
     def keep(self, name: str, lin: nn.Linear, result: LayerResult, details: dict[str, Any]) -> nn.Linear:
         # While calibrating, a quantized layer runs as a dense Linear holding exactly the
@@ -99,8 +131,13 @@ class LayerQuantizer:
 
 
 def quantize_data_free(layers: LayerQuantizer, names: list[str], progress: bool) -> None:
-    """Every layer by its core, from its weight alone (no calibration data)."""
+    """Every layer by its core, from its weight alone (no calibration data); shared out over the
+    ranks of a distributed job."""
     model = layers.model
+    if layers.comm is not None:
+        for name, module in layers.quantize_all([LayerTask(n, model.get_submodule(n)) for n in names]).items():
+            model.set_submodule(name, module)
+        return
     for name in tqdm(names, desc=layers.recipe.method.upper(), unit="layer", disable=not progress):
         model.set_submodule(name, layers.quantize(name, model.get_submodule(name)))
 
@@ -128,27 +165,25 @@ def block_steps(layers: LayerQuantizer, n_tokens: int) -> BlockSteps:
 
     def prepare_block(i: int, block: nn.Module, run) -> dict[str, nn.Module]:
         prefix = block_prefix(model, i)
-        out = {}
-        for name, info in smooth_block(block, run, n_tokens, recipe.awq, prefix, specs).items():
+        tasks = []
+        for name, info in smooth_block(block, run, n_tokens, recipe.awq, prefix, specs, layers.comm).items():
             full = f"{prefix}.{name}"
             if CORES[specs[full].method.core].needs_hessian:
                 smoothed[full] = info.report
             else:
-                out[name] = layers.quantize(full, block.get_submodule(name), inputs=info.inputs, details=info.report)
-        return out
+                tasks.append(LayerTask(full, block.get_submodule(name), inputs=info.inputs, details=info.report))
+        return {name[len(prefix) + 1:]: m for name, m in layers.quantize_all(tasks).items()}
 
     def quantize_group(i: int, linears: dict[str, nn.Linear], hessians: dict[str, torch.Tensor]):
         prefix = block_prefix(model, i)
-        out = {}
-        for name, lin in linears.items():
-            full = f"{prefix}.{name}"
-            if full in specs and full not in layers.weights:  # not skipped, nor quantized by prepare_block
-                out[name] = layers.quantize(full, lin, hessians[name], details=smoothed.pop(full, {}))
-        return out
+        tasks = [LayerTask(f"{prefix}.{name}", lin, hessians[name], details=smoothed.pop(f"{prefix}.{name}", {}))
+                 for name, lin in linears.items()  # not skipped, nor quantized by prepare_block:
+                 if f"{prefix}.{name}" in specs and f"{prefix}.{name}" not in layers.weights]
+        return {name[len(prefix) + 1:]: m for name, m in layers.quantize_all(tasks).items()}
 
     hessian_free = method.smoothing and not CORES[method.core].needs_hessian  # the smoothing step does all
     return BlockSteps(None if hessian_free else quantize_group, recipe.gptq.true_sequential,
-                      prepare_block=prepare_block if method.smoothing else None)
+                      prepare_block=prepare_block if method.smoothing else None, comm=layers.comm)
 
 
 def quantize_calibrated(layers: LayerQuantizer, loaded: LoadedModel, data_dir: str | None,
@@ -159,7 +194,7 @@ def quantize_calibrated(layers: LayerQuantizer, loaded: LoadedModel, data_dir: s
     steps = block_steps(layers, int(ids.numel()))
     run_sequential(layers.model, ids, steps.quantize_group, steps.true_sequential, progress,
                    prepare_block=steps.prepare_block, dtype=layers.recipe.calibration.dtype, replay=steps.replay,
-                   tail_bytes=steps.tail_bytes)
+                   tail_bytes=steps.tail_bytes, comm=layers.comm)
     return calibration_report(layers.recipe, ids)
 
 

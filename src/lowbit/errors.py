@@ -31,3 +31,7 @@ class FetchError(LowbitError, RuntimeError):
 
 class ResourceError(LowbitError, RuntimeError):
     """A job would need more memory (or disk) than the machine lets this process have."""
+
+
+class DistributedError(LowbitError, RuntimeError):
+    """A distributed job stopped because one of its ranks failed or went away."""

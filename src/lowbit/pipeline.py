@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from lowbit.recipes import METHODS, Allocation, LayerSpec, Recipe
 
 _dense_twin = dense_twin  # the name tests and callers knew
 from lowbit.runtime.convert import to_runtime
+
+if TYPE_CHECKING:
+    from lowbit.calibration.distributed import Communicator
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +312,7 @@ def quantize(
     data_dir: str | None = None,
     progress: bool = True,
     block_types: Mapping[str, str] | None = None,
+    comm: Communicator | None = None,
 ) -> QuantizedModel:
     """Quantize loaded.model with `recipe`; returns the records and what was done. The model is
     changed in place: its quantized layers run their records as QuantLinear.
@@ -321,6 +325,10 @@ def quantize(
     `block_types` (layer name -> llama.cpp block type, for every layer quantized) makes each layer
     a BlockWeight on that type, rounded by the recipe's method (to_gguf.py writes them to a GGUF);
     those layers keep running as dense twins of their records.
+
+    `comm` (calibration/distributed.py: join_from_env) makes this call one rank of a distributed
+    job: the calibration samples and the layer solves are shared over the ranks, and every rank
+    returns the same records (saving them is rank 0's: comm.lead).
     """
     model = loaded.model
     check_finite_weights(model)
@@ -334,12 +342,15 @@ def quantize(
     if block_types is not None:
         specs = {n: replace(spec, block_type=block_types[n]) for n, spec in specs.items()}
     budget_report = allocation = None
+    if recipe.budget is not None and comm is not None:
+        raise ConfigError("a size budget (--target-bpw / --target-size) is not run distributed: its search runs the "
+                          "whole model many times over in one process; run it without torchrun or --workers")
     if recipe.budget is not None:
         allocation, budget_report = plan_budget(loaded, recipe, names, data_dir, progress)
         extra["budget"] = budget_report.to_dict()
         log.info(budget_report.summary())
         specs = layer_specs(model, names, recipe, allocation)
-    layers = LayerQuantizer(model, recipe, specs)
+    layers = LayerQuantizer(model, recipe, specs, comm)
     calibration = None
     if METHODS[recipe.method].needs_data:
         calibration = quantize_calibrated(layers, loaded, data_dir, progress)

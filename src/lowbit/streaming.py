@@ -26,6 +26,11 @@ recomputation, a damaged block anywhere is redone from the blocks before it.
 
 Every method streams but a budget (the allocation searches over the whole model's forward
 passes): that is refused.
+
+Distributed (`comm`, calibration/distributed.py): every rank holds one block at a time and runs
+its shard of the samples; rank 0 alone owns the folder (checks it, writes the blocks, joins the
+checkpoint). On a resume it tells the other ranks how many blocks are finished and sends them each
+finished block's tensors, so the ranks need not share a file system.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -90,6 +95,9 @@ from lowbit.pipeline import (
 )
 from lowbit.qtensor import PackedWeight, QuantizedWeight
 from lowbit.recipes import METHODS, Recipe
+
+if TYPE_CHECKING:
+    from lowbit.calibration.distributed import Communicator
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +154,14 @@ def check_stream_output(out: str | Path, resume: bool, force: bool, inputs: list
 def quantize_streamed(model: str | ModelSource | Skeleton, recipe: Recipe, out: str | Path, *,
                       dtype: torch.dtype = torch.float32, data_dir: str | None = None, cache: Path | None = None,
                       resume: bool = False, force: bool = False, progress: bool = True,
-                      command: str | None = None) -> StreamedResult:
+                      command: str | None = None, comm: Communicator | None = None) -> StreamedResult | None:
     """Quantize `model` (a spec load_model takes, its ModelSource, or the Skeleton load_skeleton
     gave, whose dtype then stands) by `recipe` one block at a time into the checkpoint folder `out`
     (see the module docstring). `resume` continues the unfinished folder of the same job (ConfigError if another
     job started it); `force` starts an unfinished one over. `command` is what a user runs again to
     resume, without --resume (the CLI's command line); by default this call is named. A disk that
-    fills up is a ResourceError: the finished blocks stay, to be resumed."""
+    fills up is a ResourceError: the finished blocks stay, to be resumed. With `comm`, this call
+    is one rank of a distributed job (see the module docstring); the ranks but 0 return None."""
     t0 = time.perf_counter()
     check_streamable(recipe)
     if isinstance(model, Skeleton):
@@ -161,20 +170,25 @@ def quantize_streamed(model: str | ModelSource | Skeleton, recipe: Recipe, out: 
         source = model if isinstance(model, ModelSource) else resolve_model(model, cache=cache, progress=progress)
         sk = None
     protect = [source.path] if source.path is not None else []
-    out = check_stream_output(out, resume, force, protect)
+    lead = comm is None or comm.lead
+    out = check_stream_output(out, resume, force, protect) if lead else Path(out).expanduser().resolve()
     sk = sk or load_skeleton(source, dtype, cache, progress=progress)
     recipe = with_head(sk.model, recipe)
     names, skipped = target_layers(sk.model, recipe)
     if not names:
         raise ConfigError("the recipe's skip list excludes every linear layer; nothing to quantize")
-    layers = LayerQuantizer(sk.model, recipe, layer_specs(sk.model, names, recipe))
+    layers = LayerQuantizer(sk.model, recipe, layer_specs(sk.model, names, recipe), comm)
     ids = calibration_ids(sk.loaded, recipe, data_dir) if METHODS[recipe.method].needs_data else None
+    if not lead:
+        return _follow(sk, layers, ids)
     command = command or f"quantize_streamed({source.spec!r}, ..., {str(out)!r})"
     job = _job(sk, recipe, ids)
     started = None if resume else PartialCheckpoint.start(out, job, command, len(decoder_layers(sk.model)))
     with folder_lock(out):
         partial = started or PartialCheckpoint.resume(out, job, command)
         resumed = partial.n_finished
+        if comm is not None:
+            comm.broadcast_object(resumed, 0, "the number of finished blocks")
         with _disk_full_says_resume(partial):
             _load_outside_blocks(sk)
             if ids is None:
@@ -262,9 +276,9 @@ def _restore_block(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpo
     """Finished block i rebuilt from its file as the job ran it: each quantized layer's weight
     dequantized from its record (blockwise.dense_twin's numbers), every other tensor as written."""
     prefix = block_prefix(sk.model, i)
-    quant, dense = partial.read_block(i)
+    quant, dense, finished = _finished_block(partial, i, layers.comm)
     tensors = dict(dense)
-    for name, layer in partial.blocks[i].layers.items():
+    for name, layer in finished.items():
         entry = LayerEntry.from_dict(layer["entry"])
         parts = _parts_of(quant, name)
         bias = quant.get(f"{name}.bias")
@@ -282,7 +296,7 @@ def _run_calibrated(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckp
     steps = block_steps(layers, int(ids.numel()))
     blocks = decoder_layers(model)
     with calibration_autocast(layers.recipe.calibration.dtype):
-        inputs = capture_block_inputs(model, blocks, ids)
+        inputs = capture_block_inputs(model, blocks, ids if layers.comm is None else layers.comm.shard(ids, steps.batch_size))
         x = inputs.hidden
         # replay tails (calibration/replay.py) up to the size of the block inputs: the attention's, not a
         # wide MLP's, whose inputs would raise the peak this job exists to keep low
@@ -300,6 +314,37 @@ def _run_calibrated(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckp
                 _save_block(sk, layers, partial, i, prefix)
             bar.update(1)
         bar.close()
+
+
+class _Follower:
+    """A rank but 0's stand-in for the unfinished folder, which rank 0 alone reads and writes: how
+    many blocks are finished comes from rank 0, and a finished block's tensors (_finished_block)."""
+
+    def __init__(self, comm: Communicator):
+        self.n_finished = comm.broadcast_object(None, 0, "the number of finished blocks")
+
+    def write_block(self, *args) -> None:
+        pass
+
+
+def _follow(sk: Skeleton, layers: LayerQuantizer, ids: torch.Tensor | None) -> None:
+    """A rank but 0's part of the job: every block calibrated (or resumed) as rank 0 does, nothing written."""
+    partial = _Follower(layers.comm)
+    _load_outside_blocks(sk)
+    if ids is None:
+        _run_data_free(sk, layers, partial, progress=False)
+    else:
+        _run_calibrated(sk, layers, partial, ids, progress=False)
+
+
+def _finished_block(partial: PartialCheckpoint | _Follower, i: int, comm: Communicator | None):
+    """Finished block i's (quantized parts, dense tensors, {layer: entry and report}), read by rank
+    0 and sent to the other ranks."""
+    got = None
+    if not isinstance(partial, _Follower):
+        quant, dense = partial.read_block(i)
+        got = (quant, dense, partial.blocks[i].layers)
+    return got if comm is None else comm.broadcast_object(got, 0, f"finished block {i}")
 
 
 def _run_data_free(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpoint, progress: bool) -> None:

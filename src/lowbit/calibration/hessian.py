@@ -48,6 +48,18 @@ class HessianAccumulator:
             self._final = True
         return self._sum
 
+    def partial_sum(self) -> tuple[torch.Tensor, int]:
+        """The unscaled sum so far (its lower blocks may be unfilled) and the tokens it holds: what
+        ranks of a distributed job add up (calibration/distributed.py)."""
+        if self._final and self.n_tokens:
+            self._sum.mul_(self.n_tokens / 2.0)
+            self._final = False
+        return self._sum, self.n_tokens
+
+    def set_partial_sum(self, total: torch.Tensor, n_tokens: int) -> None:
+        """Replace the sum by `total` (of partial_sum's layout) over `n_tokens` tokens."""
+        self._sum, self.n_tokens, self._final = total, n_tokens, False
+
     def hook(self, module: nn.Module, args: tuple, output) -> None:
         self.add(args[0])
 

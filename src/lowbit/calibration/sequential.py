@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from lowbit.calibration.capture import capture_block_inputs
 from lowbit.calibration.hessian import HessianAccumulator
 from lowbit.calibration.replay import ChildReplay
 from lowbit.models.arch import decoder_layers, sequential_linear_groups
+
+if TYPE_CHECKING:
+    from lowbit.calibration.distributed import Communicator
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,9 @@ def _run_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> 
 @dataclass
 class BlockSteps:
     """What calibrating one block does besides collecting Hessians: `quantize_group` may be None
-    when `prepare_block` (run first: AWQ smoothing) quantizes the block itself."""
+    when `prepare_block` (run first: AWQ smoothing) quantizes the block itself. With `comm` (a
+    rank of a distributed job), the block's inputs are this rank's shard of the samples and the
+    Hessians are combined over the ranks (calibration/distributed.py)."""
 
     quantize_group: GroupQuantizer | None
     true_sequential: bool = True
@@ -64,6 +70,7 @@ class BlockSteps:
     prepare_block: BlockPreparer | None = None
     replay: bool = True  # keep and replay the outputs of children that no longer change (replay.py)
     tail_bytes: float = TAIL_BYTES  # at most this many bytes of layer inputs kept as replay tails
+    comm: Communicator | None = None
 
 
 @torch.inference_mode()
@@ -78,6 +85,7 @@ def run_sequential(
     dtype: str = "float32",
     replay: bool = True,
     tail_bytes: float = TAIL_BYTES,
+    comm: Communicator | None = None,
 ) -> None:
     """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
 
@@ -89,11 +97,12 @@ def run_sequential(
     products in bfloat16; the weights, the residual stream and every Hessian stay float32.
     `replay` (BlockSteps.replay) keeps the outputs of block children that no longer change.
     A streamed job (lowbit.streaming) runs the same calibrate_block on one block in memory at a time.
+    With `comm` (a rank of a distributed job) this rank runs its shard of the samples.
     """
-    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block, replay, tail_bytes)
+    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block, replay, tail_bytes, comm)
     with calibration_autocast(dtype):
         layers = decoder_layers(model)
-        inputs = capture_block_inputs(model, layers, input_ids)
+        inputs = capture_block_inputs(model, layers, input_ids if comm is None else comm.shard(input_ids, batch_size))
         bar = tqdm(total=len(layers), desc="quantizing blocks", unit="block", disable=not progress)
         for i, block in enumerate(layers):
             t0 = time.perf_counter()
@@ -142,6 +151,8 @@ def calibrate_block(i: int, block: nn.Module, x: torch.Tensor, args: tuple, kwar
     passes = [[g] for g in groups] if steps.true_sequential else ([groups] if groups else [])
     for pass_groups in passes:
         accs = _collect_hessians(block, x, args, kwargs, pass_groups, batch_size, replay)
+        if steps.comm is not None:
+            steps.comm.combine_hessians(accs, i)
         for g in pass_groups:
             linears = {name: block.get_submodule(name) for name in g}
             replaced = steps.quantize_group(i, linears, {name: accs[g[0]].H for name in g})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from lowbit.models.arch import (
     smoothing_groups,
 )
 from lowbit.recipes import AWQConfig, LayerSpec
+
+if TYPE_CHECKING:
+    from lowbit.calibration.distributed import Communicator
 
 
 @dataclass
@@ -50,14 +53,18 @@ def smooth_block(
     cfg: AWQConfig,
     prefix: str,
     specs: Mapping[str, LayerSpec],
+    comm: Communicator | None = None,
 ) -> dict[str, SmoothedLayer]:
     """Smooth `block` in place; returns, per linear layer to quantize (name in block; `specs` holds
     every layer to quantize by full name), its sampled inputs after smoothing and what was chosen
-    (alpha, loss with and without)."""
+    (alpha, loss with and without). With `comm`, `run` feeds this rank's shard of the samples and
+    the statistics are combined over the ranks before the search (calibration/distributed.py)."""
     groups = sequential_linear_groups(block)
     first_of = {name: g[0] for g in groups for name in g}
     firsts = {g[0]: block.get_submodule(g[0]) for g in groups}
-    recs = record_inputs(firsts, run, total_tokens, cfg.search_tokens)
+    recs = record_inputs(firsts, run, total_tokens, cfg.search_tokens, comm.token_offset if comm else 0)
+    if comm is not None:
+        comm.combine_inputs(recs, prefix)
     scales = {g[0]: None for g in groups}
     reports: dict[str, dict[str, Any]] = {}
     for sg in smoothing_groups(block):

@@ -24,7 +24,7 @@ from lowbit.cli import bench, export, generate, info, models, quantize
 from lowbit.cli import eval as eval_command
 from lowbit.cli.checks import check_args
 from lowbit.cli.common import _Parser, kv_spec_from_args
-from lowbit.errors import LowbitError
+from lowbit.errors import DistributedError, LowbitError
 
 __all__ = ["build_parser", "main"]
 
@@ -109,8 +109,9 @@ def _os_error_message(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 2 refused (a one-line `lowbit: error:` naming the
-    problem and the fix: bad flags or input, missing files, not enough memory or disk), 1 a lowbit
-    bug (one `lowbit: internal error:` line; -v prints the traceback), 130 interrupted."""
+    problem and the fix: bad flags or input, missing files, not enough memory or disk), 3 a
+    distributed job stopped because one of its ranks failed (cli/workers.py), 1 a lowbit bug (one
+    `lowbit: internal error:` line; -v prints the traceback), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, to say how to run it again
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 kv_spec_from_args(args)
             check_args(args)  # flags that contradict each other or that this command would ignore
             return args.func(args)
+    except DistributedError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 3
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.cli import workers
 from lowbit.cli.common import (
     _float_in,
     _int_from,
@@ -86,11 +87,21 @@ def register(sub) -> None:
                    "interrupted run of the same command from its last finished block")
     q.add_argument("--allow-fallback", action="store_true", help="exit 0 even when layers fell back to "
                    "round-to-nearest because their Hessian would not factorize (the report lists them)")
+    workers.add_arguments(q)
     common_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
 
 def cmd_quantize(args) -> int:
+    """One process, or (--workers, torchrun) one rank of several: cli/workers.py."""
+    workers.check_workers(args)
+    if args.workers and args.workers > 1:
+        return workers.launch_workers(args)
+    with workers.joined(args) as comm:
+        return _quantize(args, comm)
+
+
+def _quantize(args, comm) -> int:
     from lowbit.memory import check_fits
     from lowbit.pipeline import quantize
 
@@ -99,12 +110,15 @@ def cmd_quantize(args) -> int:
         from lowbit.cli.quantize_gguf import cmd_quantize_gguf
 
         return cmd_quantize_gguf(args, recipe)
+    if comm is not None and recipe.budget is not None:
+        raise ConfigError("a size budget (--target-bpw / --target-size) is not run distributed: its search runs "
+                          "the whole model many times over in one process; leave out --workers / torchrun")
     if args.stream:
         from lowbit.cli.quantize_stream import cmd_quantize_streamed
 
-        return cmd_quantize_streamed(args, recipe)
+        return cmd_quantize_streamed(args, recipe, comm)
     _check_eval_flags(args)
-    out = _check_inputs(args, recipe)
+    out = _check_inputs(args, recipe, comm is None or comm.lead)
     dtype = resolve_dtype(args.dtype)
     loaded, names, est = _load_and_check(args, recipe, dtype)
     _say(f"recipe: {recipe.describe()}; {len(names)} linear layers")
@@ -113,7 +127,11 @@ def cmd_quantize(args) -> int:
          f"roughly {est['seconds'] / 60:.1f} min on a 2-core CPU")
     check_fits(est["peak_bytes"], f"quantizing {args.model}" + (" and evaluating it" if args.eval else ""),
                memory_options(args, recipe, dtype, est.get("stream_peak_bytes")))
-    result = quantize(loaded, recipe, data_dir=args.data_dir, progress=not args.quiet)
+    result = quantize(loaded, recipe, data_dir=args.data_dir, progress=not args.quiet, comm=comm)
+    if comm is not None:
+        if not comm.lead:
+            return 0  # rank 0 writes the checkpoint
+        _say(workers.traffic_line(comm))
     size = result.size
     _say(f"quantized in {result.seconds:.1f}s; {size.bits_per_weight:.3f} bits/weight, model {_mb(size.model_bytes)}")
     if result.budget is not None:
@@ -145,13 +163,14 @@ def _check_eval_flags(args) -> None:
                           f"{args.seqlen}); raise --max-tokens or lower --seqlen")
 
 
-def _check_inputs(args, recipe) -> Path:
-    """The output folder (checked against the input model and --force), and the calibration and
-    evaluation data, present: fail on those now, not after minutes of work."""
+def _check_inputs(args, recipe, writes: bool = True) -> Path:
+    """The output folder (checked against the input model and --force, by the process that
+    `writes` it), and the calibration and evaluation data, present: fail on those now, not after
+    minutes of work."""
     from lowbit.data import calibration_documents, eval_text
     from lowbit.outputs import check_output
 
-    out = check_output(args.output, args.force, input_paths(args))
+    out = check_output(args.output, args.force, input_paths(args)) if writes else Path(args.output)
     if recipe.needs_calibration:
         calibration_documents(recipe.calibration.dataset, args.data_dir)
     for ds in args.eval or ():

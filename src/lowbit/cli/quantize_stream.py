@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 
 from lowbit.cli.common import _mb, _say
+from lowbit.cli.workers import traffic_line
 from lowbit.dtypes import resolve_dtype
 
 
@@ -17,7 +18,8 @@ def run_again(args) -> str:
     return shlex.join(["lowbit", *argv]) if argv else "lowbit quantize ... --stream"
 
 
-def cmd_quantize_streamed(args, recipe) -> int:
+def cmd_quantize_streamed(args, recipe, comm=None) -> int:
+    """The streamed job; with `comm` (cli/workers.py) one rank of several, rank 0 owning -o."""
     from lowbit.cli.checks import check_layer_groups
     from lowbit.cli.quantize import input_paths, memory_options
     from lowbit.data import calibration_documents
@@ -32,7 +34,8 @@ def cmd_quantize_streamed(args, recipe) -> int:
     )
     from lowbit.streaming import check_stream_output, quantize_streamed
 
-    check_stream_output(args.output, args.resume, args.force, input_paths(args))
+    if comm is None or comm.lead:
+        check_stream_output(args.output, args.resume, args.force, input_paths(args))
     if recipe.needs_calibration:
         calibration_documents(recipe.calibration.dataset, args.data_dir)
     dtype = resolve_dtype(args.dtype)
@@ -53,7 +56,11 @@ def cmd_quantize_streamed(args, recipe) -> int:
     check_fits(est["peak_bytes"], f"quantizing {args.model} streamed", memory_options(args, full, dtype))
     result = quantize_streamed(sk, recipe, args.output, dtype=dtype, data_dir=args.data_dir, cache=args.cache,
                                resume=args.resume, force=args.force, progress=not args.quiet,
-                               command=run_again(args))
+                               command=run_again(args), comm=comm)
+    if result is None:
+        return 0  # a rank but 0: rank 0 writes and reports
+    if comm is not None:
+        _say(traffic_line(comm))
     if result.resumed_blocks:
         _say(f"resumed after {result.resumed_blocks} finished blocks")
     size = result.size
