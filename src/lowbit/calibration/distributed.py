@@ -108,6 +108,7 @@ class Communicator:
         self._beats: dict[int, tuple[int, float]] = {}  # rank -> (last counter seen, when it changed)
         self._stop = threading.Event()
         self._sigterm = None
+        self._failed = False
         if store is not None:
             self._set(f"who/{rank}", f"{socket.gethostname()} {os.getpid()}")
             threading.Thread(target=self._beat, name="lowbit-heartbeat", daemon=True).start()
@@ -260,26 +261,25 @@ class Communicator:
             self._stop.wait(BEAT_S)
 
     def _problem_of(self, r: int) -> str | None:
-        """What is wrong with rank r, if anything: it failed, stopped for another, or is gone."""
-        if self._get(f"done/{r}") is not None:
+        """What is wrong with rank r, if anything: it failed, or is gone (a rank that stopped
+        because of another is passed over: _check_others names the other)."""
+        if self._get(f"done/{r}") is not None or self._get(f"stopped/{r}") is not None:
             return None
         failed = self._get(f"failed/{r}")
         if failed is not None:
             return f"failed: {failed}"
-        stopped = self._get(f"stopped/{r}")
-        if stopped is not None:
-            return f"stopped: {stopped}"
+        last = self._get(f"at/{r}") or "joining the job"
         who = (self._get(f"who/{r}") or "").split()
         if len(who) == 2 and who[0] == socket.gethostname() and not _alive(int(who[1])):
-            return (f"its process ({who[1]}) is gone, killed by a signal (kill -9, the out-of-memory killer) "
-                    f"while at {self._get(f'at/{r}') or 'its start'}")
+            return (f"is gone: its process ({who[1]}) was killed by a signal (kill -9, the out-of-memory killer); "
+                    f"its last collective: {last}")
         beat, now = self._store.add(self._prefix + f"beat/{r}", 0), time.monotonic()
         seen = self._beats.get(r)
         if seen is None or seen[0] != beat:
             self._beats[r] = (beat, now)
         elif now - seen[1] > STALE_S:
-            return (f"its heartbeat stopped {now - seen[1]:.0f} s ago, while at {self._get(f'at/{r}') or 'its start'} "
-                    "(its process or machine went away)")
+            return (f"stopped responding: no heartbeat for {now - seen[1]:.0f} s (its process or machine went away); "
+                    f"its last collective: {last}")
         return None
 
     def _check_others(self, where: str) -> None:
@@ -287,6 +287,8 @@ class Communicator:
             for r in range(self.world_size):
                 if r != self.rank and (problem := self._problem_of(r)) is not None:
                     raise self._stopped_by(r, problem, where)
+        except DistributedError:
+            raise
         except RuntimeError as e:  # the store itself is gone
             raise DistributedError(f"rank {self.rank} of {self.world_size}: the job's store at "
                                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} went away "
@@ -309,8 +311,8 @@ class Communicator:
                                 f"reported a failure; {_WHAT_TO_DO}")
 
     def _stopped_by(self, r: int, problem: str, where: str) -> DistributedError:
-        return DistributedError(f"rank {r} of {self.world_size} {problem}; rank {self.rank} stopped at {where}. "
-                                f"{_WHAT_TO_DO}", )
+        return DistributedError(f"rank {r} of {self.world_size} {problem}. Rank {self.rank} stopped at {where}. "
+                                f"{_WHAT_TO_DO}")
 
     def _where_others(self) -> str:
         return "; ".join(f"rank {r} is at {self._get(f'at/{r}')}" for r in range(self.world_size) if r != self.rank)
@@ -324,18 +326,19 @@ class Communicator:
     def fail(self, e: BaseException) -> None:
         """Record that this rank stops on `e`, for the others to name (a DistributedError is about
         another rank, and is recorded as such)."""
+        self._failed = True
         if self._store is None:
             return
         key = "stopped" if isinstance(e, DistributedError) else "failed"
         try:
-            self._set(f"{key}/{self.rank}", f"{type(e).__name__}: {_first_line(e)} (at {self._where})")
+            self._set(f"{key}/{self.rank}", f"{type(e).__name__}: {_first_line(e)} (its last collective: {self._where})")
         except RuntimeError:
             pass
 
     def close(self) -> None:
         """Leave the job: the heartbeat stops, the SIGTERM handler goes, the process group ends."""
         self._stop.set()
-        if self._store is not None:
+        if self._store is not None and not self._failed:
             try:
                 self._set(f"done/{self.rank}", "1")
             except RuntimeError:
@@ -347,8 +350,8 @@ class Communicator:
             dist.destroy_process_group()
 
 
-_WHAT_TO_DO = ("Every rank stopped; nothing was written as finished: run the same command again (with --resume "
-               "after --stream, to keep the finished blocks)")
+_WHAT_TO_DO = ("Every rank stops; nothing is left looking finished: a streamed job (--stream) keeps its finished "
+               "blocks, go on with the same command and --resume; any other job wrote nothing, run it again")
 
 
 # all_gather_single is all_gather_into_tensor's name from torch 2.12
@@ -364,7 +367,7 @@ def _alive(pid: int) -> bool:
     """Whether process `pid` of this machine still runs (a zombie has stopped)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         try:
             os.kill(pid, 0)
