@@ -14,6 +14,7 @@ an in-memory job's output is never written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -116,7 +117,7 @@ def test_python_m_lowbit_runs_the_command():
 def test_shards_are_contiguous_whole_batches_covering_every_sample(n, world):
     ranges = [shard_range(n, 8, r, world) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     assert all(start % 8 == 0 for start, _ in ranges)
     batches = [-(-(stop - start) // 8) for start, stop in ranges]
     assert max(batches) - min(batches) <= 1
@@ -222,7 +223,7 @@ def test_a_killed_rank_stops_the_job_naming_it_and_the_folder_resumes(setup, tmp
 
 
 def test_a_failing_rank_stops_the_others_and_nothing_is_written(setup, tmp_path):
-    root, argv = setup
+    _root, argv = setup
     (tmp_path / "sitecustomize.py").write_text(_FAULT)
     out = tmp_path / "out"
     done = _lowbit([*argv, "-o", str(out), "--workers", "2"], fault="1:1:raise", inject=tmp_path)
@@ -233,7 +234,7 @@ def test_a_failing_rank_stops_the_others_and_nothing_is_written(setup, tmp_path)
 
 
 def test_too_few_calibration_batches_for_the_ranks_is_refused(setup, tmp_path):
-    root, argv = setup
+    _root, argv = setup
     few = [a if a != str(SAMPLES) else "8" for a in argv]
     done = _lowbit([*few, "-o", str(tmp_path / "out"), "--workers", "2"])
     assert done.returncode == 3
