@@ -184,7 +184,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline",),                                                  # quantize, save
     ("to_gguf", "streaming"),                                       # onto llama.cpp's types; one block at a time
     ("bench",),                                                     # side-by-side benchmarks
-    ("cli", "__main__"),                                            # the commands; python -m lowbit
+    ("cli",),                                                       # the commands
+    ("__main__",),                                                  # python -m lowbit (torchrun -m lowbit)
 )
 
 
