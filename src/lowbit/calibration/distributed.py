@@ -354,7 +354,7 @@ _WHAT_TO_DO = ("Every rank stops; nothing is left looking finished: a streamed j
                "blocks, go on with the same command and --resume; any other job wrote nothing, run it again")
 
 
-# all_gather_single is all_gather_into_tensor's name from torch 2.12
+# all_gather_single: all_gather_into_tensor's newer name (the old one warns that it is deprecated)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
