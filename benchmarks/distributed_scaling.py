@@ -6,14 +6,22 @@ the one-process one.
 
 Runs, one after another (each `python -m lowbit quantize MODEL --method gptq --bits 4
 --group-size 64 --calib-samples N`):
-  1 x T   one process, T threads (the baseline);
+  1 x T   one process, T threads (the baseline of the times);
+  1 x 1   one process, 1 thread: the checkpoint the runs of 1-thread ranks are compared with (a
+          thread count changes float summation order too, see "codes" below);
   2 x T/2 `--workers 2`;  4 x max(1, T/4) `--workers 4` (oversubscribed when T < 4);
   2 x T/2 `--workers 2 --parallel layers` (every rank runs every sample; only the solves split);
   2 nodes two torchrun invocations, --nnodes 2 --node-rank 0|1 --nproc-per-node 1, on 127.0.0.1.
 Wall time is the whole command (start-up, loading, calibration, saving); "quantize s" is the
 job's own time (rank 0's quantize call). The bytes are what rank 0 received in collectives (the
-job prints them), divided by the number of blocks. Results: benchmarks/results/distributed_scaling.json
-and .md. Other work on the machine competes for the same cores: say so when reporting.
+job prints them), divided by the number of blocks. Codes: each checkpoint against the 1 x 1 one
+(the fraction of codes that differ, of weights more than one step apart, and the sum of GPTQ's
+proxy losses). GPTQ feeds each column's rounding error into the next columns, so one flipped code
+moves others in its row and the next blocks' inputs: a last-bit change anywhere (thread count,
+summation order) moves a sizable fraction of codes on a deep model, which is why the comparison is
+at one thread per process. Results: benchmarks/results/distributed_scaling.json and .md; `--reuse`
+keeps the runs whose checkpoint is in --work (their times from the JSON). Other work on the
+machine competes for the same cores: say so when reporting.
 """
 
 from __future__ import annotations
@@ -74,20 +82,25 @@ def _run(name: str, commands: list[tuple[list[str], int]], out: Path) -> dict:
 
 
 def _differences(a: Path, b: Path) -> dict:
-    """Codes that differ between two checkpoints, and the largest weight difference in steps."""
+    """Codes that differ between two checkpoints (all, and in the first block), weights more than
+    one step apart, and the sums of GPTQ's proxy losses."""
     from lowbit.checkpoint.read import open_checkpoint
 
     with open_checkpoint(a, verify=False) as ca, open_checkpoint(b, verify=False) as cb:
-        n = differ = 0
-        worst = 0.0
+        n = differ = far = n0 = differ0 = 0
         for name in ca.weights:
             qa, qb = ca.weights[name].unpack(), cb.weights[name].unpack()
-            n += qa.codes.numel()
-            differ += int((qa.codes != qb.codes).sum())
+            d = int((qa.codes != qb.codes).sum())
+            n, differ = n + qa.codes.numel(), differ + d
+            if ".layers.0." in name:
+                n0, differ0 = n0 + qa.codes.numel(), differ0 + d
             wa, wb = qa.dequantize(), qb.dequantize()
             step = torch.maximum(qa.float_scales(), qb.float_scales()).repeat_interleave(qa.fmt.group_size, 1)
-            worst = max(worst, float(((wa - wb).abs() / step[:, : wa.shape[1]]).max()))
-    return {"codes_differing": differ, "codes": n, "fraction": differ / n, "max_step": round(worst, 4)}
+            far += int(((wa - wb).abs() > step[:, : wa.shape[1]] * 1.001).sum())
+    losses = [sum(s["loss"] for s in json.loads((p / "manifest.json").read_text())["layer_stats"].values() if s["loss"])
+              for p in (a, b)]
+    return {"codes_differing": differ, "codes": n, "fraction": differ / n, "first_block_fraction": differ0 / max(n0, 1),
+            "beyond_one_step": far / n, "gptq_loss_sum": round(losses[1], 2), "reference_gptq_loss_sum": round(losses[0], 2)}
 
 
 def main() -> None:
@@ -96,26 +109,37 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="total threads of every run")
     p.add_argument("--work", type=Path, default=None, help="folder for the checkpoints (default: a temporary one)")
+    p.add_argument("--reuse", action="store_true", help="keep the runs whose checkpoint --work holds")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="lowbit-dist-"))
     base = [sys.executable, "-m", "lowbit", "quantize", args.model, "--method", "gptq", "--bits", "4",
             "--group-size", "64", "--calib-samples", str(args.samples), "-q"]
     t = args.threads
-    rows = [_run(f"1 x {t}", [([*base, "-o", str(work / "one")], t)], work / "one")]
+    before = {}
+    if args.reuse and (RESULTS / "distributed_scaling.json").is_file():
+        before = {r["run"]: r for r in json.loads((RESULTS / "distributed_scaling.json").read_text())["runs"]}
+
+    def run(name: str, commands: list[tuple[list[str], int]], out: Path) -> dict:
+        if args.reuse and (out / "manifest.json").is_file() and name in before:
+            return before[name]
+        return _run(name, commands, out)
+
+    rows = [run(f"1 x {t}", [([*base, "-o", str(work / "one")], t)], work / "one"),
+            run("1 x 1", [([*base, "-o", str(work / "one1t")], 1)], work / "one1t")]
     for m, extra in ((2, []), (4, []), (2, ["--parallel", "layers"])):
         name = f"{m} x {max(1, t // m)}" + (" layers" if extra else "")
         out = work / name.replace(" ", "")
-        rows.append(_run(name, [([*base, "-o", str(out), "--workers", str(m), *extra], t)], out))
+        rows.append(run(name, [([*base, "-o", str(out), "--workers", str(m), *extra], t)], out))
     port = _free_port()
     nodes = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(k),
               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "lowbit",
               *base[3:], "-o", str(work / "nodes")] for k in (0, 1)]
-    rows.append(_run(f"2 nodes x 1 x {max(1, t // 2)}", [(n, max(1, t // 2)) for n in nodes], work / "nodes"))
+    rows.append(run(f"2 nodes x 1 x {max(1, t // 2)}", [(n, max(1, t // 2)) for n in nodes], work / "nodes"))
     from lowbit.models import load_model
 
     n_blocks = load_model(args.model).model.config.num_hidden_layers
     for row in rows:
-        row["vs_one_process"] = _differences(work / "one", Path(row["output"]))
+        row["vs_one_process_1_thread"] = _differences(work / "one1t", Path(row["output"]))
         if "received_mb" in row:
             row["received_mb_per_block"] = round(row["received_mb"] / n_blocks, 2)
             row["collectives_per_block"] = round(row["collectives"] / n_blocks, 1)
@@ -129,15 +153,17 @@ def main() -> None:
 
 def _markdown(r: dict) -> str:
     one = r["runs"][0]["wall_s"]
-    lines = [f"# {r['model']} {r['method']}, {r['calib_samples']} calibration samples, {r['total_threads']} threads in "
-             f"all, {r['cpus']} CPUs", "",
-             "| run | wall s | vs 1 process | quantize s | MB received per block (rank 0) | collectives per block "
-             "| codes differing from 1 process | max step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [(f"# {r['model']} {r['method']}, {r['calib_samples']} calibration samples, {r['total_threads']} threads in "
+             f"all, {r['cpus']} CPUs"), "",
+             ("| run | wall s | speed-up | quantize s | MB received per block (rank 0) | collectives per block "
+             "| codes differing from 1 x 1 (first block) | weights > 1 step apart | GPTQ loss sum |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in r["runs"]:
-        d = row["vs_one_process"]
+        d = row["vs_one_process_1_thread"]
         lines.append(f"| {row['run']} | {row['wall_s']} | {one / row['wall_s']:.2f}x | {row.get('quantize_s', '')} | "
                      f"{row.get('received_mb_per_block', '')} | {row.get('collectives_per_block', '')} | "
-                     f"{d['codes_differing']} / {d['codes']} ({d['fraction']:.2e}) | {d['max_step']} |")
+                     f"{d['fraction']:.2%} ({d['first_block_fraction']:.2%}) | {d['beyond_one_step']:.2%} | "
+                     f"{d['gptq_loss_sum']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,10 +2,12 @@
 
 Layer parallel (--parallel layers) gives one process's checkpoint bit for bit; data parallel
 (the default) differs from it only by the order of the float32 additions of the Hessians. On the
-tiny model here that moves no code at all (the layers' GPTQ losses differ in the 7th digit); on
-smollm2-135m GPTQ w4g64 with 32 samples, 2 and 4 ranks moved a small fraction of the codes by one
-step (benchmarks/distributed_scaling.md). The bound tested: at most 1 code in 1000 differs, and
-where a dequantized weight differs it is by at most one quantization step.
+tiny model here that moves no code at all (the layers' GPTQ losses differ in the 7th digit). The
+bound tested: at most 1 code in 1000 differs, and where a dequantized weight differs it is by at
+most one quantization step (without the Hessians summed over the ranks, 78% of the codes differ).
+On a deep model GPTQ's error feedback amplifies a last-bit change: on smollm2-135m GPTQ w4g64, 2
+and 4 ranks move 15% of the codes against one 1-thread process, as one process on 2 threads does
+(benchmarks/results/distributed_scaling.md), with no worse GPTQ losses.
 
 Faults: a rank killed with SIGKILL or failing with an exception stops the others with an error
 naming it; a streamed job's folder stays unfinished (and resumes to one process's checkpoint),

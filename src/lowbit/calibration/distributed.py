@@ -14,9 +14,10 @@ chunk r of every rank's partial sum in rank order (all_to_all), and the sums are
 gloo's all_reduce adds in an order it does not specify; this order is fixed, and each rank
 receives 2 (W - 1) / W of a Hessian per group whatever the number of ranks W.
 H then differs from one process's only by the order of the float32 additions (one process adds
-batch after batch; here each rank adds its own batches, then the ranks' sums are added), which
-moves a few codes by one step (measured in tests/test_distributed.py). `data_parallel=False`
-runs every batch on every rank: H is one process's, bit for bit.
+batch after batch; here each rank adds its own batches, then the ranks' sums are added). GPTQ
+amplifies such last-bit changes on a deep model as it does a change of thread count
+(benchmarks/results/distributed_scaling.md). `data_parallel=False` runs every batch on every
+rank: H is one process's, bit for bit.
 
 Layer parallel solves (blockwise.LayerQuantizer.quantize_all): the layers of a group are solved
 round-robin over the ranks and each record broadcast from its rank; a solve depends on (W, H)

@@ -33,8 +33,8 @@ def add_arguments(q) -> None:
                    "(README: Several processes and machines)")
     q.add_argument("--parallel", choices=("data", "layers"), default="data",
                    help="with several processes: 'data' (default) splits the calibration batches and the layer "
-                   "solves (the checkpoint differs from one process's by float summation order: a few codes by "
-                   "one step); 'layers' runs every sample on every rank and splits only the solves (the "
+                   "solves (the checkpoint differs from one process's by float summation order, which GPTQ "
+                   "amplifies as it does a change of thread count); 'layers' runs every sample on every rank and splits only the solves (the "
                    "checkpoint is one process's bit for bit)")
 
 
