@@ -231,7 +231,7 @@ def test_a_failing_rank_stops_the_others_and_nothing_is_written(setup, tmp_path)
     done = _lowbit([*argv, "-o", str(out), "--workers", "2"], fault="1:1:raise", inject=tmp_path)
     assert done.returncode == 3, done.stderr
     assert "rank 1 of 2 failed: RuntimeError: injected fault" in done.stderr  # rank 0's error
-    assert "rank 1 of 2 failed (exit code 1" in done.stderr  # the launcher's
+    assert "lowbit: error: rank 1 of 2 failed (" in done.stderr  # the launcher's
     assert not out.exists()
 
 

@@ -347,7 +347,7 @@ class Communicator:
         if self._sigterm is not None:
             signal.signal(signal.SIGTERM, self._sigterm)
             self._sigterm = None
-        if dist.is_initialized():
+        if dist.is_initialized() and not self._failed:  # a failing rank exits at once: the others wait on it
             dist.destroy_process_group()
 
 

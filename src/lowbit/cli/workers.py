@@ -93,7 +93,9 @@ def _failure_message(e, m: int, args) -> str:
     failures = sorted(e.failures.items(), key=lambda kv: kv[1].timestamp)
     first = [(r, f) for r, f in failures if f.exitcode != STOPPED_FOR_ANOTHER] or failures
     rank, f = first[0]
-    if f.exitcode < 0:
+    if f.exitcode == -signal.SIGTERM:  # still exiting after its failure when the launcher stopped the job
+        how = "failed (it was still exiting when the launcher stopped the job; its `lowbit:` line above says why)"
+    elif f.exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-f.exitcode).name}"
         except ValueError:
