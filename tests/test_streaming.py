@@ -72,7 +72,7 @@ def test_skips_a_dense_head_mixed_widths_and_integer_scales_stream_bit_identical
 
 def test_only_one_block_is_in_memory_while_a_block_is_calibrated(tmp_path, data, monkeypatch):
     """At each block step, the decoder blocks with real (not meta) parameters are that block alone,
-    and the model's real parameters are the embeddings, the final norm and that block."""
+    and the model's real parameters are the final norm and that block."""
     folder = tiny_folder(tmp_path / "model", "llama", tie=False, layers=5)
     seen = []
     stack = []
@@ -95,7 +95,8 @@ def test_only_one_block_is_in_memory_while_a_block_is_calibrated(tmp_path, data,
                       tmp_path / "out", data_dir=str(data), progress=False)
     assert [i for i, _, _ in seen] == list(range(5))
     assert all(real == [i] for i, real, _ in seen)
-    assert all(outside == {"model.embed_tokens.weight", "model.norm.weight"} for _, _, outside in seen)
+    # the embeddings are read for the first block's inputs and again at the end, not held meanwhile
+    assert all(outside == {"model.norm.weight"} for _, _, outside in seen)
 
 
 def test_a_data_free_job_holds_one_block_at_a_time_too(tmp_path, monkeypatch):

@@ -238,8 +238,9 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     Evaluation (`eval_seqlen`: --eval's window) loads the reference beside the quantized model
     and holds both models' logits of one window with their log-softmax. Measured against peak
     RSS on smollm2-135m (BENCHMARKS.md, "Memory: the estimate against peak RSS").
-    With `stream` (streaming.py) the model's place is taken by the tensors outside the blocks and
-    the largest block; its checkpoint is joined from the block files one tensor at a time.
+    With `stream` (streaming.py) the model's place is taken by the tensors outside the blocks but
+    the embeddings (read again at the end) and the largest block; its checkpoint is joined from the
+    block files one tensor at a time.
     """
     baseline = float(rss_bytes() if baseline_bytes is None else baseline_bytes)
     model_bytes = est["model_bytes"]
@@ -267,7 +268,8 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
         untied = head is not None and head.weight is not model.get_input_embeddings().weight
         head_params = head.weight.numel() if untied else 0
         outside = model_bytes - sum(blocks) * itemsize  # embeddings, norms, the head
-        calibrating = outside - head_params * itemsize + max(blocks) * itemsize + quantizing / len(blocks) + work
+        embed = model.get_input_embeddings().weight.numel()  # freed while the blocks are calibrated
+        calibrating = outside - (head_params + embed) * itemsize + max(blocks) * itemsize + quantizing / len(blocks) + work
         peak = baseline + max(calibrating, outside + head_params)  # the join writes a tensor at a time
     else:
         peak = baseline + model_bytes + quantizing + max(work, saving)

@@ -60,9 +60,12 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
         Hd = H.clone()
         Hd.diagonal().add_(d * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # each [n, n] matrix freed once the next is made: two at a time, not four (0.3 GB each at n = 8960)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and bool(torch.isfinite(U).all()):
                 if mult > 1:
                     log.warning("Hessian not positive definite at damp=%g; succeeded with damp=%g", damp, d)
