@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from rendered import numbers
-from tiny_models import TINY_VOCAB, ByteTokenizer, build_tiny, loaded_tiny
+from tiny_models import TINY_VOCAB, ByteTokenizer, build_tiny, byte_c4_data, loaded_tiny
 
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.data import eval_tokens
@@ -20,11 +20,7 @@ from lowbit.runtime.qlinear import QuantLinear
 
 @pytest.fixture
 def data_dir(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    words = ["alpha", "beta", "gamma", "delta", "quant", "model", "token", "lowbit"]
-    docs = [" ".join(words[int(i)] for i in torch.randint(0, 8, (300,), generator=g)) for _ in range(2000)]
-    (tmp_path / "c4-validation-2k.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return tmp_path
+    return byte_c4_data(tmp_path)
 
 
 def _logit_err(model, ref, ids):

@@ -8,6 +8,7 @@ KL), float32, weights drawn after `torch.manual_seed(seed)`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -210,3 +211,12 @@ def write_tiny_gguf_of(path, arch: str = "llama", *, hidden: int = 256, tie: boo
     tensors = {names[n]: to_gguf_layout(arch, names[n], p.detach(), model.config) for n, p in model.named_parameters()}
     write_gguf(path, tensors, tiny_gguf_metadata(model, arch))
     return model
+
+
+def byte_c4_data(folder, seed: int = 0) -> Path:
+    """A c4 calibration file for the ByteTokenizer models: 2000 seeded documents of 300 English words."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "beta", "gamma", "delta", "quant", "model", "token", "lowbit"]
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, 8, (300,), generator=g)) for _ in range(2000)]
+    (Path(folder) / "c4-validation-2k.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return Path(folder)

@@ -2,11 +2,10 @@
 for bit those of a job that runs every pass in full, and the attention really runs fewer times."""
 
 import functools
-import json
 
 import pytest
 import torch
-from tiny_models import loaded_tiny
+from tiny_models import byte_c4_data, loaded_tiny
 
 import lowbit.blockwise
 from lowbit.calibration.sequential import BlockSteps
@@ -16,11 +15,7 @@ from lowbit.recipes import CalibrationConfig, GPTQConfig, Recipe
 
 @pytest.fixture
 def data_dir(tmp_path):
-    g = torch.Generator().manual_seed(1)
-    words = ["alpha", "beta", "gamma", "delta", "quant", "model", "token", "lowbit"]
-    docs = [" ".join(words[int(i)] for i in torch.randint(0, 8, (300,), generator=g)) for _ in range(2000)]
-    (tmp_path / "c4-validation-2k.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return tmp_path
+    return byte_c4_data(tmp_path, seed=1)
 
 
 def _quantize(arch, data_dir, monkeypatch, recipe: Recipe, **steps):

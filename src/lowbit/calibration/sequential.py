@@ -45,8 +45,8 @@ TAIL_BYTES = 4 * 2**30
 
 
 class _GroupDone(Exception):
-    """Raised by a hook once every layer of the group has seen its input: the rest of the block
-    need not run for this sample."""
+    """Raised by a pre-hook once the input of every group of the pass is seen: the rest of the
+    block need not run for this sample."""
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
