@@ -192,9 +192,9 @@ def quantize_calibrated(layers: LayerQuantizer, loaded: LoadedModel, data_dir: s
     Returns what the calibration was."""
     ids = calibration_ids(loaded, layers.recipe, data_dir)
     steps = block_steps(layers, int(ids.numel()))
-    run_sequential(layers.model, ids, steps.quantize_group, steps.true_sequential, progress,
+    run_sequential(layers.model, ids, steps.quantize_group, steps.true_sequential, progress, steps.batch_size,
                    prepare_block=steps.prepare_block, dtype=layers.recipe.calibration.dtype, replay=steps.replay,
-                   tail_bytes=steps.tail_bytes, comm=layers.comm)
+                   tail_bytes=steps.tail_bytes, comm=layers.comm, lean=steps.lean)
     return calibration_report(layers.recipe, ids)
 
 

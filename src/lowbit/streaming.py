@@ -300,8 +300,9 @@ def _run_calibrated(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckp
         x = inputs.hidden
         _free_embeddings(sk)
         # replay tails (calibration/replay.py) up to the size of the block inputs: the attention's, not a
-        # wide MLP's, whose inputs would raise the peak this job exists to keep low
-        steps = replace(steps, tail_bytes=x.numel() * x.element_size())
+        # wide MLP's, whose inputs would raise the peak this job exists to keep low; lean: the tail is
+        # kept instead of the attention's output, not beside it
+        steps = replace(steps, tail_bytes=x.numel() * x.element_size(), lean=True)
         bar = tqdm(total=len(blocks), desc="quantizing blocks (streamed)", unit="block", disable=not progress)
         for i in range(len(blocks)):
             args, kwargs = inputs.layer_args[i], inputs.layer_kwargs[i]

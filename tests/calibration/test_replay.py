@@ -78,3 +78,31 @@ def test_replay_changes_nothing_without_true_sequential(data_dir, monkeypatch):
     assert all(torch.equal(fast[n].dequantize(torch.float32), full[n].dequantize(torch.float32)) for n in full)
     # the one Hessian pass and the final forward, per block
     assert fast_calls == full_calls == {"self_attn": 2 * 1 * 2, "mlp": 2 * 1 * 2}
+
+
+def test_lean_replay_keeps_the_tail_instead_of_the_output_as_well(data_dir, monkeypatch):
+    """Lean (the streamed job's setting): the same records and the same runs of the attention (o_proj
+    runs alone on its kept inputs instead of the kept output being replayed), with less held at once."""
+    from lowbit.calibration.replay import ChildReplay
+
+    held = {True: 0, False: 0}
+    start = ChildReplay.start
+
+    def watched(self, batch):
+        outputs = sum(o[0].nbytes if isinstance(o, tuple) else o.nbytes for d in self.outputs.values()
+                      for o in d.values())
+        tails = sum(t.nbytes for _, kept in self.tails.values() for t in kept.values())
+        held[self.lean] = max(held[self.lean], outputs + tails)
+        start(self, batch)
+
+    recipe = Recipe(method="gptq", bits=3, group_size=16, calibration=CalibrationConfig(n_samples=24, seqlen=32))
+    results, block_inputs = {}, 24 * 32 * 64 * 4  # n_samples x seqlen x hidden, float32
+    for lean in (True, False):
+        monkeypatch.setattr(ChildReplay, "start", watched)
+        # tails up to the block inputs' size, as the streamed job sets them: o_proj's inputs fit, down_proj's not
+        results[lean] = _quantize("llama", data_dir, monkeypatch, recipe, tail_bytes=block_inputs, lean=lean)
+    (lean_w, lean_calls), (w, calls) = results[True], results[False]
+    assert all(torch.equal(lean_w[n].dequantize(torch.float32), w[n].dequantize(torch.float32)) for n in w)
+    assert lean_calls == calls == {"self_attn": 2 * (3 + 3 + 1), "mlp": 2 * 3 * 3}
+    # lean holds o_proj's kept inputs and nothing else; otherwise the attention's outputs pile up beside them
+    assert held[True] == block_inputs < held[False]

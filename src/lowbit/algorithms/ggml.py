@@ -64,11 +64,12 @@ def ggml_gptq(w: torch.Tensor, H: torch.Tensor, type_name: str, config: GPTQConf
     out_f, in_f = w.shape
     blocks_of(w, bt, name)  # refuses a width that is not whole blocks
     W = w.detach().float().clone()
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H = H.detach().float()  # read, never written
+    importance = torch.diag(H)
+    dead = importance == 0
     W[:, dead] = 0.0
-    importance = torch.diag(H).clamp_min(0)
+    importance[dead] = 1.0  # as inverse_hessian_cholesky counts a dead column
+    importance = importance.clamp_min(0)
     Hinv, damp_used = inverse_hessian_cholesky(H, config.damp)
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)

@@ -35,10 +35,7 @@ from lowbit.recipes import ClipConfig, GPTQConfig, SlimConfig
 def hessian_inverse_diagonal(H: torch.Tensor, damp: float) -> torch.Tensor:
     """diag((H + damp * mean(diag H) * I)^-1) from GPTQ's factorization (same damping and
     escalation); dead columns (zero diagonal) count as unit."""
-    H = H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    U, _ = inverse_hessian_cholesky(H, damp)  # H^-1 = U^T U
+    U, _ = inverse_hessian_cholesky(H.float(), damp)  # H^-1 = U^T U
     return U.pow(2).sum(0)
 
 

@@ -22,6 +22,11 @@ is checked on the first batch of the next pass (the child runs in full and the t
 and the other batches then run L alone. That spares the next pass the attention scores (o_proj)
 or the gate and up projections (down_proj).
 
+Lean (`lean=True`, the streamed job): once a tail stands in for its child, the child's output is
+not kept as well when it is no smaller than the tail (the attention's output and o_proj's input
+are the same size): the later passes run the tail's layer again instead, and one tensor the size
+of the block's inputs is held instead of two.
+
 Replayed outputs are the very tensors the child returned for the same batch, and a tail runs the
 same layer on the same input with the same batch shape, so a job with replay gives bit-identical
 records to one without (tests/calibration/test_replay.py).
@@ -43,10 +48,11 @@ class ChildReplay:
     (relative to the block) still to be quantized; at most `tail_bytes` of layer inputs are kept
     as tails."""
 
-    def __init__(self, block: nn.Module, pending: Iterable[str], tail_bytes: float = 0.0):
+    def __init__(self, block: nn.Module, pending: Iterable[str], tail_bytes: float = 0.0, lean: bool = False):
         self.block = block
         self.pending = set(pending)
         self.tail_bytes = tail_bytes
+        self.lean = lean
         self._linears = {name: {f"{name}.{sub}" for sub, m in child.named_modules() if isinstance(m, nn.Linear)}
                          for name, child in block.named_children()}
         self.outputs: dict[str, dict[int, Any]] = {}  # child -> batch index -> what its forward returned
@@ -128,10 +134,15 @@ class ChildReplay:
             self._tail_ok[name] = _same(output, self._from_tail(name))
             if self._tail_ok[name]:
                 self._patch(module, self._from_tail, name)
-        if self._keep:
+        tail_instead = self.lean and self._tail_ok.get(name) and self._tail_no_larger(name, output)
+        if self._keep and not tail_instead:
             self.outputs.setdefault(name, {})[self.batch] = output
-        if self._kept(name) or (self._tail_ok.get(name) and self.batch == self._n_batches - 1):
+        if self._kept(name) or (self._tail_ok.get(name) and self.batch == self._n_batches - 1 and not tail_instead):
             self.tails.pop(name, None)
+
+    def _tail_no_larger(self, name: str, output: Any) -> bool:
+        y = output[0] if isinstance(output, tuple) else output
+        return _nbytes(self.tails[name][1][self.batch]) <= _nbytes(y)
 
     def _keep_input(self, child: str, layer: str, module: nn.Module, args: tuple) -> None:
         if self._tail_ok.get(child) is False:
@@ -145,8 +156,7 @@ class ChildReplay:
         kept[self.batch] = x
 
     def _room(self) -> float:
-        used = sum(t.numel() * t.element_size() for _, kept in self.tails.values() for t in kept.values())
-        return self.tail_bytes - used
+        return self.tail_bytes - sum(_nbytes(t) for _, kept in self.tails.values() for t in kept.values())
 
     def _replayed(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.outputs[name][self.batch]
@@ -158,6 +168,10 @@ class ChildReplay:
         y = self.block.get_submodule(layer)(kept[self.batch])
         rest = self._rest[name]
         return y if rest is None else (y, *rest)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _same(full: Any, tail: Any) -> bool:

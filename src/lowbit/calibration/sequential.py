@@ -70,6 +70,7 @@ class BlockSteps:
     prepare_block: BlockPreparer | None = None
     replay: bool = True  # keep and replay the outputs of children that no longer change (replay.py)
     tail_bytes: float = TAIL_BYTES  # at most this many bytes of layer inputs kept as replay tails
+    lean: bool = False  # a tail, not its child's output as well (ChildReplay: less memory, a little more time)
     comm: Communicator | None = None
 
 
@@ -86,6 +87,7 @@ def run_sequential(
     replay: bool = True,
     tail_bytes: float = TAIL_BYTES,
     comm: Communicator | None = None,
+    lean: bool = False,
 ) -> None:
     """Quantize `model` in place, block by block, on calibration input_ids [n, seqlen].
 
@@ -95,11 +97,11 @@ def run_sequential(
     the batch), which keeps the matmuls large enough to run efficiently on a CPU. `dtype`
     (recipes.CalibrationConfig.dtype) "bfloat16" runs the blocks under CPU autocast, matrix
     products in bfloat16; the weights, the residual stream and every Hessian stay float32.
-    `replay` (BlockSteps.replay) keeps the outputs of block children that no longer change.
+    `replay` (BlockSteps.replay, .tail_bytes, .lean) keeps the outputs of block children that no longer change.
     A streamed job (lowbit.streaming) runs the same calibrate_block on one block in memory at a time.
     With `comm` (a rank of a distributed job) this rank runs its shard of the samples.
     """
-    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block, replay, tail_bytes, comm)
+    steps = BlockSteps(quantize_group, true_sequential, batch_size, prepare_block, replay, tail_bytes, lean, comm)
     with calibration_autocast(dtype):
         layers = decoder_layers(model)
         inputs = capture_block_inputs(model, layers, input_ids if comm is None else comm.shard(input_ids, batch_size))
@@ -145,7 +147,8 @@ def calibrate_block(i: int, block: nn.Module, x: torch.Tensor, args: tuple, kwar
 
         for name, module in steps.prepare_block(i, block, run_all).items():
             block.set_submodule(name, module)
-    replay = ChildReplay(block, [name for g in groups for name in g], steps.tail_bytes) if steps.replay else None
+    replay = (ChildReplay(block, [name for g in groups for name in g], steps.tail_bytes, steps.lean)
+              if steps.replay else None)
     # true sequential: one pass per group, after the groups before it are quantized;
     # otherwise one pass collects every group's Hessian from the unquantized block
     passes = [[g] for g in groups] if steps.true_sequential else ([groups] if groups else [])
