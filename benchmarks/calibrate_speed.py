@@ -2,6 +2,7 @@
 
     python benchmarks/calibrate_speed.py --baseline 9004cf5 --jobs readme [qwen-gptq qwen-budget]
         [--threads 2] [--out benchmarks/results/calibrate-speed.jsonl]
+    python benchmarks/calibrate_speed.py --head-only --jobs qwen-gptq     # this checkout alone
 
 Each job runs as a fresh `lowbit quantize` process, first from a detached worktree of the
 baseline revision (made beside this checkout and removed after), then from this checkout, with
@@ -9,6 +10,8 @@ the same OMP thread count and the same data. A row per (job, revision) records t
 peak RSS of the process (ru_maxrss of the child, from wait4), the quantize seconds the manifest states and the
 evaluation the job ran, so the speed-up is a ratio measured in one run on one machine. Run it on a
 quiet machine: another process on the same cores makes both sides slower by different amounts.
+`--head-only` runs this checkout alone (a job whose baseline row is already in the file, or too
+long to run twice): its rows carry no ratio.
 
 Jobs:
   readme       the README's main job (scripts/demo.sh): GPTQ w4g64 of smollm2-135m, 128 x 512
@@ -65,41 +68,50 @@ def run_job(src: Path, job: str, out: Path, threads: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", required=True, help="git revision to compare against (today's code)")
+    ap.add_argument("--baseline", help="git revision to compare against (today's code)")
+    ap.add_argument("--head-only", action="store_true", help="run this checkout alone, no baseline")
     ap.add_argument("--jobs", nargs="+", choices=sorted(JOBS), default=["readme"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/calibrate-speed.jsonl")
     args = ap.parse_args(argv)
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    base = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    if not args.head_only and not args.baseline:
+        ap.error("give --baseline REV, or --head-only")
+    head = _rev("HEAD")
+    base = None if args.head_only else _rev(args.baseline)
     work = Path(tempfile.mkdtemp(prefix="calibrate-speed-"))
     tree = work / "baseline"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), base], check=True,
-                   capture_output=True)
+    if base:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), base], check=True,
+                       capture_output=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     try:
         for job in args.jobs:
             rows = {}
-            for rev, src in ((base, tree / "src"), (head, ROOT / "src")):
+            for rev, src in ([(base, tree / "src")] if base else []) + [(head, ROOT / "src")]:
                 row = run_job(src, job, work / f"{job}-{rev}", args.threads)
                 rows[rev] = {**row, "revision": rev, "baseline": base, "machine": machine,
                              "date": time.strftime("%Y-%m-%d")}
                 shutil.rmtree(work / f"{job}-{rev}", ignore_errors=True)
                 print(json.dumps(rows[rev]), flush=True)
-            rows[head]["speedup_vs_baseline"] = round(rows[base]["wall_seconds"] / rows[head]["wall_seconds"], 2)
+            if base:
+                rows[head]["speedup_vs_baseline"] = round(rows[base]["wall_seconds"] / rows[head]["wall_seconds"], 2)
+                print(f"{job}: {rows[base]['wall_seconds']:.0f} s at {base} -> {rows[head]['wall_seconds']:.0f} s "
+                      f"at {head} ({rows[head]['speedup_vs_baseline']}x)", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("a") as f:
                 for row in rows.values():
                     f.write(json.dumps(row) + "\n")
-            print(f"{job}: {rows[base]['wall_seconds']:.0f} s at {base} -> {rows[head]['wall_seconds']:.0f} s at "
-                  f"{head} ({rows[head]['speedup_vs_baseline']}x)", flush=True)
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False,
-                       capture_output=True)
+        if base:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False,
+                           capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _rev(name: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", name], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 if __name__ == "__main__":

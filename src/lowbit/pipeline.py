@@ -36,6 +36,7 @@ from lowbit.blockwise import (
 from lowbit.budget.plan import BudgetReport, plan_budget
 from lowbit.calibration.sequential import TAIL_BYTES
 from lowbit.checkpoint import save_checkpoint
+from lowbit.dtypes import all_finite
 from lowbit.errors import ConfigError
 from lowbit.eval.evaluate import EvalResult
 from lowbit.eval.report import quantize_report
@@ -202,7 +203,7 @@ def estimate(model: nn.Module, recipe: Recipe, baseline_bytes: float | None = No
         tokens = c.n_samples * c.seqlen
         est["calib_bytes"] = float(2 * tokens * hidden * itemsize)
         widest = max(model.get_submodule(n).in_features for n in names)
-        est["hessian_bytes"] = float(3 * widest * widest * 4)
+        est["hessian_bytes"] = float(2 * widest * widest * 4)  # H and GPTQ's one working copy
         method = METHODS[recipe.method]
         hessians = CORES[method.core].needs_hessian
         passes = (1 if recipe.gptq.true_sequential else 2) if hessians else int(method.smoothing)
@@ -254,8 +255,9 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
         heads = getattr(cfg, "num_attention_heads", 1)
         wide = getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)
         # the block's inputs, the outputs calibration/replay.py keeps (one tensor of their size) and
-        # its tails: the MLP's wide inputs in memory, at most one more tensor of the inputs' size streamed
-        tail = est["calib_bytes"] / 2 if stream else min(TAIL_BYTES, 4.0 * c.n_samples * c.seqlen * wide)
+        # its tails: the MLP's wide inputs in memory; streamed (lean replay) the attention's tail
+        # stands in for its kept outputs, within calib_bytes
+        tail = 0.0 if stream else min(TAIL_BYTES, 4.0 * c.n_samples * c.seqlen * wide)
         work = (est["calib_bytes"] + tail + est["hessian_bytes"]
                 + 4.0 * batch * c.seqlen * (3 * wide + heads * c.seqlen + 4 * cfg.hidden_size))
         if recipe.budget is not None:
@@ -283,20 +285,13 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
     return float(peak)
 
 
-def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """Whether every value of `t` is finite, checked `chunk` values at a time: torch.isfinite
-    allocates temporaries the size of its input (an embedding table's float copy, at its peak)."""
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
-
-
 def check_finite_weights(model: nn.Module, prefix: str = "") -> None:
     """Refuse a model with a NaN or infinite value in any floating parameter, naming the tensor
     (`prefix` before the names: the module's own name in its model): quantized, it would give NaN
     or infinite scales (and, under GPTQ, NaN Hessians). Parameters on the meta device hold no
     values and are passed over."""
     for name, p in model.named_parameters(prefix.rstrip(".")):
-        if not p.is_floating_point() or p.device.type == "meta" or _all_finite(p.detach()):
+        if not p.is_floating_point() or p.device.type == "meta" or all_finite(p.detach()):
             continue
         n_nan, n_inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
         hint = (f" (in {p.dtype}, values above {torch.finfo(p.dtype).max:.0f} overflow: if the file holds "

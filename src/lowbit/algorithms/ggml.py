@@ -87,7 +87,7 @@ def ggml_gptq(w: torch.Tensor, H: torch.Tensor, type_name: str, config: GPTQConf
             if col % bt.block == 0:
                 if params is not None:
                     data.append(bt.encode(params, codes[:, col - bt.block:col]))
-                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :bt.block]
+                cur = torch.cat([W1[:, i:], W[:, i2:i2 + bt.block]], dim=1)[:, :bt.block]
                 params = bt.fit(cur, importance[col:col + bt.block].reshape(1, -1).expand_as(cur).contiguous())
                 table = bt.table(params)
             wcol = W1[:, i]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowbit.algorithms.rtn import group_qparams, integer_scale_grid
+from lowbit.dtypes import all_finite
 from lowbit.errors import ConfigError, ShapeError
 from lowbit.formats import affine
 from lowbit.qtensor import QuantFormat, QuantizedWeight
@@ -74,7 +75,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
         if info == 0:
             torch.cholesky_inverse(col, out=col)
             torch.linalg.cholesky_ex(col, upper=True, out=(col, info))
-            if info == 0 and bool(torch.isfinite(work).all()):
+            if info == 0 and all_finite(work):
                 if mult > 1:
                     log.warning("Hessian not positive definite at damp=%g; succeeded with damp=%g", damp, d)
                 return transpose_square_(work), d
@@ -188,7 +189,7 @@ def gptq_quantize(
             elif col % gs == 0:
                 g = col // gs
                 # the group's current (error-updated) values: rest of this block, then later blocks
-                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                cur = torch.cat([W1[:, i:], W[:, i2:i2 + gs]], dim=1)[:, :gs]
                 weight = None
                 if clip_weight is not None:
                     weight = clip_weight(cur, torch.diag(Hinv)[col : col + cur.shape[1]]).unsqueeze(1)

@@ -43,16 +43,19 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
     """input_ids [n, seqlen] -> the first block's inputs [n, seqlen, hidden] and every block's kwargs."""
     originals = list(layers)
     stores: list[list] = [[] for _ in originals]
-    hidden = []
+    hidden = None  # filled row by row: no list of rows beside the joined tensor
     try:
         for i, store in enumerate(stores):
             layers[i] = _Recorder(store)
         body = base_model(model)
-        for row in input_ids:
+        for j, row in enumerate(input_ids):
             for s in stores:
                 s.clear()
             body(input_ids=row.unsqueeze(0), use_cache=False)
-            hidden.append(stores[0][0][0])
+            h = stores[0][0][0]
+            if hidden is None:
+                hidden = h.new_empty((len(input_ids), *h.shape[1:]))
+            hidden[j] = h[0]
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -61,4 +64,4 @@ def capture_block_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
         kw["use_cache"] = False
         kw.pop("past_key_values", None)
         kw.pop("past_key_value", None)
-    return BlockInputs(torch.cat(hidden, 0), kwargs, [s[0][1] for s in stores])
+    return BlockInputs(hidden, kwargs, [s[0][1] for s in stores])

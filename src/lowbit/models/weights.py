@@ -98,7 +98,10 @@ class FolderWeights:
     def get_many(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The tensors `names`, as get() gives them, each shard opened once. The shards are mapped
         only while they are read: pages of a mapped file count in the process's resident memory
-        until it is unmapped, so a streamed job would otherwise end up holding the whole model."""
+        until it is unmapped, so a streamed job would otherwise end up holding the whole model.
+        Every tensor is therefore a copy: one that viewed the file (a float32 tensor read as
+        float32) would keep the whole file mapped as long as it lives, with every page read so far
+        resident (a 1.5B model's final norm kept its 0.9 GB of embeddings in the resident size)."""
         by_shard: dict[str, list[str]] = {}
         for name in names:
             if name not in self._where:
@@ -109,8 +112,8 @@ class FolderWeights:
             try:
                 with self._open(shard) as handle:
                     for name in wanted:
-                        t = handle.get_tensor(name)
-                        out[name] = t.to(dtype) if t.is_floating_point() else t.clone()
+                        t = handle.get_tensor(name)  # may be a view of the mapped file: copied
+                        out[name] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
             except SafetensorError as e:
                 raise ConfigError(f"reading the model's shard {self.folder / shard} failed ({e}); the file changed "
                                   "or is damaged: download the model again") from None
