@@ -1,13 +1,16 @@
 """Write a 7B-shaped model whose weights are random draws matched to a smaller model's statistics.
 
     python benchmarks/make_shaped_model.py --like qwen2.5-coder-1.5b --shape qwen2.5-7b -o DIR
-        [--dtype bfloat16] [--seed 0] [--shard-gb 2]
+        [--dtype bfloat16] [--seed 0] [--shard-gb 2] [--layers N]
 
 No 7B weights are available offline, so this generates a stand-in: the real configuration of
 Qwen2.5-7B or Llama-2-7B (written with transformers' own Qwen2Config / LlamaConfig), with every
 weight drawn at random to match the per-layer statistics of the `--like` model. THE WEIGHTS ARE
 RANDOM: the model's perplexity, its generations and its accuracy mean nothing. Only what depends
 on shapes and sizes means something: memory, load time, quantization time, decode speed.
+`--layers N` keeps the shape's every width but gives it N decoder blocks (their statistics still
+taken at the same relative depth of the source): a streamed job holds one block at a time, so its
+peak memory is the full model's, in a fraction of the time and disk (its time is per block).
 
 What is matched, per tensor kind (q/k/v/o projections and their biases, gate/up/down, both norms,
 embeddings, final norm, head) and per source layer, the target's layer i taking the source layer
@@ -327,14 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-gb", type=float, default=2.0)
+    p.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shape's own)")
     args = p.parse_args(argv)
     out = args.out.expanduser()
     if out.exists():
         p.error(f"output {out} already exists; pass a new path (or remove it first)")
     if args.shard_gb <= 0:
         p.error(f"--shard-gb must be positive, got {args.shard_gb}")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers must be at least 1, got {args.layers}")
+    shape = args.shape if args.layers is None else {**SHAPES[args.shape], "num_hidden_layers": args.layers}
     start = time.perf_counter()
-    make_shaped_model(source_folder(args.like), args.shape, out, dtype=getattr(torch, args.dtype),
+    make_shaped_model(source_folder(args.like), shape, out, dtype=getattr(torch, args.dtype),
                       seed=args.seed, shard_bytes=int(args.shard_gb * 1e9))
     print(f"{out}: {args.shape} shaped like {args.like}, {args.dtype}, seed {args.seed}, "
           f"in {time.perf_counter() - start:.0f} s. Its weights are random draws matched to statistics: "
