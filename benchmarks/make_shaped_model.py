@@ -178,6 +178,11 @@ def target_config(shape: str | dict, dtype: torch.dtype) -> transformers.Pretrai
     return config
 
 
+def with_layers(shape: str, layers: int) -> dict:
+    """The built-in `shape` with `layers` decoder blocks: every width and the vocabulary as they are."""
+    return {**SHAPES[shape], "num_hidden_layers": layers}
+
+
 def target_tensors(config: transformers.PretrainedConfig) -> dict[str, torch.Size]:
     """{name: shape} of every weight the model of `config` holds, in transformers' order (the model
     is built on the meta device, so nothing is allocated)."""
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--shard-gb must be positive, got {args.shard_gb}")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers must be at least 1, got {args.layers}")
-    shape = args.shape if args.layers is None else {**SHAPES[args.shape], "num_hidden_layers": args.layers}
+    shape = args.shape if args.layers is None else with_layers(args.shape, args.layers)
     start = time.perf_counter()
     make_shaped_model(source_folder(args.like), shape, out, dtype=getattr(torch, args.dtype),
                       seed=args.seed, shard_bytes=int(args.shard_gb * 1e9))

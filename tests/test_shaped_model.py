@@ -176,3 +176,11 @@ def test_the_built_in_shapes_have_the_published_sizes():
     for shape, billions in (("qwen2.5-7b", 7.62), ("llama-2-7b", 6.74)):
         n = sum(s.numel() for s in msm.target_tensors(msm.target_config(shape, torch.bfloat16)).values())
         assert n / 1e9 == pytest.approx(billions, abs=0.01), shape
+
+
+def test_fewer_layers_keep_every_width_of_the_shape():
+    full = msm.target_tensors(msm.target_config("qwen2.5-7b", torch.bfloat16))
+    four = msm.target_tensors(msm.target_config(msm.with_layers("qwen2.5-7b", 4), torch.bfloat16))
+    assert {n for n in full if ".layers." not in n} == {n for n in four if ".layers." not in n}
+    assert {n.split(".layers.")[1].split(".", 1)[0] for n in four if ".layers." in n} == {"0", "1", "2", "3"}
+    assert all(full[n] == s for n, s in four.items())  # block 3 of four is shaped as block 3 of 28
