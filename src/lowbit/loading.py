@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit.checkpoint import Manifest, open_checkpoint
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.eval.size import QuantizedSize, head_name, quantized_size
+from lowbit.eval.size import QuantizedSize, stored_size
 from lowbit.memory import release_freed_memory
 from lowbit.runtime.convert import KINDS, LayerError, embedding_to_map, to_runtime
 from lowbit.runtime.packed import fusion_buffers
@@ -54,7 +54,7 @@ def load(path: str | os.PathLike, runtime: str = "reference", dtype: torch.dtype
         model = ck.empty_model(dtype)
         stored = ck.weights
         records = {name: stored.meta(name) for name in stored}  # shapes and bytes, nothing read
-        size = _stored_size(model, records, ck.dense_meta(), {n: stored.bias_meta(n) for n in stored})
+        size = stored_size(model, records, ck.dense_meta(), {n: stored.bias_meta(n) for n in stored})
         if runtime == "packed":
             stored.codes_into = fusion_buffers(records)
         mapped = None
@@ -85,16 +85,6 @@ def load(path: str | os.PathLike, runtime: str = "reference", dtype: torch.dtype
         result = LoadedCheckpoint(model, tokenizer, ck.manifest, ck.path, size)
     release_freed_memory()
     return result
-
-
-def _stored_size(model: nn.Module, records: dict, dense: dict[str, torch.Tensor],
-                 biases: dict[str, torch.Tensor | None]) -> QuantizedSize:
-    """Size of the stored model: its records, and as dense tensors the stored tensors that are
-    parameters of the model (buffers aside, as for a model in memory) plus the records' biases."""
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    tensors = {k: t for k, t in dense.items() if k in params}
-    tensors.update({f"{n}.bias": b for n, b in biases.items() if b is not None})
-    return quantized_size(records, tensors, head_name(model))
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool | str = True,

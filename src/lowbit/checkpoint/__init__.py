@@ -5,6 +5,7 @@
     write.py      save_checkpoint: records and dense tensors -> a folder, published in one rename
     verify.py     verify_files, verify_checkpoint: every check a folder passes before it is parsed
     read.py       open_checkpoint: folder -> StoredCheckpoint (records as StoredWeights, dense tensors)
+    dequantized.py DequantizedWeights: an open checkpoint's tensors by parameter name, records dequantized
 
 Imports nothing from lowbit.runtime: lowbit.loading turns what open_checkpoint reads into a
 runnable model (runtime/convert.py: to_runtime).

@@ -166,6 +166,11 @@ class StoredCheckpoint:
         skip = set(skip)
         return {k: self._dense.get(k, dtype or self.dtype) for k in self._dense.keys if k not in skip}
 
+    def dense_tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense tensor `key`, a float one converted to `dtype` (default: as saved), read into
+        its own buffer."""
+        return self._dense.get(key, dtype or self.dtype)
+
     def mapped(self, key: str) -> torch.Tensor | None:
         """The dense tensor `key` memory-mapped from the file (_Tensors.mapped), or None where the
         file has no such tensor."""

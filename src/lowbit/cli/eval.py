@@ -20,8 +20,9 @@ def register(sub) -> None:
     e.add_argument("--reference", default="auto",
                    help="'auto' (a checkpoint's source model), 'none', or a model to compare against")
     e.add_argument("--stream", action="store_true",
-                   help="read the reference one decoder block at a time (every window runs through a block before "
-                        "the next is read), for a reference that does not fit in memory beside the checkpoint")
+                   help="evaluate one decoder block in memory at a time (every window runs through a block before "
+                        "the next is read): a checkpoint and its reference, for models that do not fit in memory "
+                        "(a model given instead of a checkpoint is loaded whole; its --reference streams)")
     e.add_argument("--activations", choices=["float", "int8"], default="float",
                    help="int8: evaluate a checkpoint as it runs W8A8 (activations quantized per token)")
     _kv_arguments(e)
@@ -34,47 +35,28 @@ def register(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    from contextlib import ExitStack
+
     from lowbit.checkpoint import is_checkpoint
     from lowbit.data import eval_text
-    from lowbit.eval.evaluate import (
-        REFERENCE_NOTE,
-        check_no_overlap,
-        evaluate,
-        format_table,
-        load_reference_for,
-    )
-    from lowbit.loading import load_checkpoint
-    from lowbit.models import load_model
+    from lowbit.eval.evaluate import REFERENCE_NOTE, evaluate, format_table
     from lowbit.models.skeleton import load_skeleton
 
     _check_stream(args, is_checkpoint(args.model))
     dtype = resolve_dtype(args.dtype)
-    reference = None
     kv = args.kv_spec  # parsed by main() before any loading
     for ds in args.data:
         eval_text(ds, args.data_dir)  # fail on missing data before loading models
-    if is_checkpoint(args.model):
-        target = (load_checkpoint(args.model, dtype=dtype, runtime="packed", int8_activations=True)
-                  if args.activations == "int8" else load_checkpoint(args.model, dtype=dtype))
-        recipe = target.manifest.recipe
-        check_no_overlap((target.manifest.calibration or {}).get("dataset"), args.data)
-        if args.reference == "auto":
-            reference = load_reference_for(target.manifest.source, dtype, args.cache, stream=args.stream)
-    else:
-        target = load_model(args.model, dtype=dtype, cache=args.cache)
-        recipe = None
-        if args.reference == "auto" and target.source.kind == "gguf":
-            from lowbit.to_gguf import written_from
+    with ExitStack() as open_files:
+        target, recipe, reference = _target(args, dtype, open_files)
+        if args.reference not in ("auto", "none"):
+            from lowbit.models import load_model
 
-            source = written_from(target.source.path)  # a GGUF lowbit wrote names its source model
-            if source is not None:
-                reference = load_model(source, dtype=dtype, cache=args.cache)
-    if args.reference not in ("auto", "none"):
-        reference = (load_skeleton(args.reference, dtype=dtype, cache=args.cache, progress=not args.quiet)
-                     if args.stream else load_model(args.reference, dtype=dtype, cache=args.cache))
-    label = args.model if kv is None else f"{args.model} (kv {kv.label}, chunks of {args.kv_chunk})"
-    res = evaluate(target, args.data, label, args.max_tokens, args.seqlen, reference, args.data_dir,
-                   not args.quiet, kv=kv, kv_chunk=args.kv_chunk)
+            reference = (load_skeleton(args.reference, dtype=dtype, cache=args.cache, progress=not args.quiet)
+                         if args.stream else load_model(args.reference, dtype=dtype, cache=args.cache))
+        label = args.model if kv is None else f"{args.model} (kv {kv.label}, chunks of {args.kv_chunk})"
+        res = evaluate(target, args.data, label, args.max_tokens, args.seqlen, reference, args.data_dir,
+                       not args.quiet, kv=kv, kv_chunk=args.kv_chunk)
     if recipe:
         from lowbit.recipes import Recipe
 
@@ -98,13 +80,54 @@ def cmd_eval(args) -> int:
     return 1 if res.non_finite else 0
 
 
+def _target(args, dtype, open_files):
+    """(the model to evaluate, its recipe as the manifest records it or None, the reference 'auto'
+    finds or None). A checkpoint with --stream is opened to be read one block at a time; its
+    files stay open until `open_files` (an ExitStack) closes."""
+    from lowbit.checkpoint import is_checkpoint
+    from lowbit.eval.evaluate import check_no_overlap, load_reference_for
+    from lowbit.models import load_model
+
+    reference = None
+    if is_checkpoint(args.model):
+        if args.stream:
+            from lowbit.eval.streamed_checkpoint import open_streamed
+
+            target = open_files.enter_context(open_streamed(args.model, dtype=dtype))
+        else:
+            from lowbit.loading import load_checkpoint
+
+            target = (load_checkpoint(args.model, dtype=dtype, runtime="packed", int8_activations=True)
+                      if args.activations == "int8" else load_checkpoint(args.model, dtype=dtype))
+        check_no_overlap((target.manifest.calibration or {}).get("dataset"), args.data)
+        if args.reference == "auto":
+            reference = load_reference_for(target.manifest.source, dtype, args.cache, stream=args.stream)
+        return target, target.manifest.recipe, reference
+    target = load_model(args.model, dtype=dtype, cache=args.cache)
+    if args.reference == "auto" and target.source.kind == "gguf":
+        from lowbit.to_gguf import written_from
+
+        source = written_from(target.source.path)  # a GGUF lowbit wrote names its source model
+        if source is not None:
+            reference = load_model(source, dtype=dtype, cache=args.cache)
+    return target, None, reference
+
+
 def _check_stream(args, checkpoint: bool) -> None:
-    """--stream streams a reference: there must be one, beside a checkpoint or a model."""
+    """--stream streams a checkpoint and its reference, or a model's reference: there must be
+    something to stream, and nothing asked that needs the whole checkpoint in memory."""
     if not args.stream:
         return
-    if args.reference == "none" or (args.reference == "auto" and not checkpoint):
-        raise ConfigError("--stream reads the reference one block at a time, and there is none here: evaluate a "
-                          "checkpoint (its source is the reference) or name one with --reference MODEL")
+    if not checkpoint and args.reference in ("none", "auto"):
+        raise ConfigError("--stream reads a checkpoint, or the reference of a model, one block at a time, and there "
+                          "is neither here: evaluate a checkpoint, or name a reference with --reference MODEL")
+    if checkpoint and args.activations == "int8":
+        raise ConfigError("--activations int8 runs the checkpoint on the packed runtime, loaded whole; --stream "
+                          "reads it one block at a time: use one of the two")
+    if checkpoint and args.kv_spec is not None:
+        raise ConfigError(f"--kv and --kv-policy ({args.kv_spec.label}) run the whole model's forward chunk by "
+                          "chunk through the compressed cache; --stream runs the checkpoint one block at a time: "
+                          "use one of the two")
 
 
 def _finite_or_none(value):

@@ -4,7 +4,9 @@ KL divergence and top-1 agreement on the same windows, plus size accounting.
     result = evaluate(target, ["wikitext2"], max_tokens=32768, reference=ref)
 
 `target` and `reference` are anything with `.model` and `.tokenizer` (a LoadedModel or a
-LoadedCheckpoint). Both run in the same dtype.
+LoadedCheckpoint), or a model to stream one decoder block at a time (eval/streamed.py): a Skeleton
+(models/skeleton.py) or a StreamedCheckpoint (eval/streamed_checkpoint.py). Both run in the same
+dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from lowbit.data import eval_tokens
 from lowbit.errors import ConfigError
 from lowbit.eval import compare_to_reference, default_seqlen, perplexity
 from lowbit.eval.size import QuantizedSize, model_size
-from lowbit.eval.streamed import StreamedModel
+from lowbit.eval.streamed import StreamedModel, check_no_kv
+from lowbit.eval.streamed_checkpoint import StreamedCheckpoint
 from lowbit.models.skeleton import Skeleton
 from lowbit.runtime.kvcache import CacheSpec, parse_cache
 
@@ -97,6 +100,11 @@ def _size(target: Any) -> QuantizedSize:
     return size if isinstance(size, QuantizedSize) else model_size(target.model)
 
 
+def _streams(x: Any) -> bool:
+    """Whether `x` is a model to stream (a Skeleton, a StreamedCheckpoint)."""
+    return isinstance(x, Skeleton | StreamedCheckpoint)
+
+
 def evaluate(
     target: Any,
     datasets: list[str],
@@ -110,14 +118,17 @@ def evaluate(
     kv_chunk: int = 128,
 ) -> EvalResult:
     """`kv`: a compressed KV cache or eviction policy in the loop, as a CacheSpec or its --kv name
-    or "<policy>@<budget>" label (parsed here, once)."""
+    or "<policy>@<budget>" label (parsed here, once). A streamed target or reference holds one
+    decoder block in memory at a time (module docstring); a streamed target runs no `kv`."""
     kv = parse_cache(kv)
     model = target.model
+    candidate = StreamedModel(target) if _streams(target) else model
+    check_no_kv(candidate, kv)
     seqlen = seqlen or default_seqlen(model)
     if seqlen < 2:
         raise ConfigError(f"--seqlen must be >= 2, got {seqlen}")
     dtype = next(model.parameters()).dtype
-    if isinstance(reference, Skeleton):  # a reference that does not fit: every window through one block at a time
+    if _streams(reference):  # one that does not fit: every window through one block at a time
         reference = StreamedModel(reference)
     if reference is not None:
         ref_dtype = next(reference.model.parameters()).dtype
@@ -131,12 +142,12 @@ def evaluate(
         t0 = time.perf_counter()
         stats: dict = {}
         if reference is None:
-            r = perplexity(model, tokens, seqlen, progress, desc=f"{ds} ppl", kv=kv, kv_chunk=kv_chunk)
+            r = perplexity(candidate, tokens, seqlen, progress, desc=f"{ds} ppl", kv=kv, kv_chunk=kv_chunk)
             dr = DatasetResult(ds, seqlen, tokens.shape[1], r.n_tokens_scored, r.ppl)
             stats = {"kv_bytes": r.kv_bytes, "kv_bf16_bytes": r.kv_bf16_bytes}
         else:
             ref = reference if isinstance(reference, StreamedModel) else reference.model
-            c = compare_to_reference(model, ref, tokens, seqlen, progress, desc=f"{ds} vs reference",
+            c = compare_to_reference(candidate, ref, tokens, seqlen, progress, desc=f"{ds} vs reference",
                                      kv=kv, kv_chunk=kv_chunk, kv_stats=stats)
             dr = DatasetResult(ds, seqlen, tokens.shape[1], c.n_tokens_scored, c.ppl, c.ref_ppl, c.kl_mean,
                                c.kl_p99, c.top1_agreement)

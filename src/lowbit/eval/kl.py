@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import ConfigError, DataNotFoundError
-from lowbit.eval.streamed import StreamedModel
+from lowbit.eval.streamed import StreamedModel, logits_of, module_of
 from lowbit.eval.windows import (
     count_windows,
     evaluating,
@@ -216,7 +216,7 @@ def _reference_windows(
 
 
 def compare_to_reference(
-    model: torch.nn.Module,
+    model: torch.nn.Module | StreamedModel,
     reference: Reference,
     tokens: torch.Tensor,
     seqlen: int,
@@ -231,17 +231,20 @@ def compare_to_reference(
     `reference` is a live model (run window by window alongside `model`), a ReferenceLogits
     built from the same tokens and seqlen, or a StreamedModel (every window through one block at
     a time, then one window at a time). Only one window of each is in memory at a time.
-    With `kv`, the candidate runs through that compressed KV cache (see windows.window_logits);
-    the reference always runs with its full cache.
+    `model` is a model in memory or a StreamedModel too: a streamed candidate and a streamed
+    reference each run all windows through their blocks (one block of one model in memory at a
+    time, each keeping its windows' hidden states), then hand over their logits window by window.
+    With `kv`, the candidate runs through that compressed KV cache (see windows.window_logits;
+    not with a streamed candidate); the reference always runs with its full cache.
     """
     n_windows = count_windows(tokens, seqlen)
     kl_per_token = []  # n_windows x [seqlen - 1] float64, on the CPU
     nll = ref_nll = 0.0
     agree = 0
     live = (reference,) if isinstance(reference, torch.nn.Module) else ()
-    with torch.inference_mode(), evaluating(model, *live):
+    with torch.inference_mode(), evaluating(module_of(model), *live):
         references = _reference_windows(reference, tokens, seqlen)
-        candidates = window_logits(model, tokens, seqlen, progress, desc, kv, kv_chunk, kv_stats)
+        candidates = logits_of(model, tokens, seqlen, progress, desc, kv, kv_chunk, kv_stats)
         for (ids, logits), ref in zip(candidates, references):
             cand = _score(ids, logits)
             ref_logp = ref.logp.to(cand.logp.device)  # [seqlen - 1, vocab]

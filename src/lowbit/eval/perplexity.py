@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.eval.windows import count_windows, evaluating, targets, window_logits
+from lowbit.eval.streamed import StreamedModel, logits_of, module_of
+from lowbit.eval.windows import count_windows, evaluating, targets
 from lowbit.runtime.kvcache import CacheSpec
 
 DEFAULT_MAX_SEQLEN = 2048
@@ -37,7 +38,7 @@ def default_seqlen(model: torch.nn.Module) -> int:
 
 
 def perplexity(
-    model: torch.nn.Module,
+    model: torch.nn.Module | StreamedModel,
     tokens: torch.Tensor,
     seqlen: int,
     progress: bool = True,
@@ -50,12 +51,13 @@ def perplexity(
     Each window scores its seqlen - 1 next-token predictions; the cross-entropy is computed from
     float32 logits and summed in float64. ConfigError if N < seqlen. With `kv`, each window runs
     in chunks of `kv_chunk` tokens through that compressed cache (see windows.window_logits).
+    A StreamedModel runs every window through one block at a time (eval/streamed.py), with no `kv`.
     """
     n_windows = count_windows(tokens, seqlen)
     nll_sum = 0.0
     stats: dict = {}
-    with torch.inference_mode(), evaluating(model):
-        for ids, logits in window_logits(model, tokens, seqlen, progress, desc, kv, kv_chunk, stats):
+    with torch.inference_mode(), evaluating(module_of(model)):
+        for ids, logits in logits_of(model, tokens, seqlen, progress, desc, kv, kv_chunk, stats):
             # logits: [seqlen, vocab] -> predictions [seqlen - 1, vocab] vs targets [seqlen - 1]
             target = targets(ids, logits.device)
             nll_sum += F.cross_entropy(logits[:-1], target, reduction="sum").double().item()

@@ -141,3 +141,12 @@ def model_size(model: torch.nn.Module) -> QuantizedSize:
     """The size of a model with nothing quantized (a reference): every parameter dense."""
     return quantized_size({}, dense_tensors(model))
 
+
+def stored_size(model: torch.nn.Module, records: Mapping[str, Any], dense: Mapping[str, torch.Tensor],
+                biases: Mapping[str, torch.Tensor | None]) -> QuantizedSize:
+    """Size of the stored model: its records, and as dense tensors the stored tensors that are
+    parameters of the model (buffers aside, as for a model in memory) plus the records' biases."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    tensors = {k: t for k, t in dense.items() if k in params}
+    tensors.update({f"{n}.bias": b for n, b in biases.items() if b is not None})
+    return quantized_size(records, tensors, head_name(model))

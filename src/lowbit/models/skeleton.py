@@ -35,7 +35,7 @@ from lowbit.models.load import (
     resolve_model,
 )
 from lowbit.models.quantized_folders import quant_method
-from lowbit.models.weights import FolderWeights
+from lowbit.models.weights import FolderWeights, NamedTensors
 
 
 @dataclass
@@ -121,7 +121,7 @@ def parameters_under(module: nn.Module, prefix: str) -> list[str]:
     return [n for n in _owned_parameters(module) if not prefix or n.startswith(prefix + ".")]
 
 
-def materialize(model: nn.Module, names: Iterable[str], weights: FolderWeights, dtype: torch.dtype) -> None:
+def materialize(model: nn.Module, names: Iterable[str], weights: NamedTensors, dtype: torch.dtype) -> None:
     """Read the parameters `names` (full names) from `weights` into `model`, floats as `dtype`;
     tied parameters follow (a head tied to the embeddings is filled with them)."""
     for name, t in weights.get_many(names, dtype).items():

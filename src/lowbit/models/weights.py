@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +25,17 @@ from lowbit.errors import ConfigError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+
+
+class NamedTensors(Protocol):
+    """Where a streamed job reads a model's tensors from, by parameter name: FolderWeights, or an
+    open checkpoint's (checkpoint/dequantized.py)."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get_many(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
 
 
 class FolderWeights:
