@@ -12,11 +12,7 @@ from transformers import LlamaForCausalLM
 from lowbit.errors import ConfigError, ModelNotFoundError
 from lowbit.models import KNOWN_MODELS, ModelSource, load_model, resolve_model
 from lowbit.models import convert as convert_module
-from lowbit.models.convert import (
-    SOURCE_RECORD,
-    converted_dir,
-    without_quantization_config,
-)
+from lowbit.models.convert import SOURCE_RECORD, converted_dir
 
 
 def test_folder_with_config(tmp_path):
@@ -153,22 +149,6 @@ def test_failed_conversion_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError):
         load_model(str(gguf), cache=tmp_path / "cache", progress=False)
     assert list((tmp_path / "cache" / "hf").iterdir()) == []
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_without_quantization_config_saves_a_plain_folder(tmp_path, tie):
-    """The core of the GGUF conversion: drop quantization_config, keep weights and ties."""
-    model = tiny_llama(tie=tie)
-    reference = {k: v.clone() for k, v in model.state_dict().items()}
-    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
-    plain = without_quantization_config(model)
-    plain.save_pretrained(tmp_path)
-    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
-    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
-    assert not hasattr(reloaded.config, "quantization_config")
-    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tie
-    for name, tensor in reloaded.state_dict().items():
-        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
 
 
 def test_source_of_unknown_kind(tmp_path):

@@ -1,10 +1,12 @@
 """Convert a GGUF file, once, to a plain Hugging Face safetensors folder in the cache.
 
-transformers reads a GGUF with `from_pretrained(dir, gguf_file=NAME)` and dequantizes every tensor
-to float32, which is slow (much of it building the tokenizer). The result
-carries a GGUF `quantization_config` that makes `save_pretrained` refuse it, so we drop that
-config, rebuild the model from the config on the meta device, move the dequantized tensors in
-(`assign=True`, no copy), and save model and tokenizer. Later loads read the folder in seconds.
+transformers reads a GGUF with `from_pretrained(dir, gguf_file=NAME)`, which dequantizes every
+tensor to float32 in memory at once (about 9 GB for a 1.5B model, 30 GB for a 7B one) and is slow
+(much of it building the tokenizer). The conversion here reads the tensors one at a time with the
+same pieces of transformers (gguf_tensors.py) and writes them into safetensors shards as they come
+(shards.py), so it holds about one shard (SHARD_BYTES) of weights at a time; config, generation
+config (without the GGUF `quantization_config`) and tokenizer are saved as `save_pretrained` saves
+them. Later loads read the folder in seconds.
 
 The folder is `<cache>/hf/<gguf stem>-<first 16 hex of the gguf sha256>/`, written to a temporary
 folder and renamed into place, so a folder that exists is complete. It holds
@@ -13,8 +15,8 @@ it. Each use checks the folder against that record (stamps, see hashing.py, spar
 unchanged files); a folder that fails is converted again from the GGUF, whose own sha256 the
 caller has verified.
 
-Before transformers reads a GGUF, its header is checked (gguf_header.py), and a conversion that
-leaves any weight randomly initialized is refused: nothing is cached then.
+Before a GGUF is read, its header is checked (gguf_header.py), and a conversion that would leave
+any weight missing or of the wrong shape is refused: nothing is cached then.
 """
 
 from __future__ import annotations
@@ -31,17 +33,19 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer
 
-from lowbit.errors import ConfigError
+from lowbit.errors import ConfigError, LowbitError
 from lowbit.models.checks import check_loading_info
 from lowbit.models.gguf_header import check_gguf
+from lowbit.models.gguf_tensors import DTYPE, GGUFSource
 from lowbit.models.hashing import (
     external_stamp,
     sha256_file,
     stamped_sha256,
     write_stamp,
 )
+from lowbit.models.shards import ShardWriter
 from lowbit.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -145,51 +149,63 @@ def _remove(folder: Path) -> None:
 # what transformers' GGUF reader and tokenizer builders raise on a file they cannot use
 _GGUF_LOAD_ERRORS = (ValueError, KeyError, IndexError, TypeError, NotImplementedError, struct.error, OSError)
 
+SHARD_BYTES = 1 << 30  # the most float32 bytes held (and written by one save_file) at a time
 
-def convert_gguf(gguf: Path, out: Path, sha256: str) -> None:
-    """Dequantize `gguf` and save it as a float32 safetensors folder (model + tokenizer) in `out`.
 
-    Refuses (ConfigError) a file whose header is damaged or disagrees with its tensors, and a load
+def convert_gguf(gguf: Path, out: Path, sha256: str, *, shard_bytes: int = SHARD_BYTES) -> None:
+    """Dequantize `gguf` a tensor at a time into a float32 safetensors folder (model + tokenizer)
+    in `out`, holding at most one shard (`shard_bytes`, or a bigger single tensor) in memory.
+
+    Refuses (ConfigError) a file whose header is damaged or disagrees with its tensors, and one
     that leaves any weight missing or of the wrong shape (transformers would initialize it randomly).
     """
     check_gguf(gguf)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, output_loading_info=True,
-            trust_remote_code=False,
-        )
+        source = GGUFSource.open(gguf)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    except LowbitError:
+        raise
     except _GGUF_LOAD_ERRORS as e:
         raise ConfigError(
             f"transformers {transformers.__version__} cannot load the GGUF file {gguf}: {e}"
         ) from e
-    check_loading_info(info, f"the GGUF file {gguf}")
-    plain = without_quantization_config(model)
-    plain.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = ShardWriter(out, shard_bytes)
+    shapes = {}
+    for tensor in source.reader.tensors:  # no reference to one is kept here once it is written
+        shards.make_room(int(tensor.n_elements) * 4)  # before it is dequantized to float32
+        _keep(source.read(tensor), source, shards, shapes)
+    for named in source.put_together().items():
+        _keep(named, source, shards, shapes)
+    check_loading_info(source.loading_info(shapes), f"the GGUF file {gguf}")
+    shards.finish()
+    model = source.model  # as save_pretrained describes a model in its config
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = DTYPE
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     record = {
         "gguf_file": gguf.name,
         "gguf_sha256": sha256,
-        "model_type": plain.config.model_type,
+        "model_type": model.config.model_type,
         "dtype": "float32",
         "transformers": transformers.__version__,
     }
     (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def without_quantization_config(model: PreTrainedModel) -> PreTrainedModel:
-    """The same weights in a model whose config has no GGUF quantization_config.
-
-    The tensors are shared with `model`, not copied; tied embeddings are tied again. Buffers that
-    are not in the state dict (rotary frequencies) stay on the meta device, so the result is only
-    fit for `save_pretrained`.
-    """
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict(), assign=True)
-    plain.tie_weights()
-    plain.generation_config = model.generation_config
-    return plain
+def _keep(named: tuple[str, torch.Tensor] | None, source: GGUFSource, shards: ShardWriter,
+          shapes: dict[str, torch.Size]) -> None:
+    """Note the shape of a tensor read from the GGUF file (None: one the model does not use), and
+    write it if the model stores it with that shape (a wrong one is refused by check_loading_info
+    once all are read)."""
+    if named is None:
+        return
+    name, value = named
+    if name in shapes:
+        raise ConfigError(f"the GGUF file {source.path} holds two tensors for the model's {name}; it is "
+                          "damaged or not a model transformers can read")
+    shapes[name] = value.shape
+    if source.weights.get(name) == value.shape:
+        shards.add(name, value)
