@@ -117,7 +117,8 @@ class LayerQuantizer:
         return {t.name: self.keep(t.name, t.lin, comm.broadcast_object(mine.get(t.name), r, f"the record of {t.name}"),
                                   t.details) for t, r in zip(tasks, owners, strict=True)}
 
-    def keep(self, name: str, lin: nn.Linear, result: LayerResult, details: dict[str, Any]) -> nn.Linear:
+    def keep(self, name: str, lin: nn.Linear, result: LayerResult, details: dict[str, Any],
+             twin: bool = True) -> nn.Linear | None:
         # While calibrating, a quantized layer runs as a dense Linear holding exactly the
         # weight its QuantLinear will dequantize (same numbers, no dequantize per call);
         # the QuantLinear modules are swapped in once every block is done.
@@ -127,7 +128,7 @@ class LayerQuantizer:
         self.reports[name] = LayerReport(qw.fmt if isinstance(qw, BlockWeight) else qw.fmt.to_dict(), qw.shape, result.loss,
                                          None if result.fallback else result.damp,
                                          {**details, **result.details}, result.fallback)
-        return dense_twin(lin, qw, self.dtype)
+        return dense_twin(lin, qw, self.dtype) if twin else None
 
 
 def quantize_data_free(layers: LayerQuantizer, names: list[str], progress: bool) -> None:
@@ -203,4 +204,4 @@ def quantize_head(layers: LayerQuantizer, name: str, lin: nn.Linear) -> None:
     recipe = layers.recipe
     qw = rtn_quantize(lin.weight.detach(), recipe.head_format(lin.in_features),
                       recipe.clip if recipe.clip.enabled else None)
-    layers.keep(name, lin, LayerResult(qw), {})
+    layers.keep(name, lin, LayerResult(qw), {}, twin=False)  # nothing runs the head while quantizing

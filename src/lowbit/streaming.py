@@ -196,6 +196,7 @@ def quantize_streamed(model: str | ModelSource | Skeleton, recipe: Recipe, out: 
             else:
                 _run_calibrated(sk, layers, partial, ids, progress)
             head = _quantize_head(sk, layers)
+            _load_outside_blocks(sk)  # the embeddings again (freed for the blocks), for the checkpoint
             return _finish(sk, layers, partial, head, skipped, ids, protect, t0, resumed)
 
 
@@ -316,7 +317,6 @@ def _run_calibrated(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckp
                 _save_block(sk, layers, partial, i, prefix)
             bar.update(1)
         bar.close()
-    _load_outside_blocks(sk)  # the embeddings again, for a tied head and the checkpoint
 
 
 def _free_embeddings(sk: Skeleton) -> None:
@@ -373,7 +373,10 @@ def _run_data_free(sk: Skeleton, layers: LayerQuantizer, partial: PartialCheckpo
 
 
 def _quantize_head(sk: Skeleton, layers: LayerQuantizer) -> str | None:
-    """An untied head read (and rounded when the recipe asks); returns its name when rounded."""
+    """An untied head read (and rounded when the recipe asks); returns its name when rounded.
+    Called before the embeddings are read again, and a rounded head's float weight is freed (its
+    record is what the checkpoint stores): a 7B model's head and embeddings are 2.2 GB each in
+    float32, and would otherwise be held together with the rounding's temporaries."""
     head = _untied_head(sk.model)
     if head is None:
         return None
@@ -382,6 +385,8 @@ def _quantize_head(sk: Skeleton, layers: LayerQuantizer) -> str | None:
     if not layers.recipe.head_bits:
         return None
     quantize_head(layers, *output_head(sk.model))
+    release(sk.model, [f"{head}.weight"])
+    release_freed_memory()
     return head
 
 

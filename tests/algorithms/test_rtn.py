@@ -55,3 +55,18 @@ def test_the_shrink_store_returns_what_it_was_given(distinct):
     assert ("a", 1) in store and ("a", 0) not in store
     assert torch.equal(store.get("a", 1), shrink)
     assert store.get("b", 0) is None
+
+
+@pytest.mark.parametrize("bits,gs,symmetric,clip", [(4, 32, False, True), (8, 64, True, True), (3, 48, False, False)])
+def test_rtn_in_row_blocks_equals_rtn_in_one_piece(monkeypatch, bits, gs, symmetric, clip):
+    """A large weight is rounded a block of rows at a time (bounded temporaries): the same record."""
+    from lowbit.algorithms import rtn
+
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(bits)) * torch.logspace(-1, 1, 96)
+    fmt = QuantFormat.resolved(96, bits, gs, symmetric)
+    cfg = ClipConfig() if clip else None
+    whole = rtn.rtn_quantize(w, fmt, cfg)
+    monkeypatch.setattr(rtn, "ROW_BLOCK_VALUES", 5 * 96)  # blocks of 5 rows, the last one of 2
+    pieces = rtn.rtn_quantize(w, fmt, cfg)
+    for key, t in whole.packed().items():
+        assert torch.equal(pieces.packed()[key], t), key

@@ -16,6 +16,9 @@ from lowbit.recipes import ClipConfig
 ScaleRound = Callable[[torch.Tensor], torch.Tensor]
 
 
+ROW_BLOCK_VALUES = 1 << 24  # rtn_quantize rounds a block of rows of about this many values at a time
+
+
 def integer_scale_grid(
     w: torch.Tensor,
     fmt: QuantFormat,
@@ -87,12 +90,26 @@ def rtn_quantize(
     `shrink` factors [out, G] (e.g. from AWQ's output-error search, or `rtn_shrink`'s earlier
     search: the same shrink gives the same codes without searching again).
     """
+    rows = max(1, ROW_BLOCK_VALUES // max(1, w.shape[1]))
+    if fmt.scale_bits or w.shape[0] <= rows:
+        codes, scale, zero, mult = _rtn_rows(w, fmt, clip, shrink)
+        return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt, scale_mult=mult)
+    # rows are independent (Integer Scale's row multipliers aside, kept whole above): a block of
+    # rows at a time bounds the search's float temporaries (a 7B model's head is 2.2 GB in float32)
+    parts = [_rtn_rows(w[i:i + rows], fmt, clip, None if shrink is None else shrink[i:i + rows])
+             for i in range(0, w.shape[0], rows)]
+    codes, scale, zero = (torch.cat(t) for t in list(zip(*parts))[:3])
+    return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt)
+
+
+def _rtn_rows(w: torch.Tensor, fmt: QuantFormat, clip: ClipConfig | None, shrink: torch.Tensor | None):
+    """rtn_quantize's codes, scales, zeros and row multipliers for the rows of w."""
     wg, mult, scale_round = _rtn_grid(w, fmt, clip)
     if shrink is None:
         shrink = clip_shrink(wg, fmt.bits, fmt.symmetric, clip, scale_round=scale_round)
     scale, zero = affine.choose_qparams(wg, fmt.bits, fmt.symmetric, 1.0 if shrink is None else shrink, scale_round)
     codes = affine.ungroup(GRIDS[fmt.grid].codes(wg, scale, zero, fmt.bits), w.shape[1])
-    return QuantizedWeight.from_float_qparams(codes, scale, zero, fmt, scale_mult=mult)
+    return codes, scale, zero, mult
 
 
 def rtn_shrink(w: torch.Tensor, fmt: QuantFormat, clip: ClipConfig | None = None) -> torch.Tensor | None:
