@@ -258,8 +258,10 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
         # its tails: the MLP's wide inputs in memory; streamed (lean replay) the attention's tail
         # stands in for its kept outputs, within calib_bytes
         tail = 0.0 if stream else min(TAIL_BYTES, 4.0 * c.n_samples * c.seqlen * wide)
-        work = (est["calib_bytes"] + tail + est["hessian_bytes"]
-                + 4.0 * batch * c.seqlen * (3 * wide + heads * c.seqlen + 4 * cfg.hidden_size))
+        # a Hessian pass holds H with one batch's activations; GPTQ's solve holds H with its working
+        # copy (hessian_bytes counts both): one or the other, never all three
+        activations = 4.0 * batch * c.seqlen * (3 * wide + heads * c.seqlen + 4 * cfg.hidden_size)
+        work = est["calib_bytes"] + tail + est["hessian_bytes"] / 2 + max(est["hessian_bytes"] / 2, activations)
         if recipe.budget is not None:
             work += block_params * itemsize
     dense = model_bytes - block_params * itemsize
@@ -272,7 +274,10 @@ def peak_bytes(model: nn.Module, recipe: Recipe, block_params: int, est: dict[st
         outside = model_bytes - sum(blocks) * itemsize  # embeddings, norms, the head
         embed = model.get_input_embeddings().weight.numel()  # freed while the blocks are calibrated
         calibrating = outside - (head_params + embed) * itemsize + max(blocks) * itemsize + quantizing / len(blocks) + work
-        peak = baseline + max(calibrating, outside + head_params)  # the join writes a tensor at a time
+        # the end: a rounded head's record replaces its float weight before the embeddings are read
+        # again (streaming._quantize_head); the join writes a tensor at a time
+        head_record = head_params * recipe.head_bits / 8 if recipe.head_bits else head_params * itemsize
+        peak = baseline + max(calibrating, outside - head_params * itemsize + head_record)
     else:
         peak = baseline + model_bytes + quantizing + max(work, saving)
     if eval_seqlen:
